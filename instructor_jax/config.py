@@ -1,0 +1,89 @@
+"""Model configurations: frozen dataclasses, presets for the released GTR/INSTRUCTOR sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+FEED_FORWARD_KINDS = ("relu", "gated-gelu")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """The T5 encoder stack; defaults are gtr-base (T5 v1.0)."""
+
+  vocab_size: int = 32128
+  d_model: int = 768
+  num_heads: int = 12
+  d_kv: int = 64
+  d_ff: int = 3072
+  num_layers: int = 12
+  # "relu" is T5 v1.0 (GTR, INSTRUCTOR); "gated-gelu" is T5 v1.1 (sentence-t5 and many fine-tunes).
+  feed_forward: str = "relu"
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.1
+  # Compute dtype; parameters are always stored in float32.
+  dtype: str = "float32"
+  remat_policy: str = "none"
+  # "xla": explicit einsums (bit-for-bit the reference order of operations);
+  # "dot_product_attention": jax.nn.dot_product_attention (cuDNN fused kernel on GPU in bf16).
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    if self.feed_forward not in FEED_FORWARD_KINDS:
+      raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_KINDS}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
+    if self.relative_attention_num_buckets < 2 or self.relative_attention_num_buckets % 2:
+      raise ValueError("T5Config.relative_attention_num_buckets must be even and >= 2 "
+                       f"(bidirectional buckets), got {self.relative_attention_num_buckets}.")
+
+  @property
+  def inner_dim(self) -> int:
+    """Width of the joined q/k/v projections; differs from d_model for gtr-xl/xxl."""
+    return self.num_heads * self.d_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructorConfig:
+  """INSTRUCTOR: T5 encoder -> instruction-masked mean pooling -> projection -> L2 norm."""
+
+  encoder: T5Config = T5Config()
+  # None means no projection layer (embedding dim = d_model).
+  projection_dim: Optional[int] = 768
+  max_seq_length: int = 512
+  normalize: bool = True
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.projection_dim if self.projection_dim is not None else self.encoder.d_model
+
+  def replace(self, **kwargs) -> "InstructorConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  def with_encoder(self, **kwargs) -> "InstructorConfig":
+    return dataclasses.replace(self, encoder=dataclasses.replace(self.encoder, **kwargs))
+
+
+PRESETS = {
+    "gtr-base": InstructorConfig(T5Config(d_model=768, num_heads=12, d_kv=64, d_ff=3072, num_layers=12)),
+    "gtr-large": InstructorConfig(T5Config(d_model=1024, num_heads=16, d_kv=64, d_ff=4096, num_layers=24)),
+    "gtr-xl": InstructorConfig(T5Config(d_model=1024, num_heads=32, d_kv=128, d_ff=16384, num_layers=24)),
+    "gtr-xxl": InstructorConfig(T5Config(d_model=1024, num_heads=128, d_kv=128, d_ff=65536, num_layers=24)),
+    # Small enough for CPU tests; heads*d_kv != d_model on purpose, like gtr-xl/xxl.
+    "tiny": InstructorConfig(T5Config(d_model=32, num_heads=4, d_kv=16, d_ff=64, num_layers=2), projection_dim=24),
+}
+
+
+def preset(name: str) -> InstructorConfig:
+  """Returns the preset called `name` (gtr-base, gtr-large, gtr-xl, gtr-xxl, tiny)."""
+  key = name.replace("_", "-").lower()
+  if key not in PRESETS:
+    raise ValueError(f"Unknown model preset {name!r}; expected one of {sorted(PRESETS)}.")
+  return PRESETS[key]

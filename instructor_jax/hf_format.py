@@ -1,0 +1,283 @@
+"""Hugging Face / sentence-transformers names and layouts <-> our t5x-named parameter tree.
+
+Pure NumPy: nothing here imports torch, so loading a safetensors directory needs no PyTorch.
+Torch Linear weights are [out, in]; our kernels are [in, out] (t5x), hence the transposes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from instructor_jax.config import InstructorConfig, T5Config
+
+Params = dict[str, Any]
+
+_ATTN = {"q": "query", "k": "key", "v": "value", "o": "out"}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read as an INSTRUCTOR/GTR encoder; the message says what to do."""
+
+
+def t5_config_from_hf(hf: Mapping[str, Any], source: str) -> T5Config:
+  """Reads a transformers T5 `config.json` dict; refuses anything that is not a T5 encoder."""
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  if model_type not in ("t5", "mt5", "umt5"):
+    raise CheckpointError(
+        f"{source}: model_type={model_type!r} (architectures={archs}); expected a T5 encoder "
+        "(model_type 't5', e.g. T5EncoderModel as in hkunlp/instructor-* or sentence-transformers/gtr-t5-*).")
+  ff = hf.get("feed_forward_proj", "relu")
+  if ff == "relu":
+    kind = "relu"
+  elif ff in ("gated-gelu", "gated-gelu_new"):
+    kind = "gated-gelu"
+  else:
+    raise CheckpointError(f"{source}: feed_forward_proj={ff!r} is not supported; expected 'relu' "
+                          "(T5 v1.0) or 'gated-gelu' (T5 v1.1).")
+  return T5Config(
+      vocab_size=int(hf["vocab_size"]),
+      d_model=int(hf["d_model"]),
+      num_heads=int(hf["num_heads"]),
+      d_kv=int(hf["d_kv"]),
+      d_ff=int(hf["d_ff"]),
+      num_layers=int(hf["num_layers"]),
+      feed_forward=kind,
+      relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+      relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+      layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+      dropout_rate=float(hf.get("dropout_rate", 0.1)),
+  )
+
+
+def hf_config_from_t5(cfg: T5Config, dtype: str = "float32") -> dict[str, Any]:
+  """A transformers `config.json` for T5EncoderModel with this architecture."""
+  return {
+      "architectures": ["T5EncoderModel"],
+      "model_type": "t5",
+      "vocab_size": cfg.vocab_size,
+      "d_model": cfg.d_model,
+      "d_kv": cfg.d_kv,
+      "d_ff": cfg.d_ff,
+      "num_layers": cfg.num_layers,
+      "num_heads": cfg.num_heads,
+      "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+      "relative_attention_max_distance": cfg.relative_attention_max_distance,
+      "dropout_rate": cfg.dropout_rate,
+      "layer_norm_epsilon": cfg.layer_norm_epsilon,
+      "initializer_factor": 1.0,
+      "feed_forward_proj": "relu" if cfg.feed_forward == "relu" else "gated-gelu",
+      "is_encoder_decoder": False,
+      "use_cache": False,
+      "pad_token_id": 0,
+      "eos_token_id": 1,
+      "decoder_start_token_id": 0,
+      "torch_dtype": dtype,
+      "dtype": dtype,
+  }
+
+
+def _mlp_names(cfg: T5Config) -> tuple[str, ...]:
+  return ("wi", "wo") if cfg.feed_forward == "relu" else ("wi_0", "wi_1", "wo")
+
+
+def hf_name_map(cfg: T5Config) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """HF tensor name -> (our parameter path, transpose?) for every encoder tensor."""
+  names: dict[str, tuple[tuple[str, ...], bool]] = {
+      "shared.weight": (("token_embedder", "embedding"), False),
+      "encoder.final_layer_norm.weight": (("encoder", "encoder_norm", "scale"), False),
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+          (("encoder", "relpos_bias", "rel_embedding"), True),
+  }
+  for i in range(cfg.num_layers):
+    block, layer = f"encoder.block.{i}.layer", ("encoder", f"layers_{i}")
+    for hf, ours in _ATTN.items():
+      names[f"{block}.0.SelfAttention.{hf}.weight"] = (layer + ("attention", ours, "kernel"), True)
+    names[f"{block}.0.layer_norm.weight"] = (layer + ("pre_attention_layer_norm", "scale"), False)
+    names[f"{block}.1.layer_norm.weight"] = (layer + ("pre_mlp_layer_norm", "scale"), False)
+    for w in _mlp_names(cfg):
+      names[f"{block}.1.DenseReluDense.{w}.weight"] = (layer + ("mlp", w, "kernel"), True)
+  return names
+
+
+def _set(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def expected_shapes(cfg: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Our parameter path -> shape, for the encoder part of the tree."""
+  D, I, F = cfg.d_model, cfg.inner_dim, cfg.d_ff
+  shapes = {
+      ("token_embedder", "embedding"): (cfg.vocab_size, D),
+      ("encoder", "encoder_norm", "scale"): (D,),
+      ("encoder", "relpos_bias", "rel_embedding"): (cfg.num_heads, cfg.relative_attention_num_buckets),
+  }
+  for i in range(cfg.num_layers):
+    layer = ("encoder", f"layers_{i}")
+    for name in ("query", "key", "value"):
+      shapes[layer + ("attention", name, "kernel")] = (D, I)
+    shapes[layer + ("attention", "out", "kernel")] = (I, D)
+    shapes[layer + ("pre_attention_layer_norm", "scale")] = (D,)
+    shapes[layer + ("pre_mlp_layer_norm", "scale")] = (D,)
+    for w in _mlp_names(cfg):
+      shapes[layer + ("mlp", w, "kernel")] = (F, D) if w == "wo" else (D, F)
+  return shapes
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: T5Config, source: str) -> Params:
+  """Builds the encoder parameter tree (float32) from HF-named tensors, checking every shape."""
+  tensors = dict(tensors)
+  if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
+    tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+  dropped = sorted({k.split(".")[0] for k in tensors if k.startswith(("decoder.", "lm_head."))})
+  if dropped:
+    warnings.warn(f"{source}: encoder-decoder checkpoint; dropping the {' and '.join(dropped)} weights "
+                  "(only the encoder is used for embeddings).", stacklevel=2)
+  shapes = expected_shapes(cfg)
+  params: Params = {}
+  for hf_name, (path, transpose) in hf_name_map(cfg).items():
+    if hf_name not in tensors:
+      raise CheckpointError(f"{source}: tensor {hf_name!r} is missing; the checkpoint does not match its "
+                            f"config.json ({cfg.num_layers} layers, feed_forward={cfg.feed_forward}).")
+    value = np.asarray(tensors[hf_name], dtype=np.float32)
+    value = value.T if transpose else value
+    if value.shape != shapes[path]:
+      raise CheckpointError(f"{source}: tensor {hf_name!r} has shape {tuple(np.shape(tensors[hf_name]))}; "
+                            f"config.json implies {shapes[path][::-1] if transpose else shapes[path]}.")
+    _set(params, path, np.ascontiguousarray(value))
+  return params
+
+
+def hf_tensors_from_params(params: Params, cfg: T5Config) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, float32 array) one tensor at a time, so exports can stream."""
+  for hf_name, (path, transpose) in hf_name_map(cfg).items():
+    value = np.asarray(_get(params, path), dtype=np.float32)
+    yield hf_name, np.ascontiguousarray(value.T if transpose else value)
+
+
+def load_state_file(path: str) -> dict[str, np.ndarray]:
+  """Reads one `.safetensors` or torch `.bin` file into NumPy arrays (torch only for `.bin`)."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    try:
+      return load_file(path)
+    except Exception as e:  # bf16 tensors cannot be read by the numpy backend
+      if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
+      return _load_safetensors_via_flax(path)
+  if path.endswith((".bin", ".pt", ".pth")):
+    try:
+      import torch
+    except ImportError as e:
+      raise CheckpointError(f"{path}: reading torch .bin checkpoints needs PyTorch "
+                            "(`pip install instructor_jax[torch]`), or convert it to safetensors.") from e
+    # weights_only: never run arbitrary pickled code from a downloaded checkpoint.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or .bin.")
+
+
+def _load_safetensors_via_flax(path: str) -> dict[str, np.ndarray]:
+  from safetensors.flax import load_file
+  return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(path).items()}
+
+
+def load_hf_weights(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of a transformers model directory: single or sharded safetensors, or `.bin`."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index_path = os.path.join(directory, index_name)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      tensors: dict[str, np.ndarray] = {}
+      for shard in shards:
+        shard_path = os.path.join(directory, shard)
+        if not os.path.exists(shard_path):
+          raise CheckpointError(f"{index_path} names shard {shard!r}, which is missing from {directory}.")
+        tensors.update(load_state_file(shard_path))
+      return tensors
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.exists(os.path.join(directory, name)):
+      return load_state_file(os.path.join(directory, name))
+  raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or sharded index found; "
+                        "expected a transformers / sentence-transformers model directory.")
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from e
+
+
+def _find_dense_dir(directory: str) -> str | None:
+  """The sentence-transformers Dense module directory named in modules.json, if any."""
+  modules_path = os.path.join(directory, "modules.json")
+  if not os.path.exists(modules_path):
+    return None
+  for module in _read_json(modules_path):
+    if module.get("type", "").endswith("Dense"):
+      return os.path.join(directory, module["path"])
+  return None
+
+
+def _load_dense(dense_dir: str) -> np.ndarray:
+  cfg = _read_json(os.path.join(dense_dir, "config.json"))
+  activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+  if cfg.get("bias", False) or not activation.endswith("Identity"):
+    raise CheckpointError(f"{dense_dir}/config.json: Dense with bias={cfg.get('bias')} and activation "
+                          f"{activation!r}; INSTRUCTOR/GTR use a bias-free identity projection.")
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    path = os.path.join(dense_dir, name)
+    if os.path.exists(path):
+      state = load_state_file(path)
+      if "linear.weight" not in state:
+        raise CheckpointError(f"{path}: expected tensor 'linear.weight', found {sorted(state)}.")
+      weight = state["linear.weight"]
+      if weight.shape != (cfg["out_features"], cfg["in_features"]):
+        raise CheckpointError(f"{path}: linear.weight has shape {weight.shape}; config.json says "
+                              f"[{cfg['out_features']}, {cfg['in_features']}].")
+      return np.ascontiguousarray(np.asarray(weight, np.float32).T)
+  raise CheckpointError(f"{dense_dir}: no model.safetensors or pytorch_model.bin for the Dense layer.")
+
+
+def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
+  """Reads a sentence-transformers (hkunlp/instructor-*, gtr-t5-*) or plain T5 directory."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{directory}: no config.json; expected a transformers / sentence-transformers "
+                          "T5 model directory (or a t5x / orbax checkpoint for the other loaders).")
+  t5 = t5_config_from_hf(_read_json(config_path), config_path)
+  params = params_from_hf(load_hf_weights(directory), t5, directory)
+  max_len = 512
+  st_cfg_path = os.path.join(directory, "sentence_bert_config.json")
+  if os.path.exists(st_cfg_path):
+    max_len = int(_read_json(st_cfg_path).get("max_seq_length") or 512)
+  dense_dir = _find_dense_dir(directory)
+  projection_dim = None
+  if dense_dir is not None:
+    kernel = _load_dense(dense_dir)
+    if kernel.shape[0] != t5.d_model:
+      raise CheckpointError(f"{dense_dir}: projection input size {kernel.shape[0]} != d_model {t5.d_model}.")
+    params["projection_layer"] = {"kernel": kernel}
+    projection_dim = kernel.shape[1]
+  normalize = True
+  modules_path = os.path.join(directory, "modules.json")
+  if os.path.exists(modules_path):
+    normalize = any(m.get("type", "").endswith("Normalize") for m in _read_json(modules_path))
+  cfg = InstructorConfig(encoder=t5, projection_dim=projection_dim, max_seq_length=max_len, normalize=normalize)
+  return cfg, params

@@ -1,0 +1,60 @@
+"""INSTRUCTOR: T5 encoder -> mean pooling over the text tokens -> projection -> L2 normalisation.
+
+Shape key: B batch, L length, D d_model, E embedding dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from instructor_jax.config import InstructorConfig
+from instructor_jax.t5 import BATCH, EMBED, LENGTH, Dense, Embedder, Encoder
+
+PROJECTION_AXES = (EMBED, "projection")
+
+
+def pooling_mask(mask_BL: jax.Array, n_instr_B: jax.Array) -> jax.Array:
+  """Attention mask with the first n_instr positions of every row switched off (float32 [B, L])."""
+  positions_L = jnp.arange(mask_BL.shape[1])
+  keep_BL = positions_L[None, :] >= n_instr_B[:, None]
+  return (mask_BL.astype(bool) & keep_BL).astype(jnp.float32)
+
+
+def masked_mean(hidden_BLD: jax.Array, weights_BL: jax.Array) -> jax.Array:
+  """Mean over the weighted positions, in float32; the 1e-9 floor matches sentence-transformers."""
+  total_BD = jnp.einsum("bld,bl->bd", hidden_BLD.astype(jnp.float32), weights_BL)
+  count_B1 = jnp.maximum(jnp.sum(weights_BL, axis=1, keepdims=True), 1e-9)
+  return total_BD / count_B1
+
+
+def l2_normalize(x_BE: jax.Array) -> jax.Array:
+  """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
+  norm_B1 = jnp.sqrt(jnp.sum(x_BE * x_BE, axis=-1, keepdims=True))
+  return x_BE / jnp.maximum(norm_B1, 1e-12)
+
+
+class InstructorModel(nn.Module):
+  """(ids, attention mask, instruction length) -> float32 embeddings [B, E].
+
+  The encoder attends to the whole sequence, instruction included; only the pooling skips the
+  first `n_instr` positions (the INSTRUCTOR contract; n_instr is 0 for plain texts).
+  """
+
+  config: InstructorConfig
+
+  @nn.compact
+  def __call__(self, ids_BL: jax.Array, mask_BL: jax.Array, n_instr_B: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    cfg = self.config
+    # Module names are the t5x dual-encoder names (token_embedder, encoder, projection_layer), so
+    # t5x checkpoints map by renaming alone.
+    x_BLD = Embedder(cfg.encoder, name="token_embedder")(ids_BL)
+    x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))
+    hidden_BLD = Encoder(cfg.encoder, name="encoder")(x_BLD, mask_BL, deterministic)
+    pooled_BD = masked_mean(hidden_BLD, pooling_mask(mask_BL, n_instr_B))
+    if cfg.projection_dim is not None:
+      # Projection in float32: it is tiny and keeps bf16 runs close to the reference.
+      pooled_BD = Dense(cfg.projection_dim, PROJECTION_AXES, jnp.float32, name="projection_layer")(pooled_BD)
+    return l2_normalize(pooled_BD) if cfg.normalize else pooled_BD

@@ -1,0 +1,231 @@
+"""The T5 encoder (v1.0 ReLU and v1.1 gated-GELU) in Flax linen, with t5x parameter names.
+
+Shape key: B batch, L length, D d_model, H heads, K head dim (d_kv), F d_ff, V vocab,
+N relative-position buckets.
+
+Parameter tree (kernels are [in, out], as in t5x):
+  token_embedder/embedding                          [V, D]
+  encoder/relpos_bias/rel_embedding                 [H, N]
+  encoder/layers_{i}/pre_attention_layer_norm/scale [D]
+  encoder/layers_{i}/attention/{query,key,value}/kernel [D, H*K]
+  encoder/layers_{i}/attention/out/kernel           [H*K, D]
+  encoder/layers_{i}/pre_mlp_layer_norm/scale       [D]
+  encoder/layers_{i}/mlp/wi/kernel                  [D, F]   (v1.1: wi_0, wi_1)
+  encoder/layers_{i}/mlp/wo/kernel                  [F, D]
+  encoder/encoder_norm/scale                        [D]
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructor_jax.config import T5Config
+
+# Logical axis names, shared with the sharding rules table (the names t5x/flaxformer use).
+BATCH, LENGTH, EMBED, JOINED_KV, HEADS, KV, MLP, VOCAB, RELPOS = (
+    "batch", "length", "embed", "joined_kv", "heads", "kv", "mlp", "vocab", "relpos_buckets")
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
+  """Bidirectional T5 bucket index of (key - query) for every query/key pair, as int32 [L, L].
+
+  Computed in NumPy at trace time (L is static). The logarithm is taken in float32 with the same
+  order of operations as the PyTorch reference, because float64 would move pairs that sit exactly
+  on a bucket boundary (e.g. distance 16 -> 10 or 9) into a different bucket.
+  """
+  context = np.arange(length, dtype=np.int64)[:, None]
+  memory = np.arange(length, dtype=np.int64)[None, :]
+  relative = memory - context
+  half = num_buckets // 2
+  buckets = (relative > 0).astype(np.int64) * half
+  distance = np.abs(relative)
+  max_exact = half // 2
+  with np.errstate(divide="ignore"):
+    log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
+  scaled = log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
+  large = max_exact + np.where(distance < max_exact, 0, scaled).astype(np.int64)
+  large = np.minimum(large, half - 1)
+  buckets += np.where(distance < max_exact, distance, large)
+  return buckets.astype(np.int32)
+
+
+def _dense_init(fan_in: int):
+  return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: no mean subtraction, no bias; statistics in float32."""
+
+  epsilon: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+                       (x_BLD.shape[-1],), jnp.float32)
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """Bias-free projection; float32 kernel cast to the compute dtype at use."""
+
+  features: int
+  axes: tuple[str, str]
+  dtype: jnp.dtype
+  init_fan_in: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = self.init_fan_in or x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(fan_in), self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention without 1/sqrt(K) logit scaling (T5 folds it into the init)."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    B, L, _ = x_BLD.shape
+    H, K = cfg.num_heads, cfg.d_kv
+    # Query init carries the 1/sqrt(K) that T5 never applies to the logits.
+    q = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, init_fan_in=cfg.d_model * K, name="query")(x_BLD)
+    k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
+    v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
+    q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
+    if cfg.attention_impl == "dot_product_attention" and deterministic:
+      out_BLHK = jax.nn.dot_product_attention(
+          q_BLHK, k_BLHK, v_BLHK, bias=bias_BHLL.astype(dtype), scale=1.0)
+    else:
+      logits_BHLL = jnp.einsum("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
+      weights_BHLL = jax.nn.softmax(logits_BHLL + bias_BHLL, axis=-1)
+      weights_BHLL = nn.Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
+      out_BLHK = jnp.einsum("bhqm,bmhk->bqhk", weights_BHLL.astype(dtype), v_BLHK)
+    out_BLI = out_BLHK.reshape(B, L, H * K)
+    return Dense(cfg.d_model, (JOINED_KV, EMBED), dtype, name="out")(out_BLI)
+
+
+class MLP(nn.Module):
+  """T5 v1.0 ReLU feed-forward (`wi`) or v1.1 gated-GELU (`wi_0` * `wi_1`)."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.feed_forward == "relu":
+      h_BLF = jax.nn.relu(Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi")(x_BLD))
+    else:
+      # tanh-approximated GELU, as HF's "gelu_new" and t5x's gated-gelu.
+      gate = jax.nn.gelu(Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi_0")(x_BLD), approximate=True)
+      h_BLF = gate * Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi_1")(x_BLD)
+    h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP))
+    h_BLF = nn.Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
+    return Dense(cfg.d_model, (MLP, EMBED), dtype, name="wo")(h_BLF)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    dropout = nn.Dropout(cfg.dropout_rate)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x_BLD)
+    h = Attention(cfg, name="attention")(h, bias_BHLL, deterministic)
+    x_BLD = x_BLD + dropout(h, deterministic=deterministic)
+    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x_BLD)
+    h = MLP(cfg, name="mlp")(h, deterministic)
+    x_BLD = x_BLD + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias over bidirectional relative-position buckets."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    cfg = self.config
+    rel_embedding_HN = self.param(
+        "rel_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (HEADS, RELPOS)),
+        (cfg.num_heads, cfg.relative_attention_num_buckets), jnp.float32)
+    buckets_LL = relative_position_buckets(
+        length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    return jnp.take(rel_embedding_HN, jnp.asarray(buckets_LL), axis=1)
+
+
+class Encoder(nn.Module):
+  """Encoder stack: one relative-position bias table, computed once and shared by all layers."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, embedded_BLD: jax.Array, mask_BL: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    position_bias_HLL = RelativePositionBias(cfg, name="relpos_bias")(embedded_BLD.shape[1])
+    # Padding keys get the most negative value of the dtype the bias is consumed in, like the
+    # reference, so that fully padded (batch-filler) rows still give finite uniform weights.
+    bias_dtype = dtype if cfg.attention_impl == "dot_product_attention" else jnp.float32
+    mask_bias_BL = jnp.where(mask_BL.astype(bool), 0.0, jnp.finfo(bias_dtype).min)
+    bias_BHLL = position_bias_HLL[None] + mask_bias_BL[:, None, None, :]
+    bias_BHLL = jnp.maximum(bias_BHLL, jnp.finfo(bias_dtype).min)
+
+    x = nn.Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
+    layer_cls = EncoderLayer
+    if cfg.remat_policy != "none":
+      # static_argnums counts `self` as 0: (self, x, bias, deterministic).
+      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(3,))
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layers_{i}")(x, bias_BHLL, deterministic)
+    x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Embedder(nn.Module):
+  """Token embedding table; no sqrt(D) scaling of embeddings in T5."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, ids_BL: jax.Array) -> jax.Array:
+    cfg = self.config
+    embedding_VD = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
+        (cfg.vocab_size, cfg.d_model), jnp.float32)
+    return jnp.take(embedding_VD, ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+
+
+class T5Encoder(nn.Module):
+  """Token ids [B, L] + attention mask [B, L] -> final hidden states [B, L, D] (compute dtype)."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, ids_BL: jax.Array, mask_BL: jax.Array, deterministic: bool = True) -> jax.Array:
+    x_BLD = Embedder(self.config, name="token_embedder")(ids_BL)
+    x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))
+    return Encoder(self.config, name="encoder")(x_BLD, mask_BL, deterministic)

@@ -1,0 +1,162 @@
+"""Tokenisation of `[instruction, text]` pairs with the exact InstructorEmbedding 1.0.1 semantics.
+
+The rule (one implementation, used by inference, the embed job and the MEDI pipeline):
+  * a plain string is a text without instruction; a pair is `[instruction, text]`;
+  * the model input is `(instruction + text.strip()).strip()` (no separator; the instruction's
+    trailing space stays inside the string), right-truncated to `max_len - 1` pieces, then EOS;
+  * `n_instr = len(tokenize(instruction.strip())) - 1`, the standalone instruction truncated to
+    `max_len` like everything else (its own EOS not counted);
+  * quirk of 1.0.1: if `n_instr <= 1` it becomes 0, so a one-token instruction is pooled;
+  * the encoder sees the whole input; only pooling skips the first `n_instr` positions.
+
+`encode_fn` maps strings to SentencePiece ids without EOS; any implementation giving the ids of
+Hugging Face's T5 tokenizer works (its Rust backend here, seqio's SentencePieceVocabulary in the
+data pipeline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+VOCAB_DIR = os.path.join(os.path.dirname(__file__), "vocab")
+
+EncodeFn = Callable[[Sequence[str]], Sequence[Sequence[int]]]
+
+
+class InputError(TypeError):
+  """An input item that is neither a string nor an `[instruction, text]` pair of strings."""
+
+
+def split_item(item: Any, index: int) -> tuple[str | None, str]:
+  """(instruction or None, text) for one input item; `index` is used in the error message."""
+  if isinstance(item, str):
+    return None, item
+  if isinstance(item, (list, tuple)):
+    if len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], str):
+      return item[0], item[1]
+    kinds = [type(x).__name__ for x in item]
+    raise InputError(f"input {index}: expected [instruction, text] with two strings, got a "
+                     f"{type(item).__name__} of {len(item)} items of types {kinds}.")
+  raise InputError(f"input {index}: expected a string or an [instruction, text] pair, "
+                   f"got {type(item).__name__}: {item!r:.80}.")
+
+
+def model_input_text(instruction: str | None, text: str) -> str:
+  """The string the encoder sees (InstructorEmbedding 1.0.1: plain concatenation, then strip)."""
+  if instruction is None:
+    return text.strip()
+  return (instruction + text.strip()).strip()
+
+
+def truncate_with_eos(pieces: Sequence[int], max_len: int) -> list[int]:
+  """Right-truncates to max_len - 1 pieces and appends EOS, as the HF tokenizer with truncation."""
+  return list(pieces[: max_len - 1]) + [EOS_ID]
+
+
+def instruction_length(num_pieces: int, max_len: int) -> int:
+  """Positions excluded from pooling, from the piece count of the stripped instruction.
+
+  The standalone instruction is truncated like any input (max_len - 1 pieces + EOS) and its EOS
+  is not counted.
+  """
+  n = min(num_pieces, max_len - 1)
+  return 0 if n <= 1 else n  # InstructorEmbedding 1.0.1 pools one-token instructions.
+
+
+def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
+                 instruction_cache: dict[str, int] | None = None) -> tuple[list[list[int]], list[int]]:
+  """Token ids (with EOS, unpadded) and instruction lengths for a list of items."""
+  if max_len < 2:
+    raise ValueError(f"max_len must be >= 2 (one piece + EOS), got {max_len}.")
+  split = [split_item(item, i) for i, item in enumerate(items)]
+  pieces = encode_fn([model_input_text(ins, text) for ins, text in split])
+  cache = instruction_cache if instruction_cache is not None else {}
+  new = sorted({ins for ins, _ in split if ins is not None and ins not in cache})
+  if new:
+    for ins, ids in zip(new, encode_fn([ins.strip() for ins in new])):
+      cache[ins] = len(ids)
+  ids = [truncate_with_eos(p, max_len) for p in pieces]
+  n_instr = [0 if ins is None else instruction_length(cache[ins], max_len) for ins, _ in split]
+  return ids, n_instr
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Fixed-shape model inputs: ids and mask int32 [B, L], n_instr int32 [B], and true lengths."""
+
+  ids: np.ndarray
+  mask: np.ndarray
+  n_instr: np.ndarray
+  lengths: np.ndarray
+
+  def to_dict(self) -> dict[str, np.ndarray]:
+    return {"ids": self.ids, "mask": self.mask, "n_instr": self.n_instr}
+
+
+def bucket_length(length: int, buckets: Sequence[int], max_len: int) -> int:
+  """Smallest bucket that holds `length`, capped at max_len (so shapes stay few and fixed)."""
+  for b in buckets:
+    if length <= b and b <= max_len:
+      return b
+  return max_len
+
+
+def pad_batch(ids: Sequence[Sequence[int]], n_instr: Sequence[int], length: int,
+              rows: int | None = None) -> Batch:
+  """Right-pads to [rows, length] with PAD; filler rows (rows > len(ids)) are fully masked."""
+  rows = len(ids) if rows is None else rows
+  out = np.full((rows, length), PAD_ID, np.int32)
+  lengths = np.zeros((rows,), np.int32)
+  for r, seq in enumerate(ids):
+    if len(seq) > length:
+      raise ValueError(f"row {r} has {len(seq)} tokens, more than the padded length {length}.")
+    out[r, : len(seq)] = seq
+    lengths[r] = len(seq)
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  n = np.zeros((rows,), np.int32)
+  n[: len(n_instr)] = n_instr
+  return Batch(out, mask, n, lengths)
+
+
+class Tokenizer:
+  """INSTRUCTOR tokeniser over a Hugging Face T5 tokenizer (its Rust backend, batch-parallel)."""
+
+  def __init__(self, hf_tokenizer: Any, max_seq_length: int = 512):
+    self.hf_tokenizer = hf_tokenizer
+    self.max_seq_length = max_seq_length
+    self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    self._instruction_cache: dict[str, int] = {}
+
+  @classmethod
+  def from_pretrained(cls, directory: str | None = None, max_seq_length: int = 512) -> "Tokenizer":
+    """Tokenizer files of a model directory; the bundled T5 vocabulary when `directory` is None."""
+    from transformers import AutoTokenizer
+    # from_pretrained on a directory: T5Tokenizer(vocab_file=...) silently builds a 4-token
+    # vocabulary in transformers 5.
+    return cls(AutoTokenizer.from_pretrained(directory or VOCAB_DIR), max_seq_length)
+
+  def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
+    """SentencePiece ids without EOS."""
+    if self._backend is not None:
+      return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [self.hf_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+  def tokenize(self, items: Sequence[Any], max_len: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Unpadded ids (with EOS) and instruction lengths."""
+    return build_inputs(self.encode_pieces, items, max_len or self.max_seq_length, self._instruction_cache)
+
+  def __call__(self, items: Sequence[Any], max_len: int | None = None,
+               buckets: Sequence[int] | None = DEFAULT_BUCKETS, rows: int | None = None) -> Batch:
+    """Padded batch; the length is the smallest bucket holding the longest row (or exact if None)."""
+    max_len = max_len or self.max_seq_length
+    ids, n_instr = self.tokenize(items, max_len)
+    longest = max((len(x) for x in ids), default=1)
+    length = bucket_length(longest, buckets, max_len) if buckets else longest
+    return pad_batch(ids, n_instr, length, rows)
