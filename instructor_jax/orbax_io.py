@@ -1,0 +1,178 @@
+"""Orbax checkpoints of INSTRUCTOR parameters: the layout shared by training and conversion.
+
+Layout (one directory per step, written by `orbax.checkpoint.CheckpointManager`):
+  CHECKPOINTS/<step>/params/        the parameter tree (t5x names, float32), StandardSave
+  CHECKPOINTS/<step>/model_config/  `config_to_dict(InstructorConfig)`, JsonSave
+  CHECKPOINTS/<step>/<other items>  whatever else the trainer saves (opt_state, train_meta, ...)
+A training workdir keeps them in WORKDIR/checkpoints; every reader here accepts either path.
+Restoring reads only `params` and `model_config`, optionally straight onto target shardings, so
+a multi-billion-parameter model never has to fit on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from instructor_jax.config import InstructorConfig, T5Config
+
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "model_config"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+class OrbaxCheckpointError(ValueError):
+  """A directory that holds no readable INSTRUCTOR orbax checkpoint; the message says what to do."""
+
+
+def config_to_dict(cfg: InstructorConfig) -> dict[str, Any]:
+  """JSON-able form of the model config (stored as the `model_config` item)."""
+  return dataclasses.asdict(cfg)
+
+
+def _known_fields(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    # A newer writer may add fields; ignoring them keeps old readers working.
+    warnings.warn(f"{where}: ignoring unknown {cls.__name__} fields {unknown}.", stacklevel=3)
+  return {k: v for k, v in d.items() if k in names}
+
+
+def config_from_dict(d: Mapping[str, Any]) -> InstructorConfig:
+  """Inverse of `config_to_dict`; missing fields take the dataclass defaults."""
+  d = dict(d)
+  encoder = T5Config(**_known_fields(T5Config, dict(d.pop("encoder", {})), "model_config.encoder"))
+  return InstructorConfig(encoder=encoder, **_known_fields(InstructorConfig, d, "model_config"))
+
+
+def checkpoint_manager(directory: str, *, max_to_keep: int | None = None, save_interval_steps: int = 1,
+                       async_save: bool = True, item_names: tuple[str, ...] | None = None,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager for `directory` (the checkpoints dir itself, created if missing).
+
+  Save with `mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+  model_config=ocp.args.JsonSave(config_to_dict(cfg)), ...))`. With `item_names=None` any item
+  can be saved (handlers are chosen from the args types); when given, it must list every item.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+      enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+  if item_names is None:
+    return ocp.CheckpointManager(epath.Path(directory), options=options)
+  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=tuple(item_names))
+
+
+def save_params(directory: str, params: Any, config: InstructorConfig, step: int = 0) -> None:
+  """Writes a params-only checkpoint at `directory/<step>` in the training layout (blocking)."""
+  mngr = checkpoint_manager(directory, async_save=False)
+  try:
+    if step in mngr.all_steps():
+      raise OrbaxCheckpointError(f"{directory}/{step} already exists; choose another --step or an "
+                                 "empty destination directory.")
+    mngr.save(step, args=ocp.args.Composite(**{
+        PARAMS_ITEM: ocp.args.StandardSave(params),
+        CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
+    }))
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+
+
+def checkpoint_dir(path: str) -> str:
+  """The checkpoints directory: `path/checkpoints` for a training workdir, else `path` itself."""
+  p = epath.Path(path)
+  sub = p / CHECKPOINTS_SUBDIR
+  return str(sub) if sub.is_dir() else str(p)
+
+
+def _read_only_manager(path: str) -> ocp.CheckpointManager:
+  directory = checkpoint_dir(path)
+  if not epath.Path(directory).is_dir():
+    raise OrbaxCheckpointError(f"{path}: no such directory; expected a training workdir "
+                               f"(with {CHECKPOINTS_SUBDIR}/<step>/) or an orbax checkpoints directory.")
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  # PyTree handler (not Standard) so that metadata and per-leaf restore types are available.
+  pytree = ocp.PyTreeCheckpointHandler()
+  registry.add(PARAMS_ITEM, ocp.args.PyTreeRestore, pytree)
+  registry.add(CONFIG_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  return ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
+
+
+def all_steps(path: str) -> list[int]:
+  """Finished checkpoint steps under a workdir / checkpoints directory, ascending."""
+  mngr = _read_only_manager(path)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def latest_step(path: str) -> int | None:
+  """The newest finished step, or None when there is none."""
+  steps = all_steps(path)
+  return steps[-1] if steps else None
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+  """True for a training workdir or checkpoints dir holding at least one step with `params`."""
+  try:
+    directory = epath.Path(checkpoint_dir(path))
+    return any(child.name.isdigit() and (child / PARAMS_ITEM).is_dir() for child in directory.iterdir())
+  except (OSError, ValueError):
+    return False
+
+
+def _restore_args(metadata_tree: Any, shardings: Any) -> Any:
+  if shardings is None:
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata_tree)
+  try:
+    return jax.tree.map(lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=tuple(m.shape), dtype=m.dtype),
+                        metadata_tree, shardings)
+  except ValueError as e:
+    raise OrbaxCheckpointError(f"shardings do not match the checkpoint's parameter tree: {e}") from e
+
+
+def restore_params(path: str, step: int | None = None, shardings: Any = None) -> tuple[InstructorConfig, Any]:
+  """(config, params) of one step (default: latest); only `params` and `model_config` are read.
+
+  Without `shardings` the leaves are NumPy arrays on the host. With `shardings` (a pytree of
+  `jax.sharding.Sharding` matching the parameter tree) every process reads only its shards.
+  """
+  mngr = _read_only_manager(path)
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise OrbaxCheckpointError(f"{checkpoint_dir(path)}: no finished checkpoint step found.")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise OrbaxCheckpointError(f"{checkpoint_dir(path)}: no step {step}; available steps: {steps}.")
+    step_dir = epath.Path(checkpoint_dir(path)) / str(step)
+    for item in (PARAMS_ITEM, CONFIG_ITEM):
+      if not (step_dir / item).is_dir():
+        raise OrbaxCheckpointError(f"{step_dir}: item {item!r} is missing; expected an INSTRUCTOR "
+                                   f"checkpoint with items {PARAMS_ITEM!r} and {CONFIG_ITEM!r}.")
+    metadata = mngr.item_metadata(step)[PARAMS_ITEM]
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        PARAMS_ITEM: ocp.args.PyTreeRestore(item=None, restore_args=_restore_args(tree, shardings)),
+        CONFIG_ITEM: ocp.args.JsonRestore(),
+    }))
+  finally:
+    mngr.close()
+  return config_from_dict(restored[CONFIG_ITEM]), _plain_dicts(restored[PARAMS_ITEM])
+
+
+def _plain_dicts(tree: Any) -> Any:
+  """Restored trees may come back as other Mapping types; the model wants plain nested dicts."""
+  if isinstance(tree, Mapping):
+    return {k: _plain_dicts(v) for k, v in tree.items()}
+  return tree
