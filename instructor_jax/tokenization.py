@@ -136,11 +136,17 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, directory: str | None = None, max_seq_length: int = 512) -> "Tokenizer":
-    """Tokenizer files of a model directory; the bundled T5 vocabulary when `directory` is None."""
-    from transformers import AutoTokenizer
-    # from_pretrained on a directory: T5Tokenizer(vocab_file=...) silently builds a 4-token
-    # vocabulary in transformers 5.
-    return cls(AutoTokenizer.from_pretrained(directory or VOCAB_DIR), max_seq_length)
+    """Tokenizer files of a model directory; the bundled T5 vocabulary when `directory` is None
+    or holds no tokenizer files (t5x checkpoints ship none)."""
+    import transformers
+    # Always from_pretrained on a directory: T5Tokenizer(vocab_file=...) silently builds a
+    # 4-token vocabulary in transformers 5.
+    if directory is not None and any(
+        os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+      return cls(transformers.AutoTokenizer.from_pretrained(directory), max_seq_length)
+    if directory is not None and os.path.exists(os.path.join(directory, "spiece.model")):
+      return cls(transformers.T5Tokenizer.from_pretrained(directory), max_seq_length)
+    return cls(transformers.T5Tokenizer.from_pretrained(VOCAB_DIR), max_seq_length)
 
   def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """SentencePiece ids without EOS."""
