@@ -1,0 +1,257 @@
+"""Task-homogeneous global batches of MEDI triples for many hosts, resumable from the step alone.
+
+Public API (what the trainer consumes):
+
+  for step, task, batch in global_batches(path_or_builder, global_batch_size=1024,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count(), seed=0,
+                                          start_step=restored_step, query_len=512, doc_len=512):
+    ...
+
+`batch` is this host's slice (global_batch_size // process_count rows) of step `step`'s global
+batch, a dict of int32 numpy arrays, right-padded with 0:
+  query_ids, query_mask [b, query_len]   pos_ids, pos_mask, neg_ids, neg_mask [b, doc_len]
+  query_n_instr, pos_n_instr, neg_n_instr [b]   (positions excluded from pooling)
+Ids, masks and instruction lengths follow `tokenization.build_inputs` (the inference rule).
+
+How a step is made, with no communication and no state but the step number:
+  * task(s) = the task whose cumulative mixing rate brackets u(seed, s), a counter-based hash
+    (splitmix64) of (seed, s); every host computes the same sequence.
+  * k = how many times that task was drawn before s (a vectorised replay of the cheap task
+    sequence, done once at start-up for `start_step`); epoch e = k // m, batch j = k % m, with
+    m = n // global_batch_size batches per epoch of a task with n examples.
+  * the global batch is examples perm(seed, task, e)[j*G : (j+1)*G]; host p takes rows
+    [p*G/P, (p+1)*G/P). So resuming at s yields exactly what an uninterrupted run yields.
+Epochs are per task: each task reshuffles when its own batches run out. Short tails: the last
+n % G examples of each epoch's permutation are not used that epoch (a different tail every epoch).
+A task with fewer than G examples cannot fill a single-task batch; it is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from instructor_jax import tokenization
+
+FIELDS = ("query", "pos", "neg")
+_NO_TRUNCATION = 1 << 30
+_REPLAY_CHUNK = 1 << 20
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldArrays:
+  """Untruncated token ids (with EOS) of one field of a task, flat, plus offsets and n_instr."""
+
+  tokens: np.ndarray  # [total tokens], uint16 when the vocabulary fits
+  offsets: np.ndarray  # [n + 1] int64
+  n_instr: np.ndarray  # [n] int32, for the untruncated input
+
+  def __len__(self) -> int:
+    return len(self.n_instr)
+
+  @classmethod
+  def from_lists(cls, ids: Sequence[Sequence[int]], n_instr: Sequence[int]) -> "FieldArrays":
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.fromiter((t for x in ids for t in x), np.int64, int(offsets[-1]))
+    dtype = np.uint16 if flat.size == 0 or flat.max() < 1 << 16 else np.int32
+    return cls(flat.astype(dtype), offsets, np.asarray(n_instr, np.int32))
+
+  def pad(self, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, mask [len(rows), max_len] and n_instr, truncated exactly as `build_inputs(max_len)`."""
+    ids = np.zeros((len(rows), max_len), np.int32)
+    lengths = np.empty((len(rows),), np.int32)
+    for r, i in enumerate(rows):
+      start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+      # Truncating the untruncated ids == tokenising at max_len: pieces[:max_len-1] + EOS.
+      n = min(stop - start - 1, max_len - 1)
+      ids[r, :n] = self.tokens[start:start + n]
+      ids[r, n] = tokenization.EOS_ID
+      lengths[r] = n + 1
+    mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.int32)
+    n_instr = np.array([tokenization.instruction_length(int(k), max_len) for k in self.n_instr[rows]], np.int32)
+    return ids, mask, n_instr
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArrays:
+  """One MEDI task, tokenised: a FieldArrays per field (query, pos, neg)."""
+
+  name: str
+  fields: Mapping[str, FieldArrays]
+
+  def __len__(self) -> int:
+    return len(self.fields["query"])
+
+
+def tokenize_task(name: str, triples: Sequence[Sequence[Any]], encode_fn: tokenization.EncodeFn,
+                  instruction_cache: dict[str, int] | None = None, chunk: int = 4096) -> TaskArrays:
+  """Tokenises (query, pos, neg) items with `build_inputs` (the inference rule), untruncated."""
+  cache = instruction_cache if instruction_cache is not None else {}
+  fields = {}
+  for f, field in enumerate(FIELDS):
+    ids, n_instr = [], []
+    for start in range(0, len(triples), chunk):
+      items = [t[f] for t in triples[start:start + chunk]]
+      i, n = tokenization.build_inputs(encode_fn, items, _NO_TRUNCATION, cache)
+      ids += i
+      n_instr += n
+    fields[field] = FieldArrays.from_lists(ids, n_instr)
+  return TaskArrays(name, fields)
+
+
+def task_rates(sizes: Mapping[str, int], temperature: float = 1.0,
+               cap: int | None = None) -> dict[str, float]:
+  """Mixing rates ∝ min(size, cap) ** (1 / temperature), normalised (T5's capped/temperature mixing)."""
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  raw = {t: float(min(n, cap) if cap else n) ** (1.0 / temperature) for t, n in sizes.items()}
+  total = sum(raw.values())
+  if total <= 0:
+    raise ValueError(f"no examples to mix: task sizes {dict(sizes)}.")
+  return {t: r / total for t, r in raw.items()}
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """Counter-based hash (splitmix64 finaliser) on uint64 arrays; identical on every host."""
+  with np.errstate(over="ignore"):
+    z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+    z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+    z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return z ^ (z >> np.uint64(31))
+
+
+class BatchPlan:
+  """Which task and which examples each global step uses; a pure function of (seed, step)."""
+
+  def __init__(self, sizes: Mapping[str, int], global_batch_size: int, seed: int,
+               rates: Mapping[str, float] | None = None):
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    short = sorted(t for t, n in sizes.items() if n < global_batch_size)
+    if short:
+      log.warning("MEDI: dropping %d task(s) with fewer examples than the global batch (%d): %s",
+                  len(short), global_batch_size, short[:20])
+    self.tasks = sorted(t for t in sizes if t not in short)
+    if not self.tasks:
+      raise ValueError(f"no MEDI task has at least global_batch_size={global_batch_size} examples "
+                       f"(largest: {max(sizes.values(), default=0)}); lower the batch size.")
+    self.sizes = np.array([sizes[t] for t in self.tasks], np.int64)
+    rates = rates if rates is not None else task_rates({t: sizes[t] for t in self.tasks})
+    r = np.array([rates.get(t, 0.0) for t in self.tasks], np.float64)
+    if r.sum() <= 0:
+      raise ValueError(f"all mixing rates are zero for tasks {self.tasks[:10]}.")
+    self.cum_rates = np.cumsum(r / r.sum())
+    self.batches_per_epoch = self.sizes // global_batch_size
+    self._key = _splitmix64(np.array([seed], np.uint64))[0]
+    self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+  def task_ids(self, start: int, stop: int) -> np.ndarray:
+    """Task index (into self.tasks) of steps [start, stop)."""
+    steps = np.arange(start, stop, dtype=np.uint64)
+    u = (_splitmix64(steps ^ self._key) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return np.minimum(np.searchsorted(self.cum_rates, u, side="right"), len(self.tasks) - 1)
+
+  def draws_before(self, step: int) -> np.ndarray:
+    """How many times each task was drawn in steps [0, step)."""
+    counts = np.zeros(len(self.tasks), np.int64)
+    for start in range(0, step, _REPLAY_CHUNK):
+      counts += np.bincount(self.task_ids(start, min(step, start + _REPLAY_CHUNK)), minlength=len(self.tasks))
+    return counts
+
+  def permutation(self, task: int, epoch: int) -> np.ndarray:
+    """The order of task `task`'s examples in its epoch `epoch`, identical on every host."""
+    cached = self._perms.get(task)
+    if cached is None or cached[0] != epoch:
+      name_key = zlib.crc32(self.tasks[task].encode("utf-8"))
+      rng = np.random.default_rng([self.seed, name_key, epoch])
+      cached = (epoch, rng.permutation(int(self.sizes[task])))
+      self._perms[task] = cached
+    return cached[1]
+
+  def global_indices(self, task: int, draw: int) -> np.ndarray:
+    """Example indices (within the task) of the task's `draw`-th global batch."""
+    epoch, j = divmod(draw, int(self.batches_per_epoch[task]))
+    g = self.global_batch_size
+    return self.permutation(task, epoch)[j * g:(j + 1) * g]
+
+
+def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """This host's contiguous share of a global batch (hosts' shares are disjoint and cover it)."""
+  if len(indices) % process_count:
+    raise ValueError(f"global batch of {len(indices)} does not split over {process_count} hosts.")
+  local = len(indices) // process_count
+  return indices[process_index * local:(process_index + 1) * local]
+
+
+def make_batch(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: int) -> dict[str, np.ndarray]:
+  """The trainer's dict for the given example rows of one task."""
+  out = {}
+  for field in FIELDS:
+    ids, mask, n_instr = task.fields[field].pad(rows, query_len if field == "query" else doc_len)
+    out[f"{field}_ids"], out[f"{field}_mask"], out[f"{field}_n_instr"] = ids, mask, n_instr
+  return out
+
+
+def iterate(tasks: Mapping[str, TaskArrays], plan: BatchPlan, *, process_index: int, process_count: int,
+            start_step: int, query_len: int, doc_len: int,
+            num_steps: int | None = None) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+  """(step, task name, this host's batch) from start_step on, forever or for num_steps."""
+  draws = plan.draws_before(start_step)
+  step, stop = start_step, None if num_steps is None else start_step + num_steps
+  while stop is None or step < stop:
+    chunk_stop = step + 4096 if stop is None else min(stop, step + 4096)
+    for t in plan.task_ids(step, chunk_stop):
+      rows = host_slice(plan.global_indices(int(t), int(draws[t])), process_index, process_count)
+      draws[t] += 1
+      name = plan.tasks[int(t)]
+      yield step, name, make_batch(tasks[name], rows, query_len, doc_len)
+      step += 1
+
+
+def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = None,
+               log_fn: Callable[[str], None] = print) -> dict[str, TaskArrays]:
+  """Tokenised tasks from a MEDI file / manual dir (no TensorFlow) or a built MEDI TFDS builder."""
+  if not isinstance(path_or_builder, str):
+    from instructor_jax import medi_seqio  # TensorFlow only on this path.
+    return medi_seqio.load_tasks_from_builder(path_or_builder)
+  from instructor_jax import medi_records
+  if encode_fn is None:
+    encode_fn = tokenization.Tokenizer.from_pretrained(None).encode_pieces
+  grouped, _ = medi_records.read_medi(path_or_builder, log_fn)
+  cache: dict[str, int] = {}
+  return {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)
+          for name, recs in grouped.items()}
+
+
+def global_batches(path_or_builder: Any, *, global_batch_size: int, process_index: int = 0,
+                   process_count: int = 1, seed: int = 0, start_step: int = 0, query_len: int = 512,
+                   doc_len: int = 512, temperature: float = 1.0, rate_cap: int | None = None,
+                   num_steps: int | None = None, tasks: Mapping[str, TaskArrays] | None = None,
+                   encode_fn: tokenization.EncodeFn | None = None,
+                   log_fn: Callable[[str], None] = print) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+  """(step, task name, this host's slice of the step's single-task global batch), from start_step.
+
+  `path_or_builder`: a MEDI .json/.jsonl file, a directory holding one (the TFDS manual dir), or
+  a MEDI TFDS builder (read per task through the seqio tasks). `tasks` skips loading (reuse
+  `load_tasks` output across calls). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature).
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of process_count "
+                     f"{process_count} (every host takes an equal slice).")
+  tasks = tasks if tasks is not None else load_tasks(path_or_builder, encode_fn, log_fn)
+  sizes = {name: len(t) for name, t in tasks.items()}
+  plan = BatchPlan(sizes, global_batch_size, seed, task_rates(
+      {t: n for t, n in sizes.items() if n >= global_batch_size} or sizes, temperature, rate_cap))
+  return iterate(tasks, plan, process_index=process_index, process_count=process_count,
+                 start_step=start_step, query_len=query_len, doc_len=doc_len, num_steps=num_steps)

@@ -1,0 +1,237 @@
+"""Reading and validating MEDI files (`medi-data.json`, its JSONL form, the hard-negative release).
+
+A MEDI record is `{"query": [instr, text], "pos": [instr, text], "neg": [instr, text],
+"task_name": str}`; some copies carry `task_id` (int or str) instead of `task_name`. The
+hard-negative release has the same schema; a `neg` holding a list of pairs is accepted and its
+first pair used (counted in the report, never silent).
+
+Bad records are skipped and counted per reason, with the first few offending indices printed; a
+file that is not MEDI at all (not a JSON list / JSONL of objects, or no record with MEDI keys)
+raises `MediFormatError`. The file is streamed, so the 2.6 GB release never sits in memory as
+one JSON document. No TensorFlow here: the trainer reads MEDI files on machines without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator, NamedTuple
+
+FIELDS = ("query", "pos", "neg")
+MEDI_FILENAMES = ("medi-data.json", "medi-data.jsonl")
+SHOW_FIRST = 5  # offending indices printed per reason
+_CHUNK = 1 << 24
+_PROBE = 1000  # records without any MEDI key, at the start, before we call the file "not MEDI"
+
+Pair = tuple[str, str]
+
+
+class MediFormatError(ValueError):
+  """The file is not a MEDI file at all (as opposed to a MEDI file with a few bad records)."""
+
+
+class MediRecord(NamedTuple):
+  """One valid example; `index` is its 0-based position in the file."""
+
+  query: Pair
+  pos: Pair
+  neg: Pair
+  task: str
+  index: int
+
+
+@dataclasses.dataclass
+class ValidationReport:
+  """Counts of valid and skipped records, per reason, with the first few skipped indices."""
+
+  path: str
+  valid: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: dict = dataclasses.field(default_factory=dict)
+  extra_negatives: int = 0
+  per_task: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def total(self) -> int:
+    return self.valid + sum(self.skipped.values())
+
+  def skip(self, reason: str, index: int, detail: str, log: Callable[[str], None]) -> None:
+    self.skipped[reason] += 1
+    shown = self.examples.setdefault(reason, [])
+    if len(shown) < SHOW_FIRST:
+      shown.append(index)
+      log(f"{self.path}: skipping record {index} ({reason}): {detail}")
+
+  def summary(self) -> str:
+    lines = [f"{self.path}: {self.valid} valid records of {self.total} in {len(self.per_task)} tasks; "
+             f"{sum(self.skipped.values())} skipped."]
+    for reason, n in sorted(self.skipped.items()):
+      lines.append(f"  skipped {n} ({reason}); first: {self.examples[reason]}")
+    if self.extra_negatives:
+      lines.append(f"  {self.extra_negatives} records had several negatives; the first of each was used.")
+    return "\n".join(lines)
+
+
+def resolve_medi_file(path: str) -> str:
+  """The MEDI file itself, given the file or a (TFDS manual) directory holding one."""
+  if os.path.isfile(path):
+    return path
+  if os.path.isdir(path):
+    for name in MEDI_FILENAMES:
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    found = sorted(f for f in os.listdir(path) if f.endswith((".json", ".jsonl")))
+    if len(found) == 1:
+      return os.path.join(path, found[0])
+    raise FileNotFoundError(f"{path}: expected one of {MEDI_FILENAMES} (or a single .json/.jsonl file) "
+                            f"in this directory, found {found or 'none'}. Place medi-data.json there.")
+  raise FileNotFoundError(f"{path}: no such MEDI file or directory. Download medi-data.json "
+                          "(INSTRUCTOR's MEDI release) and pass its path or its directory.")
+
+
+def _pair(value: Any) -> Pair | None:
+  if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(x, str) for x in value):
+    return value[0], value[1]
+  return None
+
+
+def _task(obj: dict) -> str | None:
+  for key in ("task_name", "task_id"):
+    value = obj.get(key)
+    if isinstance(value, bool):
+      continue
+    if isinstance(value, (str, int)) and str(value).strip():
+      return str(value)
+  return None
+
+
+def validate_record(obj: Any, index: int, report: ValidationReport,
+                    log: Callable[[str], None]) -> MediRecord | None:
+  """A MediRecord, or None after counting the reason it was skipped."""
+  if not isinstance(obj, dict):
+    report.skip("not a JSON object", index, f"got {type(obj).__name__}", log)
+    return None
+  missing = [k for k in FIELDS if k not in obj]
+  if "task_name" not in obj and "task_id" not in obj:
+    missing.append("task_name|task_id")
+  if missing:
+    report.skip("missing key", index, f"missing {missing}; keys are {sorted(obj)[:8]}", log)
+    return None
+  task = _task(obj)
+  if task is None:
+    report.skip("bad task name", index, f"expected a non-empty string or int, got {obj.get('task_name', obj.get('task_id'))!r:.60}", log)
+    return None
+  pairs = {}
+  for key in FIELDS:
+    value = obj[key]
+    several = key == "neg" and isinstance(value, list) and value and _pair(value[0]) is not None
+    pair = _pair(value[0]) if several else _pair(value)
+    if pair is None:
+      report.skip("not an [instruction, text] pair", index, f"{key} = {value!r:.80}", log)
+      return None
+    if not pair[1].strip():
+      report.skip("empty text", index, f"{key} text is empty or whitespace", log)
+      return None
+    pairs[key] = pair
+    report.extra_negatives += int(several and len(value) > 1)
+  report.valid += 1
+  report.per_task[task] += 1
+  return MediRecord(pairs["query"], pairs["pos"], pairs["neg"], task, index)
+
+
+def _first_char(path: str) -> str:
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+  return head[:1].decode("latin-1")
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[int, Any]]:
+  """(index, object) for each element of a top-level JSON list, reading the file in chunks."""
+  decoder = json.JSONDecoder()
+  with open(path, "r", encoding="utf-8-sig") as f:
+    buf, pos, eof, index = f.read(_CHUNK), 0, False, 0
+    pos = buf.index("[") + 1
+    while True:
+      while True:  # skip whitespace and the separator, refilling at the chunk edge
+        while pos < len(buf) and buf[pos] in " \t\r\n":
+          pos += 1
+        if pos < len(buf) or eof:
+          break
+        more = f.read(_CHUNK)
+        buf, pos, eof = buf[pos:] + more, 0, not more
+      if pos >= len(buf):
+        raise MediFormatError(f"{path}: the JSON list is truncated after record {index - 1}; "
+                              "expected ']'. Re-download the file.")
+      if buf[pos] == "]":
+        return
+      if index and buf[pos] == ",":
+        pos += 1
+        continue
+      try:
+        obj, end = decoder.raw_decode(buf, pos)
+      except json.JSONDecodeError as e:
+        # A record never spans more than a chunk: a failure with a full chunk ahead is real.
+        more = "" if eof or len(buf) - pos > _CHUNK else f.read(_CHUNK)
+        if not more:
+          raise MediFormatError(f"{path}: invalid JSON in record {index} ({e.msg}); a MEDI .json file "
+                                "is one JSON list of objects. Check the file is complete.") from None
+        buf, pos, eof = buf[pos:] + more, 0, False
+        continue
+      yield index, obj
+      index, pos = index + 1, end
+      if pos > _CHUNK:
+        buf, pos = buf[pos:], 0
+
+
+def _iter_jsonl(path: str, report: ValidationReport, log: Callable[[str], None]) -> Iterator[tuple[int, Any]]:
+  index = 0
+  with open(path, "r", encoding="utf-8-sig") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        report.skip("invalid JSON", index, f"line {line_no}: {e.msg}", log)
+        index += 1
+        continue
+      yield index, obj
+      index += 1
+
+
+def iter_medi(path: str, report: ValidationReport | None = None,
+              log: Callable[[str], None] = print) -> Iterator[MediRecord]:
+  """Valid records of a MEDI .json / .jsonl file (or a directory holding one), streamed."""
+  path = resolve_medi_file(path)
+  report = report if report is not None else ValidationReport(path)
+  report.path = path
+  first = _first_char(path)
+  if first == "[":
+    objects = _iter_json_array(path)
+  elif first == "{":
+    objects = _iter_jsonl(path, report, log)
+  else:
+    raise MediFormatError(f"{path}: not a MEDI file; expected a JSON list of records ('[') or JSONL "
+                          f"(one '{{' object per line), the file starts with {first!r}.")
+  for index, obj in objects:
+    record = validate_record(obj, index, report, log)
+    if record is not None:
+      yield record
+    elif report.valid == 0 and report.total >= _PROBE and set(report.skipped) <= {"missing key", "not a JSON object", "invalid JSON"}:
+      raise MediFormatError(f"{path}: not a MEDI file; none of the first {report.total} records has the "
+                            f"keys {FIELDS} + task_name/task_id.\n{report.summary()}")
+  if report.valid == 0:
+    raise MediFormatError(f"{path}: no valid MEDI record; expected objects with {FIELDS} as "
+                          f"[instruction, text] pairs and task_name or task_id.\n{report.summary()}")
+
+
+def read_medi(path: str, log: Callable[[str], None] = print) -> tuple[dict[str, list[MediRecord]], ValidationReport]:
+  """All valid records grouped by task (tasks sorted by name, file order within a task), and the report."""
+  report = ValidationReport(path)
+  tasks: dict[str, list[MediRecord]] = collections.defaultdict(list)
+  for record in iter_medi(path, report, log):
+    tasks[record.task].append(record)
+  log(report.summary())
+  return {t: tasks[t] for t in sorted(tasks)}, report
