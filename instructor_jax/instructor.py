@@ -104,12 +104,17 @@ class Instructor:
     if show_progress_bar:
       from tqdm.auto import tqdm
       starts = tqdm(starts, desc="Batches")
+    pending = None  # (row indices, device array): fetch batch k only after dispatching k + 1
     for start in starts:
       idx = order[start:start + batch_size]
       chunk = [ids[i] for i in idx]
       length = bucket_length(max(len(x) for x in chunk), buckets, max_len)
-      batch = pad_batch(chunk, [n_instr[i] for i in idx], length, rows)
-      out[idx] = self.embed_batch(batch)[: len(idx)]
+      dispatched = (idx, self.embed_batch_async(pad_batch(chunk, [n_instr[i] for i in idx], length, rows)))
+      if pending is not None:
+        out[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
+      pending = dispatched
+    if pending is not None:
+      out[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
     return out[0] if single else out
 
 

@@ -1,0 +1,203 @@
+"""Side-by-side benchmark: our embed path and train step vs sentence-transformers / PyTorch.
+
+Everything runs in one process on the same weights and the same texts, so ratios are comparable
+even on a noisy shared machine. Prints a table and writes JSON.
+
+  python benchmarks/run.py --shape small --quick            # 2-core CPU (minutes)
+  python benchmarks/run.py --shape gtr-large --out gpu.json # one GPU: bf16, instructor-large shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+import jax  # noqa: E402
+
+import texts  # noqa: E402
+from instructor_jax.config import InstructorConfig, T5Config, preset  # noqa: E402
+
+SHAPES = {
+    # t5-small-shaped encoder: big enough that matmuls dominate on a CPU, small enough for 2 cores.
+    "small": InstructorConfig(T5Config(d_model=512, num_heads=8, d_kv=64, d_ff=2048, num_layers=6)),
+    "gtr-base": preset("gtr-base"),
+    "gtr-large": preset("gtr-large"),
+}
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def matmul_flops_per_token(cfg: T5Config, length: int) -> tuple[float, float]:
+  """(forward FLOPs per token, training FLOPs per token): 2/6 x matmul params + attention."""
+  ffn = (3 if cfg.feed_forward == "gated-gelu" else 2) * cfg.d_model * cfg.d_ff
+  params = cfg.num_layers * (4 * cfg.d_model * cfg.inner_dim + ffn)
+  attention = cfg.num_layers * length * cfg.num_heads * cfg.d_kv
+  return 2 * params + 4 * attention, 6 * params + 12 * attention
+
+
+def measure_matmul_peak(n: int, dtype: str) -> dict[str, float]:
+  """FLOP/s of an n^3 matmul in JAX and torch (the utilisation denominator), same run."""
+  import jax.numpy as jnp
+  import torch
+  out = {}
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  reps = 10 if on_gpu() else 3
+  t = time.perf_counter()
+  for _ in range(reps):
+    r = f(a)
+  r.block_until_ready()
+  out["jax_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  ta = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
+  (ta @ ta).sum().item()
+  t = time.perf_counter()
+  for _ in range(reps):
+    tr = ta @ ta
+  tr.sum().item()
+  out["torch_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+  return out
+
+
+def build_models(cfg: InstructorConfig, workdir: str):
+  """Random-weight Instructor + its sentence-transformers export (identical weights)."""
+  from instructor_jax.instructor import Instructor
+  from instructor_jax.model import InstructorModel
+  from instructor_jax.tokenization import Tokenizer
+  import flax.linen as nn
+  import jax.numpy as jnp
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = jax.jit(lambda k: nn.unbox(InstructorModel(cfg).init(k, ids, ids, jnp.zeros((1,), jnp.int32))["params"]))(
+      jax.random.PRNGKey(0))
+  params = jax.device_get(params)
+  model = Instructor(cfg, params, Tokenizer.from_pretrained(None, cfg.max_seq_length))
+  export_dir = os.path.join(workdir, "st")
+  model.save_pretrained(export_dir)
+  return model, params, export_dir
+
+
+def _count_tokens(model, items, max_len) -> int:
+  ids, _ = model.tokenizer.tokenize(items, max_len)
+  return sum(len(x) for x in ids)
+
+
+def time_ours(model, items, batch_size: int, max_len: int, repeats: int) -> tuple[float, np.ndarray]:
+  out = model.encode(items, batch_size=batch_size, max_seq_length=max_len)  # warm-up: compiles every bucket
+  t = time.perf_counter()
+  for _ in range(repeats):
+    out = model.encode(items, batch_size=batch_size, max_seq_length=max_len)
+  return (time.perf_counter() - t) / repeats, out
+
+
+def time_sentence_transformers(export_dir: str, items, batch_size: int, max_len: int, repeats: int):
+  """ST encode, one call per instruction (its `prompt=` takes one prompt per call)."""
+  import torch
+  from sentence_transformers import SentenceTransformer
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  st = SentenceTransformer(export_dir, device=dev)
+  st.max_seq_length = max_len
+  if dev == "cuda":
+    st = st.to(torch.bfloat16)
+  groups: dict[str | None, list[int]] = {}
+  for i, item in enumerate(items):
+    groups.setdefault(item[0] if isinstance(item, tuple) else None, []).append(i)
+
+  def run():
+    out = np.zeros((len(items), st.get_sentence_embedding_dimension()), np.float32)
+    for instruction, idx in groups.items():
+      batch = [items[i][1] if instruction is not None else items[i] for i in idx]
+      emb = st.encode(batch, prompt=instruction, batch_size=batch_size, convert_to_numpy=False,
+                      convert_to_tensor=True)
+      out[idx] = emb.float().cpu().numpy()
+    return out
+
+  run()
+  t = time.perf_counter()
+  for _ in range(repeats):
+    out = run()
+  return (time.perf_counter() - t) / repeats, out
+
+
+def embed_section(name, model, export_dir, items, batch_size, max_len, repeats) -> dict:
+  tokens = _count_tokens(model, items, max_len)
+  ours_s, ours = time_ours(model, items, batch_size, max_len, repeats)
+  st_s, ref = time_sentence_transformers(export_dir, items, batch_size, max_len, repeats)
+  cos = np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+  return {"case": name, "rows": len(items), "tokens": tokens,
+          "ours_tok_s": tokens / ours_s, "st_tok_s": tokens / st_s, "speedup": st_s / ours_s,
+          "ours_rows_s": len(items) / ours_s, "st_rows_s": len(items) / st_s, "min_cosine": float(cos.min())}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+  parser.add_argument("--quick", action="store_true", help="small text counts for a 2-core CPU")
+  parser.add_argument("--sections", default="matmul,embed,train")
+  parser.add_argument("--train-batch", type=int, default=None, help="triples per train step")
+  parser.add_argument("--train-length", type=int, default=256)
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  args = parser.parse_args(argv)
+
+  gpu = on_gpu()
+  dtype = "bfloat16" if gpu else "float32"
+  cfg = SHAPES[args.shape].with_encoder(dtype=dtype)
+  results: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "dtype": dtype,
+                   "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                   "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+  sections = args.sections.split(",")
+  if "matmul" in sections:
+    results["matmul"] = measure_matmul_peak(8192 if gpu else 1024, dtype)
+  with tempfile.TemporaryDirectory() as workdir:
+    model, params, export_dir = build_models(cfg, workdir)
+    if "embed" in sections:
+      n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
+      short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
+      repeats = 1 if args.quick else 3
+      results["embed"] = [
+          embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512, repeats),
+          embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, repeats),
+      ]
+    if "train" in sections:
+      from train_bench import train_section
+      batch = args.train_batch or (8 if args.quick else 256)
+      results["train"] = train_section(cfg, params, export_dir, batch, args.train_length,
+                                       results.get("matmul", {}), quick=args.quick)
+  print_table(results)
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+  return 0
+
+
+def print_table(results: dict) -> None:
+  print(f"\n{results['date']}  {results['device']} ({results['backend']})  shape={results['shape']}  "
+        f"dtype={results['dtype']}  jax {results['jax']}")
+  if "matmul" in results:
+    m = results["matmul"]
+    print(f"matmul peak: jax {m['jax_tflops']:.2f} TFLOP/s, torch {m['torch_tflops']:.2f} TFLOP/s")
+  for row in results.get("embed", []):
+    print(f"embed {row['case']:<20} ours {row['ours_tok_s']:>10.0f} tok/s  ST {row['st_tok_s']:>10.0f} tok/s  "
+          f"x{row['speedup']:.2f}  (rows/s {row['ours_rows_s']:.1f} vs {row['st_rows_s']:.1f}; "
+          f"min cos {row['min_cosine']:.5f})")
+  for row in results.get("train", []):
+    print(f"train {row['impl']:<20} {row['tok_s']:>10.0f} tok/s  {row['step_s'] * 1e3:8.1f} ms/step  "
+          f"MFU {row.get('mfu', float('nan')):.1%}  (batch {row['batch']} x {row['length']})")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
