@@ -27,7 +27,7 @@ import numpy as np
 from instructor_jax.config import T5Config
 
 # Logical axis names, shared with the sharding rules table (the names t5x/flaxformer use).
-BATCH, LENGTH, EMBED, JOINED_KV, HEADS, KV, MLP, VOCAB, RELPOS = (
+BATCH, LENGTH, EMBED, JOINED_KV, HEADS, KV, MLP_AXIS, VOCAB, RELPOS = (
     "batch", "length", "embed", "joined_kv", "heads", "kv", "mlp", "vocab", "relpos_buckets")
 
 
@@ -127,14 +127,14 @@ class MLP(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     if cfg.feed_forward == "relu":
-      h_BLF = jax.nn.relu(Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi")(x_BLD))
+      h_BLF = jax.nn.relu(Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi")(x_BLD))
     else:
       # tanh-approximated GELU, as HF's "gelu_new" and t5x's gated-gelu.
-      gate = jax.nn.gelu(Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi_0")(x_BLD), approximate=True)
-      h_BLF = gate * Dense(cfg.d_ff, (EMBED, MLP), dtype, name="wi_1")(x_BLD)
-    h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP))
+      gate = jax.nn.gelu(Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi_0")(x_BLD), approximate=True)
+      h_BLF = gate * Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi_1")(x_BLD)
+    h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP_AXIS))
     h_BLF = nn.Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
-    return Dense(cfg.d_model, (MLP, EMBED), dtype, name="wo")(h_BLF)
+    return Dense(cfg.d_model, (MLP_AXIS, EMBED), dtype, name="wo")(h_BLF)
 
 
 class EncoderLayer(nn.Module):
