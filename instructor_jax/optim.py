@@ -1,0 +1,60 @@
+"""Optimisers: AdamW with linear warm-up and linear decay (INSTRUCTOR), or Adafactor (GTR/t5x)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Defaults are INSTRUCTOR's (HF Trainer): AdamW, lr 2e-5, 10% warm-up, linear decay, clip 1.0."""
+
+  name: str = "adamw"
+  learning_rate: float = 2e-5
+  warmup_fraction: float = 0.1
+  # Fraction of peak lr left at the last step (0: HF's get_linear_schedule_with_warmup).
+  final_lr_fraction: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0  # <= 0 disables clipping
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"OptimConfig.name={self.name!r}; expected one of {OPTIMIZERS}.")
+    if not 0.0 <= self.warmup_fraction < 1.0:
+      raise ValueError(f"OptimConfig.warmup_fraction={self.warmup_fraction}; expected a value in [0, 1).")
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, then linear decay; evaluated at the update count (0 on the first step)."""
+  warmup = int(config.warmup_fraction * total_steps)
+  peak, final = config.learning_rate, config.learning_rate * config.final_lr_fraction
+  decay = optax.linear_schedule(peak, final, max(total_steps - warmup, 1))
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  # Like HF Trainer, norm scales (the only 1-D parameters in T5) are not decayed.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(gradient transformation, lr schedule); clipping is by global norm over all parameters."""
+  schedule = learning_rate_schedule(config, total_steps)
+  if config.name == "adamw":
+    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                     weight_decay=config.weight_decay, mask=_decay_mask)
+  else:
+    tx = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None)
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx, schedule

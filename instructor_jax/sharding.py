@@ -1,0 +1,132 @@
+"""The device mesh, the one table of logical->mesh axis rules, and global batches from host data.
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose parameters and
+optimizer state are also sharded, ZeRO-3 style) and `tensor` (Megatron-style over heads / MLP).
+The batch is split over data x fsdp, so the global batch must be a multiple of data * fsdp.
+
+This module imports no model code: it maps the logical axis names that `t5.py` attaches to every
+parameter and activation onto whatever mesh the run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. Flax uses a mesh axis at most once per array, so activations
+# (batch, length, embed) shard batch over data x fsdp and leave embed whole, while parameters
+# (embed, mlp) shard embed over fsdp and mlp over tensor.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("joined_kv", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    # The 32128-row table is the largest single parameter of gtr-base; split rows over tensor.
+    ("vocab", "tensor"),
+    ("relpos_buckets", None),
+    ("projection", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; exactly one may be -1, meaning "all remaining devices"."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def shape(self, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes with -1 resolved against `num_devices`."""
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"MeshConfig{tuple(sizes)}: sizes must be positive, with at most one -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ValueError(f"MeshConfig{tuple(sizes)}: {num_devices} devices do not divide by {known}.")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ValueError(f"MeshConfig{tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} "
+                       "are in use; set one axis to -1 or fix the sizes (gin: MeshConfig.data=...).")
+    return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config.shape(len(devices))
+  # Axis types are explicit because JAX's default changed between versions; Auto lets XLA
+  # propagate shardings from the in/out shardings and the logical constraints.
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """The global batch must be a multiple of this (the number of batch shards)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of logical PartitionSpecs, through LOGICAL_RULES."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def boxed_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
+  """Shardings of a tree whose leaves carry flax logical-partitioning boxes (unboxed leaves: replicated)."""
+  return logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Rows over data x fsdp, other dimensions whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def _check_host_rows(sharding: NamedSharding, global_shape: tuple[int, ...], local_rows: int) -> None:
+  """The rows this process's devices hold must be its contiguous slice, as the data pipeline cuts it."""
+  index_map = sharding.addressable_devices_indices_map(global_shape)
+  starts = sorted({(idx[0].start or 0) for idx in index_map.values()})
+  stops = sorted({(idx[0].stop if idx[0].stop is not None else global_shape[0]) for idx in index_map.values()})
+  lo, hi = starts[0], stops[-1]
+  expected_lo = jax.process_index() * local_rows
+  if hi - lo != local_rows or lo != expected_lo:
+    raise ValueError(
+        f"process {jax.process_index()} feeds rows [{expected_lo}, {expected_lo + local_rows}) of the "
+        f"global batch, but its devices hold rows [{lo}, {hi}) on mesh {dict(sharding.mesh.shape)}. "
+        "Make data * fsdp a multiple of the number of processes with each host's devices on its own "
+        "rows (keep `tensor` within a host).")
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Global arrays (rows over data x fsdp) from this process's slice of every field."""
+  out = {}
+  for name, x in local.items():
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    sharding = batch_sharding(mesh, x.ndim)
+    if jax.process_count() > 1:
+      _check_host_rows(sharding, global_shape, x.shape[0])
+    out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return out
+
+
+def shardings_like(tree: Any, mesh: Mesh) -> Any:
+  """The NamedSharding of every jax.Array leaf of `tree` (others replicated)."""
+  return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated(mesh), tree)

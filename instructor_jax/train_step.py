@@ -1,0 +1,202 @@
+"""The train state, its sharded creation, and the jitted contrastive train step (plain or GradCache).
+
+Shape key: B global batch, L length, E embedding dim, C GradCache chunks, R roles per pass.
+
+The step is one pure function `(state, batch) -> (state, metrics)`, jitted once with explicit
+in/out shardings and the state donated. The loss is computed on *global* embeddings: XLA
+all-gathers them, so every query sees the hard negatives of every device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from instructor_jax import sharding as shd
+from instructor_jax.config import InstructorConfig
+from instructor_jax.losses import get_loss
+from instructor_jax.model import InstructorModel
+
+ROLES = ("query", "pos", "neg")
+FIELDS = ("ids", "mask", "n_instr")
+BATCH_KEYS = tuple(f"{r}_{f}" for r in ROLES for f in FIELDS)
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied
+  params: Any
+  opt_state: Any
+
+
+def _init_params_fn(config: InstructorConfig) -> Callable[[jax.Array], Any]:
+  """rng -> boxed (logically partitioned) parameter tree; shapes do not depend on the dummy input."""
+  def init(rng):
+    ids = jnp.ones((1, 4), jnp.int32)
+    return InstructorModel(config).init(rng, ids, ids, jnp.zeros((1,), jnp.int32))["params"]
+  return init
+
+
+def state_shardings(config: InstructorConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """NamedShardings of every state leaf, from the parameters' logical axis names (no allocation)."""
+  boxed = jax.eval_shape(_init_params_fn(config), jax.random.key(0))
+  param_sh = shd.boxed_shardings(boxed, mesh)
+  abstract_params = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  rep = shd.replicated(mesh)
+  # Moments shaped like their parameter share its sharding; factored (Adafactor) statistics are
+  # small vectors and stay replicated.
+  opt_sh = optax.tree_map_params(
+      tx, lambda s, p, sh: sh if getattr(s, "shape", None) == p.shape else rep,
+      abstract_opt, abstract_params, param_sh, transform_non_params=lambda _: rep)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+
+
+def abstract_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """ShapeDtypeStructs with shardings for the whole state: the restore target for orbax."""
+  shardings = state_shardings(config, tx, mesh)
+  shapes = jax.eval_shape(lambda r: _new_state(nn.unbox(_init_params_fn(config)(r)), tx), jax.random.key(0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh: Mesh,
+               seed: int = 0, params: Any = None) -> TrainState:
+  """A sharded train state: random init from `seed`, or from `params` (host or device arrays)."""
+  shardings = state_shardings(config, tx, mesh)
+  if params is None:
+    init = lambda rng: _new_state(nn.unbox(_init_params_fn(config)(rng)), tx)
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  # Each leaf goes straight to its shards; nothing full-size is materialised on one device.
+  params = jax.device_put(params, shardings.params)
+  return jax.jit(lambda p: _new_state(p, tx), in_shardings=(shardings.params,),
+                 out_shardings=shardings, donate_argnums=(0,))(params)
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  return {k: shd.batch_sharding(mesh, 1 if k.endswith("n_instr") else 2) for k in BATCH_KEYS}
+
+
+def embed_triples(model: InstructorModel, params: Any, batch: Batch, rng: jax.Array,
+                  deterministic: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Query, positive and negative embeddings [B, E], one encoder pass per distinct length.
+
+  Roles of equal length are interleaved row-wise ([B, R, L] -> [B*R, L]) rather than
+  concatenated, so each device's rows stay on that device. With query_len == doc_len (the
+  paper's 512/512) this is one pass over 3B rows; with shorter queries the queries run as a
+  second pass at their own length instead of being padded to doc_len, because a padded query
+  costs a full doc_len row of matmuls and a doc_len^2 attention.
+  """
+  by_length: dict[int, list[str]] = {}
+  for role in ROLES:
+    by_length.setdefault(batch[f"{role}_ids"].shape[1], []).append(role)
+  out = {}
+  for i, (length, roles) in enumerate(sorted(by_length.items())):
+    def interleave(field):
+      x = jnp.stack([batch[f"{r}_{field}"] for r in roles], axis=1)
+      return x.reshape((-1,) + x.shape[2:])
+    ids_NL, mask_NL, n_instr_N = (interleave(f) for f in FIELDS)
+    emb_NE = model.apply({"params": params}, ids_NL, mask_NL, n_instr_N, deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": jax.random.fold_in(rng, i)})
+    emb_BRE = emb_NE.reshape(-1, len(roles), emb_NE.shape[-1])
+    for j, role in enumerate(roles):
+      out[role] = emb_BRE[:, j]
+  return out["query"], out["pos"], out["neg"]
+
+
+def _split_rows(x: jax.Array, chunks: int) -> jax.Array:
+  """[B, ...] -> [C, B/C, ...] with row a*C + c in chunk c, so every chunk spans every device."""
+  y = x.reshape((x.shape[0] // chunks, chunks) + x.shape[1:])
+  y = jnp.swapaxes(y, 0, 1)
+  return jax.lax.with_sharding_constraint(y, P(None, shd.BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
+def _merge_rows(y: jax.Array) -> jax.Array:
+  """Inverse of _split_rows."""
+  x = jnp.swapaxes(y, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def grad_cache_grads(embed: Callable, loss_fn: Callable, params: Any, batch: Batch, rng: jax.Array,
+                     chunks: int) -> tuple[tuple[jax.Array, Metrics], Any]:
+  """((loss, metrics), d loss / d params) with activations held for one chunk of rows at a time.
+
+  GradCache (Gao et al., 2021): embed the whole global batch without gradients, take d loss /
+  d embedding over the full batch (so every negative still counts), then re-run each chunk with
+  gradients and pull those embedding gradients back through it. Chunk c uses the same dropout
+  rng in both passes, so the result is the exact gradient of the loss. (Micro-batch gradient
+  accumulation would instead shrink the negative pool to one micro-batch.)
+  """
+  split = {k: _split_rows(v, chunks) for k, v in batch.items()}
+  chunk_ids = jnp.arange(chunks)
+
+  def embed_chunk(p, chunk, c):
+    return embed(p, chunk, jax.random.fold_in(rng, c))
+
+  frozen = jax.lax.stop_gradient(params)
+  embs_CBE = jax.lax.map(lambda xs: embed_chunk(frozen, *xs), (split, chunk_ids))
+  embs = tuple(_merge_rows(e) for e in embs_CBE)
+  (loss, metrics), emb_grads = jax.value_and_grad(lambda e: loss_fn(*e), has_aux=True)(embs)
+  grads_CBE = tuple(_split_rows(g, chunks) for g in emb_grads)
+
+  def accumulate(total, xs):
+    chunk, c, cotangent = xs
+    _, pullback = jax.vjp(lambda p: embed_chunk(p, chunk, c), params)
+    return jax.tree.map(jnp.add, total, pullback(cotangent)[0]), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(accumulate, zeros, (split, chunk_ids, grads_CBE))
+  return (loss, metrics), grads
+
+
+def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, *, loss: str = "instructor", temperature: float = 0.01,
+                    grad_cache_chunks: int = 1, seed: int = 0,
+                    deterministic: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The jitted step; `grad_cache_chunks > 1` switches on GradCache with that many chunks."""
+  model = InstructorModel(config)
+  loss_fn = functools.partial(get_loss(loss), temperature=temperature)
+  embed = functools.partial(embed_triples, model, deterministic=deterministic)
+  shards = shd.batch_size_multiple(mesh)
+
+  def plain(params, batch, rng):
+    return loss_fn(*embed(params, batch, rng))
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    batch_size = batch["query_ids"].shape[0]
+    if batch_size % (shards * grad_cache_chunks):
+      raise ValueError(f"global batch {batch_size} must be a multiple of data*fsdp ({shards}) x "
+                       f"grad_cache_chunks ({grad_cache_chunks}); change BATCH_SIZE or the mesh.")
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+      if grad_cache_chunks > 1:
+        (loss_value, metrics), grads = grad_cache_grads(embed, loss_fn, state.params, batch, rng, grad_cache_chunks)
+      else:
+        (loss_value, metrics), grads = jax.value_and_grad(plain, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss_value, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), lr=schedule(state.step))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  state_sh = state_shardings(config, tx, mesh)
+  return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)),
+                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def num_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
