@@ -23,6 +23,7 @@ FIELDS = ("query", "pos", "neg")
 MEDI_FILENAMES = ("medi-data.json", "medi-data.jsonl")
 SHOW_FIRST = 5  # offending indices printed per reason
 _CHUNK = 1 << 24
+_MAX_RECORD = 1 << 26
 _PROBE = 1000  # records without any MEDI key, at the start, before we call the file "not MEDI"
 
 Pair = tuple[str, str]
@@ -172,8 +173,8 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, Any]]:
       try:
         obj, end = decoder.raw_decode(buf, pos)
       except json.JSONDecodeError as e:
-        # A record never spans more than a chunk: a failure with a full chunk ahead is real.
-        more = "" if eof or len(buf) - pos > _CHUNK else f.read(_CHUNK)
+        # No MEDI record is near _MAX_RECORD long: failing with that much text ahead is real.
+        more = "" if eof or len(buf) - pos > _MAX_RECORD else f.read(_CHUNK)
         if not more:
           raise MediFormatError(f"{path}: invalid JSON in record {index} ({e.msg}); a MEDI .json file "
                                 "is one JSON list of objects. Check the file is complete.") from None

@@ -1,0 +1,126 @@
+"""MEDI file validation: bad records skipped and reported exactly, nothing valid dropped, non-MEDI refused."""
+
+import json
+import pathlib
+
+import pytest
+
+from instructor_jax import medi_records
+
+SAMPLE = pathlib.Path(__file__).parent.parent / "data" / "medi_sample.jsonl"
+
+
+def _good(i, task="t1", key="task_name"):
+  return {"query": ["Represent the question: ", f"question {i}"], "pos": ["", f"answer {i}"],
+          "neg": ["Represent the doc: ", f"wrong {i}"], key: task}
+
+
+# (record, reason it must be skipped for, or None when valid)
+CASES = [
+    (_good(0), None),
+    ([1, 2], "not a JSON object"),
+    ({"pos": ["", "a"], "neg": ["", "b"], "task_name": "t1"}, "missing key"),
+    ({"query": ["", "a"], "pos": ["", "a"], "neg": ["", "b"]}, "missing key"),
+    (dict(_good(4), query=["only one"]), "not an [instruction, text] pair"),
+    (dict(_good(5), pos="a plain string"), "not an [instruction, text] pair"),
+    (dict(_good(6), neg=["instr", 7]), "not an [instruction, text] pair"),
+    (dict(_good(7), pos=["instr", "   \n"]), "empty text"),
+    (dict(_good(8), task_name=""), "bad task name"),
+    (_good(9, task=42, key="task_id"), None),
+    (dict(_good(10), neg=[["i", "first neg"], ["i", "second neg"]]), None),
+    (dict(_good(11), query=["", "q"]), None),  # an empty instruction is "no instruction", valid
+    (_good(12, task="t2"), None),
+    (dict(_good(13), query=["i", ""]), "empty text"),
+    (dict(_good(14), task_name=None, task_id="7"), None),
+]
+
+
+def _write(path: pathlib.Path, records, jsonl: bool) -> str:
+  text = "\n".join(json.dumps(r) for r in records) + "\n" if jsonl else json.dumps(records, indent=1)
+  path.write_text(text, encoding="utf-8")
+  return str(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_bad_records_skipped_and_reported_exactly(tmp_path, jsonl, monkeypatch):
+  monkeypatch.setattr(medi_records, "_CHUNK", 64)  # exercise the streaming refills
+  path = _write(tmp_path / ("m.jsonl" if jsonl else "m.json"), [c[0] for c in CASES], jsonl)
+  lines = []
+  tasks, report = medi_records.read_medi(path, log=lines.append)
+  expected_bad = {}
+  for i, (_, reason) in enumerate(CASES):
+    if reason:
+      expected_bad.setdefault(reason, []).append(i)
+  assert dict(report.skipped) == {r: len(ix) for r, ix in expected_bad.items()}
+  assert report.examples == expected_bad
+  valid = [i for i, (_, reason) in enumerate(CASES) if reason is None]
+  assert sorted(r.index for recs in tasks.values() for r in recs) == valid
+  assert report.valid == len(valid) and report.total == len(CASES)
+  assert sorted(tasks) == ["42", "7", "t1", "t2"]
+  assert tasks["t1"][1].neg == ("i", "first neg") and report.extra_negatives == 1
+  for reason, ix in expected_bad.items():
+    assert any(f"record {ix[0]} ({reason})" in line for line in lines), (reason, lines)
+  assert f"skipped {len(expected_bad['missing key'])} (missing key); first: [2, 3]" in lines[-1]
+
+
+def test_invalid_jsonl_line_is_skipped_with_its_line_number(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text(json.dumps(_good(0)) + "\n{not json\n\n" + json.dumps(_good(2)) + "\n")
+  lines = []
+  tasks, report = medi_records.read_medi(str(path), log=lines.append)
+  assert report.skipped == {"invalid JSON": 1} and report.examples == {"invalid JSON": [1]}
+  assert [r.index for r in tasks["t1"]] == [0, 2]
+  assert "line 2" in lines[0]
+
+
+def test_only_the_first_few_offenders_are_printed_but_all_counted(tmp_path):
+  records = [dict(_good(i), pos=["", ""]) if i % 2 else _good(i) for i in range(40)]
+  lines = []
+  _, report = medi_records.read_medi(_write(tmp_path / "m.json", records, False), log=lines.append)
+  assert report.skipped == {"empty text": 20}
+  assert report.examples["empty text"] == [1, 3, 5, 7, 9][: medi_records.SHOW_FIRST]
+  assert sum("skipping record" in line for line in lines) == medi_records.SHOW_FIRST
+
+
+def test_streaming_parse_equals_json_load(tmp_path, monkeypatch):
+  monkeypatch.setattr(medi_records, "_CHUNK", 97)
+  records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:300]]
+  records[5]["query"][1] = "unicode ünïcödé — 東京 🙂, \"quoted\", [brackets], {braces}"
+  path = _write(tmp_path / "m.json", records, False)
+  got = [obj for _, obj in medi_records._iter_json_array(path)]  # pylint: disable=protected-access
+  assert got == json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+def test_real_sample_is_all_valid():
+  tasks, report = medi_records.read_medi(str(SAMPLE), log=lambda _: None)
+  assert report.skipped == {} and report.valid == 1905
+  assert {t: len(r) for t, r in tasks.items()} == {
+      "msrp_paraphrase": 600, "sick_entailment": 600, "sick_relatedness": 454, "trecqa_answers": 251}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id,text\n1,hello\n", "starts with 'i'"),
+    ('{"a": 1}\n{"b": 2}\n', "no valid MEDI record"),
+    ('[{"query": ["", "a"], "pos": ["", "b"], "neg": ["", "c"], "task_name": "t"}, {"qu', "truncated|invalid JSON"),
+    ("", "starts with ''"),
+])
+def test_not_medi_at_all_fails_clearly(tmp_path, content, message):
+  path = tmp_path / "x.json"
+  path.write_text(content)
+  with pytest.raises(medi_records.MediFormatError, match=message):
+    medi_records.read_medi(str(path), log=lambda _: None)
+
+
+def test_a_large_non_medi_list_fails_early(tmp_path, monkeypatch):
+  monkeypatch.setattr(medi_records, "_PROBE", 10)
+  path = _write(tmp_path / "x.json", [{"id": i, "text": "x"} for i in range(100)] + [_good(0)], False)
+  with pytest.raises(medi_records.MediFormatError, match="none of the first 10 records"):
+    medi_records.read_medi(path, log=lambda _: None)
+
+
+def test_directory_holding_medi_data_json(tmp_path):
+  _write(tmp_path / "medi-data.json", [_good(0)], False)
+  (tmp_path / "notes.json").write_text("{}")
+  assert medi_records.resolve_medi_file(str(tmp_path)).endswith("medi-data.json")
+  with pytest.raises(FileNotFoundError, match="medi-data.json"):
+    medi_records.resolve_medi_file(str(tmp_path / "missing"))
