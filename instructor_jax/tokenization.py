@@ -71,8 +71,9 @@ def instruction_length(num_pieces: int, max_len: int) -> int:
 
 
 def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
-                 instruction_cache: dict[str, int] | None = None) -> tuple[list[list[int]], list[int]]:
-  """Token ids (with EOS, unpadded) and instruction lengths for a list of items."""
+                 instruction_cache: dict[str, int] | None = None,
+                 truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
+  """Token ids (with EOS, unpadded) and instruction lengths; `truncated` (if given) gets one flag per item."""
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2 (one piece + EOS), got {max_len}.")
   split = [split_item(item, i) for i, item in enumerate(items)]
@@ -83,6 +84,8 @@ def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
     for ins, ids in zip(new, encode_fn([ins.strip() for ins in new])):
       cache[ins] = len(ids)
   ids = [truncate_with_eos(p, max_len) for p in pieces]
+  if truncated is not None:
+    truncated.extend(len(p) > max_len - 1 for p in pieces)
   n_instr = [0 if ins is None else instruction_length(cache[ins], max_len) for ins, _ in split]
   return ids, n_instr
 
@@ -154,9 +157,11 @@ class Tokenizer:
       return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
     return [self.hf_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-  def tokenize(self, items: Sequence[Any], max_len: int | None = None) -> tuple[list[list[int]], list[int]]:
-    """Unpadded ids (with EOS) and instruction lengths."""
-    return build_inputs(self.encode_pieces, items, max_len or self.max_seq_length, self._instruction_cache)
+  def tokenize(self, items: Sequence[Any], max_len: int | None = None,
+               truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
+    return build_inputs(self.encode_pieces, items, max_len or self.max_seq_length, self._instruction_cache,
+                        truncated)
 
   def __call__(self, items: Sequence[Any], max_len: int | None = None,
                buckets: Sequence[int] | None = DEFAULT_BUCKETS, rows: int | None = None) -> Batch:

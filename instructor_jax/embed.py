@@ -1,0 +1,438 @@
+"""Batch embedding job: `python -m instructor_jax.embed --model M --input PATH... --output DIR`.
+
+One process runs three stages that overlap:
+  reader thread : reads rows in input order, validates them, and for each of this process's pending
+                  parts tokenises, sorts by length and pads bucketed batches (embed_batches.py);
+  main thread   : dispatches batches to all local devices without waiting and fetches each result
+                  two batches later (the only host sync, and one that is needed);
+  writer thread : quantises and commits finished parts (temp file -> rename -> sidecar).
+Parts are fixed slices of --rows-per-part input rows; process i of n owns parts k with k % n == i.
+Process 0 writes manifest.json once every part has its sidecar: with jax.distributed it waits at
+a barrier for the others; with --process-index/--process-count (independent launches) it waits up
+to --wait-for-peers seconds, otherwise a later run of process 0 writes it (complete parts are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from instructor_jax import embed_io, embed_manifest, embed_output
+from instructor_jax.embed_batches import PartWork, build_part
+from instructor_jax.embed_io import BadRow, Fields, InputError, Row
+from instructor_jax.tokenization import DEFAULT_BUCKETS
+
+FETCH_LAG = 2  # batches in flight before the oldest result is fetched
+Fault = Callable[[str, int], None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="Hub id, sentence-transformers/HF dir, t5x dir, training workdir")
+  p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
+  p.add_argument("--output", required=True, help="output directory")
+  p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS)
+  p.add_argument("--text-field", default="text")
+  p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
+                 "--instruction-field)")
+  p.add_argument("--instruction-field", default=None, help="per-row instruction field")
+  p.add_argument("--id-field", default=None, help="id field (default: the row's 0-based position in the input)")
+  p.add_argument("--id-type", default=None, choices=("int", "str"), help="default: int for positional ids, "
+                 "str with --id-field")
+  p.add_argument("--format", default="parquet", choices=embed_output.OUTPUT_FORMATS)
+  p.add_argument("--precision", default="float32", choices=embed_output.PRECISIONS)
+  p.add_argument("--int8-ranges", default=None, help=".npy [2, E] per-dimension min/max for int8/uint8")
+  p.add_argument("--calibration-rows", type=int, default=10_000, help="rows (first valid rows of the input) "
+                 "used for int8/uint8 ranges when --int8-ranges is not given")
+  p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on accelerators, float32 on CPU)")
+  p.add_argument("--max-seq-length", type=int, default=None)
+  p.add_argument("--batch-tokens", type=int, default=None, help="token budget per device batch "
+                 "(default 32768 on accelerators, 8192 on CPU)")
+  p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths, comma-separated")
+  p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
+                 "length-sorting window)")
+  p.add_argument("--on-error", default="fail", choices=("fail", "skip"))
+  p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")
+  p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
+  p.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+  p.add_argument("--wait-for-peers", type=float, default=0.0, help="seconds process 0 waits for other "
+                 "processes' parts before writing the manifest (independent launches only)")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def _fields(args: argparse.Namespace) -> Fields:
+  id_type = args.id_type or ("str" if args.id_field else "int")
+  if args.id_field is None and id_type != "int":
+    raise SystemExit("--id-type str needs --id-field (positional ids are integers).")
+  return Fields(args.text_field, args.instruction_field, args.id_field, id_type, args.instruction)
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+  import jax
+  from instructor_jax.instructor import Instructor
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  return Instructor.from_pretrained(args.model, dtype=dtype, max_seq_length=args.max_seq_length)
+
+
+# ---- reader thread -------------------------------------------------------------------------------
+
+def _read_parts(files: list[embed_io.InputFile], fields: Fields, on_error: str, rows_per_part: int,
+                pending: set[int], make_part: Callable[..., PartWork], emit: Callable[[Any], None]) -> None:
+  """Streams all rows in input order, emitting a PartWork for every pending part."""
+  seen: dict[Any, str] = {}  # id -> first location; every row is checked, so all processes agree
+  last_pending = max(pending, default=-1)
+  current, rows, skipped = -1, [], collections.Counter()
+
+  def finish():
+    if current in pending:
+      first = current * rows_per_part
+      slots = min(rows_per_part, total_slots - first)
+      emit(make_part(current, first, slots, rows, dict(skipped)))
+
+  total_slots = sum(f.rows for f in files)
+  for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
+    part = slot // rows_per_part
+    if part != current:
+      finish()
+      current, rows, skipped = part, [], collections.Counter()
+      if part > last_pending and fields.id is None:
+        return
+    mine = part in pending
+    if not mine and fields.id is None:
+      continue
+    row = embed_io.parse_row(file.format, fields, slot, where, raw)
+    if isinstance(row, Row) and fields.id is not None:
+      first_where = seen.setdefault(row.id, where)
+      if first_where != where:
+        row = BadRow(slot, "duplicate_id", where, f"duplicate id {row.id!r} (first used at {first_where})")
+    if not mine:
+      continue
+    if isinstance(row, Row):
+      rows.append(row)
+      continue
+    if on_error == "fail" and row.reason != "blank_line":
+      raise InputError(f"{row.message()}. Fix the input, or pass --on-error skip to skip such rows "
+                       "(they are counted by reason in the summary and the manifest).")
+    skipped[row.reason] += 1
+  finish()
+
+
+class _Stage(threading.Thread):
+  """A daemon thread whose exception is re-raised in the main thread by `check()`."""
+
+  def __init__(self, target: Callable[[], None], name: str):
+    super().__init__(name=name, daemon=True)
+    self._target_fn, self.error = target, None
+
+  def run(self) -> None:
+    try:
+      self._target_fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the main thread
+      self.error = e
+
+  def check(self) -> None:
+    if self.error is not None:
+      raise self.error
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.2)
+      return
+    except queue.Full:
+      pass
+  raise _Stopped()
+
+
+class _Stopped(Exception):
+  """The main thread is shutting down; a stage ends quietly."""
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+class _Progress:
+  """tqdm bar over this process's pending rows, with tokens/s; throughput kept for the summary."""
+
+  def __init__(self, total: int, enabled: bool):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, disable=None if enabled else True,
+                    desc="embed", file=sys.stderr, smoothing=0.1)
+    self.start, self.rows, self.tokens, self.padded = time.perf_counter(), 0, 0, 0
+
+  def update(self, rows: int, tokens: int, padded: int, slots: int) -> None:
+    self.rows, self.tokens, self.padded = self.rows + rows, self.tokens + tokens, self.padded + padded
+    self.bar.update(slots)
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+
+def _calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: Fields, max_len: int,
+                        count: int) -> np.ndarray:
+  """Per-dimension [min, max] of the first `count` valid rows (every process picks the same rows)."""
+  items = []
+  for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
+    row = embed_io.parse_row(file.format, fields, slot, where, raw)
+    if isinstance(row, Row):
+      items.append(row.text if row.instruction is None else [row.instruction, row.text])
+      if len(items) >= count:
+        break
+  if len(items) < 2:
+    raise InputError("int8/uint8 calibration needs at least 2 valid rows; pass --int8-ranges instead.")
+  emb_NE = model.encode(items, batch_size=64, max_seq_length=max_len)
+  return np.stack([emb_NE.min(0), emb_NE.max(0)]).astype(np.float32)
+
+
+def _int8_ranges(args, model, files, fields, max_len, out_dir) -> np.ndarray | None:
+  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (then saved)."""
+  if args.precision not in ("int8", "uint8"):
+    return None
+  saved = os.path.join(out_dir, "_int8_ranges.npy")
+  source = args.int8_ranges or (saved if os.path.exists(saved) and not args.overwrite else None)
+  if source:
+    ranges = np.load(source, allow_pickle=False).astype(np.float32)
+    if ranges.shape != (2, model.config.embedding_dim):
+      raise ValueError(f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
+                       "(per-dimension min and max, as sentence-transformers' quantize_embeddings).")
+  else:
+    ranges = _calibration_ranges(model, files, fields, max_len, args.calibration_rows)
+  if source != saved:
+    tmp = f"{saved}.tmp-{os.getpid()}.npy"
+    np.save(tmp, ranges, allow_pickle=False)
+    os.replace(tmp, saved)
+  return ranges
+
+
+def _job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges) -> dict[str, Any]:
+  cfg = model.config
+  ranges_hash = None if ranges is None else embed_manifest.hashlib.sha256(ranges.tobytes()).hexdigest()
+  return {
+      "model": {"fingerprint": embed_manifest.params_fingerprint(model.params),
+                "embedding_dim": cfg.embedding_dim, "compute_dtype": cfg.encoder.dtype,
+                "normalize": cfg.normalize, "max_seq_length": max_len},
+      "instruction": {"fixed": fields.fixed_instruction, "field": fields.instruction},
+      "fields": {"text": fields.text, "id": fields.id, "id_type": fields.id_type},
+      "inputs": [{"path": f.path, "format": f.format, "size": f.size, "rows": f.rows} for f in files],
+      "unreadable_inputs": [b.where for b in unreadable],
+      "rows_per_part": args.rows_per_part,
+      "num_parts": -(-sum(f.rows for f in files) // args.rows_per_part),
+      "output": {"format": args.format, "precision": args.precision,
+                 "stored_dim": embed_output.stored_dim(cfg.embedding_dim, args.precision),
+                 "int8_ranges": None if ranges is None else {"file": "_int8_ranges.npy", "sha256": ranges_hash}},
+      # Buckets change the padding, and in bf16 padding-free results can differ in the last bit.
+      "buckets": list(buckets),
+  }
+
+
+def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
+  """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
+  os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
+  if not overwrite:
+    return
+  for k in owned:
+    embed_output.remove_part(out_dir, k)
+  manifest = os.path.join(out_dir, embed_manifest.MANIFEST_FILE)
+  if process_index == 0 and os.path.exists(manifest):
+    os.remove(manifest)
+
+
+def _existing_parts(out_dir: str) -> int:
+  """One past the highest part index present in the directory (0 if none)."""
+  if not os.path.isdir(out_dir):
+    return 0
+  found = [int(n[5:10]) for n in os.listdir(out_dir) if n.startswith("part-") and n[5:10].isdigit()]
+  return max(found, default=-1) + 1
+
+
+def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Queue, writer: _Stage,
+                 progress: _Progress, stop: threading.Event) -> set[tuple[int, int]]:
+  """Dispatches every batch without waiting and fetches results FETCH_LAG batches later."""
+  shapes: set[tuple[int, int]] = set()
+  inflight: collections.deque = collections.deque()
+
+  def drain_one():
+    work, out_NE, idx, result, last = inflight.popleft()
+    out_NE[idx] = np.asarray(result, np.float32)[: len(idx)]
+    progress.update(len(idx), 0, 0, len(idx))
+    if last:
+      _finish_part(work, out_NE)
+
+  def _finish_part(work, out_NE):
+    progress.update(0, 0, 0, work.slots - len(work.ids))
+    writer.check()
+    _put(writes, (work, out_NE), stop)
+
+  while True:
+    try:
+      work = parts.get(timeout=0.2)
+    except queue.Empty:
+      reader.check()
+      continue
+    if work is None:
+      break
+    out_NE = np.zeros((len(work.ids), model.config.embedding_dim), np.float32)
+    if not work.batches:
+      while inflight:
+        drain_one()
+      _finish_part(work, out_NE)
+    for b, (idx, batch) in enumerate(work.batches):
+      shapes.add(batch.ids.shape)
+      progress.update(0, int(batch.lengths.sum()), batch.ids.size, 0)
+      inflight.append((work, out_NE, idx, model.embed_batch_async(batch), b == len(work.batches) - 1))
+      while len(inflight) > FETCH_LAG:
+        drain_one()
+  while inflight:
+    drain_one()
+  reader.check()
+  return shapes
+
+
+def _write_parts(writes: queue.Queue, out_dir: str, fmt: str, precision: str, ranges: np.ndarray | None,
+                 id_type: str, job_hash: str, fault: Fault | None, done: list[dict[str, Any]]) -> None:
+  while (item := writes.get()) is not None:
+    work, out_NE = item
+    sidecar = {"job_hash": job_hash, "rows": len(work.ids), "slots": work.slots, "first_slot": work.first_slot,
+               "skipped": work.skipped, "truncated": work.truncated, "tokens": work.tokens,
+               "instructions": work.instructions}
+    q_NE = embed_output.quantize(out_NE, precision, ranges)
+    done.append(embed_output.commit_part(out_dir, work.index, fmt, work.ids, q_NE, id_type, sidecar, fault))
+
+
+def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], model_source: str | None,
+              process_index: int, distributed: bool, wait_s: float) -> str | None:
+  """Process 0 writes manifest.json once all parts are committed; returns its path or None."""
+  if distributed:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("instructor_jax.embed:parts_done")
+  if process_index != 0:
+    return None
+  unread = [{"path": b.where, "error": b.detail} for b in unreadable]
+  deadline = time.monotonic() + wait_s
+  while (manifest := embed_manifest.build_manifest(out_dir, spec, spec["num_parts"], unread)) is None:
+    if distributed:
+      raise RuntimeError(f"{out_dir}: every process finished but some part sidecars are missing under "
+                         f"{embed_output.PARTS_DIR}/; the output directory must be shared by all processes.")
+    if time.monotonic() >= deadline:
+      return None
+    time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+  manifest["model"] = dict(manifest["model"], source=model_source)
+  return embed_manifest.write_manifest(out_dir, manifest)
+
+
+def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) -> dict[str, Any]:
+  """Runs the embedding job for parsed arguments and a loaded `Instructor`; returns the summary."""
+  import jax
+  t0 = time.perf_counter()
+  fields, out_dir = _fields(args), args.output
+  distributed = args.process_count is None and jax.process_count() > 1
+  index = jax.process_index() if args.process_index is None else args.process_index
+  count = jax.process_count() if args.process_count is None else args.process_count
+  if not 0 <= index < count:
+    raise SystemExit(f"--process-index {index} is not in [0, --process-count {count}).")
+  max_len = args.max_seq_length or model.max_seq_length
+  buckets = sorted({min(int(b), max_len) for b in str(args.buckets).split(",")})
+  batch_tokens = args.batch_tokens or (8192 if jax.default_backend() == "cpu" else 32768)
+
+  files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
+  total = sum(f.rows for f in files)
+  num_parts = -(-total // args.rows_per_part)
+  owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
+  _prepare_output(out_dir, owned, index, args.format, args.overwrite)
+  ranges = _int8_ranges(args, model, files, fields, max_len, out_dir)
+  spec = _job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
+  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  job_hash = embed_manifest.spec_hash(spec)
+  complete = {k for k in owned if k < num_parts and embed_output.part_is_complete(out_dir, k, args.format, job_hash)}
+  pending = sorted(k for k in owned if k < num_parts and k not in complete)
+  for k in pending:  # leftovers of a killed run: temporaries, an uncommitted data file
+    embed_output.remove_part(out_dir, k)
+  pending_slots = sum(min(args.rows_per_part, total - k * args.rows_per_part) for k in pending)
+
+  ndev = model.mesh.devices.size
+  stop = threading.Event()
+  parts_q: queue.Queue = queue.Queue(maxsize=2)
+  writes_q: queue.Queue = queue.Queue(maxsize=2)
+  done: list[dict[str, Any]] = []
+
+  def make_part(k, first, slots, rows, skipped):
+    return build_part(k, first, slots, rows, skipped, model.tokenizer, max_len, buckets, batch_tokens, ndev)
+
+  def read():
+    _read_parts(files, fields, args.on_error, args.rows_per_part, set(pending), make_part,
+                lambda w: _put(parts_q, w, stop))
+    _put(parts_q, None, stop)
+
+  reader = _Stage(read, "embed-reader")
+  writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, ranges, fields.id_type,
+                                       job_hash, fault, done), "embed-writer")
+  progress = _Progress(pending_slots, not args.no_progress)
+  reader.start()
+  writer.start()
+  try:
+    shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
+    _put(writes_q, None, stop)
+    writer.join()
+    writer.check()
+  finally:
+    stop.set()
+    progress.bar.close()
+  manifest = _finalize(out_dir, spec, unreadable, model.source, index, distributed, args.wait_for_peers)
+  return _summary(done, complete, pending, num_parts, unreadable, progress, shapes, manifest, t0)
+
+
+def _summary(done, complete, pending, num_parts, unreadable, progress, shapes, manifest, t0) -> dict[str, Any]:
+  seconds = time.perf_counter() - t0
+  skipped = embed_manifest.merge_counts(done, "skipped")
+  if unreadable:
+    skipped["unreadable_file"] = len(unreadable)
+  compute_s = max(time.perf_counter() - progress.start, 1e-9)
+  return {
+      "rows": progress.rows, "skipped": skipped, "truncated": sum(d["truncated"] for d in done),
+      "tokens": progress.tokens, "padding_efficiency": progress.tokens / max(progress.padded, 1),
+      "parts_written": len(done), "parts_already_complete": len(complete), "parts_total": num_parts,
+      "parts_pending_elsewhere": num_parts - len(done) - len(complete),
+      "batch_shapes": sorted(shapes), "seconds": seconds,
+      "rows_per_s": progress.rows / compute_s, "tokens_per_s": progress.tokens / compute_s,
+      "manifest": manifest,
+  }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+  skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+  print(f"embedded {s['rows']:,} rows ({s['tokens']:,} tokens) in {s['seconds']:.1f} s: "
+        f"{s['rows_per_s']:,.1f} rows/s, {s['tokens_per_s']:,.0f} tokens/s, padding efficiency "
+        f"{s['padding_efficiency']:.0%}, {len(s['batch_shapes'])} batch shapes", file=sys.stderr)
+  print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}", file=sys.stderr)
+  print(f"parts: {s['parts_written']} written, {s['parts_already_complete']} already complete, "
+        f"{s['parts_pending_elsewhere']} for other processes or unfinished, of {s['parts_total']}", file=sys.stderr)
+  print(f"manifest: {s['manifest'] or 'not written yet (process 0 writes it once every part exists)'}",
+        file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | None = None) -> dict[str, Any]:
+  """CLI entry point; `model` (an Instructor) skips loading --model, for tests and notebooks."""
+  args = build_parser().parse_args(argv)
+  if args.rows_per_part < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
+    raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
+  try:
+    summary = run_job(args, model if model is not None else _load_model(args), fault)
+  except (InputError, embed_manifest.OutputMismatchError) as e:
+    if model is not None:  # in-process callers get the exception
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from e
+  _print_summary(summary)
+  return summary
+
+
+if __name__ == "__main__":
+  main()

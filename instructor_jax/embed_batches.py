@@ -1,0 +1,78 @@
+"""Turns one part's valid rows into length-sorted, bucketed, token-budget batches (host side).
+
+Shape key: R rows per batch, L bucket length.
+
+Rows are sorted by token count within the part (the sort window), grouped by length bucket, and
+cut into batches of R rows with R * L <= --batch-tokens per device. R comes from a fixed set per
+bucket (full, 1/2, 1/4, 1/8, each a multiple of the local device count), so the number of compiled
+programs is at most 4 per bucket however the data looks, and a part's tail wastes little padding.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from instructor_jax.embed_io import Row
+from instructor_jax.tokenization import Batch, bucket_length, pad_batch
+
+
+def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
+  """Allowed batch row counts for one bucket, largest first (powers of two per device)."""
+  per_device = max(1, batch_tokens // length)
+  per_device = 1 << (per_device.bit_length() - 1)
+  return [(per_device >> s) * num_devices for s in range(4) if per_device >> s >= 1]
+
+
+def split_rows(n: int, choices: list[int]) -> list[int]:
+  """Greedy cut of n rows into allowed batch sizes; only the last batch may have filler rows."""
+  sizes = []
+  while n > 0:
+    fits = [c for c in choices if c <= n]
+    size = fits[0] if fits else choices[-1]
+    sizes.append(size)
+    n -= size
+  return sizes
+
+
+@dataclasses.dataclass
+class PartWork:
+  """One part ready for the devices: its batches and everything the sidecar needs."""
+
+  index: int
+  first_slot: int
+  slots: int
+  ids: list[Any]  # of the valid rows, input order
+  batches: list[tuple[np.ndarray, Batch]]  # (row positions in `ids`, padded batch)
+  skipped: dict[str, int]
+  truncated: int
+  tokens: int
+  instructions: dict[str, int]
+
+
+def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped: dict[str, int],
+               tokenizer: Any, max_len: int, buckets: Sequence[int], batch_tokens: int,
+               num_devices: int) -> PartWork:
+  """Tokenises (the INSTRUCTOR rule in tokenization.py), sorts and batches one part's rows."""
+  items = [r.text if r.instruction is None else [r.instruction, r.text] for r in rows]
+  truncated: list[bool] = []
+  ids, n_instr = tokenizer.tokenize(items, max_len, truncated) if items else ([], [])
+  lengths = np.array([len(x) for x in ids], np.int64)
+  # Longest first: the expensive programs run (and compile) early, and the ETA errs on the safe side.
+  order = np.argsort(-lengths, kind="stable")
+  by_bucket: dict[int, list[int]] = collections.defaultdict(list)
+  for i in order:
+    by_bucket[bucket_length(int(lengths[i]), buckets, max_len)].append(int(i))
+  batches = []
+  for length, members in by_bucket.items():
+    start = 0
+    for size in split_rows(len(members), row_choices(length, batch_tokens, num_devices)):
+      idx = np.array(members[start:start + size], np.int64)
+      batches.append((idx, pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, size)))
+      start += size
+  counts = collections.Counter(r.instruction or "" for r in rows)
+  return PartWork(index, first_slot, slots, [r.id for r in rows], batches, skipped, sum(truncated),
+                  int(lengths.sum()), dict(counts))

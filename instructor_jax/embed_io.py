@@ -1,0 +1,292 @@
+"""Input side of the embed job: finding, counting and parsing JSONL / Parquet / CSV / TSV / text rows.
+
+Every input row occupies one *slot*: its 0-based position in the concatenation of all input files
+(globs expanded and sorted, files in the order given). JSONL and text files have one slot per
+physical line (blank lines included, so slots never depend on the error policy), CSV/TSV one per
+data row after the header, Parquet one per row. Slots define the output parts and, when no
+`--id-field` is given, the ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterator
+
+FORMATS = ("jsonl", "parquet", "csv", "tsv", "text")
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
+               ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "text", ".text": "text"}
+# Reasons a row is skipped. `blank_line` (an empty line in a JSONL/CSV file) is always skipped and
+# counted, never an error: editors and `cat` leave them behind.
+REASONS = ("unreadable_file", "blank_line", "malformed_json", "malformed_row", "invalid_utf8", "missing_text",
+           "non_string_text", "empty_text", "missing_instruction", "non_string_instruction", "missing_id",
+           "bad_id", "duplicate_id")
+_CHUNK = 1 << 24
+# Texts can be long; the csv module's default 128 KiB field limit would reject them.
+csv.field_size_limit(2**31 - 1)
+
+
+class InputError(ValueError):
+  """Bad input under `--on-error fail`; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+  """How to read a row: which fields hold text / instruction / id, and the fixed instruction."""
+
+  text: str = "text"
+  instruction: str | None = None  # per-row instruction field
+  id: str | None = None
+  id_type: str = "int"  # "int" or "str"; positional ids are always int
+  fixed_instruction: str | None = None  # --instruction: for every row (or rows without the field)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+  path: str
+  format: str
+  size: int
+  rows: int  # slots
+  first_slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """A valid input row."""
+
+  slot: int
+  id: Any
+  instruction: str | None
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  slot: int
+  reason: str
+  where: str  # "file:line" or "file: row N"
+  detail: str
+
+  def message(self) -> str:
+    return f"{self.where}: {self.detail} [{self.reason}]"
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+def expand_inputs(patterns: list[str]) -> list[tuple[str, str | None]]:
+  """(path, problem or None) per input; globs expand sorted, a pattern matching nothing is a problem."""
+  out = []
+  for pattern in patterns:
+    if glob.has_magic(pattern):
+      matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
+      out += [(p, None) for p in matches] or [(pattern, "the pattern matches no file")]
+    elif os.path.isdir(pattern):
+      out.append((pattern, "is a directory; pass the files (or a glob such as DIR/*.jsonl)"))
+    else:
+      out.append((pattern, None))
+  return out
+
+
+def detect_format(path: str, forced: str | None) -> str:
+  """The input format from `--input-format` or the extension."""
+  if forced and forced != "auto":
+    return forced
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _EXTENSIONS:
+    raise InputError(f"{path}: cannot tell the input format from the extension {ext!r}; expected one of "
+                     f"{sorted(_EXTENSIONS)}, or pass --input-format {{{','.join(FORMATS)}}}.")
+  return _EXTENSIONS[ext]
+
+
+def count_rows(path: str, fmt: str) -> int:
+  """Number of slots in one file (reads it once; Parquet only its footer)."""
+  if fmt == "parquet":
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).metadata.num_rows
+  if fmt in ("csv", "tsv"):
+    return sum(1 for _ in _csv_rows(path, fmt))
+  lines, last = 0, b"\n"
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      lines += chunk.count(b"\n")
+      last = chunk[-1:]
+  return lines + (last != b"\n")
+
+
+def plan_inputs(patterns: list[str], forced_format: str | None,
+                on_error: str) -> tuple[list[InputFile], list[BadRow]]:
+  """Resolves, checks and counts every input; unreadable files raise or become skipped entries."""
+  files: list[InputFile] = []
+  unreadable: list[BadRow] = []
+  slot = 0
+  for path, problem in expand_inputs(patterns):
+    try:
+      if problem:
+        raise OSError(problem)
+      fmt = detect_format(path, forced_format)
+      rows = count_rows(path, fmt)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+      if isinstance(e, InputError):
+        raise
+      bad = BadRow(-1, "unreadable_file", path, f"cannot read the file ({type(e).__name__}: {e})")
+      if on_error == "fail":
+        raise InputError(f"{bad.message()}. Fix or remove it, or pass --on-error skip to skip it.") from e
+      unreadable.append(bad)
+      continue
+    files.append(InputFile(path, fmt, os.path.getsize(path), rows, slot))
+    slot += rows
+  return files, unreadable
+
+
+# ---- raw rows ------------------------------------------------------------------------------------
+
+def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]:
+  """(first line number, header, row) per data row; undecodable bytes kept as surrogates."""
+  with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+    header = next(reader, None)
+    if header is None:
+      return
+    line = reader.line_num + 1
+    for row in reader:
+      yield line, header, row
+      line = reader.line_num + 1
+
+
+def iter_raw(files: list[InputFile], columns: list[str]) -> Iterator[tuple[InputFile, int, str, Any]]:
+  """(file, slot, where, raw) per slot in input order; raw is bytes, a CSV (header, row) or a dict."""
+  for f in files:
+    slot = f.first_slot
+    if f.format == "parquet":
+      import pyarrow.parquet as pq
+      pf = pq.ParquetFile(f.path)
+      present = [c for c in columns if c in pf.schema_arrow.names]
+      names = pf.schema_arrow.names
+      for batch in pf.iter_batches(batch_size=8192, columns=present or names[:1]):
+        for rec in batch.to_pylist():
+          rec = {k: rec[k] for k in present}
+          rec["__columns__"] = names
+          yield f, slot, f"{f.path}: row {slot - f.first_slot + 1}", rec
+          slot += 1
+    elif f.format in ("csv", "tsv"):
+      for line, header, row in _csv_rows(f.path, f.format):
+        yield f, slot, f"{f.path}:{line}", (header, row)
+        slot += 1
+    else:
+      with open(f.path, "rb") as fh:
+        for line in fh:
+          yield f, slot, f"{f.path}:{slot - f.first_slot + 1}", line
+          slot += 1
+    if slot != f.first_slot + f.rows:
+      raise InputError(f"{f.path}: had {f.rows} rows when the job started and {slot - f.first_slot} now; "
+                       "an input changed during the run. Rerun once the inputs are final.")
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+def _bad(slot: int, where: str, reason: str, detail: str) -> BadRow:
+  return BadRow(slot, reason, where, detail)
+
+
+def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow | str:
+  """A field dict, a BadRow, or (text format) the line itself."""
+  if fmt in ("jsonl", "text"):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      return _bad(slot, where, "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
+    line = line.rstrip("\n").rstrip("\r")
+    if fmt == "text":
+      return line
+    if not line.strip():
+      return _bad(slot, where, "blank_line", "blank line")
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      return _bad(slot, where, "malformed_json", f"malformed JSON at column {e.colno}: {e.msg}")
+    if not isinstance(rec, dict):
+      return _bad(slot, where, "malformed_json", f"expected a JSON object per line, got {type(rec).__name__}")
+    return rec
+  if fmt in ("csv", "tsv"):
+    header, row = raw
+    if not row or (len(row) == 1 and not row[0].strip()):
+      return _bad(slot, where, "blank_line", "blank line")
+    if len(row) != len(header):
+      return _bad(slot, where, "malformed_row", f"{len(row)} fields, but the header has {len(header)}")
+    return dict(zip(header, row))
+  return raw
+
+
+def _field(rec: dict, name: str) -> tuple[bool, Any]:
+  return (name in rec and rec[name] is not None), rec.get(name)
+
+
+def _check_utf8(value: str) -> bool:
+  try:
+    value.encode("utf-8")
+    return True
+  except UnicodeEncodeError:  # lone surrogates: undecodable CSV bytes or "\ud800" escapes in JSON
+    return False
+
+
+def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
+  present, value = _field(rec, fields.id)
+  if not present:
+    return _bad(slot, where, "missing_id", f"no id field {fields.id!r}")
+  if fields.id_type == "int":
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+      return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
+    try:
+      return int(value)
+    except ValueError:
+      return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
+  if isinstance(value, bool) or not isinstance(value, (int, str)):
+    return _bad(slot, where, "bad_id", f"id {value!r:.60} is a {type(value).__name__}; expected a string or integer")
+  value = str(value)
+  return value if _check_utf8(value) else _bad(slot, where, "invalid_utf8", "the id is not valid UTF-8")
+
+
+def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row | BadRow:
+  """Validates one raw row: text present, a non-empty UTF-8 string; instruction and id likewise."""
+  rec = _record_from_raw(fmt, slot, where, raw)
+  if isinstance(rec, BadRow):
+    return rec
+  if isinstance(rec, str):  # text format
+    if not rec.strip():
+      return _bad(slot, where, "empty_text", "empty line (no text to embed)")
+    return Row(slot, slot, fields.fixed_instruction, rec)
+  present, text = _field(rec, fields.text)
+  if not present:
+    known = rec.get("__columns__") or sorted(rec)
+    return _bad(slot, where, "missing_text", f"no text field {fields.text!r} (fields: {list(known)[:12]}); "
+                "set --text-field")
+  if not isinstance(text, str):
+    return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is a {type(text).__name__}, "
+                "expected a string")
+  if not _check_utf8(text):
+    return _bad(slot, where, "invalid_utf8", f"text field {fields.text!r} is not valid UTF-8")
+  if not text.strip():
+    return _bad(slot, where, "empty_text", f"text field {fields.text!r} is empty")
+  instruction = fields.fixed_instruction
+  if fields.instruction:
+    present, value = _field(rec, fields.instruction)
+    if present and not isinstance(value, str):
+      return _bad(slot, where, "non_string_instruction",
+                  f"instruction field {fields.instruction!r} is a {type(value).__name__}, expected a string")
+    if present and not _check_utf8(value):
+      return _bad(slot, where, "invalid_utf8", f"instruction field {fields.instruction!r} is not valid UTF-8")
+    if not present and instruction is None:
+      return _bad(slot, where, "missing_instruction", f"no instruction field {fields.instruction!r} "
+                  "(pass --instruction as the default for such rows)")
+    instruction = value if present else instruction
+  row_id = slot if fields.id is None else _parse_id(rec, fields, slot, where)
+  if isinstance(row_id, BadRow):
+    return row_id
+  return Row(slot, row_id, instruction, text)
+
+
+def needed_columns(fields: Fields) -> list[str]:
+  return [c for c in (fields.text, fields.instruction, fields.id) if c]

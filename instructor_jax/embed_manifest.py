@@ -1,0 +1,121 @@
+"""The embed job's identity (`_job.json`) and its final `manifest.json`.
+
+The job spec holds everything that decides the stored numbers: model fingerprint, compute dtype,
+maximum length, instruction(s), fields, inputs (paths, sizes, row counts), part size, precision,
+calibration ranges. Its hash is stored in every part sidecar; an output directory whose spec
+differs from the current command is refused (unless --overwrite), so results never mix.
+
+The manifest is written once, by process 0, when every part's sidecar exists (see embed.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from instructor_jax.embed_output import atomic_json, read_sidecar
+
+JOB_FILE = "_job.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+# A per-row instruction field can carry millions of distinct strings; keep the manifest readable.
+MAX_LISTED_INSTRUCTIONS = 1000
+
+
+class OutputMismatchError(RuntimeError):
+  """The output directory holds results of a different job."""
+
+
+def params_fingerprint(params: Any) -> str:
+  """sha256 over every parameter's path, dtype, shape and bytes (as stored: float32)."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = np.ascontiguousarray(jax.device_get(leaf))  # one leaf at a time: bounded host memory
+    h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
+    h.update(value.tobytes())
+  return "sha256:" + h.hexdigest()
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: existing {json.dumps(a)[:120]} vs now {json.dumps(b)[:120]}")
+  return out
+
+
+def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> None:
+  """Writes `_job.json`, or refuses if the directory holds another job's results."""
+  path = os.path.join(out_dir, JOB_FILE)
+  if os.path.exists(path) and not overwrite:
+    with open(path) as f:
+      old = json.load(f)
+    diffs = _diff(old, spec)
+    if diffs:
+      raise OutputMismatchError(
+          f"{out_dir} holds results of a different embedding job; mixing them would give inconsistent "
+          "embeddings. Differences:\n  " + "\n  ".join(diffs) +
+          "\nUse another --output directory, or --overwrite to discard the existing results.")
+    return
+  # Every process writes the same bytes; the atomic rename makes concurrent writers harmless.
+  atomic_json(path, spec)
+
+
+def merge_counts(parts: list[dict[str, Any]], key: str) -> dict[str, int]:
+  total: dict[str, int] = {}
+  for p in parts:
+    for k, v in p.get(key, {}).items():
+      total[k] = total.get(k, 0) + int(v)
+  return dict(sorted(total.items()))
+
+
+def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
+                   unreadable: list[dict[str, str]]) -> dict[str, Any] | None:
+  """The manifest from all sidecars, or None while some part is still missing."""
+  parts = [read_sidecar(out_dir, i) for i in range(num_parts)]
+  if any(p is None for p in parts):
+    return None
+  instructions = merge_counts(parts, "instructions")
+  skipped = merge_counts(parts, "skipped")
+  if unreadable:
+    skipped["unreadable_file"] = len(unreadable)
+  return {
+      "manifest_version": MANIFEST_VERSION,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "job_hash": spec_hash(spec),
+      **spec,
+      "instructions": {
+          "distinct": len(instructions),
+          "counts": dict(list(instructions.items())[:MAX_LISTED_INSTRUCTIONS]),
+          "listed_all": len(instructions) <= MAX_LISTED_INSTRUCTIONS,
+      },
+      "rows": {
+          "input_slots": sum(p["slots"] for p in parts),
+          "embedded": sum(p["rows"] for p in parts),
+          "skipped": skipped,
+          "truncated": sum(p.get("truncated", 0) for p in parts),
+      },
+      "unreadable_files": unreadable,
+      "parts": [{k: p[k] for k in ("part", "rows", "slots", "first_slot", "files", "skipped", "truncated")}
+                for p in parts],
+  }
+
+
+def write_manifest(out_dir: str, manifest: dict[str, Any]) -> str:
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  atomic_json(path, manifest)
+  return path

@@ -1,0 +1,177 @@
+"""Output side of the embed job: precisions, part files (Parquet or .npy), atomic commits, sidecars.
+
+A part is committed in three steps, so a run killed at any point leaves either a complete part or
+one that the next run recomputes:
+  1. the data files are written to hidden temporary names (`.part-00003.parquet.tmp-<host>-<pid>`);
+  2. each is renamed to its final name (`part-00003.parquet`);
+  3. the sidecar `_parts/part-00003.json` (row count, checksums, job hash) is written the same way.
+The sidecar is the commit record: a part without one, or whose checksums do not match, is redone.
+Names starting with `.` or `_` are ignored by pyarrow datasets and pandas.
+
+Precisions follow `sentence_transformers.quantize_embeddings` (6.x): int8/uint8 use per-dimension
+[min, max] ranges, `q = clip(floor((x - min) / ((max - min) / 255)), 0, 255)` (minus 128 for int8);
+binary/ubinary pack `x > 0` bits (binary: minus 128 as int8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from typing import Any, Callable
+
+import numpy as np
+
+PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+OUTPUT_FORMATS = ("parquet", "npy")
+PARTS_DIR = "_parts"
+
+
+def quantize(x_NE: np.ndarray, precision: str, ranges_2E: np.ndarray | None = None) -> np.ndarray:
+  """float32 embeddings -> the stored precision (sentence-transformers conventions)."""
+  if precision == "float32":
+    return np.ascontiguousarray(x_NE, np.float32)
+  if precision == "float16":
+    return x_NE.astype(np.float16)
+  if precision in ("int8", "uint8"):
+    if ranges_2E is None:
+      raise ValueError(f"{precision} needs calibration ranges [2, E].")
+    starts = ranges_2E[0].astype(np.float32)
+    steps = (ranges_2E[1].astype(np.float32) - starts) / 255
+    steps = np.where(steps == 0, 1, steps)
+    q = np.clip(np.floor((x_NE - starts) / steps), 0, 255)
+    return q.astype(np.uint8) if precision == "uint8" else (q - 128).astype(np.int8)
+  bits = np.packbits(x_NE > 0, axis=-1)
+  return bits if precision == "ubinary" else (bits.astype(np.int16) - 128).astype(np.int8)
+
+
+def stored_dim(embedding_dim: int, precision: str) -> int:
+  """Width of the stored vector: packed bytes for the binary precisions."""
+  return -(-embedding_dim // 8) if precision.endswith("binary") else embedding_dim
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def part_name(index: int) -> str:
+  return f"part-{index:05d}"
+
+
+def data_files(index: int, fmt: str) -> list[str]:
+  """The final data file names of one part."""
+  name = part_name(index)
+  return [f"{name}.parquet"] if fmt == "parquet" else [f"{name}.npy", f"{name}.ids.npy"]
+
+
+def sidecar_path(out_dir: str, index: int) -> str:
+  return os.path.join(out_dir, PARTS_DIR, f"{part_name(index)}.json")
+
+
+def _tmp_path(out_dir: str, name: str) -> str:
+  # Host and pid in the name: two processes never write to the same temporary file.
+  return os.path.join(out_dir, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _write_parquet(path: str, ids: list[Any], q_NE: np.ndarray, id_type: str) -> None:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  values = pa.array(q_NE.reshape(-1))
+  emb = pa.FixedSizeListArray.from_arrays(values, q_NE.shape[1])
+  id_arr = pa.array(ids, pa.int64() if id_type == "int" else pa.string())
+  pq.write_table(pa.table({"id": id_arr, "embedding": emb}), path)
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.save(f, array, allow_pickle=False)
+
+
+def atomic_json(path: str, obj: Any) -> None:
+  """Writes JSON to a temporary name, fsyncs, renames (readers never see half a file)."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def commit_part(out_dir: str, index: int, fmt: str, ids: list[Any], q_NE: np.ndarray, id_type: str,
+                sidecar: dict[str, Any], fault: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+  """Writes one part's data files and then its sidecar; returns the sidecar."""
+  finals = data_files(index, fmt)
+  tmps = [_tmp_path(out_dir, n) for n in finals]
+  if fmt == "parquet":
+    _write_parquet(tmps[0], ids, q_NE, id_type)
+  else:
+    _write_npy(tmps[0], q_NE)
+    _write_npy(tmps[1], np.asarray(ids, np.int64) if id_type == "int" else np.asarray(ids, np.str_))
+  for tmp in tmps:
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+  if fault:
+    fault("written", index)
+  checksums = {}
+  for tmp, name in zip(tmps, finals):
+    checksums[name] = file_sha256(tmp)
+    os.replace(tmp, os.path.join(out_dir, name))
+  if fault:
+    fault("renamed", index)
+  sidecar = dict(sidecar, part=index, files=checksums)
+  atomic_json(sidecar_path(out_dir, index), sidecar)
+  return sidecar
+
+
+def read_sidecar(out_dir: str, index: int) -> dict[str, Any] | None:
+  path = sidecar_path(out_dir, index)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def part_is_complete(out_dir: str, index: int, fmt: str, job_hash: str, verify: bool = True) -> bool:
+  """True if the sidecar exists, belongs to this job and (verify) every checksum matches."""
+  sidecar = read_sidecar(out_dir, index)
+  if sidecar is None or sidecar.get("job_hash") != job_hash:
+    return False
+  files = sidecar.get("files", {})
+  if sorted(files) != sorted(data_files(index, fmt)):
+    return False
+  for name, digest in files.items():
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path) or (verify and file_sha256(path) != digest):
+      return False
+  return True
+
+
+def remove_part(out_dir: str, index: int) -> None:
+  """Deletes a part's sidecar, data files and this part's temporaries of any host."""
+  prefix = part_name(index)
+  paths = [sidecar_path(out_dir, index)] + [os.path.join(out_dir, n) for n in data_files(index, "parquet")]
+  paths += [os.path.join(out_dir, n) for n in data_files(index, "npy")]
+  paths += [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith(f".{prefix}.")]
+  for path in paths:
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def read_part(out_dir: str, index: int, fmt: str) -> tuple[list[Any], np.ndarray]:
+  """(ids, stored embeddings [N, E']) of one committed part, for tests and checks."""
+  if fmt == "parquet":
+    import pyarrow.parquet as pq
+    table = pq.read_table(os.path.join(out_dir, data_files(index, fmt)[0]))
+    emb = table.column("embedding").combine_chunks()
+    width = emb.type.list_size
+    return table.column("id").to_pylist(), emb.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+  emb_file, ids_file = data_files(index, fmt)
+  return (np.load(os.path.join(out_dir, ids_file)).tolist(), np.load(os.path.join(out_dir, emb_file)))
