@@ -1,0 +1,351 @@
+#!/usr/bin/env bash
+# Launch instructor_jax training on a Cloud TPU VM or pod slice: create or reuse the TPU, put this
+# package on every worker, start the same `python -m instructor_jax.train` on all of them, stream
+# the log. `--dry-run` prints the commands instead. Run `bash launch_tpu.sh --help` for the flags.
+#
+# Written for bash 3.2 as well (macOS laptops launch pods too): no mapfile, no associative
+# arrays, and empty arrays are expanded as ${a[@]+"${a[@]}"} because 3.2's `set -u` rejects "${a[@]}".
+set -euo pipefail
+
+readonly PROG=launch_tpu.sh
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly ROOT
+# Remote paths live in the TPU user's home, the one place writable on every worker without sudo.
+# The tilde is kept literal on purpose: the workers' shells expand it, not this one.
+# shellcheck disable=SC2088
+readonly R_CODE='~/instructor_jax' R_TGZ='~/instructor_jax.tgz' R_LOG='~/instructor_jax_train.log' \
+  R_PID='~/instructor_jax_train.pid' R_RC='~/instructor_jax_train.rc'
+
+usage() {
+  cat <<EOF
+Usage: bash $PROG --name NAME --zone ZONE --workdir gs://BUCKET/DIR --gin-file FILE [options] [-- TRAIN_ARGS...]
+
+Creates (or reuses) the TPU VM / pod slice NAME, copies this package to every worker, installs it
+with 'pip install -e ".[train]" "jax[tpu]"', starts the same training command on all workers
+(JAX joins the hosts by itself through jax.distributed.initialize()) and streams worker 0's log.
+
+Required:
+  --name NAME               TPU name (lowercase letters, digits, hyphens; starts with a letter)
+  --zone ZONE               e.g. us-central2-b (v4), us-west4-a (v5e)
+  --workdir gs://B/DIR      checkpoints, metrics and config; must be on GCS, since every worker writes there
+  --gin-file FILE           repeatable; path relative to the repository root, e.g. gin_configs/runs/instructor_medi.gin
+
+TPU:
+  --project PROJECT         default: gcloud's configured project
+  --accelerator-type TYPE   e.g. v4-32, v5litepod-256, v5p-128, v6e-64; needed only to create the TPU
+  --runtime-version VER     default by TPU generation: v4 and older tpu-ubuntu2204-base,
+                            v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
+  --spot | --preemptible    cheaper capacity that can be taken away; training resumes from --workdir
+  --queued                  create through a queued resource and wait until it is ACTIVE
+  --delete-after            delete the TPU once training has ended on every worker (success or not)
+
+Training:
+  --gin-binding BINDING     repeatable, e.g. --gin-binding "MEDI_PATH='gs://b/medi.json'"
+  -- TRAIN_ARGS...          anything after -- is appended to the training command as is
+
+Code:
+  (default)                 tar the working tree (git-tracked and untracked, not ignored) and scp it
+  --repo-url URL            git clone URL on every worker instead
+  --repo-ref REF            branch, tag or commit to check out after cloning
+  --skip-install            reuse the copy already installed on a reused TPU (fast restart)
+
+Other:
+  --log-worker N|all        whose log to stream (default 0); 'all' prefixes each line with the host
+  --detach                  start training and return without streaming the log
+  --dry-run                 print every command ('+ ' per line) and run nothing; needs no gcloud
+  -h, --help                this help
+
+Ctrl-C while the log streams stops only the stream: training runs on under nohup.
+EOF
+}
+
+die() {
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  exit 2
+}
+
+note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+
+# POSIX single quotes, so a printed command reads the same in bash, sh, zsh and Python's shlex;
+# `printf %q` can emit $'...' forms that sh and shlex do not understand.
+shq() {
+  local safe='^[A-Za-z0-9_@%+=:,./-]+$' q="'\\''"
+  if [[ $1 =~ $safe ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/"$q"}"; fi
+}
+
+shjoin() {
+  local out='' a
+  for a in "$@"; do out+="${out:+ }$(shq "$a")"; done
+  printf '%s' "$out"
+}
+
+# A command line as it would run: stdout in a dry run (so it can be piped or diffed), stderr else.
+show() {
+  if ((DRY_RUN)); then printf '+ %s\n' "$1"; else printf '+ %s\n' "$1" >&2; fi
+}
+
+# Dry-run-only remarks between the commands ("only if ...").
+remark() { if ((DRY_RUN)); then printf '# %s\n' "$*"; fi; }
+
+run() {
+  show "$(shjoin "$@")"
+  if ((!DRY_RUN)); then "$@"; fi
+}
+
+on_workers() {
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --command="$2"
+}
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+      --name | --zone | --project | --accelerator-type | --runtime-version | --workdir | --gin-file | \
+        --gin-binding | --repo-url | --repo-ref | --log-worker)
+        (($# >= 2)) || die "$1 expects a value; see --help"
+        case $1 in
+          --name) NAME=$2 ;;
+          --zone) ZONE=$2 ;;
+          --project) PROJECT=$2 ;;
+          --accelerator-type) ACCEL=$2 ;;
+          --runtime-version) RUNTIME=$2 ;;
+          --workdir) WORKDIR=$2 ;;
+          --gin-file) GIN_FILES+=("$2") ;;
+          --gin-binding) GIN_BINDINGS+=("$2") ;;
+          --repo-url) REPO_URL=$2 ;;
+          --repo-ref) REPO_REF=$2 ;;
+          --log-worker) LOG_WORKER=$2 ;;
+        esac
+        shift 2 ;;
+      --spot) SPOT=1; shift ;;
+      --preemptible) PREEMPTIBLE=1; shift ;;
+      --queued) QUEUED=1; shift ;;
+      --delete-after) DELETE_AFTER=1; shift ;;
+      --skip-install) SKIP_INSTALL=1; shift ;;
+      --detach) DETACH=1; shift ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      -h | --help) usage; exit 0 ;;
+      --) shift; EXTRA_ARGS=("$@"); break ;;
+      *) die "unknown argument '$1'; see --help (training flags go after --)" ;;
+    esac
+  done
+}
+
+# Gin files are read by the workers from their copy of the repository, so they must be paths
+# inside it; a local copy can be checked now instead of failing minutes later on the pod.
+check_gin_files() {
+  local i g
+  for i in "${!GIN_FILES[@]}"; do
+    g=${GIN_FILES[$i]}
+    if [[ $g == /* ]]; then
+      [[ $g == "$ROOT"/* ]] || die "--gin-file $g is outside the repository $ROOT; the workers only get the repository. Copy it under gin_configs/ and pass the relative path"
+      g=${g#"$ROOT"/}
+      GIN_FILES[i]=$g
+    fi
+    if [[ -z $REPO_URL && ! -f $ROOT/$g ]]; then
+      die "--gin-file $g: no such file under $ROOT (expected a path relative to the repository root, e.g. gin_configs/runs/instructor_medi.gin)"
+    fi
+  done
+}
+
+validate() {
+  [[ -n $NAME ]] || die "--name is required (the TPU to create or reuse); see --help"
+  [[ -n $ZONE ]] || die "--zone is required (e.g. us-central2-b); see --help"
+  [[ -n $WORKDIR ]] || die "--workdir is required (a gs:// directory for checkpoints); see --help"
+  ((${#GIN_FILES[@]})) || die "at least one --gin-file is required (e.g. gin_configs/runs/instructor_medi.gin); see --help"
+  local name_re='^[a-z]([-a-z0-9]*[a-z0-9])?$' accel_re='^v[0-9][a-z0-9]*-[0-9]+$' worker_re='^(all|[0-9]+)$'
+  [[ $NAME =~ $name_re ]] || die "--name '$NAME': expected lowercase letters, digits and hyphens, starting with a letter"
+  [[ $WORKDIR == gs://?* ]] || die "--workdir '$WORKDIR': expected a gs:// path; each worker has its own disk, so a local path would split the checkpoint across hosts"
+  [[ -z $ACCEL || $ACCEL =~ $accel_re ]] || die "--accelerator-type '$ACCEL': expected a type like v4-32 or v5litepod-256"
+  [[ $LOG_WORKER =~ $worker_re ]] || die "--log-worker '$LOG_WORKER': expected a worker number or 'all'"
+  ((!(SPOT && PREEMPTIBLE))) || die "--spot and --preemptible are exclusive; pick one (--spot is the newer)"
+  ((!(QUEUED && PREEMPTIBLE))) || die "queued resources take --spot, not --preemptible"
+  ((!(DETACH && DELETE_AFTER))) || die "--delete-after needs the launcher to wait for the end; drop --detach"
+  [[ -z $REPO_REF || -n $REPO_URL ]] || die "--repo-ref needs --repo-url (the local copy is sent as it is)"
+  check_gin_files
+  if [[ -z $RUNTIME ]]; then
+    case $ACCEL in
+      v5litepod-* | v5e-*) RUNTIME=v2-alpha-tpuv5-lite ;;
+      v5p-*) RUNTIME=v2-alpha-tpuv5 ;;
+      v6e-*) RUNTIME=v2-alpha-tpuv6e ;;
+      *) RUNTIME=tpu-ubuntu2204-base ;;
+    esac
+  fi
+  LOC=(--zone="$ZONE")
+  if [[ -n $PROJECT ]]; then LOC+=(--project="$PROJECT"); fi
+  if ((!DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then
+    die "gcloud not found on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk/docs/install), or use --dry-run"
+  fi
+}
+
+create_tpu() {
+  local capacity=()
+  if ((SPOT)); then capacity=(--spot); elif ((PREEMPTIBLE)); then capacity=(--preemptible); fi
+  if [[ -z $ACCEL ]]; then
+    if ((DRY_RUN)); then remark "(that would fail here: creating needs --accelerator-type)"; return; fi
+    die "there is no TPU named $NAME in $ZONE; pass --accelerator-type (e.g. v4-32) to create it"
+  fi
+  if ((!QUEUED)); then
+    run gcloud compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCEL" \
+      --version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
+    return
+  fi
+  run gcloud compute tpus queued-resources create "$NAME" "${LOC[@]}" --node-id="$NAME" \
+    --accelerator-type="$ACCEL" --runtime-version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
+  local describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" '--format=value(state.state)')
+  remark "repeated every 60 s until the queued resource is ACTIVE:"
+  show "$(shjoin "${describe[@]}")"
+  ((!DRY_RUN)) || return 0
+  local state
+  while state=$("${describe[@]}") && [[ $state != ACTIVE ]]; do
+    case $state in
+      FAILED | SUSPENDED) die "queued resource $NAME is $state; see why: gcloud compute tpus queued-resources describe $(shjoin "$NAME" "${LOC[@]}")" ;;
+    esac
+    note "queued resource $NAME is $state; checking again in 60 s (Ctrl-C stops waiting, not the request)"
+    sleep 60
+  done
+  [[ $state == ACTIVE ]] || die "could not read the state of queued resource $NAME (gcloud's message is above)"
+}
+
+# Reuse only a READY TPU of the requested type: anything else would fail later, on ssh, less clearly.
+ensure_tpu() {
+  local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state,acceleratorType)')
+  show "$(shjoin "${describe[@]}")"
+  if ((DRY_RUN)); then
+    remark "only if no TPU named $NAME exists yet (an existing one is reused when READY):"
+    create_tpu
+    return
+  fi
+  local out err state accel
+  if out=$("${describe[@]}" 2>"$TMP/describe.err"); then
+    read -r state accel <<<"$out"
+    accel=${accel##*/}
+    [[ $state == READY ]] || die "TPU $NAME exists but is $state, not READY; wait for it, or delete it (gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE) and rerun"
+    [[ -z $ACCEL || $accel == "$ACCEL" ]] || die "TPU $NAME is a $accel, not the requested $ACCEL; pick another --name or delete it first"
+    note "reusing READY TPU $NAME ($accel)"
+    CREATED=0
+    return
+  fi
+  err=$(cat "$TMP/describe.err")
+  [[ $err == *NOT_FOUND* || $err == *"not found"* ]] || die "could not describe TPU $NAME (not a 'not found' answer, so not creating one): $err"
+  create_tpu
+}
+
+list_tree() {
+  local f
+  # git ls-files --cached still lists files deleted from the working tree; tar would fail on them.
+  git -C "$ROOT" ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    if [[ -e $ROOT/$f || -L $ROOT/$f ]]; then printf '%s\0' "$f"; fi
+  done
+}
+
+# The working tree, uncommitted edits included, is what the user means to run; .gitignore'd
+# outputs (venvs, workdirs) are left behind. Without git, the usual build junk is excluded by name.
+ship_local_tree() {
+  local tgz=$TMP/instructor_jax.tgz
+  if [[ -e $ROOT/.git ]]; then
+    show "$(shjoin git -C "$ROOT" ls-files -z --cached --others --exclude-standard) > $(shq "$TMP/files")"
+    if ((!DRY_RUN)); then list_tree >"$TMP/files"; fi
+    run tar -czf "$tgz" -C "$ROOT" --null -T "$TMP/files"
+  else
+    run tar -czf "$tgz" -C "$ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ \
+      --exclude='*.egg-info' .
+  fi
+  run gcloud compute tpus tpu-vm scp "$tgz" "$NAME:instructor_jax.tgz" "${LOC[@]}" --worker=all
+}
+
+install_on_workers() {
+  local fetch
+  if [[ -n $REPO_URL ]]; then
+    fetch="rm -rf $R_CODE && git clone -q $(shq "$REPO_URL") $R_CODE"
+    if [[ -n $REPO_REF ]]; then fetch+=" && git -C $R_CODE checkout -q $(shq "$REPO_REF")"; fi
+  else
+    ship_local_tree
+    fetch="rm -rf $R_CODE && mkdir -p $R_CODE && tar -xzf $R_TGZ -C $R_CODE"
+  fi
+  # PIP_BREAK_SYSTEM_PACKAGES: newer TPU images mark the system Python externally managed, and a
+  # TPU VM is a single-purpose machine, so installing into it directly is the simple right thing.
+  on_workers all "$GUARD; $fetch && cd $R_CODE && export PIP_BREAK_SYSTEM_PACKAGES=1 && python3 -m pip install -q -U pip && python3 -m pip install -q -e '.[train]' 'jax[tpu]'"
+}
+
+start_training() {
+  local train=(python3 -m instructor_jax.train) g
+  for g in "${GIN_FILES[@]}"; do train+=(--gin_file="$g"); done
+  for g in ${GIN_BINDINGS[@]+"${GIN_BINDINGS[@]}"}; do train+=(--gin_bindings="$g"); done
+  train+=(--workdir="$WORKDIR")
+  train+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+  # setsid + nohup: the run survives the ssh session and sits in its own process group, so one
+  # `kill -TERM -- -PID` reaches python (which checkpoints on SIGTERM). The wrapper records the
+  # pid and the exit status, which the log stream and the final check wait on.
+  local wrapper="echo \$\$ > $R_PID; \"\$@\"; echo \$? > $R_RC"
+  on_workers all "$GUARD; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
+}
+
+print_attach_help() {
+  local ssh
+  ssh="gcloud compute tpus tpu-vm ssh $(shjoin "$NAME" "${LOC[@]}")"
+  note "follow the log:  $ssh --worker=0 --command=$(shq "tail -n +1 -F $R_LOG")"
+  note "stop training:   $ssh --worker=all --command=$(shq "kill -TERM -- -\$(cat $R_PID)")"
+}
+
+# Waits on every worker, not just the streamed one, so --delete-after never cuts a host short.
+stream_and_wait() {
+  local follow="for i in \$(seq 120); do [ -s $R_PID ] && break; sleep 1; done; [ -s $R_PID ] || { echo \"\$(hostname): training did not start; see $R_LOG\" >&2; exit 1; }; tail -n +1 -F --pid=\"\$(cat $R_PID)\" $R_LOG"
+  if [[ $LOG_WORKER == all ]]; then follow+=" 2>&1 | sed -u \"s/^/[\$(hostname)] /\""; fi
+  note "streaming the log of worker $LOG_WORKER; Ctrl-C stops the stream, not the training."
+  print_attach_help
+  on_workers "$LOG_WORKER" "$follow" || note "the log stream ended with an error; checking every worker's status"
+  on_workers all "while kill -0 \"\$(cat $R_PID)\" 2>/dev/null; do sleep 30; done; rc=\$(cat $R_RC 2>/dev/null || echo 'none (killed?)'); echo \"\$(hostname): training exited with status \$rc\"; [ \"\$rc\" = 0 ]"
+}
+
+delete_tpu() {
+  if ((QUEUED)); then
+    run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${LOC[@]}" --quiet
+  fi
+}
+
+main() {
+  NAME='' ZONE='' PROJECT='' ACCEL='' RUNTIME='' WORKDIR='' REPO_URL='' REPO_REF='' LOG_WORKER=0
+  SPOT=0 PREEMPTIBLE=0 QUEUED=0 DELETE_AFTER=0 SKIP_INSTALL=0 DETACH=0 DRY_RUN=0 CREATED=1
+  GIN_FILES=() GIN_BINDINGS=() EXTRA_ARGS=() LOC=()
+  parse_args "$@"
+  validate
+  # Refuse to reinstall under, or start a second run beside, a live one: two processes cannot share
+  # the TPU chips, and deleting the code under a running job breaks its imports.
+  GUARD="if [ -s $R_PID ] && kill -0 \"\$(cat $R_PID)\" 2>/dev/null; then echo \"\$(hostname): training (pid \$(cat $R_PID)) is still running; stop it first: kill -TERM -- -\$(cat $R_PID)\" >&2; exit 1; fi"
+  if ((DRY_RUN)); then
+    TMP="${TMPDIR:-/tmp}/launch_tpu.XXXXXX"
+    remark "$PROG --dry-run: the commands a real run would execute, in order; nothing was run."
+  else
+    TMP=$(mktemp -d)
+    trap 'rm -rf "$TMP"' EXIT
+  fi
+
+  ensure_tpu
+  if ((SKIP_INSTALL)); then
+    ((DRY_RUN || !CREATED)) || die "--skip-install on a TPU just created: nothing is installed there yet; drop --skip-install"
+  else
+    install_on_workers
+  fi
+  start_training
+  if ((DETACH)); then
+    note "training started on every worker of $NAME; checkpoints and metrics go to $WORKDIR"
+    print_attach_help
+    return 0
+  fi
+  local status=0
+  stream_and_wait || status=$?
+  if ((DRY_RUN)); then
+    :
+  elif ((status == 0)); then
+    note "training finished on every worker; results in $WORKDIR"
+  else
+    note "training failed or was stopped on at least one worker (statuses above); each worker keeps its log in $R_LOG"
+  fi
+  if ((DELETE_AFTER)); then delete_tpu; fi
+  return "$status"
+}
+
+main "$@"

@@ -1,0 +1,207 @@
+"""launch_tpu.sh: dry-run output, argument errors, shellcheck, and a real run against a fake gcloud."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "launch_tpu.sh"
+BASH = shutil.which("bash")
+
+# A binding with spaces and both quote kinds: it must reach python's argv byte for byte.
+NASTY = """MEDI_PATH='gs://b/medi data.json' # it's "quoted\""""
+BASE = ["--name", "my-pod", "--zone", "us-central2-b", "--workdir", "gs://b/run 1",
+        "--repo-url", "https://example.com/instructor_jax.git"]
+GINS = ["gin_configs/runs/instructor_medi.gin", "gin_configs/models/gtr_base.gin"]
+EXPECTED_TRAIN = [
+  "python3", "-m", "instructor_jax.train", f"--gin_file={GINS[0]}", f"--gin_file={GINS[1]}",
+  f"--gin_bindings={NASTY}", "--gin_bindings=TRAIN_STEPS = 10", "--workdir=gs://b/run 1", "--extra=1"]
+TRAIN_FLAGS = ["--gin-file", GINS[0], "--gin-file", GINS[1], "--gin-binding", NASTY,
+               "--gin-binding=TRAIN_STEPS = 10", "--", "--extra=1"]
+
+
+def launch(*args: str, script: pathlib.Path = SCRIPT, env: dict | None = None, timeout: float = 30):
+  # No gcloud on this PATH: a dry run must not need it.
+  run_env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
+  return subprocess.run([BASH, str(script), *args], capture_output=True, text=True, env=run_env,
+                        timeout=timeout)
+
+
+def commands(stdout: str) -> list[list[str]]:
+  return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def remote(cmd: list[str]) -> str:
+  (value,) = [a.removeprefix("--command=") for a in cmd if a.startswith("--command=")]
+  return value
+
+
+def train_argv(remote_cmd: str) -> list[str]:
+  """The python argv inside the remote start command, as the worker's shell will split it."""
+  words = shlex.split(remote_cmd)
+  start = words.index("python3")
+  return words[start:words.index(">", start)]
+
+
+pytestmark = pytest.mark.skipif(BASH is None, reason="bash is not installed")
+
+
+def test_dry_run_prints_every_step_and_round_trips_the_train_command():
+  res = launch("--dry-run", *BASE, "--project", "p1", "--accelerator-type", "v5litepod-256", "--spot",
+               "--delete-after", *TRAIN_FLAGS)
+  assert res.returncode == 0, res.stderr
+  cmds = commands(res.stdout)
+  verbs = [c[:5] for c in cmds]
+  assert verbs[0] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
+  create = cmds[1]
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-pod"]
+  for flag in ["--zone=us-central2-b", "--project=p1", "--accelerator-type=v5litepod-256",
+               "--version=v2-alpha-tpuv5-lite", "--spot"]:
+    assert flag in create
+  ssh = [c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+  install, start, follow, wait = ssh
+  assert "--worker=all" in install and "--worker=all" in start and "--worker=all" in wait
+  assert "--worker=0" in follow
+  assert "git clone -q https://example.com/instructor_jax.git ~/instructor_jax" in remote(install)
+  assert "pip install -q -e '.[train]' 'jax[tpu]'" in remote(install)
+  assert train_argv(remote(start)) == EXPECTED_TRAIN
+  assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-pod"]
+
+
+def test_local_copy_tars_the_tree_and_scps_it_to_every_worker(tmp_path):
+  # A copy outside git takes the plain-tar path; the gin file must exist in it.
+  shutil.copy(SCRIPT, tmp_path / "launch_tpu.sh")
+  (tmp_path / "gin_configs").mkdir()
+  (tmp_path / "gin_configs" / "run.gin").write_text("TRAIN_STEPS = 1\n")
+  res = launch("--dry-run", "--name", "p", "--zone", "z", "--workdir", "gs://b/w", "--log-worker", "all",
+               "--gin-file", str(tmp_path / "gin_configs" / "run.gin"), script=tmp_path / "launch_tpu.sh")
+  assert res.returncode == 0, res.stderr
+  cmds = commands(res.stdout)
+  tar = next(c for c in cmds if c[0] == "tar")
+  assert tar[1:5] == ["-czf", tar[2], "-C", str(tmp_path)] and "--exclude=.git" in tar
+  scp = next(c for c in cmds if c[4:5] == ["scp"])
+  assert scp[5:7] == [tar[2], "p:instructor_jax.tgz"] and "--worker=all" in scp
+  ssh = [remote(c) for c in cmds if c[4:5] == ["ssh"]]
+  (start,) = [r for r in ssh if "instructor_jax.train" in r]
+  assert "--gin_file=gin_configs/run.gin" in train_argv(start)
+  follow = [c for c in cmds if "tail -n +1 -F" in " ".join(c)]
+  assert len(follow) == 1 and "--worker=all" in follow[0] and "hostname" in remote(follow[0])
+  # No accelerator type: the dry run says creating would fail instead of printing a bad create.
+  assert not any(c[4:5] == ["create"] for c in cmds) and "--accelerator-type" in res.stdout
+
+
+def test_help_exits_zero():
+  res = launch("--help")
+  assert res.returncode == 0 and "--gin-binding" in res.stdout and "--dry-run" in res.stdout
+
+
+@pytest.mark.parametrize("drop,message", [
+  ("--name", "--name is required"),
+  ("--workdir", "--workdir is required"),
+  ("--zone", "--zone is required"),
+])
+def test_missing_required_flag_is_a_clear_error(drop, message):
+  args = list(BASE)
+  i = args.index(drop)
+  del args[i:i + 2]
+  res = launch("--dry-run", *args, "--gin-file", GINS[0])
+  assert res.returncode != 0 and message in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("args,message", [
+  ([], "at least one --gin-file"),
+  (["--gin-file", "nope.gin", "--workdir", "/local/dir"], "expected a gs:// path"),
+  (["--gin-file", "a.gin", "--spot", "--preemptible"], "exclusive"),
+  (["--gin-file", "a.gin", "--bogus"], "unknown argument '--bogus'"),
+  (["--gin-file"], "--gin-file expects a value"),
+])
+def test_bad_arguments_are_clear_errors(args, message):
+  res = launch("--dry-run", *BASE, *args)
+  assert res.returncode == 2 and message in res.stderr
+
+
+def test_missing_local_gin_file_fails_before_touching_the_pod():
+  res = launch("--dry-run", "--name", "p", "--zone", "z", "--workdir", "gs://b/w",
+               "--gin-file", "gin_configs/runs/does_not_exist.gin")
+  assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_passes_shellcheck():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck not on PATH (apt-get install shellcheck; .ci/run tries to)")
+  res = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stdout
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stands in for gcloud: logs argv, answers describe with NOT_FOUND, and runs ssh --command in a
+# local shell whose HOME plays every worker's home.
+printf '%s\n' "$*" >> "$HOME/gcloud.log"
+case $4 in
+  describe) echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
+  scp) cp "$5" "$HOME/instructor_jax.tgz" ;;
+  ssh) for a; do case $a in --command=*) exec bash -c "${a#--command=}" ;; esac; done; exit 3 ;;
+esac
+"""
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python3 on the worker: pip is a no-op, training records its argv.
+[ "$1 $2" = "-m pip" ] && exit 0
+[ "$2" = instructor_jax.train ] || exit 99
+shift 2
+printf '%s\0' "$@" > "$HOME/argv"
+echo "step 1 loss 0.5 from $(pwd)"
+exit "${FAKE_RC:-0}"
+"""
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ["git", "tar", "setsid", "tail", "seq"]),
+                    reason="needs git, tar, setsid, tail and seq")
+@pytest.mark.parametrize("fake_rc", [0, 3])
+def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fake_rc):
+  tree, home, bin_dir = tmp_path / "tree", tmp_path / "home", tmp_path / "bin"
+  for d in (tree / "gin_configs", home, bin_dir):
+    d.mkdir(parents=True)
+  for name, text in [("gcloud", FAKE_GCLOUD), ("python3", FAKE_PYTHON)]:
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  shutil.copy(SCRIPT, tree / "launch_tpu.sh")
+  (tree / "gin_configs" / "run.gin").write_text("TRAIN_STEPS = 1\n")
+  (tree / ".gitignore").write_text("ignored/\n")
+  (tree / "ignored").mkdir()
+  (tree / "ignored" / "big.bin").write_text("x")
+  (tree / "gone.txt").write_text("x")
+  git = ["git", "-C", str(tree)]
+  subprocess.run([*git, "init", "-q"], check=True)
+  subprocess.run([*git, "add", "gone.txt"], check=True)
+  (tree / "gone.txt").unlink()  # tracked but deleted: must not break the tarball
+
+  env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_RC": str(fake_rc),
+         "TMPDIR": str(tmp_path)}
+  res = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
+               "--gin-file", "gin_configs/run.gin", "--gin-binding", NASTY, "--delete-after",
+               script=tree / "launch_tpu.sh", env=env)
+
+  assert (res.returncode == 0) == (fake_rc == 0), res.stderr
+  assert "step 1 loss 0.5 from" in res.stdout and str(home / "instructor_jax") in res.stdout
+  argv = (home / "argv").read_text().split("\0")[:-1]
+  assert argv == ["--gin_file=gin_configs/run.gin", f"--gin_bindings={NASTY}", "--workdir=gs://b/w"]
+  assert (home / "instructor_jax" / "gin_configs" / "run.gin").is_file()
+  assert not (home / "instructor_jax" / "ignored").exists()
+  assert f"training exited with status {fake_rc}" in res.stdout
+  verbs = [line.split()[3] for line in (home / "gcloud.log").read_text().splitlines()]
+  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  # A second start while a run is alive is refused rather than fighting it for the TPU chips.
+  live = subprocess.Popen(["sleep", "30"])
+  try:
+    (home / "instructor_jax_train.pid").write_text(f"{live.pid}\n")
+    again = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
+                   "--gin-file", "gin_configs/run.gin", script=tree / "launch_tpu.sh", env=env)
+    assert again.returncode != 0 and "is still running" in again.stderr
+  finally:
+    live.kill()
+    live.wait()
