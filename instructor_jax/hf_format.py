@@ -31,7 +31,9 @@ def t5_config_from_hf(hf: Mapping[str, Any], source: str) -> T5Config:
   if model_type not in ("t5", "mt5", "umt5"):
     raise CheckpointError(
         f"{source}: model_type={model_type!r} (architectures={archs}); expected a T5 encoder "
-        "(model_type 't5', e.g. T5EncoderModel as in hkunlp/instructor-* or sentence-transformers/gtr-t5-*).")
+        "(model_type 't5', e.g. T5EncoderModel as in hkunlp/instructor-* or sentence-transformers/gtr-t5-*). "
+        "Decoder-only models (GPT-style) and non-T5 encoder-decoders cannot be used; a T5 "
+        "encoder-decoder (T5ForConditionalGeneration, e.g. t5-base) is fine: its decoder is dropped.")
   ff = hf.get("feed_forward_proj", "relu")
   if ff == "relu":
     kind = "relu"
@@ -166,6 +168,11 @@ def hf_tensors_from_params(params: Params, cfg: T5Config) -> Iterator[tuple[str,
   for hf_name, (path, transpose) in hf_name_map(cfg).items():
     value = np.asarray(_get(params, path), dtype=np.float32)
     yield hf_name, np.ascontiguousarray(value.T if transpose else value)
+
+
+def hf_tensor_sizes(params: Params, cfg: T5Config, itemsize: int) -> list[tuple[str, int]]:
+  """(HF name, bytes at `itemsize` bytes per element) in `hf_tensors_from_params` order, copying nothing."""
+  return [(name, int(np.prod(np.shape(_get(params, path)))) * itemsize) for name, (path, _) in hf_name_map(cfg).items()]
 
 
 def load_state_file(path: str) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ a multi-billion-parameter model never has to fit on one device.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any, Mapping
 
@@ -29,6 +30,11 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 
 class OrbaxCheckpointError(ValueError):
   """A directory that holds no readable INSTRUCTOR orbax checkpoint; the message says what to do."""
+
+
+def _abs(path: str) -> str:
+  """Orbax requires absolute paths; cloud paths (gs://...) pass through."""
+  return path if "://" in str(path) else os.path.abspath(os.path.expanduser(str(path)))
 
 
 def config_to_dict(cfg: InstructorConfig) -> dict[str, Any]:
@@ -65,8 +71,8 @@ def checkpoint_manager(directory: str, *, max_to_keep: int | None = None, save_i
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
   if item_names is None:
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
-  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=tuple(item_names))
+    return ocp.CheckpointManager(epath.Path(_abs(directory)), options=options)
+  return ocp.CheckpointManager(epath.Path(_abs(directory)), options=options, item_names=tuple(item_names))
 
 
 def save_params(directory: str, params: Any, config: InstructorConfig, step: int = 0) -> None:
@@ -87,7 +93,7 @@ def save_params(directory: str, params: Any, config: InstructorConfig, step: int
 
 def checkpoint_dir(path: str) -> str:
   """The checkpoints directory: `path/checkpoints` for a training workdir, else `path` itself."""
-  p = epath.Path(path)
+  p = epath.Path(_abs(path))
   sub = p / CHECKPOINTS_SUBDIR
   return str(sub) if sub.is_dir() else str(p)
 
@@ -102,7 +108,7 @@ def _read_only_manager(path: str) -> ocp.CheckpointManager:
   pytree = ocp.PyTreeCheckpointHandler()
   registry.add(PARAMS_ITEM, ocp.args.PyTreeRestore, pytree)
   registry.add(CONFIG_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   return ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
 
 

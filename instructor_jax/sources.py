@@ -1,4 +1,4 @@
-"""Resolves a model source (Hub id, HF/sentence-transformers dir, ...) to config + parameters."""
+"""Resolves a model source to config + parameters: Hub id, HF/ST dir, t5x checkpoint, orbax checkpoint."""
 
 from __future__ import annotations
 
@@ -31,19 +31,89 @@ def resolve_hub_id(name: str, revision: str | None = None) -> str:
         "(it is then cached), or pass a local directory.") from e
 
 
-def load_source(name_or_path: str, revision: str | None = None) -> LoadedModel:
-  """Config, float32 parameters (nested dict of NumPy arrays) and tokenizer location."""
+def detect_kind(path: str) -> str:
+  """'hf', 't5x' or 'orbax' for an existing local (or gs://) directory; raises for anything else."""
+  from instructor_jax import orbax_io, t5x_format
+  if path.startswith("gs://"):
+    if t5x_format.is_t5x_checkpoint(path):
+      return "t5x"
+    if orbax_io.is_orbax_checkpoint(path):
+      return "orbax"
+    raise CheckpointError(f"{path}: neither a t5x checkpoint (no 'checkpoint' file or checkpoint_<step>/) nor an "
+                          "orbax checkpoint directory, or the bucket is unreachable (check credentials).")
+  if os.path.exists(os.path.join(path, "config.json")):
+    return "hf"
+  if t5x_format.is_t5x_checkpoint(path):
+    return "t5x"
+  if orbax_io.is_orbax_checkpoint(path) or _orbax_step_dir(path) is not None:
+    return "orbax"
+  listing = sorted(os.listdir(path))[:12]
+  raise CheckpointError(
+      f"{path}: unknown checkpoint format (contains {listing}). Expected one of: a sentence-transformers / "
+      "transformers directory (config.json + model.safetensors, sharded safetensors with an index, or "
+      "pytorch_model.bin); a t5x checkpoint directory (a msgpack 'checkpoint' file + zarr arrays); an orbax "
+      "checkpoint (a training workdir, its checkpoints/ directory, or one <step>/ directory).")
+
+
+def _orbax_step_dir(path: str) -> tuple[str, int] | None:
+  """(checkpoints dir, step) when `path` is itself one step directory, e.g. WORKDIR/checkpoints/1000."""
+  from instructor_jax import orbax_io
+  name = os.path.basename(os.path.normpath(path))
+  if name.isdigit() and os.path.isdir(os.path.join(path, orbax_io.PARAMS_ITEM)):
+    return os.path.dirname(os.path.normpath(path)), int(name)
+  return None
+
+
+def _load_t5x(path: str, max_distance: int | None, step: int | None) -> LoadedModel:
+  from instructor_jax import t5x_format
+  distance = t5x_format.DEFAULT_MAX_DISTANCE if max_distance is None else int(max_distance)
+  config, params, directory = t5x_format.load_t5x_checkpoint(path, max_distance=distance, step=step)
+  # t5x checkpoints carry no tokenizer; GTR/T5 all use the standard T5 SentencePiece vocabulary.
+  return LoadedModel(config, params, None, f"t5x:{directory}")
+
+
+def _load_orbax(path: str, step: int | None) -> LoadedModel:
+  from instructor_jax import orbax_io
+  step_dir = _orbax_step_dir(path)
+  if step_dir is not None:
+    if step is not None and step != step_dir[1]:
+      raise CheckpointError(f"{path} is the checkpoint of step {step_dir[1]}, but step={step} was requested.")
+    path, step = step_dir
+  try:
+    config, params = orbax_io.restore_params(path, step=step)
+  except orbax_io.OrbaxCheckpointError as e:
+    raise CheckpointError(str(e)) from e
+  used = step if step is not None else orbax_io.latest_step(path)
+  return LoadedModel(config, params, None, f"orbax:{orbax_io.checkpoint_dir(path)}@{used}")
+
+
+def load_source(name_or_path: str, revision: str | None = None, *, step: int | None = None,
+                max_distance: int | None = None) -> LoadedModel:
+  """Config, float32 parameters (nested dict of NumPy arrays) and tokenizer location.
+
+  `step` picks a step of an orbax workdir or a t5x model directory (default: the latest);
+  `max_distance` overrides the relative-attention max distance of t5x checkpoints (default 128).
+  """
   path = os.path.expanduser(str(name_or_path))
-  if os.path.isdir(path):
-    if os.path.exists(os.path.join(path, "config.json")):
+  is_local_dir = os.path.isdir(path)
+  if is_local_dir or path.startswith("gs://"):
+    kind = detect_kind(path)
+    if max_distance is not None and kind != "t5x":
+      raise CheckpointError(f"{path}: max_distance applies to t5x checkpoints only; a {kind} checkpoint "
+                            "stores its own (config.json / model_config).")
+    if step is not None and kind == "hf":
+      raise CheckpointError(f"{path}: step applies to orbax and t5x checkpoints, not to a transformers directory.")
+    if kind == "hf":
       config, params = load_hf_directory(path)
       return LoadedModel(config, params, path, f"hf:{os.path.abspath(path)}")
-    raise CheckpointError(
-        f"{path}: unknown checkpoint layout; expected a sentence-transformers / transformers "
-        "directory (config.json + model.safetensors or pytorch_model.bin).")
+    if kind == "t5x":
+      return _load_t5x(path, max_distance, step)
+    return _load_orbax(path, step)
   if os.path.exists(path):
     raise CheckpointError(f"{path} is a file; pass the model directory that contains it.")
   if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+    if step is not None or max_distance is not None:
+      raise CheckpointError(f"{name_or_path}: step / max_distance do not apply to Hugging Face Hub models.")
     local = resolve_hub_id(name_or_path, revision)
     config, params = load_hf_directory(local)
     return LoadedModel(config, params, local, f"hub:{name_or_path}")

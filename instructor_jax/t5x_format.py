@@ -1,0 +1,244 @@
+"""Reads t5x checkpoints (how GTR was released): msgpack `checkpoint` + zarr arrays via tensorstore.
+
+A t5x checkpoint directory holds `checkpoint`, a msgpack file (flax serialization, ndarray
+extension types) of `{'version', 'optimizer': {'target': params, 'state': ...}}`. Small arrays sit
+inline; each large one is a tensorstore spec (`driver: zarr`, `kvstore: {driver: gfile, path:
+<relative>}`) whose zarr v2 directory lies next to the file. Both local paths and `gs://` work:
+every byte is read through a tensorstore kvstore (`file` or `gcs`).
+
+t5x stores no model config, so the architecture is inferred from the tensor shapes. Parameter
+names are the t5x dual-encoder names that our tree uses, so loading is a read, not a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from instructor_jax.config import InstructorConfig, T5Config
+from instructor_jax.hf_format import CheckpointError, expected_shapes
+
+CHECKPOINT_FILE = "checkpoint"
+DEFAULT_MAX_DISTANCE = 128
+_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+# Top-level t5x subtrees that an encoder does not use (t5x encoder-decoder models): skipped unread.
+_DECODER_KEYS = ("decoder",)
+
+
+def _split_gcs(path: str) -> tuple[str, str]:
+  bucket, _, prefix = path[len("gs://"):].partition("/")
+  if not bucket:
+    raise CheckpointError(f"{path}: expected gs://BUCKET/PATH.")
+  return bucket, prefix.strip("/")
+
+
+def _kvstore(directory: str) -> dict[str, Any]:
+  """A tensorstore kvstore spec for a directory (trailing slash: keys are relative to it)."""
+  if directory.startswith("gs://"):
+    bucket, prefix = _split_gcs(directory)
+    return {"driver": "gcs", "bucket": bucket, "path": f"{prefix}/" if prefix else ""}
+  return {"driver": "file", "path": os.path.abspath(directory) + "/"}
+
+
+def _join(directory: str, name: str) -> str:
+  return f"{directory.rstrip('/')}/{name}" if directory.startswith("gs://") else os.path.join(directory, name)
+
+
+def _open_kvstore(directory: str):
+  import tensorstore as ts
+  return ts.KvStore.open(_kvstore(directory)).result()
+
+
+def _list_dir(directory: str) -> list[str]:
+  """Immediate entry names of a local or gs:// directory."""
+  if not directory.startswith("gs://"):
+    return os.listdir(directory) if os.path.isdir(directory) else []
+  keys = _open_kvstore(directory).list().result()
+  return sorted({k.decode().split("/", 1)[0] for k in keys})
+
+
+def _read_file(directory: str, name: str) -> bytes | None:
+  if not directory.startswith("gs://"):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      return None
+    with open(path, "rb") as f:
+      return f.read()
+  result = _open_kvstore(directory).read(name).result()
+  return bytes(result.value) if result.state == "value" else None
+
+
+def resolve_checkpoint_dir(path: str, step: int | None = None) -> str:
+  """`path` itself if it holds `checkpoint`; for a t5x model dir, its `checkpoint_<step>` (latest)."""
+  path = path.rstrip("/") if path != "/" else path
+  entries = _list_dir(path)
+  if CHECKPOINT_FILE in entries and step is None:
+    return path
+  steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, entries) if m)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"{path}: no checkpoint_{step}; t5x steps found: {steps or 'none'}.")
+    return _join(path, f"checkpoint_{step}")
+  if steps:
+    return _join(path, f"checkpoint_{steps[-1]}")
+  raise CheckpointError(f"{path}: no t5x '{CHECKPOINT_FILE}' file and no checkpoint_<step> directories.")
+
+
+def is_t5x_checkpoint(path: str) -> bool:
+  """True for a t5x checkpoint dir (has `checkpoint`) or a t5x model dir (has checkpoint_<step>/)."""
+  try:
+    entries = _list_dir(path)
+  except Exception:  # unreachable bucket, permissions: not recognisable as t5x from here
+    return False
+  if CHECKPOINT_FILE in entries and (path.startswith("gs://") or os.path.isfile(os.path.join(path, CHECKPOINT_FILE))):
+    return True
+  return any(_STEP_DIR.match(e) for e in entries)
+
+
+def read_msgpack(directory: str) -> dict[str, Any]:
+  """The decoded `checkpoint` file (flax msgpack, version 2/3)."""
+  from flax import serialization
+  raw = _read_file(directory, CHECKPOINT_FILE)
+  if raw is None:
+    raise CheckpointError(f"{_join(directory, CHECKPOINT_FILE)}: file not found; expected a t5x checkpoint "
+                          "directory such as .../checkpoint_1000000.")
+  try:
+    state = serialization.msgpack_restore(raw)
+  except Exception as e:
+    raise CheckpointError(f"{_join(directory, CHECKPOINT_FILE)}: not a t5x msgpack checkpoint ({e}).") from e
+  if not isinstance(state, Mapping):
+    raise CheckpointError(f"{_join(directory, CHECKPOINT_FILE)}: expected a msgpack map, got {type(state).__name__}.")
+  return state
+
+
+def _target(state: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+  version = state.get("version")
+  if version not in (None, 2, 3):
+    warnings.warn(f"{source}: t5x checkpoint version {version}; this reader was written for versions 2-3.",
+                  stacklevel=3)
+  if "optimizer" in state and "target" in state["optimizer"]:
+    return state["optimizer"]["target"]
+  if "target" in state:
+    return state["target"]
+  raise CheckpointError(f"{source}: no optimizer/target in the t5x checkpoint (top-level keys {sorted(state)}).")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    # A tensorstore spec is a dict too; it is recognised by its `driver` key.
+    if isinstance(value, Mapping) and "driver" not in value:
+      yield from _flatten(value, path)
+    else:
+      yield path, value
+
+
+def _open_spec(spec: Mapping[str, Any], directory: str, name: str) -> np.ndarray:
+  """Reads one tensorstore-backed array; the spec's relative gfile path is resolved to `directory`."""
+  import tensorstore as ts
+  spec = dict(spec)
+  kv = spec.pop("kvstore", None)
+  rel = (kv.get("path") if isinstance(kv, Mapping) else None) or spec.pop("path", None)
+  if not rel:
+    raise CheckpointError(f"{directory}: tensor {name!r} has a tensorstore spec without a path: {spec}.")
+  spec.pop("path", None)
+  if rel.startswith("gs://"):
+    array_dir = rel
+  else:
+    array_dir = rel if os.path.isabs(rel) else _join(directory, rel)
+  spec["kvstore"] = _kvstore(array_dir)
+  try:
+    store = ts.open(spec, open=True, read=True).result()
+    return np.asarray(store.read().result())
+  except Exception as e:
+    raise CheckpointError(f"{array_dir}: cannot read tensor {name!r} with tensorstore "
+                          f"({type(e).__name__}: {e}).") from e
+
+
+def read_t5x_arrays(directory: str) -> dict[str, np.ndarray]:
+  """Every parameter of `optimizer/target`, as float32 arrays keyed by '/'-joined t5x name."""
+  source = _join(directory, CHECKPOINT_FILE)
+  out: dict[str, np.ndarray] = {}
+  dropped = set()
+  for path, value in _flatten(_target(read_msgpack(directory), source)):
+    name = "/".join(path)
+    if path[0] in _DECODER_KEYS:
+      dropped.add(path[0])  # never read: a t5x decoder can be as large as the encoder
+      continue
+    if isinstance(value, Mapping):
+      value = _open_spec(value, directory, name)
+    if not isinstance(value, np.ndarray) and not np.isscalar(value):
+      raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, not an array.")
+    out[name] = np.asarray(value, dtype=np.float32)
+  if dropped:
+    warnings.warn(f"{source}: encoder-decoder t5x checkpoint; the {', '.join(sorted(dropped))} weights are "
+                  "not read (only the encoder is used for embeddings).", stacklevel=2)
+  return out
+
+
+def _shape(arrays: Mapping[str, np.ndarray], name: str, source: str) -> tuple[int, ...]:
+  if name not in arrays:
+    raise CheckpointError(f"{source}: tensor {name!r} is missing; expected a t5x T5 encoder / dual encoder "
+                          f"(found {sorted(arrays)[:8]}...).")
+  return arrays[name].shape
+
+
+def infer_config(arrays: Mapping[str, np.ndarray], source: str,
+                 max_distance: int = DEFAULT_MAX_DISTANCE) -> InstructorConfig:
+  """The architecture implied by the tensor shapes (t5x stores no config)."""
+  vocab, d_model = _shape(arrays, "token_embedder/embedding", source)
+  heads, buckets = _shape(arrays, "encoder/relpos_bias/rel_embedding", source)
+  layers = sorted({int(m.group(1)) for m in (re.match(r"encoder/layers_(\d+)/", k) for k in arrays) if m})
+  if not layers or layers != list(range(len(layers))):
+    raise CheckpointError(f"{source}: encoder layer indices {layers} are not 0..N-1.")
+  inner = _shape(arrays, "encoder/layers_0/attention/query/kernel", source)[1]
+  if inner % heads:
+    raise CheckpointError(f"{source}: attention width {inner} (query kernel) is not a multiple of the "
+                          f"{heads} heads of encoder/relpos_bias/rel_embedding.")
+  gated = "encoder/layers_0/mlp/wi_0/kernel" in arrays
+  d_ff = _shape(arrays, f"encoder/layers_0/mlp/{'wi_0' if gated else 'wi'}/kernel", source)[1]
+  projection = arrays.get("projection_layer/kernel")
+  encoder = T5Config(vocab_size=vocab, d_model=d_model, num_heads=heads, d_kv=inner // heads, d_ff=d_ff,
+                     num_layers=len(layers), feed_forward="gated-gelu" if gated else "relu",
+                     relative_attention_num_buckets=buckets, relative_attention_max_distance=int(max_distance))
+  return InstructorConfig(encoder=encoder, projection_dim=None if projection is None else projection.shape[1])
+
+
+def params_from_t5x(arrays: Mapping[str, np.ndarray], cfg: InstructorConfig, source: str) -> dict[str, Any]:
+  """Our parameter tree from t5x-named arrays; every shape is checked, nothing is left over."""
+  shapes = {"/".join(k): v for k, v in expected_shapes(cfg.encoder).items()}
+  if cfg.projection_dim is not None:
+    shapes["projection_layer/kernel"] = (cfg.encoder.d_model, cfg.projection_dim)
+  unknown = sorted(k for k in arrays if k not in shapes)
+  if unknown:
+    raise CheckpointError(f"{source}: unexpected tensors {unknown[:6]}; expected a T5 encoder / GTR dual encoder "
+                          "without biases (t5x names as in DESIGN.md §3).")
+  params: dict[str, Any] = {}
+  for name, shape in shapes.items():
+    value = arrays.get(name)
+    if value is None:
+      raise CheckpointError(f"{source}: tensor {name!r} is missing (inferred {cfg.encoder.num_layers} layers, "
+                            f"feed_forward={cfg.encoder.feed_forward}).")
+    if value.shape != shape:
+      raise CheckpointError(f"{source}: tensor {name!r} has shape {value.shape}; the inferred architecture "
+                            f"implies {shape}.")
+    node = params
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = np.ascontiguousarray(value, dtype=np.float32)
+  return params
+
+
+def load_t5x_checkpoint(path: str, max_distance: int = DEFAULT_MAX_DISTANCE,
+                        step: int | None = None) -> tuple[InstructorConfig, dict[str, Any], str]:
+  """(config, float32 params, checkpoint dir) of a local or gs:// t5x checkpoint."""
+  directory = resolve_checkpoint_dir(path, step)
+  arrays = read_t5x_arrays(directory)
+  source = _join(directory, CHECKPOINT_FILE)
+  cfg = infer_config(arrays, source, max_distance)
+  return cfg, params_from_t5x(arrays, cfg, source), directory
