@@ -1,0 +1,184 @@
+"""End-to-end tests of `python -m instructor_jax.embed` (in-process, tiny random model, CPU)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from jax.sharding import Mesh
+
+from embed_support import INSTRUCTION, base_args, read_output, sentences, tiny_model, write_jsonl
+from instructor_jax import embed
+from instructor_jax.embed_batches import row_choices, split_rows
+from instructor_jax.embed_output import quantize
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+def _write_inputs(tmp_path, fmt, texts):
+  """Writes `texts` as two files of the given format (exercising globs and many files)."""
+  halves = [texts[: len(texts) // 2], texts[len(texts) // 2:]]
+  paths = []
+  for n, part in enumerate(halves):
+    ext = {"jsonl": "jsonl", "parquet": "parquet", "csv": "csv", "tsv": "tsv", "text": "txt"}[fmt]
+    path = str(tmp_path / f"in-{n}.{ext}")
+    if fmt == "jsonl":
+      write_jsonl(path, [{"text": t} for t in part])
+    elif fmt == "parquet":
+      pq.write_table(pa.table({"other": list(range(len(part))), "text": part}), path, row_group_size=7)
+    elif fmt in ("csv", "tsv"):
+      import csv
+      # A quoted newline inside a field: one row over two physical lines.
+      part = [t + "\nsecond line" if i == 3 else t for i, t in enumerate(part)]
+      with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="," if fmt == "csv" else "\t")
+        w.writerow(["text", "other"])
+        w.writerows([[t, i] for i, t in enumerate(part)])
+    else:
+      with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(part) + "\n")
+    paths.append(path)
+    halves[n] = part
+  return str(tmp_path / "in-*"), halves[0] + halves[1]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv", "tsv", "text"])
+def test_each_input_format_matches_encode(tmp_path, model, fmt):
+  pattern, texts = _write_inputs(tmp_path, fmt, sentences(37, seed=1))
+  out = str(tmp_path / "out")
+  summary = embed.main(base_args([pattern], out, "--instruction", INSTRUCTION), model=model)
+  ids, emb = read_output(out)
+  assert ids == list(range(len(texts)))  # positional ids: the row's place in the input
+  expected = model.encode([[INSTRUCTION, t] for t in texts])
+  np.testing.assert_allclose(emb, expected, atol=1e-6)
+  assert summary["rows"] == len(texts) and summary["skipped"] == {}
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["rows"]["embedded"] == len(texts) and len(manifest["parts"]) == 3
+
+
+def test_npy_output_per_row_instructions_and_id_field(tmp_path, model):
+  texts = sentences(21, seed=2)
+  instr = ["Represent the title: ", "Represent the question for retrieving answers: "]
+  records = [{"id": f"doc-{i}", "body": t, **({"task": instr[i % 2]} if i % 3 else {})} for i, t in enumerate(texts)]
+  path = write_jsonl(str(tmp_path / "in.jsonl"), records)
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, "--format", "npy", "--text-field", "body", "--id-field", "id",
+                       "--instruction-field", "task", "--instruction", INSTRUCTION), model=model)
+  ids, emb = read_output(out, "npy")
+  assert ids == [r["id"] for r in records] and emb.dtype == np.float32
+  expected = model.encode([[r.get("task", INSTRUCTION), r["body"]] for r in records])
+  np.testing.assert_allclose(emb, expected, atol=1e-6)
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["instructions"]["counts"] == {INSTRUCTION: 7, instr[0]: 7, instr[1]: 7}
+  assert sorted(os.listdir(out)) == ["_job.json", "_parts", "manifest.json", "part-00000.ids.npy", "part-00000.npy",
+                                     "part-00001.ids.npy", "part-00001.npy"]
+
+
+def test_quantize_matches_sentence_transformers():
+  st_quant = pytest.importorskip("sentence_transformers.util.quantization")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 20)).astype(np.float32)
+  ranges = np.stack([x.min(0), x.max(0)])
+  for precision in ("int8", "uint8", "binary", "ubinary"):
+    ours = quantize(x, precision, ranges)
+    ref = st_quant.quantize_embeddings(x, precision=precision, ranges=ranges)
+    assert ours.dtype == ref.dtype and np.array_equal(ours, ref), precision
+  assert np.array_equal(quantize(x, "float16"), x.astype(np.float16))
+
+
+@pytest.mark.parametrize("precision", ["int8", "ubinary"])
+def test_quantized_outputs(tmp_path, model, precision):
+  texts = sentences(20, seed=3)
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, "--precision", precision, "--calibration-rows", "12"), model=model)
+  _, stored = read_output(out)
+  full = model.encode(texts)
+  ranges = np.stack([full[:12].min(0), full[:12].max(0)]) if precision == "int8" else None
+  expected = quantize(full, precision, ranges)
+  # Values on a bucket edge may land one step apart: the float inputs differ in the 7th digit.
+  diff = np.abs(stored.astype(np.int16) - expected.astype(np.int16))
+  assert stored.dtype == expected.dtype and diff.max() <= (1 if precision == "int8" else 0)
+  assert (diff > 0).mean() < 0.05
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["output"]["stored_dim"] == (24 if precision == "int8" else 3)
+  if precision == "int8":
+    np.testing.assert_allclose(np.load(os.path.join(out, "_int8_ranges.npy")), ranges, atol=1e-6)
+
+
+def test_eight_devices_equal_one_device(tmp_path, model):
+  assert len(jax.local_devices()) == 8
+  one = tiny_model(mesh=Mesh(np.array(jax.local_devices()[:1]), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,)))
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(40, seed=4)])
+  s8 = embed.main(base_args([path], str(tmp_path / "o8")), model=model)
+  s1 = embed.main(base_args([path], str(tmp_path / "o1")), model=one)
+  ids8, e8 = read_output(str(tmp_path / "o8"))
+  ids1, e1 = read_output(str(tmp_path / "o1"))
+  assert ids8 == ids1
+  np.testing.assert_allclose(e8, e1, atol=1e-6)
+  assert all(rows % 8 == 0 for rows, _ in s8["batch_shapes"])
+  assert {r for r, _ in s1["batch_shapes"]} != {r for r, _ in s8["batch_shapes"]}
+
+
+def test_two_hosts_union_equals_one_host(tmp_path, model):
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(70, seed=5)])
+  single = str(tmp_path / "single")
+  embed.main(base_args([path], single), model=model)
+  split = str(tmp_path / "split")
+  s0 = embed.main(base_args([path], split, "--process-index", "0", "--process-count", "2"), model=model)
+  assert s0["parts_written"] == 3 and s0["manifest"] is None  # parts 0, 2, 4 of 5; peers not done
+  assert not os.path.exists(os.path.join(split, "manifest.json"))
+  s1 = embed.main(base_args([path], split, "--process-index", "1", "--process-count", "2"), model=model)
+  assert s1["parts_written"] == 2 and s1["manifest"] is None  # only process 0 writes the manifest
+  s0 = embed.main(base_args([path], split, "--process-index", "0", "--process-count", "2"), model=model)
+  assert s0["parts_written"] == 0 and s0["parts_already_complete"] == 3 and s0["manifest"]
+  ids_a, emb_a = read_output(single)
+  ids_b, emb_b = read_output(split)
+  assert ids_a == ids_b == list(range(70))
+  np.testing.assert_array_equal(emb_a, emb_b)
+
+
+def test_truncation_counted_and_shapes_bounded(tmp_path, model):
+  texts = sentences(30, seed=6) + [" ".join(["word"] * 300)] * 2
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
+  out = str(tmp_path / "out")
+  summary = embed.main(base_args([path], out, "--max-seq-length", "24", "--buckets", "8,16,32"), model=model)
+  long_count = sum(len(model.tokenizer.encode_pieces([t])[0]) > 23 for t in texts)
+  assert summary["truncated"] == long_count >= 2
+  _, emb = read_output(out)
+  np.testing.assert_allclose(emb, model.encode(texts, max_seq_length=24), atol=1e-6)
+  lengths = {length for _, length in summary["batch_shapes"]}
+  assert lengths <= {8, 16, 24} and len(summary["batch_shapes"]) <= 4 * len(lengths)
+  assert all(rows * length <= 256 * 8 for rows, length in summary["batch_shapes"])
+
+
+def test_row_choices_and_split():
+  assert row_choices(16, 256, 8) == [128, 64, 32, 16]
+  assert row_choices(512, 256, 8) == [8]  # one row per device even over budget
+  assert split_rows(150, [128, 64, 32, 16]) == [128, 16, 16]
+  assert sum(split_rows(1000, [64, 32, 16, 8])) - 1000 < 8
+
+
+def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
+  pytest.importorskip("torch")  # the fixture's Dense layer is a torch .bin
+  from instructor_jax.instructor import Instructor
+  model_dir = str(fixtures_dir / "tiny_instructor")
+  texts = sentences(12, seed=7)
+  path = tmp_path / "in.txt"
+  path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+  out = str(tmp_path / "out")
+  summary = embed.main(["--model", model_dir, "--input", str(path), "--output", out, "--instruction", INSTRUCTION,
+                        "--no-progress"])
+  assert summary["rows"] == 12 and "rows/s" in capsys.readouterr().err
+  _, emb = read_output(out)
+  expected = Instructor.from_pretrained(model_dir).encode([[INSTRUCTION, t] for t in texts])
+  np.testing.assert_allclose(emb, expected, atol=1e-6)
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["model"]["source"].endswith("tiny_instructor") and manifest["model"]["compute_dtype"] == "float32"
