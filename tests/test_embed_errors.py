@@ -1,0 +1,106 @@
+"""Bad input for the embed job: every case fails with file and line, or is skipped and counted."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from embed_support import base_args, read_output, tiny_model
+from instructor_jax import embed
+from instructor_jax.embed_io import InputError
+
+GOOD = [json.dumps({"id": f"r{i}", "text": f"a good sentence number {i}"}) for i in range(6)]
+
+# name -> (bad JSONL line(s) inserted after line 2 (bytes), reason, expected text in the error)
+CASES = {
+    "malformed_json": ([b'{"id": "x", "text": "unterminated'], "malformed_json", "malformed JSON"),
+    "not_an_object": ([b'["a list"]'], "malformed_json", "expected a JSON object"),
+    "missing_text": ([b'{"id": "x", "body": "no text field"}'], "missing_text", "no text field 'text'"),
+    "non_string_text": ([b'{"id": "x", "text": 12}'], "non_string_text", "is a int, expected a string"),
+    "empty_text": ([b'{"id": "x", "text": "   "}'], "empty_text", "is empty"),
+    "invalid_utf8": ([b'{"id": "x", "text": "caf\xe9"}'], "invalid_utf8", "invalid UTF-8"),
+    "lone_surrogate": ([b'{"id": "x", "text": "bad \\ud800 escape"}'], "invalid_utf8", "not valid UTF-8"),
+    "duplicate_id": ([b'{"id": "r0", "text": "same id as line 1"}'], "duplicate_id", "first used at"),
+    "missing_id": ([b'{"text": "no id"}'], "missing_id", "no id field 'id'"),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+def _input(tmp_path, bad_lines):
+  lines = [g.encode() for g in GOOD[:2]] + bad_lines + [g.encode() for g in GOOD[2:]]
+  path = tmp_path / "in.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fail_names_file_and_line(tmp_path, model, case):
+  bad, reason, text = CASES[case]
+  path = _input(tmp_path, bad)
+  with pytest.raises(InputError) as e:
+    embed.main(base_args([path], str(tmp_path / "out"), "--id-field", "id"), model=model)
+  msg = str(e.value)
+  assert f"{path}:3:" in msg and text in msg and f"[{reason}]" in msg and "--on-error skip" in msg
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_skip_counts_reason(tmp_path, model, case):
+  bad, reason, _ = CASES[case]
+  path = _input(tmp_path, bad)
+  out = str(tmp_path / "out")
+  summary = embed.main(base_args([path], out, "--id-field", "id", "--on-error", "skip"), model=model)
+  assert summary["skipped"] == {reason: 1} and summary["rows"] == len(GOOD)
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["rows"]["skipped"] == {reason: 1} and manifest["rows"]["input_slots"] == len(GOOD) + 1
+  ids, emb = read_output(out)
+  assert ids == [f"r{i}" for i in range(6)]  # the first occurrence of a duplicated id is kept
+  np.testing.assert_allclose(emb, model.encode([f"a good sentence number {i}" for i in range(6)]), atol=1e-6)
+
+
+def test_blank_lines_are_counted_not_fatal(tmp_path, model):
+  path = _input(tmp_path, [b"", b"   "])
+  summary = embed.main(base_args([path], str(tmp_path / "out"), "--id-field", "id"), model=model)
+  assert summary["skipped"] == {"blank_line": 2} and summary["rows"] == 6
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_unreadable_file(tmp_path, model, policy):
+  good = _input(tmp_path, [])
+  missing = str(tmp_path / "missing.jsonl")
+  nomatch = str(tmp_path / "nothing-*.jsonl")
+  args = base_args([good, missing, nomatch], str(tmp_path / "out"), "--on-error", policy)
+  if policy == "fail":
+    with pytest.raises(InputError, match=f"{missing}: cannot read the file.*--on-error skip"):
+      embed.main(args, model=model)
+    return
+  summary = embed.main(args, model=model)
+  assert summary["skipped"] == {"unreadable_file": 2} and summary["rows"] == 6
+  manifest = json.load(open(os.path.join(str(tmp_path / "out"), "manifest.json")))
+  assert [u["path"] for u in manifest["unreadable_files"]] == [missing, nomatch]
+
+
+def test_text_and_csv_errors_name_lines(tmp_path, model):
+  txt = tmp_path / "in.txt"
+  txt.write_bytes(b"first\n\nthird \xff\nfourth\n")
+  summary = embed.main(base_args([str(txt)], str(tmp_path / "o1"), "--on-error", "skip"), model=model)
+  assert summary["skipped"] == {"empty_text": 1, "invalid_utf8": 1}
+  ids, _ = read_output(str(tmp_path / "o1"))
+  assert ids == [0, 3]  # ids are 0-based positions: line number - 1
+  with pytest.raises(InputError, match=r"in.txt:2: empty line"):
+    embed.main(base_args([str(txt)], str(tmp_path / "o2")), model=model)
+  csv_path = tmp_path / "in.csv"
+  csv_path.write_text('text,id\n"multi\nline",1\ntoo,many,fields\n', encoding="utf-8")
+  with pytest.raises(InputError, match=r"in.csv:4: 3 fields, but the header has 2 \[malformed_row\]"):
+    embed.main(base_args([str(csv_path)], str(tmp_path / "o3")), model=model)
+
+
+def test_unknown_extension_is_explained(tmp_path, model):
+  path = tmp_path / "in.dat"
+  path.write_text("x\n")
+  with pytest.raises(InputError, match="--input-format"):
+    embed.main(base_args([str(path)], str(tmp_path / "out")), model=model)

@@ -1,0 +1,111 @@
+"""Resumability of the embed job: killed runs, corrupted parts, refusing to mix jobs, --overwrite."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from embed_support import INSTRUCTION, base_args, read_output, sentences, tiny_model, write_jsonl
+from instructor_jax import embed
+from instructor_jax.embed_manifest import OutputMismatchError
+
+
+class Killed(Exception):
+  pass
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, model):
+  """An input of 5 parts and the output of one uninterrupted run."""
+  tmp = tmp_path_factory.mktemp("resume")
+  path = write_jsonl(str(tmp / "in.jsonl"), [{"text": t} for t in sentences(70, seed=11)])
+  ref = str(tmp / "reference")
+  embed.main(base_args([path], ref, "--instruction", INSTRUCTION), model=model)
+  return path, read_output(ref)
+
+
+def _kill_at(stage, part):
+  def fault(s, k):
+    if (s, k) == (stage, part):
+      raise Killed(f"simulated kill at {stage} of part {k}")
+  return fault
+
+
+@pytest.mark.parametrize("stage", ["written", "renamed"])
+def test_killed_run_resumes_exactly_once(tmp_path, model, job, stage):
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, "--instruction", INSTRUCTION)
+  with pytest.raises(Killed):
+    embed.main(args, model=model, fault=_kill_at(stage, 2))
+  names = os.listdir(out)
+  if stage == "written":  # the temporary exists, the final name does not
+    assert any(n.startswith(".part-00002.parquet.tmp-") for n in names) and "part-00002.parquet" not in names
+  else:  # data file renamed, but no sidecar: not committed
+    assert "part-00002.parquet" in names and not os.path.exists(os.path.join(out, "_parts", "part-00002.json"))
+  assert "manifest.json" not in names
+  summary = embed.main(args, model=model)
+  assert summary["parts_already_complete"] == 2 and summary["parts_written"] == 3
+  assert not [n for n in os.listdir(out) if ".tmp-" in n]
+  ids, emb = read_output(out)
+  assert ids == ref_ids == list(range(70))  # exactly one embedding per row, in order
+  np.testing.assert_array_equal(emb, ref_emb)
+
+
+def test_corrupted_part_is_recomputed(tmp_path, model, job):
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, "--instruction", INSTRUCTION)
+  embed.main(args, model=model)
+  with open(os.path.join(out, "part-00001.parquet"), "r+b") as f:
+    f.seek(10)
+    f.write(b"garbage")
+  summary = embed.main(args, model=model)
+  assert summary["parts_written"] == 1 and summary["parts_already_complete"] == 4
+  ids, emb = read_output(out)
+  assert ids == ref_ids
+  np.testing.assert_array_equal(emb, ref_emb)
+
+
+def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, model, job):
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, "--instruction", INSTRUCTION), model=model)
+  with pytest.raises(OutputMismatchError, match="instruction.fixed"):
+    embed.main(base_args([path], out, "--instruction", "Represent the title: "), model=model)
+  with pytest.raises(OutputMismatchError, match="model.fingerprint"):
+    embed.main(base_args([path], out, "--instruction", INSTRUCTION), model=tiny_model(seed=1))
+  summary = embed.main(base_args([path], out, "--instruction", "Represent the title: ", "--overwrite"), model=model)
+  assert summary["parts_written"] == 5 and summary["parts_already_complete"] == 0
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["instruction"]["fixed"] == "Represent the title: "
+  ids, emb = read_output(out)
+  assert ids == ref_ids and not np.allclose(emb, ref_emb)
+
+
+def test_changed_input_is_refused(tmp_path, model, job):
+  path, _ = job
+  out = str(tmp_path / "out")
+  local = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(20, seed=12)])
+  embed.main(base_args([local], out), model=model)
+  with open(local, "a") as f:
+    f.write(json.dumps({"text": "one more row"}) + "\n")
+  with pytest.raises(OutputMismatchError, match="inputs"):
+    embed.main(base_args([local], out), model=model)
+
+
+def test_cli_reports_refusal_without_traceback(tmp_path, model, job, capsys, monkeypatch):
+  path, _ = job
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out), model=model)
+  monkeypatch.setattr(embed, "_load_model", lambda args: tiny_model(seed=1))
+  with pytest.raises(SystemExit) as e:
+    embed.main(base_args([path], out))
+  assert e.value.code == 2
+  assert "different embedding job" in capsys.readouterr().err
