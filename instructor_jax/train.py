@@ -1,0 +1,280 @@
+"""Contrastive fine-tuning of GTR into INSTRUCTOR on a device mesh (one host or a pod).
+
+  python -m instructor_jax.train --gin_file=gin_configs/runs/quickstart_cpu.gin --workdir=/tmp/qs
+
+Top to bottom: configs (gin at the edge) -> distributed -> mesh -> state (resume order: latest
+checkpoint in the workdir -> INIT_CHECKPOINT -> random init) -> data (resumed at the restored
+step) -> compiled step -> loop (metrics, async checkpoints, preemption, non-finite loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import signal
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+import gin
+import jax
+import numpy as np
+
+from instructor_jax import orbax_io, sharding as shd, train_outputs
+from instructor_jax.config import InstructorConfig, preset
+from instructor_jax.optim import OptimConfig, make_optimizer
+from instructor_jax.train_checkpoint import TrainCheckpointer
+from instructor_jax.train_step import TrainState, abstract_state, init_state, make_train_step, num_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run; bound by gin (`TrainConfig.batch_size = %BATCH_SIZE`)."""
+
+  medi_path: Optional[str] = None  # MEDI .json/.jsonl, or the TFDS manual dir holding one
+  model: str = "gtr-large"  # preset used for a random init (the architecture otherwise comes from the checkpoint)
+  init_checkpoint: Optional[str] = None  # Hub id, HF/sentence-transformers dir, t5x or orbax checkpoint
+  train_steps: int = 20_000
+  batch_size: int = 4  # global: all hosts, all devices
+  query_len: int = 512
+  doc_len: int = 512
+  loss: str = "instructor"  # or "gtr"
+  temperature: float = 0.01
+  dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+  remat_policy: str = "none"  # none | full | save_dots | save_dots_no_batch
+  dropout_rate: float = 0.1
+  attention_impl: str = "xla"
+  grad_cache_chunks: int = 1  # > 1: GradCache with this many chunks (same gradients, less memory)
+  seed: int = 0  # parameter init and dropout
+  data_seed: int = 0
+  mixing_temperature: float = 1.0  # MEDI task rates proportional to min(n, rate_cap) ** (1 / T)
+  rate_cap: Optional[int] = None
+  checkpoint_every: int = 1000
+  keep_checkpoints: Optional[int] = 3
+  async_checkpointing: bool = True
+  log_every: int = 10
+  stop_after_steps: Optional[int] = None  # end this run (with a checkpoint) after this many of its steps
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN/inf; the last good checkpoint is left as it was."""
+
+
+# Gin binds these at the edge (main); library code takes the plain dataclasses.
+GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, module="instructor_jax")
+GIN_OPTIM_CONFIG = gin.external_configurable(OptimConfig, module="instructor_jax")
+GIN_MESH_CONFIG = gin.external_configurable(shd.MeshConfig, module="instructor_jax")
+
+
+# ---- configs and distributed set-up ----------------------------------------------------------------
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m instructor_jax.train", description=__doc__.split("\n")[0])
+  p.add_argument("--gin_file", action="append", default=[], help="repeatable; later files override earlier")
+  p.add_argument("--gin_bindings", action="append", default=[], help="repeatable, e.g. 'BATCH_SIZE = 64'")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, config.gin (local or gs://)")
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host without auto-detection)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                 help="call jax.distributed.initialize(): auto = on a TPU VM or a known cluster environment")
+  return p.parse_args(argv)
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+  """Parses gin files (includes resolve against each file's folder and its parent) and bindings."""
+  for f in files:
+    if not os.path.exists(f):
+      raise FileNotFoundError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
+    for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
+      gin.add_config_file_search_path(d)
+  gin.parse_config_files_and_bindings(files, bindings)
+
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
+  """Joins the processes of a multi-host job (before any other JAX call)."""
+  if flags.coordinator_address or flags.num_processes:
+    jax.distributed.initialize(coordinator_address=flags.coordinator_address,
+                               num_processes=flags.num_processes, process_id=flags.process_id)
+    return
+  on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
+  if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or any(e in os.environ for e in _CLUSTER_ENV))):
+    # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
+    jax.distributed.initialize()
+
+
+# ---- model and state ---------------------------------------------------------------------------------
+
+def with_compute_options(model: InstructorConfig, cfg: TrainConfig) -> InstructorConfig:
+  return model.with_encoder(dtype=cfg.dtype, remat_policy=cfg.remat_policy, dropout_rate=cfg.dropout_rate,
+                            attention_impl=cfg.attention_impl)
+
+
+def architecture(model: InstructorConfig) -> dict[str, Any]:
+  """The saved model_config: compute-only options reset, so inference readers get a clean config."""
+  return orbax_io.config_to_dict(model.with_encoder(dtype="float32", remat_policy="none", attention_impl="xla"))
+
+
+def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[InstructorConfig, TrainState, str]:
+  """(model config, sharded state, where it came from), in the resume order."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    model = with_compute_options(orbax_io.config_from_dict(ckpt.model_config(latest)), cfg)
+    state, _, meta = ckpt.restore(latest, abstract_state(model, tx, mesh))
+    if meta.get("batch_size") not in (None, cfg.batch_size) or meta.get("data_seed") not in (None, cfg.data_seed):
+      print(f"warning: resuming {ckpt.directory}/{latest} with batch_size/data_seed {cfg.batch_size}/{cfg.data_seed} "
+            f"(checkpoint: {meta.get('batch_size')}/{meta.get('data_seed')}); the data stream will differ.")
+    return model, state, f"resumed {ckpt.directory}/{latest}"
+  if cfg.init_checkpoint:
+    from instructor_jax.sources import load_source
+    loaded = load_source(cfg.init_checkpoint)
+    model = with_compute_options(loaded.config, cfg)
+    return model, init_state(model, tx, mesh, params=loaded.params), f"initialised from {loaded.description}"
+  model = with_compute_options(preset(cfg.model), cfg)
+  return model, init_state(model, tx, mesh, seed=cfg.seed), f"random init ({cfg.model}, seed {cfg.seed})"
+
+
+def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+  """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run)."""
+  if not cfg.medi_path:
+    raise ValueError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
+                     "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
+  from instructor_jax.medi_batches import global_batches
+  return global_batches(cfg.medi_path, global_batch_size=cfg.batch_size, process_index=jax.process_index(),
+                        process_count=jax.process_count(), seed=cfg.data_seed, start_step=start_step,
+                        query_len=cfg.query_len, doc_len=cfg.doc_len, temperature=cfg.mixing_temperature,
+                        rate_cap=cfg.rate_cap, num_steps=num_steps)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+class _StopFlag:
+  """SIGTERM/SIGINT -> stop at the next step boundary with a checkpoint (single process).
+
+  With several processes JAX's preemption sync manager (which owns SIGTERM there) makes every
+  process stop at the same step, so Python handlers are not installed.
+  """
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _fetch(pending: tuple[int, str, Any]) -> tuple[int, str, dict[str, float]]:
+  step, task, metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+    raise NonFiniteLossError(f"step {step} (task {task!r}): loss {values['loss']}, grad norm {values['grad_norm']}")
+  return step, task, values
+
+
+def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, workdir: str,
+          gin_text: str = "") -> list[dict[str, Any]]:
+  """Runs (or resumes) training; returns the metric records this run logged."""
+  mesh = shd.make_mesh(mesh_config)
+  if cfg.batch_size % shd.batch_size_multiple(mesh):
+    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp = {shd.batch_size_multiple(mesh)} "
+                     f"on mesh {dict(mesh.shape)}; change BATCH_SIZE or MeshConfig.")
+  tx, schedule = make_optimizer(optim, cfg.train_steps)
+  ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
+  model, state, origin = build_state(cfg, tx, mesh, ckpt)
+  start = int(jax.device_get(state.step))
+  chief = jax.process_index() == 0
+  if chief:
+    from etils import epath
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.gin").write_text(gin_text)
+    print(f"{origin}; {num_params(state.params) / 1e6:.1f}M parameters; mesh {dict(mesh.shape)}; "
+          f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
+          f"steps {start} -> {cfg.train_steps}", flush=True)
+  step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
+                            grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed)
+  writer = train_outputs.MetricsWriter(
+      workdir, chief=chief, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
+      tokens_per_step=cfg.batch_size * (cfg.query_len + 2 * cfg.doc_len),
+      flops_per_step=train_outputs.train_step_flops(model, cfg.batch_size, cfg.query_len, cfg.doc_len),
+      num_devices=jax.device_count(), device_peak_flops=train_outputs.peak_flops(jax.devices()[0].device_kind))
+  meta = {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "train_steps": cfg.train_steps}
+  end = cfg.train_steps if cfg.stop_after_steps is None else min(cfg.train_steps, start + cfg.stop_after_steps)
+  stop = _StopFlag()
+  log = _Logger(writer, cfg.log_every, start)
+  pending = None
+  try:
+    for step, task, local in batches(cfg, start, end - start):
+      state, metrics = step_fn(state, shd.global_batch(local, mesh))
+      if pending is not None:  # step n-1's metrics, fetched while step n runs
+        log(*_fetch(pending))
+      pending = (step + 1, task, metrics)
+      done = step + 1
+      preempted = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
+      if preempted or done == end or done % cfg.checkpoint_every == 0:
+        # Only a state whose own loss was checked finite is ever saved.
+        log(*_fetch(pending), force=True)
+        pending = None
+        ckpt.save(done, state, architecture(model), meta, force=True)
+      if preempted:
+        why = "a preemption notice" if stop.signal is None else signal.Signals(stop.signal).name
+        print(f"stopping at step {done} on {why}; checkpoint saved in {ckpt.directory}. "
+              "Run the same command to resume.", flush=True)
+        break
+  except NonFiniteLossError as e:
+    ckpt.wait()
+    good = ckpt.latest_step()
+    where = "none" if good is None else f"{ckpt.directory}/{good}"
+    raise NonFiniteLossError(f"{e}. Training stopped; the last good checkpoint is {where} (untouched). Lower "
+                             "the learning rate, raise the temperature, or check this task's data.") from None
+  finally:
+    stop.restore()
+    ckpt.close()
+    writer.close()
+  return log.records
+
+
+class _Logger:
+  """Writes a record every `every` steps (and when forced); throughput spans the steps since the last one."""
+
+  def __init__(self, writer: train_outputs.MetricsWriter, every: int, start: int):
+    self.writer, self.every = writer, every
+    self.last_step, self.last_time = start, None
+    self.records: list[dict[str, Any]] = []
+
+  def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
+    if not force and step % self.every and self.records:
+      return
+    now = time.time()
+    # The first record of a run includes compilation, so it reports no throughput.
+    seconds = None if self.last_time is None else (now - self.last_time) / max(step - self.last_step, 1)
+    self.records.append(self.writer.write(step, task, values, seconds))
+    self.last_step, self.last_time = step, now
+
+
+def main(argv: list[str] | None = None) -> int:
+  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  maybe_initialize_distributed(flags)
+  parse_gin(flags.gin_file, flags.gin_bindings)
+  cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
+  try:
+    train(cfg, optim, mesh_config, flags.workdir, gin.config_str())
+  except NonFiniteLossError as e:
+    print(f"error: non-finite loss at {e}", file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

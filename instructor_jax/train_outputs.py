@@ -1,0 +1,125 @@
+"""What a training run writes: metrics.jsonl, TensorBoard events, a progress line; throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Mapping
+
+from instructor_jax.config import InstructorConfig
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (device_kind prefix -> FLOP/s).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of one device, or None when unknown (then no MFU is reported)."""
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if device_kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+def encoder_flops(config: InstructorConfig, rows: int, length: int) -> float:
+  """Forward model FLOPs of `rows` sequences of `length` tokens (matmuls + attention + projection)."""
+  enc = config.encoder
+  ff_mats = 3 if enc.feed_forward == "gated-gelu" else 2
+  per_token = 2 * enc.num_layers * (4 * enc.d_model * enc.inner_dim + ff_mats * enc.d_model * enc.d_ff)
+  attention = 2 * 2 * enc.num_layers * length * enc.inner_dim  # q.k^T and weights.v, per token
+  projection = 2 * enc.d_model * (config.projection_dim or 0) / length  # once per row
+  return rows * length * (per_token + attention + projection)
+
+
+def train_step_flops(config: InstructorConfig, batch_size: int, query_len: int, doc_len: int) -> float:
+  """Model FLOPs of one step: forward + backward (2x forward); recomputation is not counted."""
+  return 3 * (encoder_flops(config, batch_size, query_len) + encoder_flops(config, 2 * batch_size, doc_len))
+
+
+class _JsonlSink:
+  """Appends JSON lines; on object stores (gs://...), which cannot append, rewrites the file."""
+
+  def __init__(self, path: str):
+    from etils import epath
+    self.path = epath.Path(path)
+    self.remote = "://" in path
+    self.lines = self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists() else []
+    self._file = None if self.remote else open(path, "a")
+
+  def write(self, line: str) -> None:
+    if self.remote:
+      self.lines.append(line)
+      self.path.write_text("".join(self.lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
+class MetricsWriter:
+  """Writes one record per logged step; only the chief process (index 0) writes files."""
+
+  def __init__(self, workdir: str, *, chief: bool, total_steps: int, batch_size: int, tokens_per_step: int,
+               flops_per_step: float, num_devices: int, device_peak_flops: float | None):
+    self.chief = chief
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak = None if device_peak_flops is None else device_peak_flops * num_devices
+    self._jsonl = self._tb = None
+    if chief:
+      from etils import epath
+      from tensorboardX import SummaryWriter
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = _JsonlSink(f"{workdir.rstrip('/')}/metrics.jsonl")
+      self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard")
+
+  def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None) -> dict[str, Any]:
+    """Records the metrics of `step` (1-based count of updates done); `seconds` is its wall time."""
+    record: dict[str, Any] = {"step": step, "task": task, **{k: float(v) for k, v in metrics.items()}}
+    if seconds:
+      record["step_seconds"] = seconds
+      record["triples_per_s"] = self.batch_size / seconds
+      record["tokens_per_s"] = self.tokens_per_step / seconds
+      if self.peak:
+        record["mfu"] = self.flops_per_step / seconds / self.peak
+    record["time"] = time.time()
+    if self.chief:
+      self._jsonl.write(json.dumps(record) + "\n")
+      for k, v in record.items():
+        if isinstance(v, float) and k != "time":
+          self._tb.add_scalar(f"train/{k}", v, step)
+      print(self._progress_line(record), file=sys.stdout, flush=True)
+    return record
+
+  def _progress_line(self, r: Mapping[str, Any]) -> str:
+    parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}",
+             f"top1 {r.get('top1_q2d', float('nan')):.3f}", f"lr {r.get('lr', 0.0):.3g}",
+             f"gnorm {r.get('grad_norm', float('nan')):.3g}"]
+    if "triples_per_s" in r:
+      parts.append(f"{r['triples_per_s']:.1f} triples/s {r['tokens_per_s']:.0f} tok/s")
+    if "mfu" in r:
+      parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"task {r['task']}")
+    return " | ".join(parts)
+
+  def close(self) -> None:
+    if self.chief:
+      self._jsonl.close()
+      self._tb.close()
