@@ -30,7 +30,10 @@ A task with fewer than G examples cannot fill a single-task batch; it is dropped
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import os
+import re
 import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -42,6 +45,8 @@ FIELDS = ("query", "pos", "neg")
 _NO_TRUNCATION = 1 << 30
 _REPLAY_CHUNK = 1 << 20
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Strings Hugging Face's T5 tokenizer reads as special tokens and SentencePiece as characters.
+HF_SPECIAL = re.compile(r"</s>|<unk>|<pad>|<extra_id_(?:[0-9]|[1-9][0-9])>")
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ class FieldArrays:
   def from_lists(cls, ids: Sequence[Sequence[int]], n_instr: Sequence[int]) -> "FieldArrays":
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.fromiter((t for x in ids for t in x), np.int64, int(offsets[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(offsets[-1]))
     dtype = np.uint16 if flat.size == 0 or flat.max() < 1 << 16 else np.int32
     return cls(flat.astype(dtype), offsets, np.asarray(n_instr, np.int32))
 
@@ -217,6 +222,32 @@ def iterate(tasks: Mapping[str, TaskArrays], plan: BatchPlan, *, process_index: 
       step += 1
 
 
+def with_hf_special_tokens(encode_fn: tokenization.EncodeFn) -> tokenization.EncodeFn:
+  """`encode_fn`, except that texts holding "</s>", "<pad>", "<unk>" or "<extra_id_N>" are encoded
+  by the inference tokenizer, which reads them as special tokens (SentencePiece spells them out)."""
+  hf: list[tokenization.Tokenizer] = []
+
+  def encode(texts: Sequence[str]) -> list[list[int]]:
+    texts = list(texts)
+    out = [list(x) for x in encode_fn(texts)]
+    special = [i for i, t in enumerate(texts) if HF_SPECIAL.search(t)]
+    if special:
+      if not hf:  # loaded on first need: most corpora never hit this
+        hf.append(tokenization.Tokenizer.from_pretrained(None))
+      for i, ids in zip(special, hf[0].encode_pieces([texts[i] for i in special])):
+        out[i] = ids
+    return out
+
+  return encode
+
+
+def sentencepiece_encode_fn(model_file: str | None = None) -> tokenization.EncodeFn:
+  """SentencePiece on the T5 vocabulary with HF's special-token reading: HF's ids, ~7x faster here."""
+  import sentencepiece
+  sp = sentencepiece.SentencePieceProcessor(model_file=model_file or os.path.join(tokenization.VOCAB_DIR, "spiece.model"))
+  return with_hf_special_tokens(lambda texts: sp.encode(list(texts)))
+
+
 def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = None,
                log_fn: Callable[[str], None] = print) -> dict[str, TaskArrays]:
   """Tokenised tasks from a MEDI file / manual dir (no TensorFlow) or a built MEDI TFDS builder."""
@@ -225,7 +256,7 @@ def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = N
     return medi_seqio.load_tasks_from_builder(path_or_builder)
   from instructor_jax import medi_records
   if encode_fn is None:
-    encode_fn = tokenization.Tokenizer.from_pretrained(None).encode_pieces
+    encode_fn = sentencepiece_encode_fn()
   grouped, _ = medi_records.read_medi(path_or_builder, log_fn)
   cache: dict[str, int] = {}
   return {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)

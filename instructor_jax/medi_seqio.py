@@ -43,8 +43,12 @@ def medi_vocabulary() -> seqio.SentencePieceVocabulary:
 
 
 def vocabulary_encode_fn(vocabulary: seqio.Vocabulary) -> tokenization.EncodeFn:
-  """`build_inputs`' encode function over a seqio vocabulary (ids without EOS)."""
-  return lambda texts: [list(vocabulary.encode(t)) for t in texts]
+  """`build_inputs`' encode function over a seqio vocabulary (ids without EOS).
+
+  The vocabulary spells out "</s>", "<pad>", "<extra_id_0>"... where HF's tokenizer (inference)
+  reads special tokens; those rare texts go to HF so the ids stay equal.
+  """
+  return medi_batches.with_hf_special_tokens(lambda texts: [vocabulary.encode(t) for t in texts])
 
 
 def sequence_lengths(query_len: int, doc_len: int) -> dict[str, int]:
