@@ -38,7 +38,8 @@ DESTINATIONS (DST), chosen with --to:
                               --max-shard-size), 1_Pooling (include_prompt: false), 2_Dense,
                               3_Normalize, tokenizer files (transformers 4.x and 5.x), prompts in
                               config_sentence_transformers.json (--prompt), README.md.
-                              Loads in SentenceTransformer(DST) and transformers.T5EncoderModel.
+                              Loads in SentenceTransformer(DST) and transformers.T5EncoderModel;
+                              --instructor-embedding-compat: the InstructorEmbedding 1.0.1 layout.
   orbax                       a params-only orbax checkpoint DST/<step 0>/{params,model_config},
                               the training layout: restore with
                               instructor_jax.orbax_io.restore_params(DST, shardings=...).
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="named prompt for config_sentence_transformers.json (repeatable; use with encode(prompt_name=NAME)).")
   p.add_argument("--max-shard-size", type=parse_size, default="2GB",
                  help="st export: shard model.safetensors above this size (default 2GB; e.g. 5GB, 500MB).")
+  p.add_argument("--instructor-embedding-compat", action="store_true",
+                 help="st export loadable by InstructorEmbedding 1.0.1 (sentence-transformers 2.2.2): no "
+                 "include_prompt key in 1_Pooling (sentence-transformers >= 2.4 users then call "
+                 "model.set_pooling_include_prompt(False)) and 2_Dense/pytorch_model.bin (needs torch).")
   p.add_argument("--revision", default=None, help="Hub sources only: branch, tag or commit.")
   p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST.")
   return p
@@ -138,7 +143,8 @@ def convert(args: argparse.Namespace) -> list[str]:
   tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
   files = save_sentence_transformers(args.dst, config, loaded.params, tokenizer.hf_tokenizer, dtype=args.dtype,
                                      prompts=prompts, source=loaded.description,
-                                     max_shard_bytes=args.max_shard_size)
+                                     max_shard_bytes=args.max_shard_size,
+                                     instructor_embedding_compat=args.instructor_embedding_compat)
   return [os.path.join(args.dst, f) for f in files]
 
 

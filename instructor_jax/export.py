@@ -144,16 +144,20 @@ def _modules(config: InstructorConfig) -> list[dict[str, Any]]:
           for i, (path, kind) in enumerate(kinds)]
 
 
-def _pooling_config(d_model: int) -> dict[str, Any]:
-  return {"word_embedding_dimension": d_model, "pooling_mode_cls_token": False,
-          "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-          "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-          "pooling_mode_lasttoken": False,
-          # The INSTRUCTOR contract: the instruction (ST's prompt) is encoded but not pooled.
-          "include_prompt": False}
+def _pooling_config(d_model: int, instructor_embedding_compat: bool) -> dict[str, Any]:
+  config = {"word_embedding_dimension": d_model, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False}
+  if not instructor_embedding_compat:
+    # The INSTRUCTOR contract: the instruction (ST's prompt) is encoded but not pooled.
+    # InstructorEmbedding 1.0.1 builds its pooling with Pooling(**config) and rejects this key.
+    config["include_prompt"] = False
+  return config
 
 
-def _save_dense(directory: str, config: InstructorConfig, params: Mapping[str, Any], dtype: np.dtype) -> None:
+def _save_dense(directory: str, config: InstructorConfig, params: Mapping[str, Any], dtype: np.dtype,
+                with_torch_bin: bool) -> None:
   from safetensors.numpy import save_file
   os.makedirs(directory, exist_ok=True)
   kernel = np.asarray(params["projection_layer"]["kernel"], np.float32)
@@ -162,6 +166,12 @@ def _save_dense(directory: str, config: InstructorConfig, params: Mapping[str, A
       "activation_function": "torch.nn.modules.linear.Identity"})
   weight = np.ascontiguousarray(kernel.T.astype(dtype))  # torch Linear weight is [out, in]
   save_file({"linear.weight": weight}, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  if with_torch_bin:
+    # sentence-transformers 2.2.2 (under InstructorEmbedding 1.0.1) reads only 2_Dense/pytorch_model.bin.
+    import torch
+    torch_dtype = getattr(torch, "bfloat16" if dtype.name == "bfloat16" else dtype.name)
+    tensor = torch.from_numpy(np.ascontiguousarray(kernel.T)).to(torch_dtype)
+    torch.save({"linear.weight": tensor}, os.path.join(directory, "pytorch_model.bin"))
 
 
 def _package_version() -> str:
@@ -172,7 +182,17 @@ def _package_version() -> str:
     return "unknown"
 
 
-def _readme(config: InstructorConfig, dtype: str, prompts: Mapping[str, str], source: str | None) -> str:
+def _pooling_note(instructor_embedding_compat: bool) -> str:
+  if not instructor_embedding_compat:
+    return ("The instruction is passed as `prompt=`; `1_Pooling/config.json` has `include_prompt: false`, so\n"
+            "it is encoded but excluded from the mean, as in INSTRUCTOR.")
+  return ("This export uses the InstructorEmbedding 1.0.1 layout (`INSTRUCTOR(PATH).encode([[instruction, text]])`):\n"
+          "its pooling config cannot carry `include_prompt`, so with sentence-transformers >= 2.4 call\n"
+          "`model.set_pooling_include_prompt(False)` after loading, then pass the instruction as `prompt=`.")
+
+
+def _readme(config: InstructorConfig, dtype: str, prompts: Mapping[str, str], source: str | None,
+            instructor_embedding_compat: bool) -> str:
   enc = config.encoder
   prompt_lines = "".join(f"- `{k}`: {v!r}\n" for k, v in prompts.items()) or "- (none)\n"
   return f"""---
@@ -196,10 +216,9 @@ model = SentenceTransformer("PATH")
 emb = model.encode(["3D ActionSLAM: wearable person tracking"], prompt="Represent the Science title:")
 ```
 
-The instruction is passed as `prompt=`; `1_Pooling/config.json` has `include_prompt: false`, so
-it is encoded but excluded from the mean, as in INSTRUCTOR. InstructorEmbedding 1.0.1 pools a
-one-token instruction (its `n <= 1 -> 0` rule); sentence-transformers does not, so use
-instructions of two or more tokens when comparing the two.
+{_pooling_note(instructor_embedding_compat)}
+InstructorEmbedding 1.0.1 pools a one-token instruction (its `n <= 1 -> 0` rule);
+sentence-transformers does not, so use instructions of two or more tokens when comparing the two.
 
 Plain transformers: `T5EncoderModel.from_pretrained("PATH")` on `instruction + text`, mean of the
 last hidden state over the positions after the instruction's tokens (its token count without
@@ -212,11 +231,23 @@ Named prompts (`prompt_name=`):
 def save_sentence_transformers(directory: str, config: InstructorConfig, params: Mapping[str, Any], hf_tokenizer: Any,
                                dtype: str = "float32", prompts: Mapping[str, str] | None = None,
                                source: str | None = None,
-                               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-  """Writes the sentence-transformers directory; returns the weight file names of the encoder."""
+                               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                               instructor_embedding_compat: bool = False) -> list[str]:
+  """Writes the sentence-transformers directory; returns the weight file names of the encoder.
+
+  `instructor_embedding_compat` writes the layout that InstructorEmbedding 1.0.1 (sentence-transformers
+  2.2.2) can load: no `include_prompt` key in the pooling config (that stack masks the instruction
+  itself) and a torch `2_Dense/pytorch_model.bin` next to the safetensors file.
+  """
   from instructor_jax.instructor import canonical_dtype
   dtype = canonical_dtype(dtype)
   np_dtype = _np_dtype(dtype)
+  if instructor_embedding_compat and config.projection_dim is not None:
+    try:
+      import torch  # noqa: F401
+    except ImportError as e:
+      raise ValueError("the InstructorEmbedding 1.0.1 layout needs PyTorch to write 2_Dense/pytorch_model.bin "
+                       "(pip install torch).") from e
   prompts = dict(prompts or {})
   os.makedirs(directory, exist_ok=True)
   _clear_weights(directory)
@@ -227,9 +258,10 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
   _write_json(os.path.join(directory, "sentence_bert_config.json"),
               {"max_seq_length": int(config.max_seq_length), "do_lower_case": False})
   os.makedirs(os.path.join(directory, "1_Pooling"), exist_ok=True)
-  _write_json(os.path.join(directory, "1_Pooling", "config.json"), _pooling_config(config.encoder.d_model))
+  _write_json(os.path.join(directory, "1_Pooling", "config.json"), _pooling_config(config.encoder.d_model,
+                                                                                 instructor_embedding_compat))
   if config.projection_dim is not None:
-    _save_dense(os.path.join(directory, "2_Dense"), config, params, np_dtype)
+    _save_dense(os.path.join(directory, "2_Dense"), config, params, np_dtype, instructor_embedding_compat)
   if config.normalize:
     os.makedirs(os.path.join(directory, "3_Normalize"), exist_ok=True)
   _write_json(os.path.join(directory, "config_sentence_transformers.json"), {
@@ -237,5 +269,5 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
       "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
   save_tokenizer(directory, hf_tokenizer, config.max_seq_length)
   with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
-    f.write(_readme(config, dtype, prompts, source))
+    f.write(_readme(config, dtype, prompts, source, instructor_embedding_compat))
   return files

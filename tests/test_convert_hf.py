@@ -217,3 +217,27 @@ def test_half_precision_export(tiny_export, tmp_path, dtype):
   # Our reader loads the half-precision export back to float32.
   reloaded = Instructor.from_pretrained(dst)
   np.testing.assert_array_equal(np.asarray(reloaded.params["token_embedder"]["embedding"]), got)
+
+
+def test_instructor_embedding_compat_layout(tiny_export, tmp_path):
+  # InstructorEmbedding 1.0.1 itself needs transformers 4.x (another environment); this checks the
+  # layout it reads (Pooling(**config) without include_prompt, 2_Dense/pytorch_model.bin) and that
+  # sentence-transformers still matches once include_prompt is switched off after loading.
+  model, _ = tiny_export
+  from instructor_jax.export import save_sentence_transformers
+  dst = str(tmp_path / "compat")
+  save_sentence_transformers(dst, model.config, jax.device_get(model.params), model.tokenizer.hf_tokenizer,
+                             instructor_embedding_compat=True)
+  with open(os.path.join(dst, "1_Pooling", "config.json")) as f:
+    pooling = json.load(f)
+  legacy_keys = {"word_embedding_dimension", "pooling_mode_cls_token", "pooling_mode_mean_tokens",
+                 "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken"}
+  assert set(pooling) <= legacy_keys and pooling["pooling_mode_mean_tokens"]
+  bin_weight = torch.load(os.path.join(dst, "2_Dense", "pytorch_model.bin"), weights_only=True)["linear.weight"]
+  np.testing.assert_array_equal(bin_weight.numpy(),
+                                load_file(os.path.join(dst, "2_Dense", "model.safetensors"))["linear.weight"])
+  st = sentence_transformers.SentenceTransformer(dst, device="cpu")
+  st.set_pooling_include_prompt(False)
+  diff = float(np.abs(st.encode(TEXTS, prompt=INSTRUCTION) - model.encode([[INSTRUCTION, t] for t in TEXTS])).max())
+  assert diff <= 1e-5, diff
