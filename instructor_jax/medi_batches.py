@@ -30,7 +30,9 @@ A task with fewer than G examples cannot fill a single-task batch; it is dropped
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -248,39 +250,91 @@ def sentencepiece_encode_fn(model_file: str | None = None) -> tokenization.Encod
   return with_hf_special_tokens(lambda texts: sp.encode(list(texts)))
 
 
+_PARTS = ("tokens", "offsets", "n_instr")
+
+
+def save_tasks(tasks: Mapping[str, TaskArrays], directory: str) -> None:
+  """Writes tokenised tasks as .npy files; the directory appears atomically (hosts may race)."""
+  tmp = f"{directory}.tmp{os.getpid()}"
+  os.makedirs(tmp, exist_ok=True)
+  for i, task in enumerate(tasks.values()):
+    for field in FIELDS:
+      for part in _PARTS:
+        np.save(os.path.join(tmp, f"{i:05d}.{field}.{part}.npy"), getattr(task.fields[field], part))
+  with open(os.path.join(tmp, "tasks.json"), "w", encoding="utf-8") as f:
+    json.dump(list(tasks), f)
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another host got there first; its copy is identical
+    for name in os.listdir(tmp):
+      os.remove(os.path.join(tmp, name))
+    os.rmdir(tmp)
+
+
+def load_saved_tasks(directory: str) -> dict[str, TaskArrays]:
+  """Tasks written by `save_tasks`, memory-mapped (pages are shared and read on demand)."""
+  with open(os.path.join(directory, "tasks.json"), encoding="utf-8") as f:
+    names = json.load(f)
+  load = lambda i, field, part: np.load(os.path.join(directory, f"{i:05d}.{field}.{part}.npy"), mmap_mode="r")
+  return {name: TaskArrays(name, {f: FieldArrays(*(load(i, f, p) for p in _PARTS)) for f in FIELDS})
+          for i, name in enumerate(names)}
+
+
+def _cache_key(path: str) -> str:
+  """Identifies a MEDI file's tokenisation: the file (path, size, mtime), the vocabulary and the rule."""
+  st = os.stat(path)
+  with open(os.path.join(tokenization.VOCAB_DIR, "spiece.model"), "rb") as f:
+    vocab = hashlib.sha1(f.read()).hexdigest()
+  with open(tokenization.__file__, "rb") as f:
+    rule = hashlib.sha1(f.read()).hexdigest()
+  return hashlib.sha1(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{vocab}:{rule}".encode()).hexdigest()[:16]
+
+
 def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = None,
-               log_fn: Callable[[str], None] = print) -> dict[str, TaskArrays]:
-  """Tokenised tasks from a MEDI file / manual dir (no TensorFlow) or a built MEDI TFDS builder."""
+               log_fn: Callable[[str], None] = print, cache_dir: str | None = None) -> dict[str, TaskArrays]:
+  """Tokenised tasks from a MEDI file / manual dir (no TensorFlow) or a built MEDI TFDS builder.
+
+  With `cache_dir` (and the default SentencePiece encoder) the tokenised corpus is saved there on
+  first use and memory-mapped afterwards, so restarts skip the read and the tokenisation.
+  """
   if not isinstance(path_or_builder, str):
     from instructor_jax import medi_seqio  # TensorFlow only on this path.
     return medi_seqio.load_tasks_from_builder(path_or_builder)
   from instructor_jax import medi_records
-  if encode_fn is None:
-    encode_fn = sentencepiece_encode_fn()
-  grouped, _ = medi_records.read_medi(path_or_builder, log_fn)
+  path = medi_records.resolve_medi_file(path_or_builder)
+  cached = os.path.join(cache_dir, f"medi_tokens_{_cache_key(path)}") if cache_dir and encode_fn is None else None
+  if cached and os.path.isfile(os.path.join(cached, "tasks.json")):
+    log_fn(f"{path}: using the tokenised cache {cached}")
+    return load_saved_tasks(cached)
+  grouped, _ = medi_records.read_medi(path, log_fn)
+  encode_fn = encode_fn or sentencepiece_encode_fn()
   cache: dict[str, int] = {}
-  return {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)
-          for name, recs in grouped.items()}
+  tasks = {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)
+           for name, recs in grouped.items()}
+  if cached:
+    save_tasks(tasks, cached)
+  return tasks
 
 
 def global_batches(path_or_builder: Any, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, seed: int = 0, start_step: int = 0, query_len: int = 512,
                    doc_len: int = 512, temperature: float = 1.0, rate_cap: int | None = None,
                    num_steps: int | None = None, tasks: Mapping[str, TaskArrays] | None = None,
-                   encode_fn: tokenization.EncodeFn | None = None,
+                   encode_fn: tokenization.EncodeFn | None = None, cache_dir: str | None = None,
                    log_fn: Callable[[str], None] = print) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """(step, task name, this host's slice of the step's single-task global batch), from start_step.
 
   `path_or_builder`: a MEDI .json/.jsonl file, a directory holding one (the TFDS manual dir), or
   a MEDI TFDS builder (read per task through the seqio tasks). `tasks` skips loading (reuse
-  `load_tasks` output across calls). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature).
+  `load_tasks` output across calls); `cache_dir` keeps the tokenised corpus between runs (see
+  `load_tasks`). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of process_count "
                      f"{process_count} (every host takes an equal slice).")
-  tasks = tasks if tasks is not None else load_tasks(path_or_builder, encode_fn, log_fn)
+  tasks = tasks if tasks is not None else load_tasks(path_or_builder, encode_fn, log_fn, cache_dir)
   sizes = {name: len(t) for name, t in tasks.items()}
   plan = BatchPlan(sizes, global_batch_size, seed, task_rates(
       {t: n for t, n in sizes.items() if n >= global_batch_size} or sizes, temperature, rate_cap))

@@ -155,3 +155,20 @@ def test_loads_a_medi_file_directly():
   got = list(medi_batches.global_batches(SAMPLE, global_batch_size=8, num_steps=3, query_len=16,
                                          doc_len=16, log_fn=lambda _: None))
   assert [s for s, _, _ in got] == [0, 1, 2] and all(b["query_ids"].shape == (8, 16) for _, _, b in got)
+
+
+def test_tokenised_cache_round_trip_gives_identical_batches(tmp_path):
+  medi = tmp_path / "medi-data.jsonl"
+  medi.write_text("\n".join(pathlib.Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:700]) + "\n")
+  kw = dict(global_batch_size=16, num_steps=10, query_len=16, doc_len=32, cache_dir=str(tmp_path / "cache"))
+  logs = [[], []]
+  first, second = (list(medi_batches.global_batches(str(tmp_path), log_fn=logs[i].append, **kw)) for i in range(2))
+  assert not any("tokenised cache" in line for line in logs[0])
+  assert any("tokenised cache" in line for line in logs[1])
+  assert [(s, n) for s, n, _ in first] == [(s, n) for s, n, _ in second]
+  assert all(a[k].tobytes() == b[k].tobytes() for (_, _, a), (_, _, b) in zip(first, second) for k in KEYS)
+  medi.write_text(medi.read_text() + medi.read_text().splitlines()[0] + "\n")  # edited file: new key
+  logs.append([])
+  list(medi_batches.global_batches(str(tmp_path), log_fn=logs[2].append, **kw))
+  assert not any("tokenised cache" in line for line in logs[2])
+  assert len(list((tmp_path / "cache").iterdir())) == 2
