@@ -25,6 +25,12 @@ How a step is made, with no communication and no state but the step number:
 Epochs are per task: each task reshuffles when its own batches run out. Short tails: the last
 n % G examples of each epoch's permutation are not used that epoch (a different tail every epoch).
 A task with fewer than G examples cannot fill a single-task batch; it is dropped with a warning.
+
+Every host holds the whole tokenised corpus (any example can land in its slice): untruncated ids
+as flat uint16 arrays, tokenised once at start-up with SentencePiece (the HF tokenizer's ids,
+tested, including HF's reading of "</s>"/"<extra_id_N>" strings), or memory-mapped from
+`cache_dir` on restarts. Truncation to query_len/doc_len happens per batch, so one cache serves
+every length. A MEDI TFDS builder is read through its seqio tasks (`medi_seqio`) instead.
 """
 
 from __future__ import annotations
