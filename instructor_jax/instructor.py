@@ -59,11 +59,15 @@ class Instructor:
     tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
     return cls(config, loaded.params, tokenizer, source=loaded.description)
 
-  def save_pretrained(self, directory: str, dtype: str = "float32", prompts: dict[str, str] | None = None) -> None:
-    """Writes a sentence-transformers directory (also loadable by transformers and InstructorEmbedding)."""
+  def save_pretrained(self, directory: str, dtype: str = "float32", prompts: dict[str, str] | None = None,
+                      **export_kwargs: Any) -> None:
+    """Writes a sentence-transformers directory (also loadable by transformers and InstructorEmbedding).
+
+    `export_kwargs` go to `export.save_sentence_transformers` (max_shard_bytes, instructor_embedding_compat).
+    """
     from instructor_jax.export import save_sentence_transformers
     save_sentence_transformers(directory, self.config, jax.device_get(self.params), self.tokenizer.hf_tokenizer,
-                               dtype=dtype, prompts=prompts, source=self.source)
+                               dtype=dtype, prompts=prompts, source=self.source, **export_kwargs)
 
   # ---- inference ---------------------------------------------------------------------------------
 
