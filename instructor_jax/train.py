@@ -57,6 +57,13 @@ class TrainConfig:
   log_every: int = 10
   stop_after_steps: Optional[int] = None  # end this run (with a checkpoint) after this many of its steps
 
+  def __post_init__(self):
+    for name in ("train_steps", "batch_size", "query_len", "doc_len", "grad_cache_chunks", "checkpoint_every", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)}; expected a positive integer.")
+    if not self.temperature > 0:
+      raise ValueError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
+
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN/inf; the last good checkpoint is left as it was."""
@@ -99,13 +106,23 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLU
 def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
   """Joins the processes of a multi-host job (before any other JAX call)."""
   if flags.coordinator_address or flags.num_processes:
+    _use_gloo_on_cpu()
     jax.distributed.initialize(coordinator_address=flags.coordinator_address,
                                num_processes=flags.num_processes, process_id=flags.process_id)
     return
   on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
   if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or any(e in os.environ for e in _CLUSTER_ENV))):
     # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
+    _use_gloo_on_cpu()
     jax.distributed.initialize()
+
+
+def _use_gloo_on_cpu() -> None:
+  """CPU processes need a collectives backend to form one mesh; no effect on TPU/GPU devices."""
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):  # an older/newer JAX without the option
+    pass
 
 
 # ---- model and state ---------------------------------------------------------------------------------

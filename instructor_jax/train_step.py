@@ -189,13 +189,18 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
         (loss_value, metrics), grads = jax.value_and_grad(plain, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss_value, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), lr=schedule(state.step))
+    metrics = dict(metrics, loss=loss_value, grad_norm=global_norm(grads), param_norm=global_norm(params),
+                   lr=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   state_sh = state_shardings(config, tx, mesh)
   return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)),
                  out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves, in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def num_params(params: Any) -> int:

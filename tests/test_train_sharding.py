@@ -1,0 +1,151 @@
+"""The train step on 8 fake CPU devices: mesh-independent results, global negatives, GradCache."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructor_jax import sharding as shd, train_step as ts
+from instructor_jax.config import preset
+from instructor_jax.losses import instructor_loss
+from instructor_jax.model import InstructorModel
+from instructor_jax.optim import OptimConfig, make_optimizer
+
+CONFIG = preset("tiny").with_encoder(dropout_rate=0.0)
+QUERY_LEN, DOC_LEN = 8, 12  # different lengths: exercises the two-pass path
+# eps 1e-3 keeps Adam's first step from turning float-noise-sized gradients into +-lr updates.
+OPTIM = OptimConfig(learning_rate=1e-3, warmup_fraction=0.0, eps=1e-3)
+
+
+def random_batch(seed: int, batch: int = 8) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  out = {}
+  for role in ts.ROLES:
+    length = QUERY_LEN if role == "query" else DOC_LEN
+    lengths = rng.integers(3, length + 1, size=batch)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    out[f"{role}_ids"] = (rng.integers(3, 300, size=(batch, length)) * mask).astype(np.int32)
+    out[f"{role}_mask"] = mask
+    out[f"{role}_n_instr"] = rng.integers(0, 3, size=batch).astype(np.int32)
+  return out
+
+
+@functools.lru_cache(maxsize=1)
+def host_params():
+  boxed = ts._init_params_fn(CONFIG)(jax.random.key(0))
+  return jax.device_get(nn.unbox(boxed))
+
+
+def mesh_of(data, fsdp, tensor):
+  return shd.make_mesh(shd.MeshConfig(data, fsdp, tensor), jax.devices()[:data * fsdp * tensor])
+
+
+def run_steps(mesh, batches, **step_kwargs):
+  tx, schedule = make_optimizer(OPTIM, 10)
+  state = ts.init_state(CONFIG, tx, mesh, params=host_params())
+  step = ts.make_train_step(CONFIG, tx, schedule, mesh, **step_kwargs)
+  metrics = []
+  for b in batches:
+    state, m = step(state, shd.global_batch(b, mesh))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state.params), metrics, state
+
+
+def test_same_results_on_every_mesh():
+  batches = [random_batch(1), random_batch(2)]
+  reference_params, reference_metrics, _ = run_steps(mesh_of(1, 1, 1), batches)
+  for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    params, metrics, state = run_steps(mesh_of(*shape), batches)
+    for m, r in zip(metrics, reference_metrics):
+      for k in ("loss", "loss_q2d", "loss_d2q", "grad_norm"):
+        np.testing.assert_allclose(m[k], r[k], rtol=1e-5, atol=1e-5, err_msg=f"{k} on mesh {shape}")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"params on mesh {shape}"),
+                 params, reference_params)
+  # The state really is sharded on the last mesh: FSDP over embed, tensor over the MLP width.
+  wi = state.params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]
+  assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert len({s.data.shape for s in wi.addressable_shards}) == 1 and wi.addressable_shards[0].data.shape == (16, 32)
+  mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+  assert any(getattr(x, "mu", None) is not None for x in mu)
+
+
+def test_negatives_come_from_every_device():
+  """Query 0's hard negative is planted on the last device's shard; the loss must feel it."""
+  mesh = mesh_of(8, 1, 1)
+  base = random_batch(3)
+  planted = {k: v.copy() for k, v in base.items()}
+  # neg 7 := a copy of query 0 (padded to doc length): a perfect "negative" for query 0 only.
+  planted["neg_ids"][7] = 0
+  planted["neg_ids"][7, :QUERY_LEN] = base["query_ids"][0]
+  planted["neg_mask"][7] = 0
+  planted["neg_mask"][7, :QUERY_LEN] = base["query_mask"][0]
+  planted["neg_n_instr"][7] = base["query_n_instr"][0]
+  model = InstructorModel(CONFIG)
+  embed = jax.jit(lambda p, b: ts.embed_triples(model, p, b, jax.random.key(0), True))
+  params = jax.device_put(host_params(), shd.replicated(mesh))
+  q, p, n = embed(params, shd.global_batch(planted, mesh))
+  assert all(s.data.shape[0] == 1 for s in n.addressable_shards)  # row 7 lives on device 7 only
+  np.testing.assert_allclose(float(q[0] @ n[7]), 1.0, atol=1e-5)
+  _, m_planted, _ = run_steps(mesh, [planted])
+  _, m_base, _ = run_steps(mesh, [base])
+  _, m_single, _ = run_steps(mesh_of(1, 1, 1), [planted])
+  # The loss equals the one-device loss, and the planted cross-device negative raises term 1.
+  np.testing.assert_allclose(m_planted[0]["loss"], m_single[0]["loss"], rtol=1e-5)
+  ref, _ = instructor_loss(np.asarray(q), np.asarray(p), np.asarray(n), 0.01)
+  np.testing.assert_allclose(m_planted[0]["loss"], float(ref), rtol=1e-5)
+  assert m_planted[0]["loss_q2d"] > m_base[0]["loss_q2d"] + 1.0 / 8
+
+
+def test_embed_triples_matches_separate_passes():
+  """Interleaving roles of equal length and running queries at their own length changes nothing."""
+  model = InstructorModel(CONFIG)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(4).items()}
+  params = host_params()
+  q, p, n = ts.embed_triples(model, params, batch, jax.random.key(0), True)
+  for role, got in zip(ts.ROLES, (q, p, n)):
+    want = model.apply({"params": params}, batch[f"{role}_ids"], batch[f"{role}_mask"], batch[f"{role}_n_instr"])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 1), (2, 2, 2)])
+def test_grad_cache_gives_the_plain_gradients(shape):
+  mesh = mesh_of(*shape)
+  batch = shd.global_batch(random_batch(5, batch=16), mesh)
+  model = InstructorModel(CONFIG)
+  embed = functools.partial(ts.embed_triples, model, deterministic=True)
+  loss_fn = functools.partial(instructor_loss, temperature=0.01)
+  params = jax.device_put(host_params(), ts.state_shardings(CONFIG, make_optimizer(OPTIM, 10)[0], mesh).params)
+  rng = jax.random.key(0)
+
+  def both(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+      plain = jax.value_and_grad(lambda p: loss_fn(*embed(p, batch, rng)), has_aux=True)(params)
+      cached = ts.grad_cache_grads(embed, loss_fn, params, batch, rng, chunks=2)
+    return plain, cached
+
+  ((loss, _), grads), ((loss_gc, _), grads_gc) = jax.jit(both)(params, batch)
+  np.testing.assert_allclose(loss_gc, loss, rtol=1e-6)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), grads_gc, grads)
+  # And through the whole train step (sharded state, optimizer update):
+  plain_params, plain_metrics, _ = run_steps(mesh, [random_batch(5, batch=16)])
+  gc_params, gc_metrics, _ = run_steps(mesh, [random_batch(5, batch=16)], grad_cache_chunks=2)
+  np.testing.assert_allclose(gc_metrics[0]["grad_norm"], plain_metrics[0]["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gc_params, plain_params)
+
+
+def test_batch_not_divisible_by_mesh_is_a_clear_error():
+  mesh = mesh_of(8, 1, 1)
+  with pytest.raises(ValueError, match="multiple of data\\*fsdp"):
+    run_steps(mesh, [random_batch(6, batch=8)], grad_cache_chunks=2)
+
+
+def test_mesh_config_resolves_and_rejects():
+  assert shd.MeshConfig(-1, 2, 2).shape(8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="devices"):
+    shd.MeshConfig(3, 1, 1).shape(8)
+  with pytest.raises(ValueError, match="at most one -1"):
+    shd.MeshConfig(-1, -1, 1).shape(8)
