@@ -49,7 +49,7 @@ def detect_kind(path: str) -> str:
     return "orbax"
   listing = sorted(os.listdir(path))[:12]
   raise CheckpointError(
-      f"{path}: unknown checkpoint format (contains {listing}). Expected one of: a sentence-transformers / "
+      f"{path}: unknown checkpoint layout (contains {listing}). Expected one of: a sentence-transformers / "
       "transformers directory (config.json + model.safetensors, sharded safetensors with an index, or "
       "pytorch_model.bin); a t5x checkpoint directory (a msgpack 'checkpoint' file + zarr arrays); an orbax "
       "checkpoint (a training workdir, its checkpoints/ directory, or one <step>/ directory).")

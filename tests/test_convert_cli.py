@@ -88,7 +88,7 @@ def test_cli_errors(tmp_path, capsys):
   unknown.mkdir()
   (unknown / "weights.h5").write_bytes(b"\0")
   err = _error([str(unknown), str(tmp_path / "o5")], capsys)
-  assert "unknown checkpoint format" in err and "weights.h5" in err
+  assert "unknown checkpoint layout" in err and "weights.h5" in err
 
   assert "no such directory" in _error([str(tmp_path / "does" / "not" / "exist"), str(tmp_path / "o6")], capsys)
   assert "is a file" in _error([str(unknown / "weights.h5"), str(tmp_path / "o7")], capsys)
