@@ -17,10 +17,13 @@ from instructor_jax.optim import OptimConfig, make_optimizer
 CONFIG = preset("tiny").with_encoder(dropout_rate=0.0)
 QUERY_LEN, DOC_LEN = 8, 12  # different lengths: exercises the two-pass path
 # eps 1e-3 keeps Adam's first step from turning float-noise-sized gradients into +-lr updates.
-OPTIM = OptimConfig(learning_rate=1e-3, warmup_fraction=0.0, eps=1e-3)
+OPTIM = OptimConfig(learning_rate=1e-4, warmup_fraction=0.0, eps=1e-3)
+# At the default 0.01 a random tiny model's softmax is so peaked (loss ~80) that reduction-order
+# noise grows ~1e-4 relative by the second step; 0.1 keeps the comparison well conditioned.
+TEMPERATURE = 0.1
 
 
-def random_batch(seed: int, batch: int = 8) -> dict[str, np.ndarray]:
+def random_batch(seed: int, batch: int = 16) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   out = {}
   for role in ts.ROLES:
@@ -46,7 +49,7 @@ def mesh_of(data, fsdp, tensor):
 def run_steps(mesh, batches, **step_kwargs):
   tx, schedule = make_optimizer(OPTIM, 10)
   state = ts.init_state(CONFIG, tx, mesh, params=host_params())
-  step = ts.make_train_step(CONFIG, tx, schedule, mesh, **step_kwargs)
+  step = ts.make_train_step(CONFIG, tx, schedule, mesh, temperature=TEMPERATURE, **step_kwargs)
   metrics = []
   for b in batches:
     state, m = step(state, shd.global_batch(b, mesh))
@@ -54,9 +57,16 @@ def run_steps(mesh, batches, **step_kwargs):
   return jax.device_get(state.params), metrics, state
 
 
+@functools.lru_cache(maxsize=1)
+def reference_run():
+  """Two steps on one device: what every mesh (and GradCache) must reproduce."""
+  params, metrics, _ = run_steps(mesh_of(1, 1, 1), [random_batch(1), random_batch(2)])
+  return params, metrics
+
+
 def test_same_results_on_every_mesh():
   batches = [random_batch(1), random_batch(2)]
-  reference_params, reference_metrics, _ = run_steps(mesh_of(1, 1, 1), batches)
+  reference_params, reference_metrics = reference_run()
   for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     params, metrics, state = run_steps(mesh_of(*shape), batches)
     for m, r in zip(metrics, reference_metrics):
@@ -67,36 +77,38 @@ def test_same_results_on_every_mesh():
   # The state really is sharded on the last mesh: FSDP over embed, tensor over the MLP width.
   wi = state.params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]
   assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert len({s.data.shape for s in wi.addressable_shards}) == 1 and wi.addressable_shards[0].data.shape == (16, 32)
+  assert {s.data.shape for s in wi.addressable_shards} == {(16, 32)}
   mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
   assert any(getattr(x, "mu", None) is not None for x in mu)
 
 
 def test_negatives_come_from_every_device():
-  """Query 0's hard negative is planted on the last device's shard; the loss must feel it."""
+  """Query 0's only close hard negative sits on the last device's shard; the step's loss must feel it."""
   mesh = mesh_of(8, 1, 1)
   base = random_batch(3)
   planted = {k: v.copy() for k, v in base.items()}
-  # neg 7 := a copy of query 0 (padded to doc length): a perfect "negative" for query 0 only.
-  planted["neg_ids"][7] = 0
-  planted["neg_ids"][7, :QUERY_LEN] = base["query_ids"][0]
-  planted["neg_mask"][7] = 0
-  planted["neg_mask"][7, :QUERY_LEN] = base["query_mask"][0]
-  planted["neg_n_instr"][7] = base["query_n_instr"][0]
+  last = len(base["neg_ids"]) - 1
+  # neg[last] := a copy of query 0 (padded to doc length): a perfect "negative" for query 0 only.
+  planted["neg_ids"][last] = 0
+  planted["neg_ids"][last, :QUERY_LEN] = base["query_ids"][0]
+  planted["neg_mask"][last] = 0
+  planted["neg_mask"][last, :QUERY_LEN] = base["query_mask"][0]
+  planted["neg_n_instr"][last] = base["query_n_instr"][0]
   model = InstructorModel(CONFIG)
   embed = jax.jit(lambda p, b: ts.embed_triples(model, p, b, jax.random.key(0), True))
   params = jax.device_put(host_params(), shd.replicated(mesh))
-  q, p, n = embed(params, shd.global_batch(planted, mesh))
-  assert all(s.data.shape[0] == 1 for s in n.addressable_shards)  # row 7 lives on device 7 only
-  np.testing.assert_allclose(float(q[0] @ n[7]), 1.0, atol=1e-5)
-  _, m_planted, _ = run_steps(mesh, [planted])
-  _, m_base, _ = run_steps(mesh, [base])
-  _, m_single, _ = run_steps(mesh_of(1, 1, 1), [planted])
-  # The loss equals the one-device loss, and the planted cross-device negative raises term 1.
-  np.testing.assert_allclose(m_planted[0]["loss"], m_single[0]["loss"], rtol=1e-5)
-  ref, _ = instructor_loss(np.asarray(q), np.asarray(p), np.asarray(n), 0.01)
-  np.testing.assert_allclose(m_planted[0]["loss"], float(ref), rtol=1e-5)
-  assert m_planted[0]["loss_q2d"] > m_base[0]["loss_q2d"] + 1.0 / 8
+  global_planted = shd.global_batch(planted, mesh)
+  q, p, n = embed(params, global_planted)
+  owner = [s.device for s in global_planted["neg_ids"].addressable_shards if s.index[0].start == last - 1]
+  assert owner == [mesh.devices.flat[-1]] and q.sharding.spec[0] is not None  # rows are sharded
+  np.testing.assert_allclose(float(q[0] @ n[last]), 1.0, atol=1e-5)
+  _, metrics, _ = run_steps(mesh, [planted])
+  planted_loss, planted_terms = instructor_loss(np.asarray(q), np.asarray(p), np.asarray(n), TEMPERATURE)
+  np.testing.assert_allclose(metrics[0]["loss"], float(planted_loss), rtol=1e-5)
+  # Without the cross-device negative (the step's embeddings, n[last] swapped back) term 1 drops.
+  qb, pb, nb = embed(params, shd.global_batch(base, mesh))
+  _, base_terms = instructor_loss(np.asarray(qb), np.asarray(pb), np.asarray(nb), TEMPERATURE)
+  assert float(planted_terms["loss_q2d"]) > float(base_terms["loss_q2d"]) + 1.0 / len(base["neg_ids"])
 
 
 def test_embed_triples_matches_separate_passes():
@@ -110,37 +122,37 @@ def test_embed_triples_matches_separate_passes():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(4, 2, 1), (2, 2, 2)])
-def test_grad_cache_gives_the_plain_gradients(shape):
-  mesh = mesh_of(*shape)
-  batch = shd.global_batch(random_batch(5, batch=16), mesh)
+def test_grad_cache_gives_the_plain_gradients():
+  mesh = mesh_of(2, 2, 2)
+  batch = shd.global_batch(random_batch(1), mesh)
   model = InstructorModel(CONFIG)
   embed = functools.partial(ts.embed_triples, model, deterministic=True)
-  loss_fn = functools.partial(instructor_loss, temperature=0.01)
+  loss_fn = functools.partial(instructor_loss, temperature=TEMPERATURE)
   params = jax.device_put(host_params(), ts.state_shardings(CONFIG, make_optimizer(OPTIM, 10)[0], mesh).params)
   rng = jax.random.key(0)
 
   def both(params, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
       plain = jax.value_and_grad(lambda p: loss_fn(*embed(p, batch, rng)), has_aux=True)(params)
-      cached = ts.grad_cache_grads(embed, loss_fn, params, batch, rng, chunks=2)
+      cached = ts.grad_cache_grads(embed, loss_fn, params, batch, rng, chunks=4)
     return plain, cached
 
   ((loss, _), grads), ((loss_gc, _), grads_gc) = jax.jit(both)(params, batch)
   np.testing.assert_allclose(loss_gc, loss, rtol=1e-6)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), grads_gc, grads)
-  # And through the whole train step (sharded state, optimizer update):
-  plain_params, plain_metrics, _ = run_steps(mesh, [random_batch(5, batch=16)])
-  gc_params, gc_metrics, _ = run_steps(mesh, [random_batch(5, batch=16)], grad_cache_chunks=2)
-  np.testing.assert_allclose(gc_metrics[0]["grad_norm"], plain_metrics[0]["grad_norm"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gc_params, plain_params)
+  # And through the whole sharded train step: the same two updates as the one-device plain run.
+  reference_params, reference_metrics = reference_run()
+  gc_params, gc_metrics, _ = run_steps(mesh, [random_batch(1), random_batch(2)], grad_cache_chunks=2)
+  for m, r in zip(gc_metrics, reference_metrics):
+    np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gc_params, reference_params)
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
   mesh = mesh_of(8, 1, 1)
   with pytest.raises(ValueError, match="multiple of data\\*fsdp"):
-    run_steps(mesh, [random_batch(6, batch=8)], grad_cache_chunks=2)
+    run_steps(mesh, [random_batch(6, batch=8)], grad_cache_chunks=2)  # 8 rows, 8 shards x 2 chunks
 
 
 def test_mesh_config_resolves_and_rejects():
