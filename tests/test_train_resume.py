@@ -1,0 +1,88 @@
+"""Resume == uninterrupted, a non-finite loss keeps the last good checkpoint, SIGTERM saves and exits."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from instructor_jax import orbax_io
+from instructor_jax.optim import OptimConfig
+from instructor_jax.sharding import MeshConfig
+from instructor_jax.train import NonFiniteLossError, TrainConfig, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = str(REPO / "data" / "medi_sample.jsonl")
+# Dropout on, on purpose: the per-step rng (fold_in(seed, step)) must resume too.
+CONFIG = TrainConfig(medi_path=SAMPLE, model="tiny", train_steps=6, batch_size=8, query_len=16, doc_len=24,
+                     temperature=0.05, dtype="float32", dropout_rate=0.1, checkpoint_every=100, log_every=1)
+OPTIM = OptimConfig(learning_rate=1e-3)
+MESH = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  return workdir, train(CONFIG, OPTIM, MESH, workdir)
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir_a, records_a = uninterrupted
+  workdir_b = str(tmp_path / "b")
+  first = train(CONFIG.__class__(**{**CONFIG.__dict__, "stop_after_steps": 3}), OPTIM, MESH, workdir_b)
+  assert [r["step"] for r in first] == [1, 2, 3] and orbax_io.latest_step(workdir_b) == 3
+  second = train(CONFIG, OPTIM, MESH, workdir_b)
+  assert [r["step"] for r in second] == [4, 5, 6]
+  assert [r["task"] for r in first + second] == [r["task"] for r in records_a]
+  np.testing.assert_allclose([r["loss"] for r in first + second], [r["loss"] for r in records_a], rtol=1e-6)
+  _, params_a = orbax_io.restore_params(workdir_a)
+  _, params_b = orbax_io.restore_params(workdir_b, step=6)
+  flat_a, flat_b = _flatten(params_a), _flatten(params_b)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_allclose(flat_b[k], flat_a[k], atol=1e-6, err_msg=k)
+  lines = (pathlib.Path(workdir_b) / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted):
+  workdir, _ = uninterrupted
+  _, good = orbax_io.restore_params(workdir, step=6)
+  # lr 1e35 at step 7 sends the parameters to ~1e35; step 8's loss is NaN.
+  exploding = CONFIG.__class__(**{**CONFIG.__dict__, "train_steps": 10})
+  with pytest.raises(NonFiniteLossError, match=r"step 8 .*last good checkpoint is .*checkpoints/6"):
+    train(exploding, OptimConfig(learning_rate=1e35, warmup_fraction=0.0), MESH, workdir)
+  assert orbax_io.all_steps(workdir) == [6]
+  _, after = orbax_io.restore_params(workdir, step=6)
+  for k, v in _flatten(good).items():
+    np.testing.assert_array_equal(_flatten(after)[k], v)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-m", "instructor_jax.train", "--gin_file=gin_configs/runs/quickstart_cpu.gin",
+         "--gin_bindings=TRAIN_STEPS = 100000", "--gin_bindings=TrainConfig.log_every = 1", f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "no metrics after 120 s"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  stopped = int(out.split("stopping at step ")[1].split()[0])
+  assert orbax_io.latest_step(str(workdir)) == stopped, out
+  assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    return {k2: v2 for k, v in tree.items() for k2, v2 in _flatten(v, f"{prefix}{k}/").items()}
+  return {prefix.rstrip("/"): np.asarray(tree)}
