@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import logging
 import os
 import signal
 import sys
@@ -97,7 +98,13 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
       raise FileNotFoundError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
     for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
       gin.add_config_file_search_path(d)
-  gin.parse_config_files_and_bindings(files, bindings)
+  # gin's package-path reader logs an error for every search path an include is *not* under;
+  # a missing include still raises, so those log lines are noise.
+  logging.disable(logging.ERROR)
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")

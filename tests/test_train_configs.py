@@ -1,0 +1,56 @@
+"""Every shipped gin file parses, starts with its command, and the paper recipe has the paper's values."""
+
+import pathlib
+
+import gin
+import pytest
+
+from instructor_jax import train
+
+GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
+ALL_FILES = sorted(GIN.rglob("*.gin"))
+
+
+def load(files, bindings=()):
+  gin.clear_config()
+  train.parse_gin([str(f) for f in files], list(bindings))
+  return train.GIN_TRAIN_CONFIG(), train.GIN_OPTIM_CONFIG(), train.GIN_MESH_CONFIG()
+
+
+def test_every_gin_file_starts_with_the_command_that_runs_it():
+  assert {p.parent.name for p in ALL_FILES} == {"models", "runs", "meshes"} and len(ALL_FILES) >= 10
+  for path in ALL_FILES:
+    head = path.read_text().split("\n\n")[0]
+    assert head.startswith("# ") and ("python -m instructor_jax.train" in head or "launch_tpu.sh" in head), path
+
+
+def test_paper_recipe():
+  cfg, optim, mesh = load([GIN / "runs" / "instructor_medi.gin"])
+  assert (cfg.model, cfg.init_checkpoint) == ("gtr-large", "sentence-transformers/gtr-t5-large")
+  assert (cfg.train_steps, cfg.batch_size, cfg.query_len, cfg.doc_len) == (20000, 4, 512, 512)
+  assert (cfg.loss, cfg.temperature, cfg.dropout_rate, cfg.dtype) == ("instructor", 0.01, 0.1, "bfloat16")
+  assert (optim.name, optim.learning_rate, optim.warmup_fraction, optim.final_lr_fraction) == ("adamw", 2e-5, 0.1, 0.0)
+  assert cfg.medi_path is None  # must be given: the error message says how
+
+
+@pytest.mark.parametrize("model", sorted(p.name for p in (GIN / "models").glob("*.gin")))
+@pytest.mark.parametrize("mesh", [None] + sorted(p.name for p in (GIN / "meshes").glob("*.gin")))
+def test_runs_combine_with_models_and_meshes(model, mesh):
+  files = [GIN / "runs" / "instructor_medi.gin", GIN / "models" / model] + ([GIN / "meshes" / mesh] if mesh else [])
+  cfg, _, mesh_cfg = load(files, ["MEDI_PATH = '/data/medi.json'", "TRAIN_STEPS = 7", "INIT_CHECKPOINT = None"])
+  assert (cfg.medi_path, cfg.train_steps, cfg.init_checkpoint) == ("/data/medi.json", 7, None)
+  assert cfg.model == ("tiny" if model == "tiny.gin" else "gtr-" + model[4:-4])
+  if mesh:
+    assert cfg.batch_size >= 256 and cfg.batch_size % mesh_cfg.fsdp == 0
+
+
+def test_quickstart_macros_override_from_the_command_line():
+  cfg, optim, mesh = load([GIN / "runs" / "quickstart_cpu.gin"], ["BATCH_SIZE = 32", "TRAIN_STEPS = 10"])
+  assert (cfg.model, cfg.batch_size, cfg.train_steps, cfg.medi_path) == ("tiny", 32, 10, "data/medi_sample.jsonl")
+
+
+def test_missing_gin_file_and_missing_medi_path_are_clear(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no_such.gin"):
+    train.parse_gin([str(tmp_path / "no_such.gin")], [])
+  with pytest.raises(ValueError, match="MEDI_PATH"):
+    next(iter(train.batches(train.TrainConfig(), 0, 1)))
