@@ -81,10 +81,23 @@ def init_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh:
   if params is None:
     init = lambda rng: _new_state(nn.unbox(_init_params_fn(config)(rng)), tx)
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  _check_params(params, config)
   # Each leaf goes straight to its shards; nothing full-size is materialised on one device.
   params = jax.device_put(params, shardings.params)
   return jax.jit(lambda p: _new_state(p, tx), in_shardings=(shardings.params,),
                  out_shardings=shardings, donate_argnums=(0,))(params)
+
+
+def _check_params(params: Any, config: InstructorConfig) -> None:
+  """Initial parameters must have the model's names and shapes; says which differ."""
+  expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(
+      nn.unbox(jax.eval_shape(_init_params_fn(config), jax.random.key(0))))}
+  got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+  wrong = [f"{k}: {got[k]} != {expected[k]}" for k in sorted(expected.keys() & got.keys()) if got[k] != expected[k]]
+  if missing or extra or wrong:
+    raise ValueError(f"initial parameters do not fit the model config: missing {missing[:5]}, unexpected "
+                     f"{extra[:5]}, wrong shapes {wrong[:5]}. Check INIT_CHECKPOINT and its config.")
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:

@@ -63,6 +63,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted):
     np.testing.assert_array_equal(_flatten(after)[k], v)
 
 
+def test_init_checkpoint_is_used_and_a_workdir_checkpoint_wins(uninterrupted, tmp_path):
+  source, _ = uninterrupted
+  _, source_params = orbax_io.restore_params(source, step=6)
+  source_norm = np.sqrt(sum(float(np.sum(np.square(v))) for v in _flatten(source_params).values()))
+  frozen = OptimConfig(learning_rate=0.0)  # parameters stay as loaded, so param_norm shows where they came from
+  cfg = CONFIG.__class__(**{**CONFIG.__dict__, "init_checkpoint": source, "train_steps": 2, "stop_after_steps": 1})
+  first = train(cfg, frozen, MESH, str(tmp_path / "w"))
+  np.testing.assert_allclose(first[0]["param_norm"], source_norm, rtol=1e-5)
+  # Resuming never reads INIT_CHECKPOINT again (here it no longer exists).
+  gone = CONFIG.__class__(**{**cfg.__dict__, "init_checkpoint": str(tmp_path / "deleted"), "stop_after_steps": None})
+  second = train(gone, frozen, MESH, str(tmp_path / "w"))
+  assert [r["step"] for r in second] == [2]
+  np.testing.assert_allclose(second[0]["param_norm"], source_norm, rtol=1e-5)
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "preempted"
   cmd = [sys.executable, "-m", "instructor_jax.train", "--gin_file=gin_configs/runs/quickstart_cpu.gin",

@@ -46,10 +46,10 @@ def mesh_of(data, fsdp, tensor):
   return shd.make_mesh(shd.MeshConfig(data, fsdp, tensor), jax.devices()[:data * fsdp * tensor])
 
 
-def run_steps(mesh, batches, **step_kwargs):
-  tx, schedule = make_optimizer(OPTIM, 10)
-  state = ts.init_state(CONFIG, tx, mesh, params=host_params())
-  step = ts.make_train_step(CONFIG, tx, schedule, mesh, temperature=TEMPERATURE, **step_kwargs)
+def run_steps(mesh, batches, config=CONFIG, optim=OPTIM, **step_kwargs):
+  tx, schedule = make_optimizer(optim, 10)
+  state = ts.init_state(config, tx, mesh, params=host_params())
+  step = ts.make_train_step(config, tx, schedule, mesh, temperature=TEMPERATURE, **step_kwargs)
   metrics = []
   for b in batches:
     state, m = step(state, shd.global_batch(b, mesh))
@@ -147,6 +147,24 @@ def test_grad_cache_gives_the_plain_gradients():
   for m, r in zip(gc_metrics, reference_metrics):
     np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gc_params, reference_params)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots_no_batch"])
+def test_remat_changes_nothing_but_memory(policy):
+  reference_params, reference_metrics = reference_run()
+  params, metrics, _ = run_steps(mesh_of(1, 1, 1), [random_batch(1), random_batch(2)],
+                                 config=CONFIG.with_encoder(remat_policy=policy))
+  np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in reference_metrics], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, reference_params)
+
+
+def test_adafactor_state_is_sharded_and_steps():
+  mesh = mesh_of(2, 2, 2)
+  params, metrics, state = run_steps(mesh, [random_batch(1)], optim=OptimConfig(name="adafactor", learning_rate=1e-3, warmup_fraction=0.0))
+  assert np.isfinite(metrics[0]["loss"]) and metrics[0]["grad_norm"] > 0
+  changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, host_params())
+  assert min(jax.tree.leaves(changed)) > 0  # every parameter moved
+  assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(state.opt_state))
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
