@@ -192,6 +192,8 @@ class _StopFlag:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
+    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     self.signal = signum
 
   def restore(self) -> None:
@@ -216,35 +218,51 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
                      f"on mesh {dict(mesh.shape)}; change BATCH_SIZE or MeshConfig.")
   tx, schedule = make_optimizer(optim, cfg.train_steps)
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
-  model, state, origin = build_state(cfg, tx, mesh, ckpt)
-  start = int(jax.device_get(state.step))
-  chief = jax.process_index() == 0
-  if chief:
-    from etils import epath
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.gin").write_text(gin_text)
-    print(f"{origin}; {num_params(state.params) / 1e6:.1f}M parameters; mesh {dict(mesh.shape)}; "
-          f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
-          f"steps {start} -> {cfg.train_steps}", flush=True)
-  step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
-                            grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed)
-  writer = train_outputs.MetricsWriter(
-      workdir, chief=chief, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
+  try:
+    model, state, origin = build_state(cfg, tx, mesh, ckpt)
+    start = int(jax.device_get(state.step))
+    end = cfg.train_steps if cfg.stop_after_steps is None else min(cfg.train_steps, start + cfg.stop_after_steps)
+    if jax.process_index() == 0:
+      from etils import epath
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / "config.gin").write_text(gin_text)
+      print(f"{origin}; {num_params(state.params) / 1e6:.1f}M parameters; mesh {dict(mesh.shape)}; "
+            f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
+            f"steps {start} -> {end} of {cfg.train_steps}", flush=True)
+    if start >= end:
+      return []
+    step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
+                              grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed)
+    writer = _metrics_writer(cfg, model, workdir)
+    try:
+      return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end)
+    finally:
+      writer.close()
+  finally:
+    ckpt.close()
+
+
+def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str) -> train_outputs.MetricsWriter:
+  return train_outputs.MetricsWriter(
+      workdir, chief=jax.process_index() == 0, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
       tokens_per_step=cfg.batch_size * (cfg.query_len + 2 * cfg.doc_len),
       flops_per_step=train_outputs.train_step_flops(model, cfg.batch_size, cfg.query_len, cfg.doc_len),
       num_devices=jax.device_count(), device_peak_flops=train_outputs.peak_flops(jax.devices()[0].device_kind))
+
+
+def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
+          log: "_Logger", start: int, end: int) -> list[dict[str, Any]]:
+  """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states."""
   meta = {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "train_steps": cfg.train_steps}
-  end = cfg.train_steps if cfg.stop_after_steps is None else min(cfg.train_steps, start + cfg.stop_after_steps)
   stop = _StopFlag()
-  log = _Logger(writer, cfg.log_every, start)
   pending = None
   try:
     for step, task, local in batches(cfg, start, end - start):
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
-      if pending is not None:  # step n-1's metrics, fetched while step n runs
+      if pending is not None:
         log(*_fetch(pending))
-      pending = (step + 1, task, metrics)
       done = step + 1
+      pending = (done, task, metrics)
       preempted = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
       if preempted or done == end or done % cfg.checkpoint_every == 0:
         # Only a state whose own loss was checked finite is ever saved.
@@ -264,8 +282,6 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
                              "the learning rate, raise the temperature, or check this task's data.") from None
   finally:
     stop.restore()
-    ckpt.close()
-    writer.close()
   return log.records
 
 
