@@ -176,63 +176,6 @@ class _Progress:
     self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
 
 
-def _calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: Fields, max_len: int,
-                        count: int) -> np.ndarray:
-  """Per-dimension [min, max] of the first `count` valid rows (every process picks the same rows)."""
-  items = []
-  for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
-    row = embed_io.parse_row(file.format, fields, slot, where, raw)
-    if isinstance(row, Row):
-      items.append(row.text if row.instruction is None else [row.instruction, row.text])
-      if len(items) >= count:
-        break
-  if len(items) < 2:
-    raise InputError("int8/uint8 calibration needs at least 2 valid rows; pass --int8-ranges instead.")
-  emb_NE = model.encode(items, batch_size=64, max_seq_length=max_len)
-  return np.stack([emb_NE.min(0), emb_NE.max(0)]).astype(np.float32)
-
-
-def _int8_ranges(args, model, files, fields, max_len, out_dir) -> np.ndarray | None:
-  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (then saved)."""
-  if args.precision not in ("int8", "uint8"):
-    return None
-  saved = os.path.join(out_dir, "_int8_ranges.npy")
-  source = args.int8_ranges or (saved if os.path.exists(saved) and not args.overwrite else None)
-  if source:
-    ranges = np.load(source, allow_pickle=False).astype(np.float32)
-    if ranges.shape != (2, model.config.embedding_dim):
-      raise ValueError(f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
-                       "(per-dimension min and max, as sentence-transformers' quantize_embeddings).")
-  else:
-    ranges = _calibration_ranges(model, files, fields, max_len, args.calibration_rows)
-  if source != saved:
-    tmp = f"{saved}.tmp-{os.getpid()}.npy"
-    np.save(tmp, ranges, allow_pickle=False)
-    os.replace(tmp, saved)
-  return ranges
-
-
-def _job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges) -> dict[str, Any]:
-  cfg = model.config
-  ranges_hash = None if ranges is None else embed_manifest.hashlib.sha256(ranges.tobytes()).hexdigest()
-  return {
-      "model": {"fingerprint": embed_manifest.params_fingerprint(model.params),
-                "embedding_dim": cfg.embedding_dim, "compute_dtype": cfg.encoder.dtype,
-                "normalize": cfg.normalize, "max_seq_length": max_len},
-      "instruction": {"fixed": fields.fixed_instruction, "field": fields.instruction},
-      "fields": {"text": fields.text, "id": fields.id, "id_type": fields.id_type},
-      "inputs": [{"path": f.path, "format": f.format, "size": f.size, "rows": f.rows} for f in files],
-      "unreadable_inputs": [b.where for b in unreadable],
-      "rows_per_part": args.rows_per_part,
-      "num_parts": -(-sum(f.rows for f in files) // args.rows_per_part),
-      "output": {"format": args.format, "precision": args.precision,
-                 "stored_dim": embed_output.stored_dim(cfg.embedding_dim, args.precision),
-                 "int8_ranges": None if ranges is None else {"file": "_int8_ranges.npy", "sha256": ranges_hash}},
-      # Buckets change the padding, and in bf16 padding-free results can differ in the last bit.
-      "buckets": list(buckets),
-  }
-
-
 def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
@@ -297,8 +240,15 @@ def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Q
 
 
 def _write_parts(writes: queue.Queue, out_dir: str, fmt: str, precision: str, ranges: np.ndarray | None,
-                 id_type: str, job_hash: str, fault: Fault | None, done: list[dict[str, Any]]) -> None:
-  while (item := writes.get()) is not None:
+                 id_type: str, job_hash: str, fault: Fault | None, done: list[dict[str, Any]],
+                 stop: threading.Event) -> None:
+  while not stop.is_set():
+    try:
+      item = writes.get(timeout=0.2)
+    except queue.Empty:
+      continue
+    if item is None:
+      return
     work, out_NE = item
     sidecar = {"job_hash": job_hash, "rows": len(work.ids), "slots": work.slots, "first_slot": work.first_slot,
                "skipped": work.skipped, "truncated": work.truncated, "tokens": work.tokens,
@@ -347,8 +297,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   num_parts = -(-total // args.rows_per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
-  ranges = _int8_ranges(args, model, files, fields, max_len, out_dir)
-  spec = _job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
+  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
+  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
   embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
   job_hash = embed_manifest.spec_hash(spec)
   complete = {k for k in owned if k < num_parts and embed_output.part_is_complete(out_dir, k, args.format, job_hash)}
@@ -373,7 +323,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
 
   reader = _Stage(read, "embed-reader")
   writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, ranges, fields.id_type,
-                                       job_hash, fault, done), "embed-writer")
+                                       job_hash, fault, done, stop), "embed-writer")
   progress = _Progress(pending_slots, not args.no_progress)
   reader.start()
   writer.start()

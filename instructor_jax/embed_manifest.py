@@ -19,7 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from instructor_jax.embed_output import atomic_json, read_sidecar
+from instructor_jax.embed_io import BadRow, Fields, InputFile
+from instructor_jax.embed_output import RANGES_FILE, atomic_json, read_sidecar, stored_dim
 
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "manifest.json"
@@ -56,6 +57,29 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     elif a != b:
       out.append(f"{prefix}{key}: existing {json.dumps(a)[:120]} vs now {json.dumps(b)[:120]}")
   return out
+
+
+def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unreadable: list[BadRow], max_len: int,
+             buckets: list[int], ranges: np.ndarray | None) -> dict[str, Any]:
+  """Everything that decides the stored numbers (see the module docstring)."""
+  cfg = model.config
+  ranges_hash = None if ranges is None else hashlib.sha256(ranges.tobytes()).hexdigest()
+  return {
+      "model": {"fingerprint": params_fingerprint(model.params),
+                "embedding_dim": cfg.embedding_dim, "compute_dtype": cfg.encoder.dtype,
+                "normalize": cfg.normalize, "max_seq_length": max_len},
+      "instruction": {"fixed": fields.fixed_instruction, "field": fields.instruction},
+      "fields": {"text": fields.text, "id": fields.id, "id_type": fields.id_type},
+      "inputs": [{"path": f.path, "format": f.format, "size": f.size, "rows": f.rows} for f in files],
+      "unreadable_inputs": [b.where for b in unreadable],
+      "rows_per_part": args.rows_per_part,
+      "num_parts": -(-sum(f.rows for f in files) // args.rows_per_part),
+      "output": {"format": args.format, "precision": args.precision,
+                 "stored_dim": stored_dim(cfg.embedding_dim, args.precision),
+                 "int8_ranges": None if ranges is None else {"file": RANGES_FILE, "sha256": ranges_hash}},
+      # Buckets change the padding, and in bf16 padding-free results can differ in the last bit.
+      "buckets": list(buckets),
+  }
 
 
 def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> None:

@@ -23,9 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from instructor_jax import embed_io
+
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 OUTPUT_FORMATS = ("parquet", "npy")
 PARTS_DIR = "_parts"
+RANGES_FILE = "_int8_ranges.npy"
 
 
 def quantize(x_NE: np.ndarray, precision: str, ranges_2E: np.ndarray | None = None) -> np.ndarray:
@@ -175,3 +178,42 @@ def read_part(out_dir: str, index: int, fmt: str) -> tuple[list[Any], np.ndarray
     return table.column("id").to_pylist(), emb.values.to_numpy(zero_copy_only=False).reshape(-1, width)
   emb_file, ids_file = data_files(index, fmt)
   return (np.load(os.path.join(out_dir, ids_file)).tolist(), np.load(os.path.join(out_dir, emb_file)))
+
+
+# ---- int8 / uint8 calibration ----------------------------------------------------------------------
+
+def calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: embed_io.Fields, max_len: int,
+                        count: int) -> np.ndarray:
+  """Per-dimension [min, max] of the first `count` valid rows (every process picks the same rows)."""
+  items = []
+  for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
+    row = embed_io.parse_row(file.format, fields, slot, where, raw)
+    if isinstance(row, embed_io.Row):
+      items.append(row.text if row.instruction is None else [row.instruction, row.text])
+      if len(items) >= count:
+        break
+  if len(items) < 2:
+    raise embed_io.InputError("int8/uint8 calibration needs at least 2 valid rows; pass --int8-ranges instead.")
+  emb_NE = model.encode(items, batch_size=64, max_seq_length=max_len)
+  return np.stack([emb_NE.min(0), emb_NE.max(0)]).astype(np.float32)
+
+
+def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: embed_io.Fields, max_len: int,
+                out_dir: str) -> np.ndarray | None:
+  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (then saved)."""
+  if args.precision not in ("int8", "uint8"):
+    return None
+  saved = os.path.join(out_dir, RANGES_FILE)
+  source = args.int8_ranges or (saved if os.path.exists(saved) and not args.overwrite else None)
+  if source:
+    ranges = np.load(source, allow_pickle=False).astype(np.float32)
+    if ranges.shape != (2, model.config.embedding_dim):
+      raise ValueError(f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
+                       "(per-dimension min and max, as sentence-transformers' quantize_embeddings).")
+  else:
+    ranges = calibration_ranges(model, files, fields, max_len, args.calibration_rows)
+  if source != saved:
+    tmp = f"{saved}.tmp-{os.getpid()}.npy"
+    np.save(tmp, ranges, allow_pickle=False)
+    os.replace(tmp, saved)
+  return ranges
