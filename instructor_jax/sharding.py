@@ -100,19 +100,22 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def _check_host_rows(sharding: NamedSharding, global_shape: tuple[int, ...], local_rows: int) -> None:
-  """The rows this process's devices hold must be its contiguous slice, as the data pipeline cuts it."""
-  index_map = sharding.addressable_devices_indices_map(global_shape)
-  starts = sorted({(idx[0].start or 0) for idx in index_map.values()})
-  stops = sorted({(idx[0].stop if idx[0].stop is not None else global_shape[0]) for idx in index_map.values()})
-  lo, hi = starts[0], stops[-1]
-  expected_lo = jax.process_index() * local_rows
-  if hi - lo != local_rows or lo != expected_lo:
+def _host_blocks(sharding: NamedSharding, global_shape: tuple[int, ...], local_rows: int) -> dict[int, int]:
+  """Global row block start -> offset in this host's rows, for the distinct blocks its devices hold.
+
+  Every host feeds its own examples into whatever row blocks the mesh gives its devices (on TPU
+  slices these need not be contiguous). The losses are invariant to the order of examples within
+  a batch, so the global batch is the same set of triples whatever the device order.
+  """
+  starts = sorted({idx[0].start or 0 for idx in sharding.addressable_devices_indices_map(global_shape).values()})
+  block = global_shape[0] // math.prod(sharding.mesh.shape[a] for a in BATCH_AXES)
+  if len(starts) * block != local_rows:
     raise ValueError(
-        f"process {jax.process_index()} feeds rows [{expected_lo}, {expected_lo + local_rows}) of the "
-        f"global batch, but its devices hold rows [{lo}, {hi}) on mesh {dict(sharding.mesh.shape)}. "
-        "Make data * fsdp a multiple of the number of processes with each host's devices on its own "
-        "rows (keep `tensor` within a host).")
+        f"process {jax.process_index()} has {local_rows} rows of the global batch but its devices hold "
+        f"{len(starts) * block} distinct rows on mesh {dict(sharding.mesh.shape)}: the batch axes (data x fsdp) "
+        "must give every host its own rows. Keep `tensor` within a host and make data * fsdp a multiple of "
+        "the number of processes.")
+  return {start: i * block for i, start in enumerate(starts)}
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -121,12 +124,9 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   for name, x in local.items():
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() > 1:
-      _check_host_rows(sharding, global_shape, x.shape[0])
-    out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
+    offsets = _host_blocks(sharding, global_shape, x.shape[0])
+    block = global_shape[0] // batch_size_multiple(mesh)
+    shards = [jax.device_put(x[offsets[idx[0].start or 0]:][:block], device)
+              for device, idx in sharding.addressable_devices_indices_map(global_shape).items()]
+    out[name] = jax.make_array_from_single_device_arrays(global_shape, sharding, shards)
   return out
-
-
-def shardings_like(tree: Any, mesh: Mesh) -> Any:
-  """The NamedSharding of every jax.Array leaf of `tree` (others replicated)."""
-  return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated(mesh), tree)

@@ -25,6 +25,45 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+WORKER = r"""
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.sharding import Mesh
+from instructor_jax import sharding as shd
+from instructor_jax.losses import instructor_loss
+# Interleave the hosts' devices, as a TPU topology may: host p's rows are not one contiguous block.
+devices = sorted(jax.devices(), key=lambda d: (d.id % 2, d.process_index))
+mesh = Mesh(np.array(devices).reshape(4, 1, 1), shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+rng = np.random.default_rng(0)
+full = {k: rng.normal(size=(8, 5)).astype(np.float32) for k in ("q", "p", "n")}
+p = jax.process_index()
+local = {k: v[p * 4:(p + 1) * 4] for k, v in full.items()}
+g = shd.global_batch(local, mesh)
+owners = sorted(s.index[0].start for s in g["q"].addressable_shards)
+loss, _ = jax.jit(lambda b: instructor_loss(b["q"], b["p"], b["n"], 0.1))(g)
+print("RESULT", p, owners, float(loss), float(instructor_loss(full["q"], full["p"], full["n"], 0.1)[0]))
+"""
+
+
+def test_hosts_feed_non_contiguous_row_blocks():
+  """Whatever rows the mesh gives a host's devices, the global batch is the same set of triples."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  results = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+    results.append(out.split("RESULT ")[1].split())
+  assert results[0][1:3] == ["[0,", "4]"] and results[1][1:3] == ["[2,", "6]"]  # interleaved blocks
+  for r in results:
+    np.testing.assert_allclose(float(r[3]), float(r[4]), rtol=1e-5)
+
+
 def test_two_processes_match_one(tmp_path):
   workdir = tmp_path / "two"
   port = _free_port()
