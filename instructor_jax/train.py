@@ -26,8 +26,9 @@ import numpy as np
 from instructor_jax import orbax_io, sharding as shd, train_outputs
 from instructor_jax.config import InstructorConfig, preset
 from instructor_jax.optim import OptimConfig, make_optimizer
-from instructor_jax.train_checkpoint import TrainCheckpointer
-from instructor_jax.train_step import TrainState, abstract_state, init_state, make_train_step, num_params
+from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
+from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
+                                       state_shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,12 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
       print(f"warning: resuming {ckpt.directory}/{latest} with batch_size/data_seed {cfg.batch_size}/{cfg.data_seed} "
             f"(checkpoint: {meta.get('batch_size')}/{meta.get('data_seed')}); the data stream will differ.")
     return model, state, f"resumed {ckpt.directory}/{latest}"
+  if cfg.init_checkpoint and orbax_io.is_orbax_checkpoint(cfg.init_checkpoint):
+    # Read straight onto the shardings: no host ever holds the whole model (gtr-xxl is 19 GB).
+    step, config_dict = read_model_config(cfg.init_checkpoint)
+    model = with_compute_options(orbax_io.config_from_dict(config_dict), cfg)
+    _, params = orbax_io.restore_params(cfg.init_checkpoint, step, shardings=state_shardings(model, tx, mesh).params)
+    return model, init_state(model, tx, mesh, params=params), f"initialised from {cfg.init_checkpoint} step {step}"
   if cfg.init_checkpoint:
     from instructor_jax.sources import load_source
     loaded = load_source(cfg.init_checkpoint)

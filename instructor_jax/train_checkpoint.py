@@ -80,3 +80,16 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def read_model_config(path: str) -> tuple[int, dict[str, Any]]:
+  """(latest step, its model_config dict) of an orbax workdir / checkpoints dir, reading nothing else."""
+  manager = orbax_io.checkpoint_manager(orbax_io.checkpoint_dir(path), read_only=True)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise orbax_io.OrbaxCheckpointError(f"{path}: no finished checkpoint step to initialise from.")
+    restored = manager.restore(step, args=ocp.args.Composite(**{orbax_io.CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return step, restored[orbax_io.CONFIG_ITEM]
+  finally:
+    manager.close()

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,3 +47,13 @@ def test_quickstart_trains_embeds_and_exports(tmp_path):
   st = SentenceTransformer(str(export), device="cpu")
   st_emb = st.encode([inputs[1]], normalize_embeddings=False)
   np.testing.assert_allclose(st_emb[0], emb[1], atol=1e-5)
+
+  # The export is a valid INIT_CHECKPOINT (the path GTR checkpoints take): lr 0 keeps its weights.
+  from instructor_jax.optim import OptimConfig
+  from instructor_jax.sharding import MeshConfig
+  from instructor_jax.train import TrainConfig, train
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), init_checkpoint=str(export), train_steps=1,
+                    batch_size=8, query_len=16, doc_len=16, dtype="float32")
+  record = train(cfg, OptimConfig(learning_rate=0.0), MeshConfig(), str(tmp_path / "from_export"))[0]
+  norm = np.sqrt(sum(float(np.sum(np.square(np.asarray(x)))) for x in jax.tree.leaves(model.params)))
+  np.testing.assert_allclose(record["param_norm"], norm, rtol=1e-5)
