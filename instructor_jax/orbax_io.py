@@ -132,7 +132,7 @@ def is_orbax_checkpoint(path: str) -> bool:
   try:
     directory = epath.Path(checkpoint_dir(path))
     return any(child.name.isdigit() and (child / PARAMS_ITEM).is_dir() for child in directory.iterdir())
-  except (OSError, ValueError):
+  except Exception:  # a probe: missing dirs, unreachable buckets and missing filesystems all mean "no"
     return False
 
 

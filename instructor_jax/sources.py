@@ -35,12 +35,8 @@ def detect_kind(path: str) -> str:
   """'hf', 't5x' or 'orbax' for an existing local (or gs://) directory; raises for anything else."""
   from instructor_jax import orbax_io, t5x_format
   if path.startswith("gs://"):
-    if t5x_format.is_t5x_checkpoint(path):
-      return "t5x"
-    if orbax_io.is_orbax_checkpoint(path):
-      return "orbax"
-    raise CheckpointError(f"{path}: neither a t5x checkpoint (no 'checkpoint' file or checkpoint_<step>/) nor an "
-                          "orbax checkpoint directory, or the bucket is unreachable (check credentials).")
+    # The t5x reader reports an unreachable bucket or a missing 'checkpoint' with the real cause.
+    return "orbax" if orbax_io.is_orbax_checkpoint(path) else "t5x"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
   if t5x_format.is_t5x_checkpoint(path):

@@ -12,6 +12,7 @@ names are the t5x dual-encoder names that our tree uses, so loading is a read, n
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -24,7 +25,6 @@ from instructor_jax.hf_format import CheckpointError, expected_shapes
 
 CHECKPOINT_FILE = "checkpoint"
 DEFAULT_MAX_DISTANCE = 128
-_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 # Top-level t5x subtrees that an encoder does not use (t5x encoder-decoder models): skipped unread.
 _DECODER_KEYS = ("decoder",)
 
@@ -48,41 +48,65 @@ def _join(directory: str, name: str) -> str:
   return f"{directory.rstrip('/')}/{name}" if directory.startswith("gs://") else os.path.join(directory, name)
 
 
+@functools.lru_cache(maxsize=1)
+def _context():
+  """One tensorstore context for every read: shared caches, and a bounded GCS retry budget.
+
+  tensorstore's default retries an unreachable bucket for minutes; five retries with backoff up
+  to 16 s still ride out transient errors but fail in about half a minute when offline.
+  """
+  import tensorstore as ts
+  return ts.Context({"gcs_request_retries": {"max_retries": 5, "initial_delay": "1s", "max_delay": "16s"}})
+
+
 def _open_kvstore(directory: str):
   import tensorstore as ts
-  return ts.KvStore.open(_kvstore(directory)).result()
+  return ts.KvStore.open(_kvstore(directory), context=_context()).result()
 
 
-def _list_dir(directory: str) -> list[str]:
-  """Immediate entry names of a local or gs:// directory."""
-  if not directory.startswith("gs://"):
-    return os.listdir(directory) if os.path.isdir(directory) else []
-  keys = _open_kvstore(directory).list().result()
-  return sorted({k.decode().split("/", 1)[0] for k in keys})
+def _keys(directory: str, first: str, last: str) -> list[str]:
+  """Keys in [first, last) under `directory`, through tensorstore (same code for local and gs://)."""
+  import tensorstore as ts
+  try:
+    keys = _open_kvstore(directory).list(ts.KvStore.KeyRange(first, last)).result()
+  except Exception as e:  # missing local dir, unreachable bucket, no credentials
+    raise CheckpointError(f"{directory}: cannot list ({type(e).__name__}: {e}).") from e
+  return [k.decode() for k in keys]
+
+
+def _has_checkpoint_file(directory: str) -> bool:
+  return CHECKPOINT_FILE in _keys(directory, CHECKPOINT_FILE, CHECKPOINT_FILE + "\0")
+
+
+def _steps(directory: str) -> list[int]:
+  """Steps of the checkpoint_<step>/checkpoint files under a t5x model directory.
+
+  Listing is recursive in tensorstore, so on a bucket this also enumerates array chunks: pass the
+  checkpoint_<step> directory itself to skip it.
+  """
+  keys = _keys(directory, "checkpoint_", "checkpoint`")  # '`' sorts right after '_'
+  found = (re.match(r"^checkpoint_(\d+)/checkpoint$", k) for k in keys)
+  return sorted({int(m.group(1)) for m in found if m})
 
 
 def _read_file(directory: str, name: str) -> bytes | None:
-  if not directory.startswith("gs://"):
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-      return None
-    with open(path, "rb") as f:
-      return f.read()
-  result = _open_kvstore(directory).read(name).result()
+  try:
+    result = _open_kvstore(directory).read(name).result()
+  except Exception as e:
+    raise CheckpointError(f"{_join(directory, name)}: cannot read ({type(e).__name__}: {e}).") from e
   return bytes(result.value) if result.state == "value" else None
 
 
 def resolve_checkpoint_dir(path: str, step: int | None = None) -> str:
   """`path` itself if it holds `checkpoint`; for a t5x model dir, its `checkpoint_<step>` (latest)."""
-  path = path.rstrip("/") if path != "/" else path
-  entries = _list_dir(path)
-  if CHECKPOINT_FILE in entries and step is None:
+  path = path.rstrip("/") or "/"
+  if step is None and _has_checkpoint_file(path):
     return path
-  steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, entries) if m)
-  if step is not None:
-    if step not in steps:
-      raise CheckpointError(f"{path}: no checkpoint_{step}; t5x steps found: {steps or 'none'}.")
+  if step is not None and _has_checkpoint_file(_join(path, f"checkpoint_{step}")):
     return _join(path, f"checkpoint_{step}")
+  steps = _steps(path)
+  if step is not None:
+    raise CheckpointError(f"{path}: no checkpoint_{step}; t5x steps found: {steps or 'none'}.")
   if steps:
     return _join(path, f"checkpoint_{steps[-1]}")
   raise CheckpointError(f"{path}: no t5x '{CHECKPOINT_FILE}' file and no checkpoint_<step> directories.")
@@ -90,13 +114,12 @@ def resolve_checkpoint_dir(path: str, step: int | None = None) -> str:
 
 def is_t5x_checkpoint(path: str) -> bool:
   """True for a t5x checkpoint dir (has `checkpoint`) or a t5x model dir (has checkpoint_<step>/)."""
-  try:
-    entries = _list_dir(path)
-  except Exception:  # unreachable bucket, permissions: not recognisable as t5x from here
+  if not path.startswith("gs://") and not os.path.isdir(path):
     return False
-  if CHECKPOINT_FILE in entries and (path.startswith("gs://") or os.path.isfile(os.path.join(path, CHECKPOINT_FILE))):
-    return True
-  return any(_STEP_DIR.match(e) for e in entries)
+  try:
+    return _has_checkpoint_file(path) or bool(_steps(path))
+  except CheckpointError:
+    return False
 
 
 def read_msgpack(directory: str) -> dict[str, Any]:
@@ -152,7 +175,7 @@ def _open_spec(spec: Mapping[str, Any], directory: str, name: str) -> np.ndarray
     array_dir = rel if os.path.isabs(rel) else _join(directory, rel)
   spec["kvstore"] = _kvstore(array_dir)
   try:
-    store = ts.open(spec, open=True, read=True).result()
+    store = ts.open(spec, open=True, read=True, context=_context()).result()
     return np.asarray(store.read().result())
   except Exception as e:
     raise CheckpointError(f"{array_dir}: cannot read tensor {name!r} with tensorstore "
