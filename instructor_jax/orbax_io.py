@@ -68,7 +68,7 @@ def checkpoint_manager(directory: str, *, max_to_keep: int | None = None, save_i
   can be saved (handlers are chosen from the args types); when given, it must list every item.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+      max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else save_interval_steps,
       enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
   if item_names is None:
     return ocp.CheckpointManager(epath.Path(_abs(directory)), options=options)
