@@ -84,8 +84,9 @@ def init_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh:
   _check_params(params, config)
   # Each leaf goes straight to its shards; nothing full-size is materialised on one device.
   params = jax.device_put(params, shardings.params)
-  return jax.jit(lambda p: _new_state(p, tx), in_shardings=(shardings.params,),
-                 out_shardings=shardings, donate_argnums=(0,))(params)
+  # Master weights are float32 whatever the source stored (fp16/bf16 exports).
+  to_fp32 = lambda p: _new_state(jax.tree.map(lambda x: x.astype(jnp.float32), p), tx)
+  return jax.jit(to_fp32, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))(params)
 
 
 def _check_params(params: Any, config: InstructorConfig) -> None:
