@@ -22,19 +22,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axis. Flax uses a mesh axis at most once per array, so activations
+# Logical axis -> mesh axis, applied in order. Flax uses a mesh axis at most once per array, so activations
 # (batch, length, embed) shard batch over data x fsdp and leave embed whole, while parameters
 # (embed, mlp) shard embed over fsdp and mlp over tensor.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
+    # Before "embed", so that the table's rows take fsdp x tensor and its columns stay whole: with
+    # columns over fsdp the lookup's output comes out split by columns and GSPMD falls back to
+    # replicating whole [B, L, D] activations ("involuntary full rematerialization").
+    ("vocab", ("fsdp", "tensor")),
     ("embed", "fsdp"),
     ("joined_kv", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
-    # The 32128-row table is the largest single parameter of gtr-base; split rows over tensor.
-    ("vocab", "tensor"),
     ("relpos_buckets", None),
     ("projection", None),
 )
@@ -87,8 +89,25 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
 
 
 def boxed_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
-  """Shardings of a tree whose leaves carry flax logical-partitioning boxes (unboxed leaves: replicated)."""
-  return logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+  """Shardings of a tree whose leaves carry flax logical-partitioning boxes (unboxed leaves: replicated).
+
+  A dimension that its mesh axes do not divide (e.g. 32128 vocab rows over 256 devices) keeps the
+  longest prefix of those axes that does, down to none, since jax.Arrays must split evenly.
+  """
+  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), LOGICAL_RULES)
+  shapes = nn.unbox(abstract_boxed)
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*fitted)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

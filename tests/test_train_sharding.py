@@ -1,6 +1,9 @@
 """The train step on 8 fake CPU devices: mesh-independent results, global negatives, GradCache."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -165,6 +168,41 @@ def test_adafactor_state_is_sharded_and_steps():
   changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, host_params())
   assert min(jax.tree.leaves(changed)) > 0  # every parameter moved
   assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(state.opt_state))
+
+
+COMPILE_STEP = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+import numpy as np
+from instructor_jax import sharding as shd, train_step as ts
+from instructor_jax.config import preset
+from instructor_jax.optim import OptimConfig, make_optimizer
+cfg = preset("tiny").with_encoder(dropout_rate=0.0)
+mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+tx, schedule = make_optimizer(OptimConfig(), 10)
+state = ts.abstract_state(cfg, tx, mesh)
+batch = {k: jax.ShapeDtypeStruct((16,) if k.endswith("n_instr") else (16, 8 if k.startswith("query") else 12),
+                                 np.int32, sharding=s) for k, s in ts.batch_shardings(mesh).items()}
+ts.make_train_step(cfg, tx, schedule, mesh, grad_cache_chunks=2).lower(state, batch).compile()
+print("COMPILED")
+"""
+
+
+def test_no_involuntary_full_rematerialization():
+  """GSPMD must never fall back to replicating a whole activation (it did with the table's columns on fsdp)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-c", COMPILE_STEP], env=env, capture_output=True, text=True, timeout=300)
+  assert "COMPILED" in done.stdout, done.stderr
+  assert "Involuntary full rematerialization" not in done.stderr, done.stderr[-3000:]
+
+
+def test_vocab_that_does_not_divide_is_replicated():
+  config = CONFIG.with_encoder(vocab_size=1001)
+  shardings = ts.state_shardings(config, make_optimizer(OPTIM, 10)[0], mesh_of(1, 8, 1))
+  assert shardings.params["token_embedder"]["embedding"].spec == jax.sharding.PartitionSpec(None, None)
+  normal = ts.state_shardings(CONFIG, make_optimizer(OPTIM, 10)[0], mesh_of(1, 8, 1))
+  assert normal.params["token_embedder"]["embedding"].spec == jax.sharding.PartitionSpec(("fsdp", "tensor"), None)
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
