@@ -1,7 +1,6 @@
 """Resume == uninterrupted, a non-finite loss keeps the last good checkpoint, SIGTERM saves and exits."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
