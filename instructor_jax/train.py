@@ -298,16 +298,19 @@ class _Logger:
   def __init__(self, writer: train_outputs.MetricsWriter, every: int, start: int):
     self.writer, self.every = writer, every
     self.last_step, self.last_time = start, None
+    self.real_tokens = 0.0
     self.records: list[dict[str, Any]] = []
 
   def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
+    self.real_tokens += values.pop("real_tokens", 0.0)
     if not force and step % self.every and self.records:
       return
     now = time.time()
     # The first record of a run includes compilation, so it reports no throughput.
     seconds = None if self.last_time is None else (now - self.last_time) / max(step - self.last_step, 1)
-    self.records.append(self.writer.write(step, task, values, seconds))
-    self.last_step, self.last_time = step, now
+    record = self.writer.write(step, task, values, seconds, self.real_tokens / max(step - self.last_step, 1))
+    self.records.append(record)
+    self.last_step, self.last_time, self.real_tokens = step, now, 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,13 +90,21 @@ class MetricsWriter:
       self._jsonl = _JsonlSink(f"{workdir.rstrip('/')}/metrics.jsonl")
       self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard")
 
-  def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None) -> dict[str, Any]:
-    """Records the metrics of `step` (1-based count of updates done); `seconds` is its wall time."""
+  def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None,
+            real_tokens: float | None = None) -> dict[str, Any]:
+    """Records the metrics of `step` (1-based count of updates done).
+
+    `seconds` is the wall time per step and `real_tokens` the non-padding tokens per step, both
+    averaged since the previous record. tokens_per_s counts padded positions (what the matmuls
+    see); real_tokens_per_s only the text.
+    """
     record: dict[str, Any] = {"step": step, "task": task, **{k: float(v) for k, v in metrics.items()}}
     if seconds:
       record["step_seconds"] = seconds
       record["triples_per_s"] = self.batch_size / seconds
       record["tokens_per_s"] = self.tokens_per_step / seconds
+      if real_tokens is not None:
+        record["real_tokens_per_s"] = real_tokens / seconds
       if self.peak:
         record["mfu"] = self.flops_per_step / seconds / self.peak
     record["time"] = time.time()
@@ -113,7 +121,8 @@ class MetricsWriter:
              f"top1 {r.get('top1_q2d', float('nan')):.3f}", f"lr {r.get('lr', 0.0):.3g}",
              f"gnorm {r.get('grad_norm', float('nan')):.3g}"]
     if "triples_per_s" in r:
-      parts.append(f"{r['triples_per_s']:.1f} triples/s {r['tokens_per_s']:.0f} tok/s")
+      parts.append(f"{r['triples_per_s']:.1f} triples/s {r['tokens_per_s']:.0f} tok/s "
+                   f"({r.get('real_tokens_per_s', float('nan')):.0f} not padding)")
     if "mfu" in r:
       parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts.append(f"task {r['task']}")

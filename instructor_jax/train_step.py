@@ -204,7 +204,7 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss_value, grad_norm=global_norm(grads), param_norm=global_norm(params),
-                   lr=schedule(state.step))
+                   lr=schedule(state.step), real_tokens=sum(jnp.sum(batch[f"{r}_mask"]) for r in ROLES))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   state_sh = state_shardings(config, tx, mesh)
