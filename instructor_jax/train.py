@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
   parse_gin(flags.gin_file, flags.gin_bindings)
   cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
   try:
-    train(cfg, optim, mesh_config, flags.workdir, gin.config_str())
+    train(cfg, optim, mesh_config, flags.workdir, gin.operative_config_str())
   except NonFiniteLossError as e:
     print(f"error: non-finite loss at {e}", file=sys.stderr, flush=True)
     return 1
