@@ -82,8 +82,12 @@ def init_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh:
     init = lambda rng: _new_state(nn.unbox(_init_params_fn(config)(rng)), tx)
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
   _check_params(params, config)
-  # Each leaf goes straight to its shards; nothing full-size is materialised on one device.
-  params = jax.device_put(params, shardings.params)
+  # Each host copies only its own shards out of the host arrays (multi-process safe); nothing
+  # full-size is materialised on one device.
+  params = jax.tree.map(
+      lambda x, sh: jax.device_put(x, sh) if isinstance(x, jax.Array)
+      else jax.make_array_from_callback(np.shape(x), sh, lambda idx, x=x: np.asarray(x)[idx]),
+      params, shardings.params)
   # Master weights are float32 whatever the source stored (fp16/bf16 exports).
   to_fp32 = lambda p: _new_state(jax.tree.map(lambda x: x.astype(jnp.float32), p), tx)
   return jax.jit(to_fp32, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))(params)

@@ -15,7 +15,8 @@ from instructor_jax.sharding import MeshConfig
 from instructor_jax.train import TrainConfig, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BINDINGS = ["TRAIN_STEPS = 4", "BATCH_SIZE = 8", "TrainConfig.query_len = 16", "TrainConfig.doc_len = 24",
+FIXTURE = "tests/fixtures/tiny_instructor"  # an HF/sentence-transformers dir: every host loads it, keeps its shards
+BINDINGS = [f"INIT_CHECKPOINT = '{FIXTURE}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8", "TrainConfig.query_len = 16", "TrainConfig.doc_len = 24",
             "TrainConfig.dropout_rate = 0.1", "TrainConfig.log_every = 1", "MeshConfig.data = 2", "MeshConfig.fsdp = -1"]
 
 
@@ -77,11 +78,12 @@ def test_two_processes_match_one(tmp_path):
   outs = [p.communicate(timeout=240)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
-  assert "2 process(es), 4 cpu device(s)" in outs[0] and "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[0]
+  assert "initialised from hf:" in outs[0] and "2 process(es), 4 cpu device(s)" in outs[0] and "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[0]
   two = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
   # The same run in this (8-device) process: one host feeding the whole global batch.
-  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=4, batch_size=8,
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), init_checkpoint=str(REPO / FIXTURE),
+                    train_steps=4, batch_size=8,
                     query_len=16, doc_len=24, temperature=0.05, dtype="float32", dropout_rate=0.1, log_every=1)
   one = train(cfg, OptimConfig(learning_rate=1e-3), MeshConfig(data=2, fsdp=-1), str(tmp_path / "one"))
   assert [r["step"] for r in two] == [1, 2, 3, 4]
@@ -90,4 +92,4 @@ def test_two_processes_match_one(tmp_path):
   # Both processes wrote their shards of one checkpoint, readable as a whole.
   assert orbax_io.latest_step(str(workdir)) == 4
   _, params = orbax_io.restore_params(str(workdir))
-  assert params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"].shape == (32, 64)
+  assert params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"].shape == (16, 32)
