@@ -28,6 +28,7 @@ import numpy as np
 from instructor_jax import embed_io, embed_manifest, embed_output
 from instructor_jax.embed_batches import PartWork, build_part
 from instructor_jax.embed_io import BadRow, Fields, InputError, Row
+from instructor_jax.hf_format import CheckpointError
 from instructor_jax.tokenization import DEFAULT_BUCKETS
 
 FETCH_LAG = 2  # batches in flight before the oldest result is fetched
@@ -36,7 +37,7 @@ Fault = Callable[[str, int], None]
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
-  p.add_argument("--model", required=True, help="Hub id, sentence-transformers/HF dir, t5x dir, training workdir")
+  p.add_argument("--model", help="Hub id, sentence-transformers/HF dir, t5x dir, training workdir (required)")
   p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
   p.add_argument("--output", required=True, help="output directory")
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS)
@@ -144,13 +145,15 @@ class _Stage(threading.Thread):
       raise self.error
 
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+def _put(q: queue.Queue, item: Any, stop: threading.Event, consumer: _Stage | None = None) -> None:
+  """Blocking put that gives up when the job stops and re-raises a consumer thread's failure."""
   while not stop.is_set():
     try:
       q.put(item, timeout=0.2)
       return
     except queue.Full:
-      pass
+      if consumer is not None:
+        consumer.check()
   raise _Stopped()
 
 
@@ -212,7 +215,7 @@ def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Q
   def _finish_part(work, out_NE):
     progress.update(0, 0, 0, work.slots - len(work.ids))
     writer.check()
-    _put(writes, (work, out_NE), stop)
+    _put(writes, (work, out_NE), stop, writer)
 
   while True:
     try:
@@ -293,6 +296,10 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   batch_tokens = args.batch_tokens or (8192 if jax.default_backend() == "cpu" else 32768)
 
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
+  text_files = [f.path for f in files if f.format == "text"]
+  if text_files and (fields.id or fields.instruction):
+    raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
+                     "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
   total = sum(f.rows for f in files)
   num_parts = -(-total // args.rows_per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
@@ -329,7 +336,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   writer.start()
   try:
     shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
-    _put(writes_q, None, stop)
+    _put(writes_q, None, stop, writer)
     writer.join()
     writer.check()
   finally:
@@ -370,12 +377,15 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | None = None) -> dict[str, Any]:
   """CLI entry point; `model` (an Instructor) skips loading --model, for tests and notebooks."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if model is None and not args.model:
+    parser.error("the following arguments are required: --model")
   if args.rows_per_part < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
     raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
-  except (InputError, embed_manifest.OutputMismatchError) as e:
+  except (InputError, embed_manifest.OutputMismatchError, CheckpointError) as e:
     if model is not None:  # in-process callers get the exception
       raise
     print(f"error: {e}", file=sys.stderr)

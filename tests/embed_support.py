@@ -59,5 +59,5 @@ def read_output(out_dir: str, fmt: str = "parquet") -> tuple[list, np.ndarray]:
 
 
 def base_args(inputs: list[str], out_dir: str, *extra: str) -> list[str]:
-  return ["--model", "unused-in-process", "--input", *inputs, "--output", out_dir, "--no-progress",
+  return ["--input", *inputs, "--output", out_dir, "--no-progress",
           "--batch-tokens", "256", "--rows-per-part", "16", *extra]

@@ -99,6 +99,26 @@ def test_text_and_csv_errors_name_lines(tmp_path, model):
     embed.main(base_args([str(csv_path)], str(tmp_path / "o3")), model=model)
 
 
+def test_parquet_missing_column_and_nulls(tmp_path, model):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = str(tmp_path / "in.parquet")
+  pq.write_table(pa.table({"body": ["one", None, "three"], "n": [1, 2, 3]}), path)
+  with pytest.raises(InputError, match=r"in.parquet: row 1: no text field 'text' \(fields: \['body', 'n'\]\)"):
+    embed.main(base_args([path], str(tmp_path / "o1")), model=model)
+  summary = embed.main(base_args([path], str(tmp_path / "o2"), "--text-field", "body", "--on-error", "skip"),
+                       model=model)
+  assert summary["skipped"] == {"missing_text": 1} and summary["rows"] == 2
+  assert read_output(str(tmp_path / "o2"))[0] == [0, 2]
+
+
+def test_text_input_rejects_field_options(tmp_path, model):
+  path = tmp_path / "in.txt"
+  path.write_text("a\nb\n")
+  with pytest.raises(InputError, match="plain-text inputs"):
+    embed.main(base_args([str(path)], str(tmp_path / "out"), "--id-field", "id"), model=model)
+
+
 def test_unknown_extension_is_explained(tmp_path, model):
   path = tmp_path / "in.dat"
   path.write_text("x\n")

@@ -58,6 +58,23 @@ def test_killed_run_resumes_exactly_once(tmp_path, model, job, stage):
   np.testing.assert_array_equal(emb, ref_emb)
 
 
+def test_slow_writer_failure_surfaces_instead_of_hanging(tmp_path, model, job):
+  """The writer dies after the device loop has queued every part: the error must still surface."""
+  import time
+  path, _ = job
+  out = str(tmp_path / "out")
+
+  def fault(stage, k):
+    if (stage, k) == ("written", 0):
+      time.sleep(1.5)  # meanwhile the main thread fills the writer's queue and waits on it
+      raise Killed("late writer failure")
+
+  started = time.monotonic()
+  with pytest.raises(Killed, match="late writer failure"):
+    embed.main(base_args([path], out, "--instruction", INSTRUCTION), model=model, fault=fault)
+  assert time.monotonic() - started < 60
+
+
 def test_corrupted_part_is_recomputed(tmp_path, model, job):
   path, (ref_ids, ref_emb) = job
   out = str(tmp_path / "out")
@@ -106,6 +123,6 @@ def test_cli_reports_refusal_without_traceback(tmp_path, model, job, capsys, mon
   embed.main(base_args([path], out), model=model)
   monkeypatch.setattr(embed, "_load_model", lambda args: tiny_model(seed=1))
   with pytest.raises(SystemExit) as e:
-    embed.main(base_args([path], out))
+    embed.main(["--model", "some/model"] + base_args([path], out))
   assert e.value.code == 2
   assert "different embedding job" in capsys.readouterr().err
