@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import queue
 import sys
@@ -26,8 +27,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from instructor_jax import embed_io, embed_manifest, embed_output
-from instructor_jax.embed_batches import PartWork, build_part
-from instructor_jax.embed_io import BadRow, Fields, InputError, Row
+from instructor_jax.embed_batches import build_part, read_parts
+from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
 from instructor_jax.tokenization import DEFAULT_BUCKETS
 
@@ -84,48 +85,7 @@ def _load_model(args: argparse.Namespace) -> Any:
   return Instructor.from_pretrained(args.model, dtype=dtype, max_seq_length=args.max_seq_length)
 
 
-# ---- reader thread -------------------------------------------------------------------------------
-
-def _read_parts(files: list[embed_io.InputFile], fields: Fields, on_error: str, rows_per_part: int,
-                pending: set[int], make_part: Callable[..., PartWork], emit: Callable[[Any], None]) -> None:
-  """Streams all rows in input order, emitting a PartWork for every pending part."""
-  seen: dict[Any, str] = {}  # id -> first location; every row is checked, so all processes agree
-  last_pending = max(pending, default=-1)
-  current, rows, skipped = -1, [], collections.Counter()
-
-  def finish():
-    if current in pending:
-      first = current * rows_per_part
-      slots = min(rows_per_part, total_slots - first)
-      emit(make_part(current, first, slots, rows, dict(skipped)))
-
-  total_slots = sum(f.rows for f in files)
-  for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
-    part = slot // rows_per_part
-    if part != current:
-      finish()
-      current, rows, skipped = part, [], collections.Counter()
-      if part > last_pending and fields.id is None:
-        return
-    mine = part in pending
-    if not mine and fields.id is None:
-      continue
-    row = embed_io.parse_row(file.format, fields, slot, where, raw)
-    if isinstance(row, Row) and fields.id is not None:
-      first_where = seen.setdefault(row.id, where)
-      if first_where != where:
-        row = BadRow(slot, "duplicate_id", where, f"duplicate id {row.id!r} (first used at {first_where})")
-    if not mine:
-      continue
-    if isinstance(row, Row):
-      rows.append(row)
-      continue
-    if on_error == "fail" and row.reason != "blank_line":
-      raise InputError(f"{row.message()}. Fix the input, or pass --on-error skip to skip such rows "
-                       "(they are counted by reason in the summary and the manifest).")
-    skipped[row.reason] += 1
-  finish()
-
+# ---- pipeline stages ------------------------------------------------------------------------------
 
 class _Stage(threading.Thread):
   """A daemon thread whose exception is re-raised in the main thread by `check()`."""
@@ -281,6 +241,45 @@ def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], mode
   return embed_manifest.write_manifest(out_dir, manifest)
 
 
+@dataclasses.dataclass
+class _Plan:
+  """What this process will do: inputs, parts, the job identity, and which parts are left."""
+
+  files: list[embed_io.InputFile]
+  unreadable: list[BadRow]
+  num_parts: int
+  spec: dict[str, Any]
+  ranges: np.ndarray | None
+  complete: set[int]
+  pending: list[int]
+  pending_slots: int
+
+
+def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, count: int, max_len: int,
+          buckets: list[int]) -> _Plan:
+  """Counts the inputs, checks the output directory against this job, finds the pending parts."""
+  out_dir, per_part = args.output, args.rows_per_part
+  files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
+  text_files = [f.path for f in files if f.format == "text"]
+  if text_files and (fields.id or fields.instruction):
+    raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
+                     "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
+  total = sum(f.rows for f in files)
+  num_parts = -(-total // per_part)
+  owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
+  _prepare_output(out_dir, owned, index, args.format, args.overwrite)
+  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
+  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
+  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  job_hash = embed_manifest.spec_hash(spec)
+  complete = {k for k in owned if k < num_parts and embed_output.part_is_complete(out_dir, k, args.format, job_hash)}
+  pending = sorted(k for k in owned if k < num_parts and k not in complete)
+  for k in pending:  # leftovers of a killed run: temporaries, an uncommitted data file
+    embed_output.remove_part(out_dir, k)
+  pending_slots = sum(min(per_part, total - k * per_part) for k in pending)
+  return _Plan(files, unreadable, num_parts, spec, ranges, complete, pending, pending_slots)
+
+
 def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) -> dict[str, Any]:
   """Runs the embedding job for parsed arguments and a loaded `Instructor`; returns the summary."""
   import jax
@@ -294,25 +293,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   max_len = args.max_seq_length or model.max_seq_length
   buckets = sorted({min(int(b), max_len) for b in str(args.buckets).split(",")})
   batch_tokens = args.batch_tokens or (8192 if jax.default_backend() == "cpu" else 32768)
-
-  files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
-  text_files = [f.path for f in files if f.format == "text"]
-  if text_files and (fields.id or fields.instruction):
-    raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
-                     "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
-  total = sum(f.rows for f in files)
-  num_parts = -(-total // args.rows_per_part)
-  owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
-  _prepare_output(out_dir, owned, index, args.format, args.overwrite)
-  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
-  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
-  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
-  job_hash = embed_manifest.spec_hash(spec)
-  complete = {k for k in owned if k < num_parts and embed_output.part_is_complete(out_dir, k, args.format, job_hash)}
-  pending = sorted(k for k in owned if k < num_parts and k not in complete)
-  for k in pending:  # leftovers of a killed run: temporaries, an uncommitted data file
-    embed_output.remove_part(out_dir, k)
-  pending_slots = sum(min(args.rows_per_part, total - k * args.rows_per_part) for k in pending)
+  plan = _plan(args, model, fields, index, count, max_len, buckets)
+  job_hash = embed_manifest.spec_hash(plan.spec)
 
   ndev = model.mesh.devices.size
   stop = threading.Event()
@@ -324,14 +306,14 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
     return build_part(k, first, slots, rows, skipped, model.tokenizer, max_len, buckets, batch_tokens, ndev)
 
   def read():
-    _read_parts(files, fields, args.on_error, args.rows_per_part, set(pending), make_part,
+    read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), make_part,
                 lambda w: _put(parts_q, w, stop))
     _put(parts_q, None, stop)
 
   reader = _Stage(read, "embed-reader")
-  writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, ranges, fields.id_type,
+  writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
                                        job_hash, fault, done, stop), "embed-writer")
-  progress = _Progress(pending_slots, not args.no_progress)
+  progress = _Progress(plan.pending_slots, not args.no_progress)
   reader.start()
   writer.start()
   try:
@@ -342,21 +324,22 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   finally:
     stop.set()
     progress.bar.close()
-  manifest = _finalize(out_dir, spec, unreadable, model.source, index, distributed, args.wait_for_peers)
-  return _summary(done, complete, pending, num_parts, unreadable, progress, shapes, manifest, t0)
+  manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers)
+  return _summary(done, plan, progress, shapes, manifest, t0)
 
 
-def _summary(done, complete, pending, num_parts, unreadable, progress, shapes, manifest, t0) -> dict[str, Any]:
+def _summary(done: list[dict[str, Any]], plan: _Plan, progress: _Progress, shapes: set[tuple[int, int]],
+             manifest: str | None, t0: float) -> dict[str, Any]:
   seconds = time.perf_counter() - t0
   skipped = embed_manifest.merge_counts(done, "skipped")
-  if unreadable:
-    skipped["unreadable_file"] = len(unreadable)
+  if plan.unreadable:
+    skipped["unreadable_file"] = len(plan.unreadable)
   compute_s = max(time.perf_counter() - progress.start, 1e-9)
   return {
       "rows": progress.rows, "skipped": skipped, "truncated": sum(d["truncated"] for d in done),
       "tokens": progress.tokens, "padding_efficiency": progress.tokens / max(progress.padded, 1),
-      "parts_written": len(done), "parts_already_complete": len(complete), "parts_total": num_parts,
-      "parts_pending_elsewhere": num_parts - len(done) - len(complete),
+      "parts_written": len(done), "parts_already_complete": len(plan.complete), "parts_total": plan.num_parts,
+      "parts_pending_elsewhere": plan.num_parts - len(done) - len(plan.complete),
       "batch_shapes": sorted(shapes), "seconds": seconds,
       "rows_per_s": progress.rows / compute_s, "tokens_per_s": progress.tokens / compute_s,
       "manifest": manifest,

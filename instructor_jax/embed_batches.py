@@ -1,4 +1,4 @@
-"""Turns one part's valid rows into length-sorted, bucketed, token-budget batches (host side).
+"""Host side of the embed job: reads each pending part's rows and turns them into padded batches.
 
 Shape key: R rows per batch, L bucket length.
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from instructor_jax.embed_io import Row
+from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
+                                     parse_row)
 from instructor_jax.tokenization import Batch, bucket_length, pad_batch
 
 
@@ -76,3 +77,52 @@ def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped
   counts = collections.Counter(r.instruction or "" for r in rows)
   return PartWork(index, first_slot, slots, [r.id for r in rows], batches, skipped, sum(truncated),
                   int(lengths.sum()), dict(counts))
+
+
+def locate(files: list[InputFile], slot: int) -> str:
+  """`file:line` (JSONL, text) or `file: row N` (CSV/TSV data row, Parquet) of a slot."""
+  f = next(f for f in reversed(files) if slot >= f.first_slot)
+  n = slot - f.first_slot + 1
+  return f"{f.path}:{n}" if f.format in ("jsonl", "text") else f"{f.path}: row {n}"
+
+
+def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_part: int,
+                pending: set[int], make_part: Callable[..., PartWork], emit: Callable[[Any], None]) -> None:
+  """Streams all rows in input order, emitting a PartWork for every pending part."""
+  # id -> first slot. Every process checks every row, so all agree on which occurrence is kept.
+  seen: dict[Any, int] = {}
+  last_pending = max(pending, default=-1)
+  current, rows, skipped = -1, [], collections.Counter()
+
+  def finish():
+    if current in pending:
+      first = current * rows_per_part
+      slots = min(rows_per_part, total_slots - first)
+      emit(make_part(current, first, slots, rows, dict(skipped)))
+
+  total_slots = sum(f.rows for f in files)
+  for file, slot, where, raw in iter_raw(files, needed_columns(fields)):
+    part = slot // rows_per_part
+    if part != current:
+      finish()
+      current, rows, skipped = part, [], collections.Counter()
+      if part > last_pending and fields.id is None:
+        return
+    mine = part in pending
+    if not mine and fields.id is None:
+      continue
+    row = parse_row(file.format, fields, slot, where, raw)
+    if isinstance(row, Row) and fields.id is not None:
+      first = seen.setdefault(row.id, slot)
+      if first != slot:
+        row = BadRow(slot, "duplicate_id", where, f"duplicate id {row.id!r} (first used at {locate(files, first)})")
+    if not mine:
+      continue
+    if isinstance(row, Row):
+      rows.append(row)
+      continue
+    if on_error == "fail" and row.reason != "blank_line":
+      raise InputError(f"{row.message()}. Fix the input, or pass --on-error skip to skip such rows "
+                       "(they are counted by reason in the summary and the manifest).")
+    skipped[row.reason] += 1
+  finish()

@@ -208,8 +208,9 @@ def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: 
   if source:
     ranges = np.load(source, allow_pickle=False).astype(np.float32)
     if ranges.shape != (2, model.config.embedding_dim):
-      raise embed_io.InputError(f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
-                       "(per-dimension min and max, as sentence-transformers' quantize_embeddings).")
+      raise embed_io.InputError(
+          f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
+          "(per-dimension min and max, as the `ranges` of sentence-transformers' quantize_embeddings).")
   else:
     ranges = calibration_ranges(model, files, fields, max_len, args.calibration_rows)
   if source != saved:

@@ -21,7 +21,7 @@ CASES = {
     "empty_text": ([b'{"id": "x", "text": "   "}'], "empty_text", "is empty"),
     "invalid_utf8": ([b'{"id": "x", "text": "caf\xe9"}'], "invalid_utf8", "invalid UTF-8"),
     "lone_surrogate": ([b'{"id": "x", "text": "bad \\ud800 escape"}'], "invalid_utf8", "not valid UTF-8"),
-    "duplicate_id": ([b'{"id": "r0", "text": "same id as line 1"}'], "duplicate_id", "first used at"),
+    "duplicate_id": ([b'{"id": "r0", "text": "same id as line 1"}'], "duplicate_id", "in.jsonl:1)"),
     "missing_id": ([b'{"text": "no id"}'], "missing_id", "no id field 'id'"),
 }
 

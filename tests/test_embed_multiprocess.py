@@ -56,7 +56,8 @@ def test_sigkill_mid_run_then_restart(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   committed = len(_sidecars(out))
-  print(f"killed with {committed} of 30 parts committed; leftovers: {sorted(n for n in os.listdir(out) if n.startswith('.'))}")
+  leftovers = sorted(n for n in os.listdir(out) if n.startswith("."))
+  print(f"killed with {committed} of 30 parts committed; leftovers: {leftovers}")
   assert 3 <= committed < 30, f"the kill should land mid-run ({committed} parts committed)"
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   model = tiny_model()
