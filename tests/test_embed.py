@@ -182,3 +182,22 @@ def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
   np.testing.assert_allclose(emb, expected, atol=1e-6)
   manifest = json.load(open(os.path.join(out, "manifest.json")))
   assert manifest["model"]["source"].endswith("tiny_instructor") and manifest["model"]["compute_dtype"] == "float32"
+
+
+def test_int8_ranges_file_is_used_and_checked(tmp_path, model):
+  from instructor_jax.embed_io import InputError
+  texts = sentences(10, seed=8)
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
+  ranges = np.stack([-np.full(24, 0.5), np.full(24, 0.5)]).astype(np.float32)
+  np.save(tmp_path / "ranges.npy", ranges)
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, "--precision", "uint8", "--int8-ranges", str(tmp_path / "ranges.npy")),
+             model=model)
+  _, stored = read_output(out)
+  expected = quantize(model.encode(texts), "uint8", ranges)
+  assert stored.dtype == np.uint8 and np.abs(stored.astype(int) - expected.astype(int)).max() <= 1
+  np.testing.assert_array_equal(np.load(os.path.join(out, "_int8_ranges.npy")), ranges)
+  np.save(tmp_path / "bad.npy", ranges[:, :5])
+  with pytest.raises(InputError, match=r"bad.npy: ranges have shape \(2, 5\); expected \(2, 24\)"):
+    embed.main(base_args([path], str(tmp_path / "o2"), "--precision", "int8", "--int8-ranges",
+                         str(tmp_path / "bad.npy")), model=model)
