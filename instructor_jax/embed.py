@@ -128,8 +128,10 @@ class _Progress:
 
   def __init__(self, total: int, enabled: bool):
     from tqdm import tqdm
-    self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, disable=None if enabled else True,
-                    desc="embed", file=sys.stderr, smoothing=0.1)
+    # Not a terminal (a cluster log file): one line every 30 s instead of a redrawn bar.
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, disable=not enabled, desc="embed",
+                    file=sys.stderr, smoothing=0.1, mininterval=interval, maxinterval=max(10.0, interval))
     self.start, self.rows, self.tokens, self.padded = time.perf_counter(), 0, 0, 0
 
   def update(self, rows: int, tokens: int, padded: int, slots: int) -> None:

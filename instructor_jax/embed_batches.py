@@ -10,6 +10,7 @@ programs is at most 4 per bucket however the data looks, and a part's tail waste
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 from typing import Any, Callable, Sequence
@@ -101,7 +102,16 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
       emit(make_part(current, first, slots, rows, dict(skipped)))
 
   total_slots = sum(f.rows for f in files)
-  for file, slot, where, raw in iter_raw(files, needed_columns(fields)):
+  pending_sorted = sorted(pending)
+
+  def skip(first: int, count: int) -> bool:
+    """Nothing to do in [first, first + count): no pending part there and no ids to check."""
+    if fields.id is not None:
+      return False
+    i = bisect.bisect_left(pending_sorted, first // rows_per_part)
+    return i == len(pending_sorted) or pending_sorted[i] * rows_per_part >= first + count
+
+  for file, slot, where, raw in iter_raw(files, needed_columns(fields), skip):
     part = slot // rows_per_part
     if part != current:
       finish()

@@ -14,7 +14,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 FORMATS = ("jsonl", "parquet", "csv", "tsv", "text")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
@@ -156,22 +156,42 @@ def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]
       line = reader.line_num + 1
 
 
-def iter_raw(files: list[InputFile], columns: list[str]) -> Iterator[tuple[InputFile, int, str, Any]]:
-  """(file, slot, where, raw) per slot in input order; raw is bytes, a CSV (header, row) or a dict."""
+def _parquet_rows(f: InputFile, columns: list[str],
+                  skip: Callable[[int, int], bool]) -> Iterator[tuple[InputFile, int, str, Any]]:
+  import pyarrow.parquet as pq
+  pf = pq.ParquetFile(f.path)
+  names = pf.schema_arrow.names
+  present = [c for c in columns if c in names]
+  slot = f.first_slot
+  for group in range(pf.metadata.num_row_groups):
+    n = pf.metadata.row_group(group).num_rows
+    if skip(slot, n):  # row groups nobody here needs are not even decoded
+      slot += n
+      continue
+    for batch in pf.iter_batches(batch_size=8192, row_groups=[group], columns=present or names[:1]):
+      for rec in batch.to_pylist():
+        rec = {k: rec[k] for k in present}
+        rec["__columns__"] = names
+        yield f, slot, f"{f.path}: row {slot - f.first_slot + 1}", rec
+        slot += 1
+
+
+def iter_raw(files: list[InputFile], columns: list[str], skip: Callable[[int, int], bool] | None = None
+             ) -> Iterator[tuple[InputFile, int, str, Any]]:
+  """(file, slot, where, raw) per slot in input order; raw is bytes, a CSV (header, row) or a dict.
+
+  `skip(first_slot, count)` may declare a range unneeded: whole files and Parquet row groups in such
+  ranges are not read (their slots are simply not yielded).
+  """
+  skip = skip or (lambda first, count: False)
   for f in files:
     slot = f.first_slot
+    if skip(f.first_slot, f.rows):
+      continue
     if f.format == "parquet":
-      import pyarrow.parquet as pq
-      pf = pq.ParquetFile(f.path)
-      present = [c for c in columns if c in pf.schema_arrow.names]
-      names = pf.schema_arrow.names
-      for batch in pf.iter_batches(batch_size=8192, columns=present or names[:1]):
-        for rec in batch.to_pylist():
-          rec = {k: rec[k] for k in present}
-          rec["__columns__"] = names
-          yield f, slot, f"{f.path}: row {slot - f.first_slot + 1}", rec
-          slot += 1
-    elif f.format in ("csv", "tsv"):
+      yield from _parquet_rows(f, columns, skip)
+      continue
+    if f.format in ("csv", "tsv"):
       for line, header, row in _csv_rows(f.path, f.format):
         yield f, slot, f"{f.path}:{line}", (header, row)
         slot += 1

@@ -127,8 +127,14 @@ def test_eight_devices_equal_one_device(tmp_path, model):
   assert {r for r, _ in s1["batch_shapes"]} != {r for r, _ in s8["batch_shapes"]}
 
 
-def test_two_hosts_union_equals_one_host(tmp_path, model):
-  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(70, seed=5)])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_two_hosts_union_equals_one_host(tmp_path, model, fmt):
+  texts = sentences(70, seed=5)
+  if fmt == "jsonl":
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
+  else:  # row groups of 5 rows: each process skips the groups of the other's parts without decoding them
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=5)
   single = str(tmp_path / "single")
   embed.main(base_args([path], single), model=model)
   split = str(tmp_path / "split")
