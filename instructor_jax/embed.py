@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")
   p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
   p.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (GPU "
+                 "clusters under SLURM/Open MPI; settings come from the environment)")
   p.add_argument("--wait-for-peers", type=float, default=0.0, help="seconds process 0 waits for other "
                  "processes' parts before writing the manifest (independent launches only)")
   p.add_argument("--no-progress", action="store_true")
@@ -366,6 +368,9 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   args = parser.parse_args(argv)
   if model is None and not args.model:
     parser.error("the following arguments are required: --model")
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()  # before any other JAX call; every host then sees its process index
   if args.rows_per_part < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
     raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
   try:
