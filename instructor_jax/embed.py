@@ -159,7 +159,8 @@ def _existing_parts(out_dir: str) -> int:
   """One past the highest part index present in the directory (0 if none)."""
   if not os.path.isdir(out_dir):
     return 0
-  found = [int(n[5:10]) for n in os.listdir(out_dir) if n.startswith("part-") and n[5:10].isdigit()]
+  numbers = [n[5:].split(".")[0] for n in os.listdir(out_dir) if n.startswith("part-")]
+  found = [int(x) for x in numbers if x.isdigit()]
   return max(found, default=-1) + 1
 
 
