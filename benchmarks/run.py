@@ -97,15 +97,11 @@ def _count_tokens(model, items, max_len) -> int:
   return sum(len(x) for x in ids)
 
 
-def time_ours(model, items, batch_size: int, max_len: int, repeats: int) -> tuple[float, np.ndarray]:
-  out = model.encode(items, batch_size=batch_size, max_seq_length=max_len)  # warm-up: compiles every bucket
-  t = time.perf_counter()
-  for _ in range(repeats):
-    out = model.encode(items, batch_size=batch_size, max_seq_length=max_len)
-  return (time.perf_counter() - t) / repeats, out
+def ours_runner(model, items, batch_size: int, max_len: int):
+  return lambda: model.encode(items, batch_size=batch_size, max_seq_length=max_len)
 
 
-def time_sentence_transformers(export_dir: str, items, batch_size: int, max_len: int, repeats: int):
+def st_runner(export_dir: str, items, batch_size: int, max_len: int):
   """ST encode, one call per instruction (its `prompt=` takes one prompt per call)."""
   import torch
   from sentence_transformers import SentenceTransformer
@@ -122,26 +118,35 @@ def time_sentence_transformers(export_dir: str, items, batch_size: int, max_len:
     out = np.zeros((len(items), st.get_sentence_embedding_dimension()), np.float32)
     for instruction, idx in groups.items():
       batch = [items[i][1] if instruction is not None else items[i] for i in idx]
-      emb = st.encode(batch, prompt=instruction, batch_size=batch_size, convert_to_numpy=False,
-                      convert_to_tensor=True)
+      emb = st.encode(batch, prompt=instruction, batch_size=batch_size, convert_to_tensor=True)
       out[idx] = emb.float().cpu().numpy()
     return out
 
-  run()
-  t = time.perf_counter()
+  return run
+
+
+def interleaved_median(runners: dict, repeats: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Median seconds per runner; runs alternate so machine noise hits both sides alike."""
+  outputs = {name: run() for name, run in runners.items()}  # warm-up: compiles every bucket
+  times: dict[str, list[float]] = {name: [] for name in runners}
   for _ in range(repeats):
-    out = run()
-  return (time.perf_counter() - t) / repeats, out
+    for name, run in runners.items():
+      t = time.perf_counter()
+      outputs[name] = run()
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(v)) for name, v in times.items()}, outputs
 
 
 def embed_section(name, model, export_dir, items, batch_size, max_len, repeats) -> dict:
   tokens = _count_tokens(model, items, max_len)
-  ours_s, ours = time_ours(model, items, batch_size, max_len, repeats)
-  st_s, ref = time_sentence_transformers(export_dir, items, batch_size, max_len, repeats)
+  seconds, out = interleaved_median({"ours": ours_runner(model, items, batch_size, max_len),
+                                     "st": st_runner(export_dir, items, batch_size, max_len)}, repeats)
+  ours, ref = out["ours"], out["st"]
   cos = np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
-  return {"case": name, "rows": len(items), "tokens": tokens,
-          "ours_tok_s": tokens / ours_s, "st_tok_s": tokens / st_s, "speedup": st_s / ours_s,
-          "ours_rows_s": len(items) / ours_s, "st_rows_s": len(items) / st_s, "min_cosine": float(cos.min())}
+  return {"case": name, "rows": len(items), "tokens": tokens, "repeats": repeats,
+          "ours_tok_s": tokens / seconds["ours"], "st_tok_s": tokens / seconds["st"],
+          "speedup": seconds["st"] / seconds["ours"], "ours_rows_s": len(items) / seconds["ours"],
+          "st_rows_s": len(items) / seconds["st"], "min_cosine": float(cos.min())}
 
 
 def main(argv=None) -> int:
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     if "embed" in sections:
       n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
       short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
-      repeats = 1 if args.quick else 3
+      repeats = 3
       results["embed"] = [
           embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512, repeats),
           embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, repeats),
