@@ -75,8 +75,34 @@ class ValidationReport:
     return "\n".join(lines)
 
 
+def _localize_remote(path: str) -> str:
+  """A local copy of a remote (gs://, s3://) MEDI file or folder, made once per host.
+
+  Every host of a pod reads the whole corpus (any example can land in its slice), so a single
+  sequential download beats many small remote reads; the copy is reused across restarts.
+  """
+  from etils import epath  # resolves gs:// through tf.io.gfile or gcsfs, whichever is installed
+  remote = epath.Path(path)
+  if remote.is_dir():
+    names = [n for n in MEDI_FILENAMES if (remote / n).exists()]
+    names = names or sorted(p.name for p in remote.iterdir() if p.name.endswith((".json", ".jsonl")))
+    if not names:
+      raise FileNotFoundError(f"{path}: no MEDI file ({MEDI_FILENAMES} or a .json/.jsonl) in this folder.")
+    remote = remote / names[0]
+  cache = os.path.join(os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax")),
+                       "medi", path.split("://", 1)[1].replace("/", "_"))
+  if not os.path.isfile(cache):
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    remote.copy(epath.Path(tmp), overwrite=True)
+    os.replace(tmp, cache)  # atomic: a killed download never looks complete
+  return cache
+
+
 def resolve_medi_file(path: str) -> str:
-  """The MEDI file itself, given the file or a (TFDS manual) directory holding one."""
+  """The MEDI file itself, given the file or a (TFDS manual) directory holding one (or gs://...)."""
+  if "://" in str(path):
+    return _localize_remote(str(path))
   if os.path.isfile(path):
     return path
   if os.path.isdir(path):

@@ -95,7 +95,8 @@ class Attention(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, key_mask_BL: jax.Array,
+               deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     B, L, _ = x_BLD.shape
@@ -105,12 +106,18 @@ class Attention(nn.Module):
     k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
+    # The [H, L, L] position bias and the [B, L] key mask stay separate: broadcasting them inside
+    # the softmax fusion avoids materialising (and re-reading in every layer) a [B, H, L, L] bias.
     if cfg.attention_impl == "dot_product_attention" and deterministic:
       out_BLHK = jax.nn.dot_product_attention(
-          q_BLHK, k_BLHK, v_BLHK, bias=bias_BHLL.astype(dtype), scale=1.0)
+          q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
+          mask=key_mask_BL[:, None, None, :], scale=1.0)
     else:
       logits_BHLL = jnp.einsum("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
-      weights_BHLL = jax.nn.softmax(logits_BHLL + bias_BHLL, axis=-1)
+      # Padding keys get the most negative float32, like the reference, so that fully padded
+      # (batch-filler) rows still give finite, uniform weights.
+      mask_bias_B11L = jnp.where(key_mask_BL, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+      weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B11L, axis=-1)
       weights_BHLL = nn.Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
       out_BLHK = jnp.einsum("bhqm,bmhk->bqhk", weights_BHLL.astype(dtype), v_BLHK)
     out_BLI = out_BLHK.reshape(B, L, H * K)
@@ -141,12 +148,13 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, key_mask_BL: jax.Array,
+               deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     dropout = nn.Dropout(cfg.dropout_rate)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x_BLD)
-    h = Attention(cfg, name="attention")(h, bias_BHLL, deterministic)
+    h = Attention(cfg, name="attention")(h, position_bias_HLL, key_mask_BL, deterministic)
     x_BLD = x_BLD + dropout(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x_BLD)
     h = MLP(cfg, name="mlp")(h, deterministic)
@@ -187,20 +195,14 @@ class Encoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     position_bias_HLL = RelativePositionBias(cfg, name="relpos_bias")(embedded_BLD.shape[1])
-    # Padding keys get the most negative value of the dtype the bias is consumed in, like the
-    # reference, so that fully padded (batch-filler) rows still give finite uniform weights.
-    bias_dtype = dtype if cfg.attention_impl == "dot_product_attention" else jnp.float32
-    mask_bias_BL = jnp.where(mask_BL.astype(bool), 0.0, jnp.finfo(bias_dtype).min)
-    bias_BHLL = position_bias_HLL[None] + mask_bias_BL[:, None, None, :]
-    bias_BHLL = jnp.maximum(bias_BHLL, jnp.finfo(bias_dtype).min)
-
+    key_mask_BL = mask_BL.astype(bool)
     x = nn.Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
     layer_cls = EncoderLayer
     if cfg.remat_policy != "none":
-      # static_argnums counts `self` as 0: (self, x, bias, deterministic).
-      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(3,))
+      # static_argnums counts `self` as 0: (self, x, position_bias, key_mask, deterministic).
+      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,))
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, bias_BHLL, deterministic)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, key_mask_BL, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 PAD_ID = 0
 EOS_ID = 1
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 VOCAB_DIR = os.path.join(os.path.dirname(__file__), "vocab")
 
 EncodeFn = Callable[[Sequence[str]], Sequence[Sequence[int]]]

@@ -1,6 +1,7 @@
 """MEDI file validation: bad records skipped and reported exactly, nothing valid dropped, non-MEDI refused."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -124,3 +125,26 @@ def test_directory_holding_medi_data_json(tmp_path):
   assert medi_records.resolve_medi_file(str(tmp_path)).endswith("medi-data.json")
   with pytest.raises(FileNotFoundError, match="medi-data.json"):
     medi_records.resolve_medi_file(str(tmp_path / "missing"))
+
+
+def test_remote_medi_path_is_downloaded_once(tmp_path, monkeypatch):
+  """gs:// paths (pods) are copied to a local cache atomically; folders resolve to their MEDI file."""
+  from etils import epath
+  bucket = tmp_path / "bucket"
+  (bucket / "medi").mkdir(parents=True)
+  src = bucket / "medi" / "medi-data.json"
+  src.write_text('[{"query": ["Represent: ", "q"], "pos": ["Represent: ", "p"], "neg": ["Represent: ", "n"], "task_name": "t"}]')
+  real_path = epath.Path
+  copies = []
+
+  def fake_path(p):
+    path = real_path(str(p).replace("gs://bucket", str(bucket)))
+    return path
+
+  monkeypatch.setattr(epath, "Path", fake_path)
+  monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path / "cache"))
+  local = medi_records.resolve_medi_file("gs://bucket/medi")
+  assert local.startswith(str(tmp_path / "cache")) and open(local).read() == src.read_text()
+  copies.append(os.path.getmtime(local))
+  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == copies[0]
+  assert medi_records.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")
