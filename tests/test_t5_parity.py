@@ -1,5 +1,7 @@
 """Encoder parity against transformers.T5EncoderModel (fp32 hidden states within 1e-5)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -30,10 +32,11 @@ def _random_hf_encoder(kwargs, seed):
   return cfg, model
 
 
+@pytest.mark.parametrize("attention_impl", ["dot_product_attention", "xla"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_hidden_states_match_transformers(name):
+def test_hidden_states_match_transformers(name, attention_impl):
   hf_cfg, model = _random_hf_encoder(CONFIGS[name], seed=len(name))
-  cfg = hf_format.t5_config_from_hf(hf_cfg.to_dict(), name)
+  cfg = dataclasses.replace(hf_format.t5_config_from_hf(hf_cfg.to_dict(), name), attention_impl=attention_impl)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   params = hf_format.params_from_hf(state, cfg, name)
 
