@@ -156,13 +156,16 @@ def main(argv=None) -> int:
   parser.add_argument("--sections", default="matmul,embed,train")
   parser.add_argument("--train-batch", type=int, default=None, help="triples per train step")
   parser.add_argument("--train-length", type=int, default=256)
+  parser.add_argument("--attention-impl", default="dot_product_attention",
+                      choices=("dot_product_attention", "cudnn", "xla"), help="inference attention (T5Config)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
 
   gpu = on_gpu()
   dtype = "bfloat16" if gpu else "float32"
-  cfg = SHAPES[args.shape].with_encoder(dtype=dtype)
+  cfg = SHAPES[args.shape].with_encoder(dtype=dtype, attention_impl=args.attention_impl)
   results: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "dtype": dtype,
+                   "attention_impl": args.attention_impl,
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                    "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
   sections = args.sections.split(",")

@@ -7,7 +7,7 @@ from typing import Optional
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,8 @@ class T5Config:
   # "dot_product_attention": jax.nn.dot_product_attention for inference (cuDNN's fused kernel on
   # GPU in bf16/fp16; on CPU XLA keeps its logits matmul a library call, 1.15x faster than the
   # einsums at 512 tokens). "xla": explicit einsums everywhere. Training with dropout always uses
-  # the einsums (dot_product_attention has no attention dropout).
+  # the einsums (dot_product_attention has no attention dropout). "cudnn": the same call with
+  # implementation="cudnn" (GPU, bf16/fp16 only; JAX never picks cuDNN by itself).
   attention_impl: str = "dot_product_attention"
 
   def __post_init__(self):

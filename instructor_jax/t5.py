@@ -108,10 +108,11 @@ class Attention(nn.Module):
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
     # The [H, L, L] position bias and the [B, L] key mask stay separate: broadcasting them inside
     # the softmax fusion avoids materialising (and re-reading in every layer) a [B, H, L, L] bias.
-    if cfg.attention_impl == "dot_product_attention" and deterministic:
+    if cfg.attention_impl in ("dot_product_attention", "cudnn") and deterministic:
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
-          mask=key_mask_BL[:, None, None, :], scale=1.0)
+          mask=key_mask_BL[:, None, None, :], scale=1.0,
+          implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
     else:
       logits_BHLL = jnp.einsum("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
       # Padding keys get the most negative float32, like the reference, so that fully padded
