@@ -28,7 +28,12 @@ def t5_config_from_hf(hf: Mapping[str, Any], source: str) -> T5Config:
   """Reads a transformers T5 `config.json` dict; refuses anything that is not a T5 encoder."""
   model_type = hf.get("model_type")
   archs = hf.get("architectures") or []
-  if model_type not in ("t5", "mt5", "umt5"):
+  if model_type == "umt5":
+    raise CheckpointError(
+        f"{source}: model_type='umt5' has a separate relative-position-bias table in every layer; this "
+        "encoder shares one table across layers (T5 / mT5 / GTR / INSTRUCTOR) and would silently ignore "
+        "the others. Use a T5 or mT5 checkpoint.")
+  if model_type not in ("t5", "mt5"):
     raise CheckpointError(
         f"{source}: model_type={model_type!r} (architectures={archs}); expected a T5 encoder "
         "(model_type 't5', e.g. T5EncoderModel as in hkunlp/instructor-* or sentence-transformers/gtr-t5-*). "
@@ -149,8 +154,17 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: T5Config, source: str
     warnings.warn(f"{source}: encoder-decoder checkpoint; dropping the {' and '.join(dropped)} weights "
                   "(only the encoder is used for embeddings).", stacklevel=2)
   shapes = expected_shapes(cfg)
+  name_map = hf_name_map(cfg)
+  # An encoder tensor the config does not account for (an extra layer, a per-layer bias table)
+  # would otherwise be dropped silently and give wrong embeddings.
+  unexpected = sorted(k for k in tensors if k.startswith("encoder.") and k not in name_map
+                      and k != "encoder.embed_tokens.weight")
+  if unexpected:
+    raise CheckpointError(f"{source}: encoder tensor(s) {unexpected[:4]} are not part of the architecture in "
+                          f"config.json ({cfg.num_layers} layers, feed_forward={cfg.feed_forward}); the "
+                          "config and the weights disagree.")
   params: Params = {}
-  for hf_name, (path, transpose) in hf_name_map(cfg).items():
+  for hf_name, (path, transpose) in name_map.items():
     if hf_name not in tensors:
       raise CheckpointError(f"{source}: tensor {hf_name!r} is missing; the checkpoint does not match its "
                             f"config.json ({cfg.num_layers} layers, feed_forward={cfg.feed_forward}).")

@@ -240,3 +240,21 @@ def test_instructor_embedding_compat_layout(tiny_export, tmp_path):
   st.set_pooling_include_prompt(False)
   diff = float(np.abs(st.encode(TEXTS, prompt=INSTRUCTION) - model.encode([[INSTRUCTION, t] for t in TEXTS])).max())
   assert diff <= 1e-5, diff
+
+
+def test_encoder_tensors_the_config_does_not_describe_are_refused(tmp_path):
+  """Weights with more encoder tensors than config.json describes (an extra layer, UMT5's per-layer
+  bias tables) must fail naming the tensor, not load with those tensors silently dropped."""
+  from safetensors.numpy import save_file
+  src = str(tmp_path / "extra")
+  shutil.copytree(TINY, src)
+  tensors = load_file(os.path.join(src, "model.safetensors"))
+  bias = tensors["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+  tensors["encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"] = bias + 1
+  save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(hf_format.CheckpointError, match=r"encoder\.block\.1\.layer\.0\.SelfAttention\.relative_attention_bias"):
+    Instructor.from_pretrained(src)
+  with open(os.path.join(src, "config.json")) as f:
+    config = json.load(f)
+  with pytest.raises(hf_format.CheckpointError, match="umt5"):
+    hf_format.t5_config_from_hf(dict(config, model_type="umt5"), "config.json")
