@@ -18,12 +18,40 @@ class LoadedModel:
   description: str
 
 
+# Hub repositories of sentence-transformers models also hold ONNX / OpenVINO exports (several times
+# the model's size) and often the same weights twice (.safetensors and .bin): fetch only what loads.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
+_HUB_SKIP = ["onnx/*", "openvino/*"]
+
+
+def _bin_patterns(local: str) -> list[str]:
+  """Torch .bin weights still needed: the root's and each module folder's, where no safetensors exist."""
+  import json
+  patterns = []
+  if not any(os.path.exists(os.path.join(local, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+    patterns.append("pytorch_model*.bin")
+  modules_path = os.path.join(local, "modules.json")
+  if os.path.exists(modules_path):
+    with open(modules_path) as f:
+      for module in json.load(f):
+        folder = module.get("path") or ""
+        if folder and not os.path.exists(os.path.join(local, folder, "model.safetensors")):
+          patterns.append(f"{folder}/*.bin")
+  return patterns
+
+
 def resolve_hub_id(name: str, revision: str | None = None) -> str:
-  """Downloads (or finds in the cache) a Hub repository; respects HF_HUB_OFFLINE."""
+  """Downloads (or finds in the cache) a Hub repository's model files; respects HF_HUB_OFFLINE.
+
+  Safetensors are preferred: torch `.bin` weights are fetched only for folders that have none.
+  """
   from huggingface_hub import snapshot_download
   try:
-    return snapshot_download(name, revision=revision,
-                             allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*/*"])
+    local = snapshot_download(name, revision=revision, allow_patterns=_HUB_FILES, ignore_patterns=_HUB_SKIP)
+    bins = _bin_patterns(local)
+    if bins:
+      local = snapshot_download(name, revision=revision, allow_patterns=bins, ignore_patterns=_HUB_SKIP)
+    return local
   except Exception as e:  # offline, unknown repo, no network: all end up here
     raise CheckpointError(
         f"{name!r} is not a local path and could not be fetched from the Hugging Face Hub "

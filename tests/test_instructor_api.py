@@ -100,3 +100,57 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face Hub"):
     Instructor.from_pretrained("hkunlp/instructor-nonexistent-xyz")
+
+
+def test_packed_rows_equal_padded_rows(model):
+  texts = sentences(40)
+  items = ([["Represent the sentence: ", t] for t in texts[:20]] + texts[20:]
+           + ["", ["Title ", "one-token instruction"], ["query: ", ""], "word " * 300])
+  padded = model.encode(items, batch_size=16)
+  packed = model.encode(items, batch_size=16, pack=True, pack_length=64)
+  np.testing.assert_allclose(packed, padded, atol=2e-6)
+
+
+def test_pack_rows_places_every_text_once_within_capacity():
+  from instructor_jax.tokenization import pack_rows
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(1, 65, size=500))
+  rows = pack_rows(lengths, 64, max_texts=5)
+  assert sorted(i for row in rows for i in row) == list(range(500))
+  assert all(sum(lengths[i] for i in row) <= 64 and len(row) <= 5 for row in rows)
+  assert sum(lengths) / (64 * len(rows)) > 0.8  # first-fit decreasing fills rows (padding to 64: ~0.5)
+  with pytest.raises(ValueError, match="more than the packed row length"):
+    pack_rows([65], 64, 5)
+
+
+@pytest.mark.parametrize("repo, expected", [
+    # sentence-transformers/gtr-t5-* style: safetensors next to .bin, plus ONNX / OpenVINO exports.
+    ({"model.safetensors": "w", "pytorch_model.bin": "w", "onnx/model.onnx": "x", "onnx/config.json": "{}",
+      "openvino/openvino_model.bin": "x", "2_Dense/model.safetensors": "w", "2_Dense/pytorch_model.bin": "w"},
+     {"model.safetensors", "2_Dense/model.safetensors"}),
+    # hkunlp/instructor-* style: torch .bin only.
+    ({"pytorch_model.bin": "w", "2_Dense/pytorch_model.bin": "w"}, {"pytorch_model.bin", "2_Dense/pytorch_model.bin"}),
+])
+def test_hub_download_fetches_only_the_weights_it_loads(monkeypatch, tmp_path, repo, expected):
+  """No ONNX/OpenVINO exports and no duplicate .bin weights (gtr-t5-xxl: ~10 GB each) are downloaded."""
+  import fnmatch
+  import huggingface_hub
+  from instructor_jax import sources
+  repo = {"config.json": "{}", "modules.json": json.dumps([{"path": ""}, {"path": "1_Pooling"}, {"path": "2_Dense"}]),
+          "1_Pooling/config.json": "{}", "2_Dense/config.json": "{}", "spiece.model": "s", **repo}
+  fetched = set()
+
+  def fake_snapshot_download(name, revision=None, allow_patterns=None, ignore_patterns=None):
+    for path, content in repo.items():
+      if any(fnmatch.fnmatch(path, p) for p in allow_patterns) and not any(
+          fnmatch.fnmatch(path, p) for p in ignore_patterns or ()):
+        fetched.add(path)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(content)
+    return str(tmp_path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  assert sources.resolve_hub_id("owner/model") == str(tmp_path)
+  weights = {p for p in fetched if p.endswith((".bin", ".safetensors", ".onnx"))}
+  assert weights == expected
+  assert not any(p.startswith(("onnx/", "openvino/")) for p in fetched)
