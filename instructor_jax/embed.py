@@ -276,6 +276,8 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
   embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  if ranges is not None:
+    embed_output.save_ranges(out_dir, ranges)
   job_hash = embed_manifest.spec_hash(spec)
   complete = {k for k in owned if k < num_parts and embed_output.part_is_complete(out_dir, k, args.format, job_hash)}
   pending = sorted(k for k in owned if k < num_parts and k not in complete)

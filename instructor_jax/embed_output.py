@@ -200,7 +200,8 @@ def calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: embe
 
 def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: embed_io.Fields, max_len: int,
                 out_dir: str) -> np.ndarray | None:
-  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (then saved)."""
+  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (saved by `save_ranges`
+  only once the job is accepted, so a refused command never alters an existing job's ranges)."""
   if args.precision not in ("int8", "uint8"):
     return None
   saved = os.path.join(out_dir, RANGES_FILE)
@@ -213,8 +214,12 @@ def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: 
           "(per-dimension min and max, as the `ranges` of sentence-transformers' quantize_embeddings).")
   else:
     ranges = calibration_ranges(model, files, fields, max_len, args.calibration_rows)
-  if source != saved:
-    tmp = f"{saved}.tmp-{os.getpid()}.npy"
-    np.save(tmp, ranges, allow_pickle=False)
-    os.replace(tmp, saved)
   return ranges
+
+
+def save_ranges(out_dir: str, ranges: np.ndarray) -> None:
+  """Stores the job's int8/uint8 ranges next to its parts (atomically)."""
+  saved = os.path.join(out_dir, RANGES_FILE)
+  tmp = f"{saved}.tmp-{os.getpid()}.npy"
+  np.save(tmp, ranges, allow_pickle=False)
+  os.replace(tmp, saved)

@@ -207,3 +207,18 @@ def test_int8_ranges_file_is_used_and_checked(tmp_path, model):
   with pytest.raises(InputError, match=r"bad.npy: ranges have shape \(2, 5\); expected \(2, 24\)"):
     embed.main(base_args([path], str(tmp_path / "o2"), "--precision", "int8", "--int8-ranges",
                          str(tmp_path / "bad.npy")), model=model)
+
+
+def test_refused_job_leaves_the_existing_int8_ranges_alone(tmp_path, model):
+  """A command refused for a different --int8-ranges must not overwrite the finished job's ranges file."""
+  from instructor_jax.embed_manifest import OutputMismatchError
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(10, seed=9)])
+  first = np.stack([-np.full(24, 0.5), np.full(24, 0.5)]).astype(np.float32)
+  np.save(tmp_path / "first.npy", first)
+  np.save(tmp_path / "second.npy", first * 2)
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, "--precision", "int8", "--int8-ranges", str(tmp_path / "first.npy")), model=model)
+  with pytest.raises(OutputMismatchError, match="int8_ranges"):
+    embed.main(base_args([path], out, "--precision", "int8", "--int8-ranges", str(tmp_path / "second.npy")),
+               model=model)
+  np.testing.assert_array_equal(np.load(os.path.join(out, "_int8_ranges.npy")), first)
