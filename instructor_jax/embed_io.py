@@ -25,6 +25,7 @@ REASONS = ("unreadable_file", "blank_line", "malformed_json", "malformed_row", "
            "non_string_text", "empty_text", "missing_instruction", "non_string_instruction", "missing_id",
            "bad_id", "duplicate_id")
 _CHUNK = 1 << 24
+_BOM = b"\xef\xbb\xbf"
 # Texts can be long; the csv module's default 128 KiB field limit would reject them.
 csv.field_size_limit(2**31 - 1)
 
@@ -145,7 +146,9 @@ def plan_inputs(patterns: list[str], forced_format: str | None,
 
 def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]:
   """(first line number, header, row) per data row; undecodable bytes kept as surrogates."""
-  with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+  # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise become part of
+  # the first header name (and the text field would be "missing" on every row).
+  with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
     reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
     header = next(reader, None)
     if header is None:
@@ -198,6 +201,8 @@ def iter_raw(files: list[InputFile], columns: list[str], skip: Callable[[int, in
     else:
       with open(f.path, "rb") as fh:
         for line in fh:
+          if slot == f.first_slot and line.startswith(_BOM):
+            line = line[len(_BOM):]  # a UTF-8 byte-order mark is not part of the first row
           yield f, slot, f"{f.path}:{slot - f.first_slot + 1}", line
           slot += 1
     if slot != f.first_slot + f.rows:

@@ -124,3 +124,18 @@ def test_unknown_extension_is_explained(tmp_path, model):
   path.write_text("x\n")
   with pytest.raises(InputError, match="--input-format"):
     embed.main(base_args([str(path)], str(tmp_path / "out")), model=model)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "txt"])
+def test_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path, model, fmt):
+  """Spreadsheet exports start with a BOM: the header / first line must still read as written."""
+  texts = [f"a good sentence number {i}" for i in range(4)]
+  body = {"csv": "text,other\n" + "".join(f"{t},{i}\n" for i, t in enumerate(texts)),
+          "jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts),
+          "txt": "".join(t + "\n" for t in texts)}[fmt]
+  path = tmp_path / f"in.{fmt}"
+  path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+  out = str(tmp_path / "out")
+  summary = embed.main(base_args([str(path)], out), model=model)
+  assert summary["rows"] == 4 and summary["skipped"] == {}
+  np.testing.assert_allclose(read_output(out)[1], model.encode(texts), atol=1e-6)
