@@ -13,7 +13,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instructor_jax.config import InstructorConfig
 from instructor_jax.model import InstructorModel
-from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, Tokenizer, bucket_length, pad_batch
+from instructor_jax.tokenization import (DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer, bucket_length, pack_rows,
+                                         pad_batch, pad_packed)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -91,35 +92,74 @@ class Instructor:
     # The config (compute dtype) is part of the cache key, so changing it never reuses stale code.
     return _compiled(self.config, self.mesh)(self.params, ids, mask, n)
 
+  def embed_packed_async(self, batch: PackedBatch) -> jax.Array:
+    """Dispatches one packed batch; returns [rows, texts per row, E] (not yet fetched)."""
+    arrays = [jax.device_put(x, self._rows2d) for x in
+              (batch.ids, batch.mask, batch.n_instr, batch.segments, batch.offsets)]
+    return _compiled_packed(self.config, self.mesh)(self.params, *arrays)
+
   def encode(self, sentences: Sequence[Any] | str, batch_size: int = 32, show_progress_bar: bool = False,
              convert_to_numpy: bool = True, max_seq_length: int | None = None,
-             buckets: Sequence[int] = DEFAULT_BUCKETS, **unused: Any) -> np.ndarray:
-    """Embeddings [N, E] float32 for strings or `[instruction, text]` pairs, in input order."""
+             buckets: Sequence[int] = DEFAULT_BUCKETS, pack: bool = True, pack_length: int = 128,
+             **unused: Any) -> np.ndarray:
+    """Embeddings [N, E] float32 for strings or `[instruction, text]` pairs, in input order.
+
+    Texts of up to `pack_length` tokens are packed several to a row (`pack=True`, the default):
+    attention and pooling stay within each text and T5 has no absolute positions, so the results
+    equal unpacked ones to float rounding while padding almost vanishes. A packed batch is
+    `batch_size` rows of `pack_length` tokens; longer texts go through length buckets.
+    """
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
     max_len = max_seq_length or self.max_seq_length
     ids, n_instr = self.tokenizer.tokenize(items, max_len)
-    # Longest first, like sentence-transformers: batches of similar length waste little padding.
-    order = np.argsort([-len(x) for x in ids], kind="stable")
+    out = np.zeros((len(items), self.config.embedding_dim), np.float32)
     ndev = self.mesh.devices.size
     rows = -(-batch_size // ndev) * ndev
-    out = np.zeros((len(items), self.config.embedding_dim), np.float32)
-    starts = range(0, len(items), batch_size)
-    if show_progress_bar:
-      from tqdm.auto import tqdm
-      starts = tqdm(starts, desc="Batches")
-    pending = None  # (row indices, device array): fetch batch k only after dispatching k + 1
-    for start in starts:
-      idx = order[start:start + batch_size]
-      chunk = [ids[i] for i in idx]
-      length = bucket_length(max(len(x) for x in chunk), buckets, max_len)
-      dispatched = (idx, self.embed_batch_async(pad_batch(chunk, [n_instr[i] for i in idx], length, rows)))
-      if pending is not None:
-        out[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
-      pending = dispatched
-    if pending is not None:
-      out[pending[0]] = np.asarray(pending[1])[: len(pending[0])]
+    batches = []  # (row -> item indices, dispatch function) in dispatch order
+    padded = list(range(len(items)))
+    if pack:
+      pack_length = min(pack_length, max_len)
+      short = [i for i in padded if len(ids[i]) <= pack_length]
+      padded = [i for i in padded if len(ids[i]) > pack_length]
+      max_texts = max(1, pack_length // 4)
+      packed = [[short[j] for j in row] for row in pack_rows([len(ids[i]) for i in short], pack_length, max_texts)]
+      for start in range(0, len(packed), rows):
+        chunk = packed[start:start + rows]
+        batches.append((chunk, lambda c=chunk: self.embed_packed_async(
+            pad_packed(c, ids, n_instr, pack_length, max_texts, rows))))
+    # Longest first, like sentence-transformers: batches of similar length waste little padding.
+    padded.sort(key=lambda i: -len(ids[i]))
+    for start in range(0, len(padded), batch_size):
+      idx = padded[start:start + batch_size]
+      length = bucket_length(max(len(ids[i]) for i in idx), buckets, max_len)
+      batches.append(([[i] for i in idx], lambda idx=idx, length=length: self.embed_batch_async(
+          pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, rows))))
+    _run_pipelined(batches, out, show_progress_bar)
     return out[0] if single else out
+
+
+def _run_pipelined(batches: list, out: np.ndarray, show_progress_bar: bool) -> None:
+  """Dispatches batch k + 1 before fetching batch k, so host work overlaps device work."""
+  if show_progress_bar:
+    from tqdm.auto import tqdm
+    batches = tqdm(batches, desc="Batches")
+  pending = None
+  for rows, dispatch in batches:
+    dispatched = (rows, dispatch())
+    if pending is not None:
+      _scatter(*pending, out)
+    pending = dispatched
+  if pending is not None:
+    _scatter(*pending, out)
+
+
+def _scatter(rows: list[list[int]], result: jax.Array, out: np.ndarray) -> None:
+  """Writes row r's text slot s (or row r itself, unpacked) to its item's place in `out`."""
+  emb = np.asarray(result, np.float32)
+  for r, items in enumerate(rows):
+    for s, i in enumerate(items):
+      out[i] = emb[r, s] if emb.ndim == 3 else emb[r]
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,3 +171,15 @@ def _compiled(config: InstructorConfig, mesh: Mesh):
     return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_B)
 
   return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), rows2d, rows2d, rows), out_shardings=rows2d)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_packed(config: InstructorConfig, mesh: Mesh):
+  rows2d = NamedSharding(mesh, P("data", None))
+
+  def forward(params, ids_BL, mask_BL, n_instr_BS, segments_BL, offsets_BL):
+    return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_BS,
+                                         segments_BL=segments_BL, offsets_BL=offsets_BL)
+
+  return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()),) + (rows2d,) * 5,
+                 out_shardings=NamedSharding(mesh, P("data", None, None)))

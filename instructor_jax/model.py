@@ -22,6 +22,13 @@ def pooling_mask(mask_BL: jax.Array, n_instr_B: jax.Array) -> jax.Array:
   return (mask_BL.astype(bool) & keep_BL).astype(jnp.float32)
 
 
+def packed_pooling_weights(segments_BL: jax.Array, offsets_BL: jax.Array, n_instr_BS: jax.Array) -> jax.Array:
+  """Per-text pooling weights of packed rows (float32 [B, S, L]): text s+1, minus its instruction."""
+  texts_S = jnp.arange(1, n_instr_BS.shape[1] + 1)
+  in_text_BSL = segments_BL[:, None, :] == texts_S[None, :, None]
+  return (in_text_BSL & (offsets_BL[:, None, :] >= n_instr_BS[:, :, None])).astype(jnp.float32)
+
+
 def masked_mean(hidden_BLD: jax.Array, weights_BL: jax.Array) -> jax.Array:
   """Mean over the weighted positions, in float32; the 1e-9 floor matches sentence-transformers."""
   total_BD = jnp.einsum("bld,bl->bd", hidden_BLD.astype(jnp.float32), weights_BL)
@@ -46,14 +53,22 @@ class InstructorModel(nn.Module):
 
   @nn.compact
   def __call__(self, ids_BL: jax.Array, mask_BL: jax.Array, n_instr_B: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, segments_BL: jax.Array | None = None,
+               offsets_BL: jax.Array | None = None) -> jax.Array:
+    """[B, E] embeddings; with packed rows (`segments_BL`, `offsets_BL` = position inside the text,
+    and `n_instr_B` holding [B, S] instruction lengths) [B, S, E], one per text slot."""
     cfg = self.config
     # Module names are the t5x dual-encoder names (token_embedder, encoder, projection_layer), so
     # t5x checkpoints map by renaming alone.
     x_BLD = Embedder(cfg.encoder, name="token_embedder")(ids_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, EMBED))
-    hidden_BLD = Encoder(cfg.encoder, name="encoder")(x_BLD, mask_BL, deterministic)
-    pooled_BD = masked_mean(hidden_BLD, pooling_mask(mask_BL, n_instr_B))
+    hidden_BLD = Encoder(cfg.encoder, name="encoder")(x_BLD, mask_BL, deterministic, segments_BL)
+    if segments_BL is None:
+      pooled_BD = masked_mean(hidden_BLD, pooling_mask(mask_BL, n_instr_B))
+    else:
+      weights_BSL = packed_pooling_weights(segments_BL, offsets_BL, n_instr_B)
+      total_BSD = jnp.einsum("bld,bsl->bsd", hidden_BLD.astype(jnp.float32), weights_BSL)
+      pooled_BD = total_BSD / jnp.maximum(jnp.sum(weights_BSL, axis=-1, keepdims=True), 1e-9)
     if cfg.projection_dim is not None:
       # Projection in float32: it is tiny and keeps bf16 runs close to the reference.
       pooled_BD = Dense(cfg.projection_dim, PROJECTION_AXES, jnp.float32, name="projection_layer")(pooled_BD)

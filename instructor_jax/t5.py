@@ -95,7 +95,7 @@ class Attention(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, key_mask_BL: jax.Array,
+  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, mask_B1QL: jax.Array,
                deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -106,19 +106,20 @@ class Attention(nn.Module):
     k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
-    # The [H, L, L] position bias and the [B, L] key mask stay separate: broadcasting them inside
-    # the softmax fusion avoids materialising (and re-reading in every layer) a [B, H, L, L] bias.
+    # The [H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for
+    # packed rows) stay separate: broadcasting them inside the softmax fusion avoids
+    # materialising (and re-reading in every layer) a [B, H, L, L] bias.
     if cfg.attention_impl in ("dot_product_attention", "cudnn") and deterministic:
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
-          mask=key_mask_BL[:, None, None, :], scale=1.0,
+          mask=mask_B1QL, scale=1.0,
           implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
     else:
       logits_BHLL = jnp.einsum("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
       # Padding keys get the most negative float32, like the reference, so that fully padded
       # (batch-filler) rows still give finite, uniform weights.
-      mask_bias_B11L = jnp.where(key_mask_BL, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-      weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B11L, axis=-1)
+      mask_bias_B1QL = jnp.where(mask_B1QL, 0.0, jnp.finfo(jnp.float32).min)
+      weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B1QL, axis=-1)
       weights_BHLL = nn.Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
       out_BLHK = jnp.einsum("bhqm,bmhk->bqhk", weights_BHLL.astype(dtype), v_BLHK)
     out_BLI = out_BLHK.reshape(B, L, H * K)
@@ -149,13 +150,13 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, key_mask_BL: jax.Array,
+  def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, mask_B1QL: jax.Array,
                deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     dropout = nn.Dropout(cfg.dropout_rate)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x_BLD)
-    h = Attention(cfg, name="attention")(h, position_bias_HLL, key_mask_BL, deterministic)
+    h = Attention(cfg, name="attention")(h, position_bias_HLL, mask_B1QL, deterministic)
     x_BLD = x_BLD + dropout(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x_BLD)
     h = MLP(cfg, name="mlp")(h, deterministic)
@@ -192,18 +193,28 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, embedded_BLD: jax.Array, mask_BL: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, embedded_BLD: jax.Array, mask_BL: jax.Array, deterministic: bool,
+               segments_BL: jax.Array | None = None) -> jax.Array:
+    """`segments_BL` (packed rows: 1, 2, ... per text, 0 for padding) restricts attention to each text.
+
+    Texts in a packed row are contiguous, so the key-minus-query offsets inside a text, and hence
+    its relative-position buckets, are exactly those of the text alone: packing changes nothing
+    but the padding.
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     position_bias_HLL = RelativePositionBias(cfg, name="relpos_bias")(embedded_BLD.shape[1])
-    key_mask_BL = mask_BL.astype(bool)
+    if segments_BL is None:
+      mask_B1QL = mask_BL.astype(bool)[:, None, None, :]
+    else:
+      mask_B1QL = ((segments_BL[:, :, None] == segments_BL[:, None, :]) & (segments_BL[:, None, :] > 0))[:, None]
     x = nn.Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
     layer_cls = EncoderLayer
     if cfg.remat_policy != "none":
-      # static_argnums counts `self` as 0: (self, x, position_bias, key_mask, deterministic).
+      # static_argnums counts `self` as 0: (self, x, position_bias, mask, deterministic).
       layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,))
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, key_mask_BL, deterministic)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 

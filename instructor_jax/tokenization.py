@@ -171,3 +171,57 @@ class Tokenizer:
     longest = max((len(x) for x in ids), default=1)
     length = bucket_length(longest, buckets, max_len) if buckets else longest
     return pad_batch(ids, n_instr, length, rows)
+
+
+def pack_rows(lengths: Sequence[int], row_len: int, max_texts: int, window: int = 64) -> list[list[int]]:
+  """Groups texts (by index) into rows of at most `row_len` tokens and `max_texts` texts.
+
+  First-fit decreasing over the `window` most recently opened rows: near-optimal for the length
+  distributions of sentences, and linear in the number of texts.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in order:
+    if lengths[i] > row_len:
+      raise ValueError(f"text {i} has {lengths[i]} tokens, more than the packed row length {row_len}.")
+    start = max(0, len(rows) - window)
+    target = next((r for r in range(start, len(rows))
+                   if free[r] >= lengths[i] and len(rows[r]) < max_texts), None)
+    if target is None:
+      rows.append([])
+      free.append(row_len)
+      target = len(rows) - 1
+    rows[target].append(i)
+    free[target] -= lengths[i]
+  return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+  """Several texts per row: ids, mask, segments (1..S per text, 0 pad), offsets inside each text
+  (int32 [R, L]) and instruction lengths per text slot (int32 [R, S])."""
+
+  ids: np.ndarray
+  mask: np.ndarray
+  segments: np.ndarray
+  offsets: np.ndarray
+  n_instr: np.ndarray
+
+
+def pad_packed(rows: Sequence[Sequence[int]], ids: Sequence[Sequence[int]], n_instr: Sequence[int],
+               length: int, max_texts: int, num_rows: int) -> PackedBatch:
+  """Lays packed rows out as fixed [num_rows, length] arrays; filler rows are all padding."""
+  out = {k: np.zeros((num_rows, length), np.int32) for k in ("ids", "segments", "offsets")}
+  n = np.zeros((num_rows, max_texts), np.int32)
+  for r, row in enumerate(rows):
+    pos = 0
+    for s, i in enumerate(row):
+      seq = ids[i]
+      out["ids"][r, pos:pos + len(seq)] = seq
+      out["segments"][r, pos:pos + len(seq)] = s + 1
+      out["offsets"][r, pos:pos + len(seq)] = np.arange(len(seq))
+      n[r, s] = n_instr[i]
+      pos += len(seq)
+  mask = (out["segments"] > 0).astype(np.int32)
+  return PackedBatch(out["ids"], mask, out["segments"], out["offsets"], n)

@@ -106,7 +106,7 @@ def test_packed_rows_equal_padded_rows(model):
   texts = sentences(40)
   items = ([["Represent the sentence: ", t] for t in texts[:20]] + texts[20:]
            + ["", ["Title ", "one-token instruction"], ["query: ", ""], "word " * 300])
-  padded = model.encode(items, batch_size=16)
+  padded = model.encode(items, batch_size=16, pack=False)
   packed = model.encode(items, batch_size=16, pack=True, pack_length=64)
   np.testing.assert_allclose(packed, padded, atol=2e-6)
 
