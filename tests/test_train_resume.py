@@ -100,3 +100,16 @@ def _flatten(tree, prefix=""):
   if isinstance(tree, dict):
     return {k2: v2 for k, v in tree.items() for k2, v2 in _flatten(v, f"{prefix}{k}/").items()}
   return {prefix.rstrip("/"): np.asarray(tree)}
+
+
+def test_restart_reuses_the_tokenised_medi_cache(tmp_path, monkeypatch, capsys):
+  """A restarted run memory-maps the tokenised corpus instead of re-tokenising MEDI, with identical batches."""
+  from instructor_jax.train import batches
+  monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path))
+  first = list(batches(CONFIG, 2, 3))
+  assert "using the tokenised cache" not in capsys.readouterr().out
+  second = list(batches(CONFIG, 2, 3))
+  assert "using the tokenised cache" in capsys.readouterr().out
+  assert [(s, t) for s, t, _ in first] == [(s, t) for s, t, _ in second]
+  for (_, _, a), (_, _, b) in zip(first, second):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
