@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
       return []
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed)
-    writer = _metrics_writer(cfg, model, workdir)
+    writer = _metrics_writer(cfg, model, workdir, start)
     try:
       return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end)
     finally:
@@ -253,9 +253,10 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     ckpt.close()
 
 
-def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str) -> train_outputs.MetricsWriter:
+def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str,
+                    start: int) -> train_outputs.MetricsWriter:
   return train_outputs.MetricsWriter(
-      workdir, chief=jax.process_index() == 0, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
+      workdir, chief=jax.process_index() == 0, start_step=start, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
       tokens_per_step=cfg.batch_size * (cfg.query_len + 2 * cfg.doc_len),
       flops_per_step=train_outputs.train_step_flops(model, cfg.batch_size, cfg.query_len, cfg.doc_len),
       num_devices=jax.device_count(), device_peak_flops=train_outputs.peak_flops(jax.devices()[0].device_kind))

@@ -48,14 +48,30 @@ def train_step_flops(config: InstructorConfig, batch_size: int, query_len: int, 
   return 3 * (encoder_flops(config, batch_size, query_len) + encoder_flops(config, 2 * batch_size, doc_len))
 
 
-class _JsonlSink:
-  """Appends JSON lines; on object stores (gs://...), which cannot append, rewrites the file."""
+def _step_of(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
-  def __init__(self, path: str):
+
+class _JsonlSink:
+  """Appends JSON lines; on object stores (gs://...), which cannot append, rewrites the file.
+
+  Records past `start_step` (logged by a run that died after its last checkpoint) are dropped on
+  open: the resumed run logs those steps again, and the file must hold each step once.
+  """
+
+  def __init__(self, path: str, start_step: int = 0):
     from etils import epath
     self.path = epath.Path(path)
     self.remote = "://" in path
-    self.lines = self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists() else []
+    old = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    kept = [x for x in old if x.strip() and (_step_of(x) is None or _step_of(x) <= start_step)]
+    kept = [x if x.endswith("\n") else x + "\n" for x in kept]
+    self.lines = kept if self.remote else []
+    if not self.remote and kept != old:
+      self.path.write_text("".join(kept))
     self._file = None if self.remote else open(path, "a")
 
   def write(self, line: str) -> None:
@@ -75,7 +91,7 @@ class MetricsWriter:
   """Writes one record per logged step; only the chief process (index 0) writes files."""
 
   def __init__(self, workdir: str, *, chief: bool, total_steps: int, batch_size: int, tokens_per_step: int,
-               flops_per_step: float, num_devices: int, device_peak_flops: float | None):
+               flops_per_step: float, num_devices: int, device_peak_flops: float | None, start_step: int = 0):
     self.chief = chief
     self.total_steps = total_steps
     self.batch_size = batch_size
@@ -87,7 +103,7 @@ class MetricsWriter:
       from etils import epath
       from tensorboardX import SummaryWriter
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = _JsonlSink(f"{workdir.rstrip('/')}/metrics.jsonl")
+      self._jsonl = _JsonlSink(f"{workdir.rstrip('/')}/metrics.jsonl", start_step)
       self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard")
 
   def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None,

@@ -113,3 +113,16 @@ def test_restart_reuses_the_tokenised_medi_cache(tmp_path, monkeypatch, capsys):
   assert [(s, t) for s, t, _ in first] == [(s, t) for s, t, _ in second]
   for (_, _, a), (_, _, b) in zip(first, second):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
+  """A run killed after its last checkpoint (step 3) logged steps 4-5; resuming logs them again, once."""
+  from instructor_jax.train_outputs import MetricsWriter
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+  writer = MetricsWriter(str(tmp_path), chief=True, total_steps=6, batch_size=8, tokens_per_step=10,
+                         flops_per_step=1.0, num_devices=1, device_peak_flops=None, start_step=3)
+  for step in (4, 5):
+    writer.write(step, "task", {"loss": 0.5}, None)
+  writer.close()
+  assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
