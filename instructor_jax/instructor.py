@@ -99,9 +99,10 @@ class Instructor:
     return _compiled_packed(self.config, self.mesh)(self.params, *arrays)
 
   def encode(self, sentences: Sequence[Any] | str, batch_size: int = 32, show_progress_bar: bool = False,
-             convert_to_numpy: bool = True, max_seq_length: int | None = None,
-             buckets: Sequence[int] = DEFAULT_BUCKETS, pack: bool = True, pack_length: int = 128,
-             **unused: Any) -> np.ndarray:
+             output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
+             convert_to_tensor: bool = False, device: Any = None, normalize_embeddings: bool = False,
+             max_seq_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
+             pack: bool = True, pack_length: int = 128) -> np.ndarray:
     """Embeddings [N, E] float32 for strings or `[instruction, text]` pairs, in input order.
 
     Texts of up to `pack_length` tokens are packed several to a row (`pack=True`, the default):
@@ -109,6 +110,11 @@ class Instructor:
     equal unpacked ones to float rounding while padding almost vanishes. A packed batch is
     `batch_size` rows of `pack_length` tokens; longer texts go through length buckets.
     """
+    # InstructorEmbedding.INSTRUCTOR.encode's arguments: `device` is ignored (all local devices are
+    # used), `convert_to_numpy` is always true; anything we cannot honour is an error, not a no-op.
+    if output_value != "sentence_embedding" or convert_to_tensor:
+      raise ValueError(f"encode(output_value={output_value!r}, convert_to_tensor={convert_to_tensor}) is not "
+                       "supported: only sentence embeddings as a NumPy array are returned.")
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
     max_len = max_seq_length or self.max_seq_length
@@ -136,6 +142,8 @@ class Instructor:
       batches.append(([[i] for i in idx], lambda idx=idx, length=length: self.embed_batch_async(
           pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, rows))))
     _run_pipelined(batches, out, show_progress_bar)
+    if normalize_embeddings and not self.config.normalize:
+      out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out[0] if single else out
 
 

@@ -291,8 +291,12 @@ def _cache_key(path: str) -> str:
   st = os.stat(path)
   with open(os.path.join(tokenization.VOCAB_DIR, "spiece.model"), "rb") as f:
     vocab = hashlib.sha1(f.read()).hexdigest()
-  with open(tokenization.__file__, "rb") as f:
-    rule = hashlib.sha1(f.read()).hexdigest()
+  # The rule lives in tokenization.py; the special-token handling of the fast path in this file.
+  rule = hashlib.sha1()
+  for source in (tokenization.__file__, __file__):
+    with open(source, "rb") as f:
+      rule.update(f.read())
+  rule = rule.hexdigest()
   return hashlib.sha1(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{vocab}:{rule}".encode()).hexdigest()[:16]
 
 

@@ -80,8 +80,8 @@ def save_params(directory: str, params: Any, config: InstructorConfig, step: int
   mngr = checkpoint_manager(directory, async_save=False)
   try:
     if step in mngr.all_steps():
-      raise OrbaxCheckpointError(f"{directory}/{step} already exists; choose another --step or an "
-                                 "empty destination directory.")
+      raise OrbaxCheckpointError(f"{directory}/{step} already exists; write to an empty destination "
+                                 "directory (orbax never overwrites a finished step).")
     mngr.save(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardSave(params),
         CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),

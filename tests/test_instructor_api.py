@@ -154,3 +154,13 @@ def test_hub_download_fetches_only_the_weights_it_loads(monkeypatch, tmp_path, r
   weights = {p for p in fetched if p.endswith((".bin", ".safetensors", ".onnx"))}
   assert weights == expected
   assert not any(p.startswith(("onnx/", "openvino/")) for p in fetched)
+
+
+def test_encode_refuses_what_it_cannot_honour(model):
+  with pytest.raises(ValueError, match="output_value='token_embeddings'"):
+    model.encode(["a"], output_value="token_embeddings")
+  with pytest.raises(TypeError):
+    model.encode(["a"], no_such_option=True)
+  # InstructorEmbedding's own arguments are accepted.
+  out = model.encode(["a"], device="cpu", convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
