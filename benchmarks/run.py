@@ -10,7 +10,6 @@ even on a noisy shared machine. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib

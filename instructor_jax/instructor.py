@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -54,7 +52,7 @@ class Instructor:
     """Loads a Hub id, a sentence-transformers/HF directory, a t5x checkpoint or a training workdir."""
     from instructor_jax.sources import load_source
     loaded = load_source(name_or_path, **source_kwargs)
-    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype), dropout_rate=loaded.config.encoder.dropout_rate)
+    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
@@ -80,10 +78,6 @@ class Instructor:
   def max_seq_length(self, value: int) -> None:
     self.config = self.config.replace(max_seq_length=int(value))
     self.tokenizer.max_seq_length = int(value)
-
-  def embed_batch(self, batch: Batch) -> np.ndarray:
-    """Embeds one padded batch whose row count is a multiple of the local device count."""
-    return np.asarray(jax.device_get(self.embed_batch_async(batch)), np.float32)
 
   def embed_batch_async(self, batch: Batch) -> jax.Array:
     """Dispatches one batch and returns the (not yet fetched) device array, for pipelining."""

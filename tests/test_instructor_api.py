@@ -8,7 +8,6 @@ import pytest
 
 from instructor_jax import Instructor
 from instructor_jax.hf_format import CheckpointError
-from instructor_jax.instructor import local_data_mesh
 from instructor_jax.tokenization import InputError
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_instructor"

@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,6 @@ D_MODEL, D_KV, N_HEADS, D_FF, N_LAYERS, OUT_DIM = 16, 4, 4, 32, 2, 24
 def build_fixture() -> None:
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
     from sentence_transformers.models import Dense
-    from safetensors.torch import save_file
 
     if FIXTURE.exists():
         shutil.rmtree(FIXTURE)
