@@ -29,6 +29,7 @@ from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
                                        state_shardings)
+from instructor_jax.xla_options import train_compiler_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TrainConfig:
   async_checkpointing: bool = True
   log_every: int = 10
   stop_after_steps: Optional[int] = None  # end this run (with a checkpoint) after this many of its steps
+  # XLA compiler options for the step, over the per-backend defaults (GPU: latency-hiding scheduler).
+  xla_options: Optional[dict] = None
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "query_len", "doc_len", "grad_cache_chunks", "checkpoint_every", "log_every"):
@@ -243,7 +246,8 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     if start >= end:
       return []
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
-                              grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed)
+                              grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
+                              compiler_options=train_compiler_options(cfg.xla_options))
     writer = _metrics_writer(cfg, model, workdir, start)
     try:
       return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end)

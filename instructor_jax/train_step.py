@@ -183,9 +183,13 @@ def grad_cache_grads(embed: Callable, loss_fn: Callable, params: Any, batch: Bat
 
 def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, loss: str = "instructor", temperature: float = 0.01,
-                    grad_cache_chunks: int = 1, seed: int = 0,
-                    deterministic: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """The jitted step; `grad_cache_chunks > 1` switches on GradCache with that many chunks."""
+                    grad_cache_chunks: int = 1, seed: int = 0, deterministic: bool = False,
+                    compiler_options: dict[str, Any] | None = None,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The jitted step; `grad_cache_chunks > 1` switches on GradCache with that many chunks.
+
+  `compiler_options` go to XLA for this step only (xla_options.train_compiler_options()).
+  """
   model = InstructorModel(config)
   loss_fn = functools.partial(get_loss(loss), temperature=temperature)
   embed = functools.partial(embed_triples, model, deterministic=deterministic)
@@ -213,7 +217,8 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
 
   state_sh = state_shardings(config, tx, mesh)
   return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)),
-                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=compiler_options or None)
 
 
 def global_norm(tree: Any) -> jax.Array:
