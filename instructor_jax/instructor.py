@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from instructor_jax.config import InstructorConfig
 from instructor_jax.model import InstructorModel
 from instructor_jax.tokenization import (DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer, bucket_length, pack_rows,
-                                         pad_batch, pad_packed)
+                                         pad_batch, pad_packed, texts_per_row)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -122,7 +122,7 @@ class Instructor:
       pack_length = min(pack_length, max_len)
       short = [i for i in padded if len(ids[i]) <= pack_length]
       padded = [i for i in padded if len(ids[i]) > pack_length]
-      max_texts = max(1, pack_length // 4)
+      max_texts = texts_per_row(pack_length)
       packed = [[short[j] for j in row] for row in pack_rows([len(ids[i]) for i in short], pack_length, max_texts)]
       for start in range(0, len(packed), rows):
         chunk = packed[start:start + rows]
@@ -150,13 +150,13 @@ def _run_pipelined(batches: list, out: np.ndarray, show_progress_bar: bool) -> N
   for rows, dispatch in batches:
     dispatched = (rows, dispatch())
     if pending is not None:
-      _scatter(*pending, out)
+      scatter_embeddings(*pending, out)
     pending = dispatched
   if pending is not None:
-    _scatter(*pending, out)
+    scatter_embeddings(*pending, out)
 
 
-def _scatter(rows: list[list[int]], result: jax.Array, out: np.ndarray) -> None:
+def scatter_embeddings(rows: list[list[int]], result: jax.Array, out: np.ndarray) -> None:
   """Writes row r's text slot s (or row r itself, unpacked) to its item's place in `out`."""
   emb = np.asarray(result, np.float32)
   for r, items in enumerate(rows):

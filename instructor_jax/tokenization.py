@@ -173,6 +173,12 @@ class Tokenizer:
     return pad_batch(ids, n_instr, length, rows)
 
 
+def texts_per_row(pack_length: int) -> int:
+  """Text slots of a packed row (the S of [R, S, E]); shared by encode and the embed job."""
+  # A slot costs pooling work for every row; real texts are rarely under 4 tokens with EOS.
+  return max(1, pack_length // 4)
+
+
 def pack_rows(lengths: Sequence[int], row_len: int, max_texts: int, window: int = 64) -> list[list[int]]:
   """Groups texts (by index) into rows of at most `row_len` tokens and `max_texts` texts.
 
