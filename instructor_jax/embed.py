@@ -2,7 +2,8 @@
 
 One process runs three stages that overlap:
   reader thread : reads rows in input order, validates them, and for each of this process's pending
-                  parts tokenises, sorts by length and pads bucketed batches (embed_batches.py);
+                  parts tokenises, packs short texts several to a row and pads longer ones to
+                  length buckets (embed_batches.py);
   main thread   : dispatches batches to all local devices without waiting and fetches each result
                   two batches later (the only host sync, and one that is needed);
   writer thread : quantises and commits finished parts (temp file -> rename -> sidecar).
@@ -30,7 +31,8 @@ from instructor_jax import embed_io, embed_manifest, embed_output
 from instructor_jax.embed_batches import build_part, read_parts
 from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
-from instructor_jax.tokenization import DEFAULT_BUCKETS
+from instructor_jax.instructor import scatter_embeddings
+from instructor_jax.tokenization import DEFAULT_BUCKETS, PackedBatch
 
 FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
@@ -58,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-seq-length", type=int, default=None)
   p.add_argument("--batch-tokens", type=int, default=None, help="token budget per device batch "
                  "(default 32768 on accelerators, 8192 on CPU)")
-  p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths, comma-separated")
+  p.add_argument("--pack-length", type=int, default=128, help="texts of up to N tokens are packed several to "
+                 "a row of N tokens (segment ids keep them apart; embeddings equal unpacked ones to float "
+                 "rounding, and padding almost vanishes); longer texts use --buckets. Capped at the maximum "
+                 "sequence length; 0 disables packing (default 128)")
+  p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths of texts "
+                 "longer than --pack-length, comma-separated")
   p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
                  "length-sorting window)")
   p.add_argument("--on-error", default="fail", choices=("fail", "skip"))
@@ -165,15 +172,19 @@ def _existing_parts(out_dir: str) -> int:
 
 
 def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Queue, writer: _Stage,
-                 progress: _Progress, stop: threading.Event) -> set[tuple[int, int]]:
-  """Dispatches every batch without waiting and fetches results FETCH_LAG batches later."""
-  shapes: set[tuple[int, int]] = set()
+                 progress: _Progress, stop: threading.Event) -> set[tuple[int, ...]]:
+  """Dispatches every batch without waiting and fetches results FETCH_LAG batches later.
+
+  Returns the compiled batch shapes: (R, L) bucketed, (R, L, S) packed.
+  """
+  shapes: set[tuple[int, ...]] = set()
   inflight: collections.deque = collections.deque()
 
   def drain_one():
-    work, out_NE, idx, result, last = inflight.popleft()
-    out_NE[idx] = np.asarray(result, np.float32)[: len(idx)]
-    progress.update(len(idx), 0, 0, len(idx))
+    work, out_NE, rows, result, last = inflight.popleft()
+    scatter_embeddings(rows, result, out_NE)
+    texts = sum(len(r) for r in rows)
+    progress.update(texts, 0, 0, texts)
     if last:
       _finish_part(work, out_NE)
 
@@ -195,10 +206,13 @@ def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Q
       while inflight:
         drain_one()
       _finish_part(work, out_NE)
-    for b, (idx, batch) in enumerate(work.batches):
-      shapes.add(batch.ids.shape)
-      progress.update(0, int(batch.lengths.sum()), batch.ids.size, 0)
-      inflight.append((work, out_NE, idx, model.embed_batch_async(batch), b == len(work.batches) - 1))
+    for b, (rows, batch) in enumerate(work.batches):
+      packed = isinstance(batch, PackedBatch)
+      shapes.add(batch.ids.shape + batch.n_instr.shape[1:] if packed else batch.ids.shape)
+      # The mask counts real tokens for both kinds; ids.size is what the devices compute on.
+      progress.update(0, int(batch.mask.sum()), batch.ids.size, 0)
+      result = model.embed_packed_async(batch) if packed else model.embed_batch_async(batch)
+      inflight.append((work, out_NE, rows, result, b == len(work.batches) - 1))
       while len(inflight) > FETCH_LAG:
         drain_one()
   while inflight:
@@ -261,7 +275,7 @@ class _Plan:
 
 
 def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, count: int, max_len: int,
-          buckets: list[int]) -> _Plan:
+          buckets: list[int], pack_length: int) -> _Plan:
   """Counts the inputs, checks the output directory against this job, finds the pending parts."""
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
@@ -274,7 +288,7 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
-  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, ranges)
+  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges)
   embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
   if ranges is not None:
     embed_output.save_ranges(out_dir, ranges)
@@ -300,7 +314,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   max_len = args.max_seq_length or model.max_seq_length
   buckets = sorted({min(int(b), max_len) for b in str(args.buckets).split(",")})
   batch_tokens = args.batch_tokens or (8192 if jax.default_backend() == "cpu" else 32768)
-  plan = _plan(args, model, fields, index, count, max_len, buckets)
+  pack_length = min(args.pack_length, max_len)
+  plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length)
   job_hash = embed_manifest.spec_hash(plan.spec)
 
   ndev = model.mesh.devices.size
@@ -310,7 +325,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   done: list[dict[str, Any]] = []
 
   def make_part(k, first, slots, rows, skipped):
-    return build_part(k, first, slots, rows, skipped, model.tokenizer, max_len, buckets, batch_tokens, ndev)
+    return build_part(k, first, slots, rows, skipped, model.tokenizer, max_len, buckets, batch_tokens, ndev,
+                      pack_length)
 
   def read():
     read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), make_part,
@@ -335,7 +351,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   return _summary(done, plan, progress, shapes, manifest, t0)
 
 
-def _summary(done: list[dict[str, Any]], plan: _Plan, progress: _Progress, shapes: set[tuple[int, int]],
+def _summary(done: list[dict[str, Any]], plan: _Plan, progress: _Progress, shapes: set[tuple[int, ...]],
              manifest: str | None, t0: float) -> dict[str, Any]:
   seconds = time.perf_counter() - t0
   skipped = embed_manifest.merge_counts(done, "skipped")
@@ -376,6 +392,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
     jax.distributed.initialize()  # before any other JAX call; every host then sees its process index
   if args.rows_per_part < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
     raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
+  if args.pack_length < 0:
+    raise SystemExit(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing).")
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
   except (InputError, embed_manifest.OutputMismatchError, CheckpointError) as e:

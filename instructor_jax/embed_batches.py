@@ -1,11 +1,14 @@
 """Host side of the embed job: reads each pending part's rows and turns them into padded batches.
 
-Shape key: R rows per batch, L bucket length.
+Shape key: R rows per batch, L bucket (or packed row) length, S texts per packed row.
 
-Rows are sorted by token count within the part (the sort window), grouped by length bucket, and
-cut into batches of R rows with R * L <= --batch-tokens per device. R comes from a fixed set per
-bucket (full, 1/2, 1/4, 1/8, each a multiple of the local device count), so the number of compiled
-programs is at most 4 per bucket however the data looks, and a part's tail wastes little padding.
+Texts of up to --pack-length tokens are packed several to a row of that length (tokenization.pack_rows
+over the whole part, first-fit decreasing; segment ids keep attention and pooling within each text),
+as Instructor.encode does. Longer texts are sorted by token count within the part (the sort window),
+grouped by length bucket, and padded to it. Either kind is cut into batches of R rows with
+R * L <= --batch-tokens per device. R comes from a fixed set per bucket or packed length (full, 1/2,
+1/4, 1/8, each a multiple of the local device count), so the number of compiled programs is at most
+4 per length however the data looks, and a part's tail wastes little padding.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 
 from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
                                      parse_row)
-from instructor_jax.tokenization import Batch, bucket_length, pad_batch
+from instructor_jax.tokenization import (Batch, PackedBatch, bucket_length, pack_rows, pad_batch, pad_packed,
+                                         texts_per_row)
 
 
 def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
@@ -48,7 +52,8 @@ class PartWork:
   first_slot: int
   slots: int
   ids: list[Any]  # of the valid rows, input order
-  batches: list[tuple[np.ndarray, Batch]]  # (row positions in `ids`, padded batch)
+  # (positions in `ids` of each batch row's texts: one per bucketed row, up to S per packed row, batch)
+  batches: list[tuple[list[list[int]], Batch | PackedBatch]]
   skipped: dict[str, int]
   truncated: int
   tokens: int
@@ -57,27 +62,57 @@ class PartWork:
 
 def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped: dict[str, int],
                tokenizer: Any, max_len: int, buckets: Sequence[int], batch_tokens: int,
-               num_devices: int) -> PartWork:
-  """Tokenises (the INSTRUCTOR rule in tokenization.py), sorts and batches one part's rows."""
+               num_devices: int, pack_length: int) -> PartWork:
+  """Tokenises (the INSTRUCTOR rule in tokenization.py), packs or sorts, and batches one part's rows.
+
+  `pack_length` (at most max_len; 0 packs nothing) is the packed row length.
+  """
   items = [r.text if r.instruction is None else [r.instruction, r.text] for r in rows]
   truncated: list[bool] = []
   ids, n_instr = tokenizer.tokenize(items, max_len, truncated) if items else ([], [])
   lengths = np.array([len(x) for x in ids], np.int64)
-  # Longest first: the expensive programs run (and compile) early, and the ETA errs on the safe side.
-  order = np.argsort(-lengths, kind="stable")
+  # Every text has its EOS, so pack_length 0 leaves nothing short.
+  short = lengths <= pack_length
+  # Long texts first: the expensive programs run (and compile) early, and the ETA errs on the safe side.
+  batches = (_bucketed_batches(np.flatnonzero(~short), ids, n_instr, max_len, buckets, batch_tokens, num_devices)
+             + _packed_batches(np.flatnonzero(short), ids, n_instr, pack_length, batch_tokens, num_devices))
+  counts = collections.Counter(r.instruction or "" for r in rows)
+  return PartWork(index, first_slot, slots, [r.id for r in rows], batches, skipped, sum(truncated),
+                  int(lengths.sum()), dict(counts))
+
+
+def _bucketed_batches(positions: np.ndarray, ids: list[list[int]], n_instr: list[int], max_len: int,
+                      buckets: Sequence[int], batch_tokens: int,
+                      num_devices: int) -> list[tuple[list[list[int]], Batch]]:
+  """One text per row, longest first, padded to its length bucket."""
+  order = sorted(positions.tolist(), key=lambda i: -len(ids[i]))
   by_bucket: dict[int, list[int]] = collections.defaultdict(list)
   for i in order:
-    by_bucket[bucket_length(int(lengths[i]), buckets, max_len)].append(int(i))
+    by_bucket[bucket_length(len(ids[i]), buckets, max_len)].append(i)
   batches = []
   for length, members in by_bucket.items():
     start = 0
     for size in split_rows(len(members), row_choices(length, batch_tokens, num_devices)):
-      idx = np.array(members[start:start + size], np.int64)
-      batches.append((idx, pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, size)))
+      idx = members[start:start + size]
+      batches.append(([[i] for i in idx], pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, size)))
       start += size
-  counts = collections.Counter(r.instruction or "" for r in rows)
-  return PartWork(index, first_slot, slots, [r.id for r in rows], batches, skipped, sum(truncated),
-                  int(lengths.sum()), dict(counts))
+  return batches
+
+
+def _packed_batches(positions: np.ndarray, ids: list[list[int]], n_instr: list[int], pack_length: int,
+                    batch_tokens: int, num_devices: int) -> list[tuple[list[list[int]], PackedBatch]]:
+  """Texts of at most pack_length tokens, several to a row (the layout Instructor.encode uses)."""
+  if not len(positions):
+    return []
+  max_texts = texts_per_row(pack_length)
+  layout = pack_rows([len(ids[i]) for i in positions], pack_length, max_texts)
+  packed = [[int(positions[j]) for j in row] for row in layout]
+  batches, start = [], 0
+  for size in split_rows(len(packed), row_choices(pack_length, batch_tokens, num_devices)):
+    chunk = packed[start:start + size]
+    batches.append((chunk, pad_packed(chunk, ids, n_instr, pack_length, max_texts, size)))
+    start += size
+  return batches
 
 
 def locate(files: list[InputFile], slot: int) -> str:

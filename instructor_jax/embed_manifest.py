@@ -60,7 +60,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 
 
 def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unreadable: list[BadRow], max_len: int,
-             buckets: list[int], ranges: np.ndarray | None) -> dict[str, Any]:
+             buckets: list[int], pack_length: int, ranges: np.ndarray | None) -> dict[str, Any]:
   """Everything that decides the stored numbers (see the module docstring)."""
   cfg = model.config
   ranges_hash = None if ranges is None else hashlib.sha256(ranges.tobytes()).hexdigest()
@@ -79,6 +79,12 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
                  "int8_ranges": None if ranges is None else {"file": RANGES_FILE, "sha256": ranges_hash}},
       # Buckets change the padding, and in bf16 padding-free results can differ in the last bit.
       "buckets": list(buckets),
+      # Likewise the packed row length (the effective one, capped at max_seq_length): a text's
+      # neighbours and offset in its row change the summation order, so results move by float
+      # rounding (~1.5e-7 in float32, more in bf16, and a step at int8/binary edges). Mixing parts
+      # of two settings would be harmless for search but would break "same spec, same bits"
+      # (a resumed job equals an uninterrupted one exactly), so a change is refused like --buckets.
+      "pack_length": pack_length,
   }
 
 

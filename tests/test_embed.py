@@ -123,8 +123,8 @@ def test_eight_devices_equal_one_device(tmp_path, model):
   ids1, e1 = read_output(str(tmp_path / "o1"))
   assert ids8 == ids1
   np.testing.assert_allclose(e8, e1, atol=1e-6)
-  assert all(rows % 8 == 0 for rows, _ in s8["batch_shapes"])
-  assert {r for r, _ in s1["batch_shapes"]} != {r for r, _ in s8["batch_shapes"]}
+  assert all(shape[0] % 8 == 0 for shape in s8["batch_shapes"])
+  assert {shape[0] for shape in s1["batch_shapes"]} != {shape[0] for shape in s8["batch_shapes"]}
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -155,7 +155,8 @@ def test_truncation_counted_and_shapes_bounded(tmp_path, model):
   texts = sentences(30, seed=6) + [" ".join(["word"] * 300)] * 2
   path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
   out = str(tmp_path / "out")
-  summary = embed.main(base_args([path], out, "--max-seq-length", "24", "--buckets", "8,16,32"), model=model)
+  summary = embed.main(base_args([path], out, "--max-seq-length", "24", "--buckets", "8,16,32", "--pack-length", "0"),
+                       model=model)
   long_count = sum(len(model.tokenizer.encode_pieces([t])[0]) > 23 for t in texts)
   assert summary["truncated"] == long_count >= 2
   _, emb = read_output(out)

@@ -11,6 +11,10 @@ from instructor_jax import embed
 from instructor_jax.embed_manifest import OutputMismatchError
 
 
+# Short texts packed, longer ones bucketed: resumed parts must reproduce both kinds of batch exactly.
+JOB = ("--instruction", INSTRUCTION, "--pack-length", "32")  # every part has both kinds
+
+
 class Killed(Exception):
   pass
 
@@ -26,7 +30,7 @@ def job(tmp_path_factory, model):
   tmp = tmp_path_factory.mktemp("resume")
   path = write_jsonl(str(tmp / "in.jsonl"), [{"text": t} for t in sentences(70, seed=11)])
   ref = str(tmp / "reference")
-  embed.main(base_args([path], ref, "--instruction", INSTRUCTION), model=model)
+  embed.main(base_args([path], ref, *JOB), model=model)
   return path, read_output(ref)
 
 
@@ -41,7 +45,7 @@ def _kill_at(stage, part):
 def test_killed_run_resumes_exactly_once(tmp_path, model, job, stage):
   path, (ref_ids, ref_emb) = job
   out = str(tmp_path / "out")
-  args = base_args([path], out, "--instruction", INSTRUCTION)
+  args = base_args([path], out, *JOB)
   with pytest.raises(Killed):
     embed.main(args, model=model, fault=_kill_at(stage, 2))
   names = os.listdir(out)
@@ -78,7 +82,7 @@ def test_slow_writer_failure_surfaces_instead_of_hanging(tmp_path, model, job):
 def test_corrupted_part_is_recomputed(tmp_path, model, job):
   path, (ref_ids, ref_emb) = job
   out = str(tmp_path / "out")
-  args = base_args([path], out, "--instruction", INSTRUCTION)
+  args = base_args([path], out, *JOB)
   embed.main(args, model=model)
   with open(os.path.join(out, "part-00001.parquet"), "r+b") as f:
     f.seek(10)
@@ -93,11 +97,14 @@ def test_corrupted_part_is_recomputed(tmp_path, model, job):
 def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, model, job):
   path, (ref_ids, ref_emb) = job
   out = str(tmp_path / "out")
-  embed.main(base_args([path], out, "--instruction", INSTRUCTION), model=model)
+  embed.main(base_args([path], out, *JOB), model=model)
   with pytest.raises(OutputMismatchError, match="instruction.fixed"):
     embed.main(base_args([path], out, "--instruction", "Represent the title: "), model=model)
   with pytest.raises(OutputMismatchError, match="model.fingerprint"):
-    embed.main(base_args([path], out, "--instruction", INSTRUCTION), model=tiny_model(seed=1))
+    embed.main(base_args([path], out, *JOB), model=tiny_model(seed=1))
+  # Packing moves results by float rounding only, but "same job, same bits" needs the same rows.
+  with pytest.raises(OutputMismatchError, match="pack_length: existing 32 vs now 0"):
+    embed.main(base_args([path], out, "--instruction", INSTRUCTION, "--pack-length", "0"), model=model)
   summary = embed.main(base_args([path], out, "--instruction", "Represent the title: ", "--overwrite"), model=model)
   assert summary["parts_written"] == 5 and summary["parts_already_complete"] == 0
   manifest = json.load(open(os.path.join(out, "manifest.json")))
