@@ -23,6 +23,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# JAX and torch share one GPU in this process: JAX must not grab 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 
@@ -32,6 +34,7 @@ from instructor_jax.config import InstructorConfig, T5Config, preset  # noqa: E4
 SHAPES = {
     # t5-small-shaped encoder: big enough that matmuls dominate on a CPU, small enough for 2 cores.
     "small": InstructorConfig(T5Config(d_model=512, num_heads=8, d_kv=64, d_ff=2048, num_layers=6)),
+    "tiny": preset("tiny"),  # for tests of the benchmark scripts themselves
     "gtr-base": preset("gtr-base"),
     "gtr-large": preset("gtr-large"),
 }
@@ -186,6 +189,11 @@ def main(argv=None) -> int:
   parser.add_argument("--sections", default="matmul,embed,train")
   parser.add_argument("--train-batch", type=int, default=None, help="triples per train step")
   parser.add_argument("--train-length", type=int, default=256)
+  parser.add_argument("--train-variants", default=None,
+                      help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-gc4, each "
+                           "optionally @BATCH (default: pytorch,jax,jax-save_dots at --train-batch)")
+  parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")
+  parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
   parser.add_argument("--attention-impl", default="dot_product_attention",
                       choices=("dot_product_attention", "cudnn", "xla"), help="inference attention (T5Config)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -199,27 +207,38 @@ def main(argv=None) -> int:
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                    "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
   sections = args.sections.split(",")
+
+  def save() -> None:  # after every section, so a run cut short by a time limit keeps what it measured
+    if args.out:
+      pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+
   if "matmul" in sections:
     results["matmul"] = measure_matmul_peak(8192 if gpu else 1024, dtype)
+    save()
   with tempfile.TemporaryDirectory() as workdir:
     model, params, export_dir = build_models(cfg, workdir)
     if "embed" in sections:
       n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
+      n_short, n_docs = args.short or n_short, args.docs or n_docs
       short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
       repeats = 3
       results["embed"] = [
           embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
                         repeats, workdir),
-          embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, repeats, workdir),
       ]
+      save()
+      results["embed"].append(
+          embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, repeats, workdir))
+      save()
     if "train" in sections:
-      from train_bench import train_section
+      from train_bench import DEFAULT_VARIANTS, train_section
       batch = args.train_batch or (8 if args.quick else 256)
       results["train"] = train_section(cfg, params, export_dir, batch, args.train_length,
-                                       results.get("matmul", {}), quick=args.quick)
+                                       results.get("matmul", {}), quick=args.quick,
+                                       variants=args.train_variants or DEFAULT_VARIANTS,
+                                       on_row=lambda rows: (results.__setitem__("train", rows), save()))
   print_table(results)
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+  save()
   return 0
 
 
@@ -238,8 +257,11 @@ def print_table(results: dict) -> None:
     print(f"      {'embed job (CLI path)':<20} ours {row['job_tok_s']:>10.0f} tok/s  x{row['job_speedup']:.2f} "
           f"vs ST  (max |job - encode| {row['job_max_abs_diff']:.1e}; includes Parquet writing)")
   for row in results.get("train", []):
+    memory = (f"  XLA temp {row['temp_gib']:.1f} GiB" if "temp_gib" in row else "") + (
+        f", est. max batch {row['est_max_batch']} on {row['device_gib']:.0f} GiB" if "est_max_batch" in row else "")
     print(f"train {row['impl']:<20} {row['tok_s']:>10.0f} tok/s  {row['step_s'] * 1e3:8.1f} ms/step  "
-          f"MFU {row.get('mfu', float('nan')):.1%}  (batch {row['batch']} x {row['length']})")
+          f"MFU {row.get('mfu', float('nan')):.1%}  (batch {row['batch']} x {row['length']}){memory}"
+          + (f"  {row['error']}" if "error" in row else ""))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,15 @@ def _random_triples(batch: int, length: int, vocab: int, seed: int = 0) -> dict[
   return out
 
 
-def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int):
+def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int, checkpointing: bool = False):
   import torch
   import torch.nn.functional as F
   from safetensors.torch import load_file
   from transformers import T5EncoderModel
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   enc = T5EncoderModel.from_pretrained(export_dir).to(dev).train()
+  if checkpointing:  # what a PyTorch user does when the batch does not fit
+    enc.gradient_checkpointing_enable()
   dense = torch.nn.Linear(cfg.encoder.d_model, cfg.embedding_dim, bias=False).to(dev)
   dense.weight.data.copy_(load_file(os.path.join(export_dir, "2_Dense", "model.safetensors"))["linear.weight"])
   opt = torch.optim.AdamW(list(enc.parameters()) + list(dense.parameters()), lr=2e-5)
@@ -63,25 +65,50 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int)
   return step, sync
 
 
-def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none"):
-  """Our jitted, donating train step on a data-parallel mesh over every local device."""
+def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1):
+  """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time)."""
   import jax
   from instructor_jax import sharding as shd
   from instructor_jax import train_step as ts
   from instructor_jax.optim import OptimConfig, make_optimizer
+  from instructor_jax.xla_options import train_compiler_options
   cfg = cfg.with_encoder(remat_policy=remat)
   mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=1, tensor=1))
   tx, schedule = make_optimizer(OptimConfig(learning_rate=2e-5, warmup_fraction=0.0), total_steps=1000)
   state = ts.init_state(cfg, tx, mesh, params=params)
-  step_fn = ts.make_train_step(cfg, tx, schedule, mesh, loss="instructor", temperature=0.01)
+  step_fn = ts.make_train_step(cfg, tx, schedule, mesh, loss="instructor", temperature=0.01,
+                               grad_cache_chunks=grad_cache_chunks, compiler_options=train_compiler_options())
   data = shd.global_batch(_random_triples(batch, length, cfg.encoder.vocab_size), mesh)
-  holder = {"state": state}
+  compiled = step_fn.lower(state, data).compile()
+  holder = {"state": state, "memory": _memory(compiled, batch)}
 
   def step():
-    holder["state"], metrics = step_fn(holder["state"], data)
+    holder["state"], metrics = compiled(holder["state"], data)
     return metrics["loss"]
 
+  step.memory = holder["memory"]
   return step, lambda x: float(jax.device_get(x))
+
+
+def _memory(compiled, batch: int) -> dict:
+  """XLA's memory analysis of the compiled step, and the batch it extrapolates to on this device.
+
+  Activations (XLA's temp buffers) grow linearly with the batch; parameters, optimizer state and
+  the batch itself are the arguments (the state is donated, so outputs reuse them).
+  """
+  import jax
+  out = {}
+  try:
+    m = compiled.memory_analysis()
+    out = {"temp_gib": m.temp_size_in_bytes / 2 ** 30, "argument_gib": m.argument_size_in_bytes / 2 ** 30}
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit and m.temp_size_in_bytes:
+      per_triple = m.temp_size_in_bytes / batch
+      out["device_gib"] = limit / 2 ** 30
+      out["est_max_batch"] = int((limit - m.argument_size_in_bytes) // per_triple) // 8 * 8
+  except Exception as e:  # memory analysis is best effort: not every backend/JAX provides it
+    out["memory_error"] = f"{type(e).__name__}: {e}"[:200]
+  return out
 
 
 def _time(step, sync, steps: int) -> float:
@@ -95,26 +122,71 @@ def _time(step, sync, steps: int) -> float:
   return (time.perf_counter() - t) / steps
 
 
+# name -> (framework, options); "@B" after a name overrides the triples per step for that row.
+VARIANTS = {
+    "pytorch": ("torch", {}),
+    "pytorch-ckpt": ("torch", {"checkpointing": True}),
+    "jax": ("jax", {}),
+    "jax-save_dots": ("jax", {"remat": "save_dots"}),
+    "jax-full": ("jax", {"remat": "full"}),
+    "jax-gc4": ("jax", {"remat": "save_dots", "grad_cache_chunks": 4}),
+}
+DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"
+
+
+def parse_variants(spec: str, batch: int) -> list[tuple[str, int]]:
+  out = []
+  for item in spec.split(","):
+    name, _, b = item.strip().partition("@")
+    if name not in VARIANTS:
+      raise SystemExit(f"--train-variants: unknown variant {name!r}; expected one of {sorted(VARIANTS)} (optionally @BATCH)")
+    out.append((name, int(b) if b else batch))
+  return out
+
+
 def train_section(cfg: InstructorConfig, params, export_dir: str, batch: int, length: int,
-                  matmul: dict, quick: bool) -> list[dict]:
+                  matmul: dict, quick: bool, variants: str = DEFAULT_VARIANTS, on_row=None) -> list[dict]:
+  """One row per variant (errors such as out-of-memory are rows too); `on_row(rows)` after each."""
   from run import matmul_flops_per_token
   _, train_flops = matmul_flops_per_token(cfg.encoder, length)
-  tokens = 3 * batch * length
-  steps = 2 if quick else 10
+  steps = 2 if quick else 5
   rows = []
-  variants = [("pytorch", lambda: _torch_step(cfg, export_dir, batch, length), "torch_tflops"),
-              ("instructor_jax", lambda: _jax_step(cfg, params, batch, length), "jax_tflops"),
-              ("instructor_jax+remat", lambda: _jax_step(cfg, params, batch, length, "save_dots"), "jax_tflops")]
-  for impl, make, peak_key in variants:
+  for name, b in parse_variants(variants, batch):
+    framework, options = VARIANTS[name]
+    tokens = 3 * b * length
+    row = {"impl": name, "batch": b, "length": length}
     try:
-      step, sync = make()
+      if framework == "torch":
+        step, sync = _torch_step(cfg, export_dir, b, length, **options)
+      else:
+        step, sync = _jax_step(cfg, params, b, length, **options)
+        row.update(step.memory)
       seconds = _time(step, sync, steps)
     except Exception as e:  # out of memory at this batch is a result, not a crash
-      rows.append({"impl": impl, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300],
-                   "tok_s": float("nan"), "step_s": float("nan")})
+      rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:300], tok_s=float("nan"), step_s=float("nan")))
+      _free_memory()
+      if on_row:
+        on_row(rows)
       continue
-    row = {"impl": impl, "batch": batch, "length": length, "step_s": seconds, "tok_s": tokens / seconds}
-    if peak_key in matmul:
-      row["mfu"] = train_flops * tokens / seconds / (matmul[peak_key] * 1e12)
+    row.update(step_s=seconds, tok_s=tokens / seconds)
+    peak = matmul.get("torch_tflops" if framework == "torch" else "jax_tflops")
+    if peak:
+      row["mfu"] = train_flops * tokens / seconds / (peak * 1e12)
     rows.append(row)
+    del step
+    _free_memory()
+    if on_row:
+      on_row(rows)
   return rows
+
+
+def _free_memory() -> None:
+  """Drops one variant's buffers before the next is built, so the variants do not share memory."""
+  import gc
+  gc.collect()
+  try:
+    import torch
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+  except ImportError:
+    pass

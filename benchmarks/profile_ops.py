@@ -1,0 +1,193 @@
+"""Profiles one workload with jax.profiler and says where the device time goes, by kind of op.
+
+  python benchmarks/profile_ops.py --case train --shape small --batch 8 --length 128 --out /tmp/prof
+  python benchmarks/profile_ops.py --case embed-docs --shape gtr-large --out $OUT/prof_docs   # one GPU
+
+Writes the trace (open `plugins/profile/*/perfetto_trace.json.gz` in ui.perfetto.dev, or the
+directory in TensorBoard/XProf), XLA's optimised HLO, and `summary.json` / `summary.txt`: device
+time per XLA op, each op classified from its HLO (matmul, attention, random bits, softmax,
+collectives, copies/transposes, other fusions), and the top ops. Device time is the kernels on a
+GPU/TPU and the XLA:CPU thunks on a CPU (where concurrent thunks can add up to more than wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Classification rules, first match wins: (category, regex over the op's HLO and its callees).
+CATEGORIES = [
+    ("attention (fused)", re.compile(r"cudnn\$fmha|__cudnn\$fmha|flash|splash|custom-call.*attention")),
+    ("collectives", re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")),
+    ("matmul", re.compile(r"\b(dot|convolution)\(|gemm|cublas|__triton_gemm")),
+    # Threefry is u32 adds, shifts and xors; the dropout mask's bits-to-float conversion is fused too.
+    ("random bits", re.compile(r"rng-bit-generator\(|\bu32\[[^\]]*\][^\n]*\b(shift-right-logical|xor)\(")),
+    ("softmax / exp", re.compile(r"\bexponential\(")),
+    ("copy / transpose", re.compile(r"^(copy|transpose|bitcast|copy_bitcast|wrapped_transpose|wrapped_copy)")),
+]
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*$")
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\s*$")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+(?:, %?[\w.\-]+)*)\}?")
+
+
+def parse_hlo(dump_dir: str) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+  """Per module name: (instruction -> its line, computation -> its body), from XLA's optimised HLO.
+
+  Names such as fused_computation.41 repeat across modules, so everything is keyed by module; a
+  module compiled twice keeps its newest dump.
+  """
+  modules = {}
+  for path in sorted(glob.glob(os.path.join(dump_dir, "module_*after_optimizations.txt"))):
+    module = os.path.basename(path).split(".")[1]
+    lines, bodies, current = {}, {}, None
+    for line in pathlib.Path(path).read_text().splitlines():
+      m = _COMP.match(line)
+      if m and "=" not in line.split("{")[0]:
+        current = m.group(1)
+        bodies[current] = ""
+        continue
+      m = _INSTR.match(line)
+      if m:
+        lines.setdefault(m.group(1), line)
+        if current is not None:
+          bodies[current] += line + "\n"
+    modules[module] = (lines, bodies)
+  return modules
+
+
+def op_text(name: str, lines: dict[str, str], bodies: dict[str, str], depth: int = 3) -> str:
+  """The op's HLO line plus the bodies of the computations it calls (fusions, loops), recursively."""
+  text = lines.get(name, "")
+  todo = [(text, depth)]
+  while todo:
+    t, d = todo.pop()
+    for m in _CALLS.finditer(t):
+      for comp in re.split(r",\s*%?", m.group(1)):
+        body = bodies.get(comp, "")
+        text += "\n" + body
+        if d > 0:
+          todo.append((body, d - 1))
+  return text
+
+
+def classify(name: str, text: str) -> str:
+  for category, pattern in CATEGORIES:
+    target = name if category == "copy / transpose" else text
+    if pattern.search(target):
+      return category
+  return "other fusions"
+
+
+def device_events(trace_file: str) -> list[dict]:
+  """Events that carry an XLA op: on the accelerator's timelines when there is one, else the host's."""
+  with gzip.open(trace_file, "rt") as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
+  on_device = [e for e in ops if "/device:" in process.get(e["pid"], "")]
+  return on_device or ops
+
+
+def summarise(out_dir: str, dump_dir: str, iterations: int, wall_s: float, top: int = 25) -> dict:
+  traces = sorted(glob.glob(os.path.join(out_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
+  if not traces:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {out_dir}/plugins/profile; did jax.profiler run?")
+  modules = parse_hlo(dump_dir)
+  per_op: dict[tuple[str, str], float] = collections.Counter()
+  for e in device_events(traces[-1]):
+    per_op[(e["args"].get("hlo_module", ""), e["args"]["hlo_op"])] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
+  category_of = {(mod, op): classify(op, op_text(op, *modules.get(mod, ({}, {})))) for mod, op in per_op}
+  by_category: dict[str, float] = collections.Counter()
+  for op, ms in per_op.items():
+    by_category[category_of[op]] += ms
+  total = sum(per_op.values()) or 1.0
+  return {"iterations": iterations, "wall_ms_per_iteration": wall_s * 1e3 / iterations,
+          "device_ms_per_iteration": total / iterations,
+          "by_category": [{"category": c, "ms_per_iteration": ms / iterations, "share": ms / total}
+                          for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])],
+          "top_ops": [{"module": key[0], "op": key[1], "category": category_of[key], "ms_per_iteration": ms / iterations,
+                       "share": ms / total} for key, ms in per_op.most_common(top)]}
+
+
+def format_summary(s: dict, title: str) -> str:
+  out = [title, f"wall {s['wall_ms_per_iteration']:.1f} ms/iteration; device ops {s['device_ms_per_iteration']:.1f} ms",
+         "", "by kind of op:"]
+  out += [f"  {r['category']:<20} {r['ms_per_iteration']:>9.2f} ms  {r['share']:6.1%}" for r in s["by_category"]]
+  out += ["", "top ops:"]
+  out += [f"  {r['module'] + ':' + r['op']:<44} {r['category']:<20} {r['ms_per_iteration']:>9.2f} ms  {r['share']:6.1%}"
+          for r in s["top_ops"]]
+  return "\n".join(out)
+
+
+def workload(args, cfg):
+  """(run once, finish) for the chosen case on random weights."""
+  import run
+  import texts
+  workdir = tempfile.mkdtemp()
+  model, params, export_dir = run.build_models(cfg, workdir)
+  if args.case == "train":
+    import train_bench
+    step, sync = train_bench._jax_step(cfg, params, args.batch, args.length, args.remat)
+    return lambda: sync(step())
+  items = texts.documents(args.batch) if args.case == "embed-docs" else texts.instructed_sentences(args.batch)
+  batch_size = args.batch if args.case == "embed-docs" else max(1, args.batch // 4)
+  return lambda: model.encode(items, batch_size=batch_size, max_seq_length=args.length, pack=args.case != "embed-docs")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--case", choices=("train", "embed-docs", "embed-short"), default="train")
+  p.add_argument("--shape", default="small", help="a shape of benchmarks/run.py (small, gtr-base, gtr-large)")
+  p.add_argument("--batch", type=int, default=8, help="triples per step (train) or texts per call (embed)")
+  p.add_argument("--length", type=int, default=128, help="tokens per text (train) or max_seq_length (embed)")
+  p.add_argument("--remat", default="none", help="train: TrainConfig.remat_policy")
+  p.add_argument("--dropout", type=float, default=0.1, help="train: dropout rate")
+  p.add_argument("--iterations", type=int, default=2)
+  p.add_argument("--out", required=True, help="directory for the trace, the HLO and the summary")
+  p.add_argument("--summary-only", action="store_true", help="re-summarise an existing --out without running")
+  args = p.parse_args(argv)
+  dump_dir = os.path.join(args.out, "hlo")
+  if args.summary_only:
+    previous = json.loads(pathlib.Path(args.out, "summary.json").read_text())
+    print(format_summary(summarise(args.out, dump_dir, previous["iterations"],
+                                   previous["wall_ms_per_iteration"] * previous["iterations"] / 1e3), previous["title"]))
+    return 0
+  # Must precede JAX's backend start-up: XLA reads XLA_FLAGS once.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
+  import jax
+  import run
+  dtype = "bfloat16" if run.on_gpu() else "float32"
+  cfg = run.SHAPES[args.shape].with_encoder(dtype=dtype, dropout_rate=args.dropout)
+  once = workload(args, cfg)
+  once()
+  once()  # compiled and warm
+  t = time.perf_counter()
+  with jax.profiler.trace(args.out, create_perfetto_trace=True):
+    for _ in range(args.iterations):
+      once()
+  wall = time.perf_counter() - t
+  summary = summarise(args.out, dump_dir, args.iterations, wall)
+  title = (f"{args.case}  shape={args.shape} dtype={dtype} batch={args.batch} length={args.length} "
+           f"remat={args.remat} dropout={args.dropout}  {jax.devices()[0].device_kind}  {time.strftime('%Y-%m-%d')}")
+  text = format_summary(summary, title)
+  pathlib.Path(args.out, "summary.txt").write_text(text + "\n")
+  pathlib.Path(args.out, "summary.json").write_text(json.dumps(dict(summary, title=title), indent=2))
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end (tiny shapes) and their summaries say something true."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_profile_attributes_train_step_time_to_matmuls_and_dropout_bits(tmp_path):
+  out = tmp_path / "prof"
+  stdout = _run(["benchmarks/profile_ops.py", "--case", "train", "--shape", "tiny", "--batch", "4", "--length", "16",
+                 "--iterations", "1", "--out", str(out)], tmp_path)
+  summary = json.loads((out / "summary.json").read_text())
+  shares = {r["category"]: r["share"] for r in summary["by_category"]}
+  # A train step with dropout multiplies matrices and draws dropout bits; both must be found in the HLO.
+  assert shares.get("matmul", 0) > 0.01 and shares.get("random bits", 0) > 0.01, shares
+  assert abs(sum(shares.values()) - 1) < 1e-6
+  assert all(r["module"].startswith("jit_") for r in summary["top_ops"])
+  assert "by kind of op" in stdout and (out / "summary.txt").exists()
+  assert list(out.glob("plugins/profile/*/perfetto_trace.json.gz"))
+
+
+def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
+  """The one-call GPU script, with tiny shapes on this CPU: every step succeeds and writes its figures."""
+  out = tmp_path / "gpu"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
+  done = subprocess.run(["bash", "benchmarks/gpu_all.sh", "core"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  status = (out / "status.txt").read_text()
+  assert "embed rc=0" in status and "train rc=0" in status, status
+  embed = json.loads((out / "embed.json").read_text())
+  assert [r["case"] for r in embed["embed"]] == ["short+instruction", "512-token docs"]
+  assert all(r["min_cosine"] > 0.9999 and r["speedup"] > 0 for r in embed["embed"])
+  train = json.loads((out / "train.json").read_text())
+  assert [r["impl"] for r in train["train"]] == ["pytorch", "pytorch-ckpt", "jax", "jax-full", "jax-gc4"]
+  assert all("error" not in r and r["tok_s"] > 0 and 0 < r["mfu"] < 1 for r in train["train"]), train["train"]
+
+
+def test_gpu_script_passes_shellcheck():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck not on PATH (apt-get install shellcheck; .ci/run tries to)")
+  res = subprocess.run(["shellcheck", str(ROOT / "benchmarks" / "gpu_all.sh")], capture_output=True, text=True)
+  assert res.returncode == 0, res.stdout
