@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instructor_jax.config import InstructorConfig
-from instructor_jax.model import InstructorModel
+from instructor_jax.model import InstructorModel, with_compute_dtype_weights
 from instructor_jax.tokenization import (DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer, bucket_length, pack_rows,
                                          pad_batch, pad_packed, texts_per_row)
 
@@ -42,7 +42,8 @@ class Instructor:
     self._replicated = NamedSharding(self.mesh, P())
     self._rows = NamedSharding(self.mesh, P("data"))
     self._rows2d = NamedSharding(self.mesh, P("data", None))
-    self.params = jax.device_put(params, self._replicated)
+    self.params = jax.device_put(params, self._replicated)  # float32: what save_pretrained writes
+    self._forward_params: tuple[tuple[str, int], Any] | None = None
 
   # ---- loading and saving ------------------------------------------------------------------------
 
@@ -70,6 +71,20 @@ class Instructor:
 
   # ---- inference ---------------------------------------------------------------------------------
 
+  def forward_params(self) -> Any:
+    """The weights the forward pass reads: matmul weights already in the compute dtype.
+
+    Same numbers as `self.params` (the model casts them at use anyway); in bf16 it saves the casts
+    on every call for half a float32 copy of device memory. Rebuilt if the compute dtype changes.
+    """
+    dtype = self.config.encoder.dtype
+    key = (dtype, id(self.params))
+    if self._forward_params is None or self._forward_params[0] != key:
+      params = self.params if dtype == "float32" else jax.jit(
+          functools.partial(with_compute_dtype_weights, dtype=dtype), out_shardings=self._replicated)(self.params)
+      self._forward_params = (key, params)
+    return self._forward_params[1]
+
   @property
   def max_seq_length(self) -> int:
     return self.config.max_seq_length
@@ -84,13 +99,13 @@ class Instructor:
     ids, mask, n = (jax.device_put(x, s) for x, s in
                     ((batch.ids, self._rows2d), (batch.mask, self._rows2d), (batch.n_instr, self._rows)))
     # The config (compute dtype) is part of the cache key, so changing it never reuses stale code.
-    return _compiled(self.config, self.mesh)(self.params, ids, mask, n)
+    return _compiled(self.config, self.mesh)(self.forward_params(), ids, mask, n)
 
   def embed_packed_async(self, batch: PackedBatch) -> jax.Array:
     """Dispatches one packed batch; returns [rows, texts per row, E] (not yet fetched)."""
     arrays = [jax.device_put(x, self._rows2d) for x in
               (batch.ids, batch.mask, batch.n_instr, batch.segments, batch.offsets)]
-    return _compiled_packed(self.config, self.mesh)(self.params, *arrays)
+    return _compiled_packed(self.config, self.mesh)(self.forward_params(), *arrays)
 
   def encode(self, sentences: Sequence[Any] | str, batch_size: int = 32, show_progress_bar: bool = False,
              output_value: str = "sentence_embedding", convert_to_numpy: bool = True,

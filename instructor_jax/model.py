@@ -5,6 +5,8 @@ Shape key: B batch, L length, D d_model, E embedding dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,3 +75,20 @@ class InstructorModel(nn.Module):
       # Projection in float32: it is tiny and keeps bf16 runs close to the reference.
       pooled_BD = Dense(cfg.projection_dim, PROJECTION_AXES, jnp.float32, name="projection_layer")(pooled_BD)
     return l2_normalize(pooled_BD) if cfg.normalize else pooled_BD
+
+
+def with_compute_dtype_weights(params: Any, dtype: str) -> Any:
+  """Encoder matmul kernels and the token embedding stored in the compute dtype.
+
+  The model casts exactly these to the compute dtype at every use (t5.Dense, Embedder), so the
+  outputs are bit-identical while each call skips the casts and reads half the weight bytes.
+  The projection (float32 by design), norms and the position-bias table keep float32.
+  """
+  target = jnp.dtype(dtype)
+
+  def cast(path, x):
+    keys = [getattr(k, "key", None) for k in path]
+    in_encoder = keys[0] == "encoder" and keys[-1] == "kernel"
+    return x.astype(target) if in_encoder or keys == ["token_embedder", "embedding"] else x
+
+  return jax.tree_util.tree_map_with_path(cast, params)

@@ -57,6 +57,28 @@ def test_bfloat16_close_to_float32(model):
   assert cos.min() >= 0.999, cos.min()
 
 
+def test_bfloat16_weights_cast_once_give_bit_identical_embeddings(model):
+  """The bf16 forward reads pre-cast matmul weights; the numbers equal casting at every use."""
+  import jax
+  import jax.numpy as jnp
+  from instructor_jax.model import InstructorModel
+  from instructor_jax.tokenization import pad_batch
+  bf16 = Instructor(model.config.with_encoder(dtype="bfloat16"), model.params, model.tokenizer)
+  ids, n_instr = bf16.tokenizer.tokenize([["Represent the sentence: ", s] for s in sentences(8)], 64)
+  batch = pad_batch(ids, n_instr, 64, 8)
+  got = np.asarray(bf16.embed_batch_async(batch))
+  apply = jax.jit(lambda p, *a: InstructorModel(bf16.config).apply({"params": p}, *a))
+  want = np.asarray(apply(bf16.params, batch.ids, batch.mask, batch.n_instr))
+  np.testing.assert_array_equal(got, want)
+  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_flatten_with_path(bf16.forward_params())[0]}
+  assert dtypes["['encoder']['layers_0']['mlp']['wi']['kernel']"] == jnp.bfloat16
+  assert dtypes["['token_embedder']['embedding']"] == jnp.bfloat16
+  assert dtypes["['projection_layer']['kernel']"] == jnp.float32  # the projection runs in float32
+  assert dtypes["['encoder']['encoder_norm']['scale']"] == jnp.float32
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(bf16.params))  # what save_pretrained writes
+  assert model.forward_params() is model.params  # float32: no copy
+
+
 def test_one_device_equals_eight_devices(model):
   import jax
   assert len(jax.local_devices()) == 8
