@@ -12,6 +12,7 @@ a multi-billion-parameter model never has to fit on one device.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from typing import Any, Mapping
@@ -109,7 +110,16 @@ def _read_only_manager(path: str) -> ocp.CheckpointManager:
   registry.add(PARAMS_ITEM, ocp.args.PyTreeRestore, pytree)
   registry.add(CONFIG_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_hide_read_only_notice)  # read-only is what we asked for, not news
+  try:
+    return ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
+  finally:
+    absl_logger.removeFilter(_hide_read_only_notice)
+
+
+def _hide_read_only_notice(record: logging.LogRecord) -> bool:
+  return "is read only" not in record.getMessage()
 
 
 def all_steps(path: str) -> list[int]:
@@ -166,15 +176,20 @@ def restore_params(path: str, step: int | None = None, shardings: Any = None) ->
       if not (step_dir / item).is_dir():
         raise OrbaxCheckpointError(f"{step_dir}: item {item!r} is missing; expected an INSTRUCTOR "
                                    f"checkpoint with items {PARAMS_ITEM!r} and {CONFIG_ITEM!r}.")
-    metadata = mngr.item_metadata(step)[PARAMS_ITEM]
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    restored = mngr.restore(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.PyTreeRestore(item=None, restore_args=_restore_args(tree, shardings)),
-        CONFIG_ITEM: ocp.args.JsonRestore(),
-    }))
   finally:
     mngr.close()
-  return config_from_dict(restored[CONFIG_ITEM]), _plain_dicts(restored[PARAMS_ITEM])
+  # Item by item, not through the manager: the manager would also inspect the training items
+  # (optimizer state, train metadata) that have no reader here and warn about each of them.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(step_dir / PARAMS_ITEM)
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    params = handler.restore(step_dir / PARAMS_ITEM, args=ocp.args.PyTreeRestore(
+        item=None, restore_args=_restore_args(tree, shardings)))
+  finally:
+    handler.close()
+  config = ocp.JsonCheckpointHandler().restore(step_dir / CONFIG_ITEM, args=ocp.args.JsonRestore())
+  return config_from_dict(config), _plain_dicts(params)
 
 
 def _plain_dicts(tree: Any) -> Any:
