@@ -29,11 +29,13 @@ class T5Config:
   # Compute dtype; parameters are always stored in float32.
   dtype: str = "float32"
   remat_policy: str = "none"
-  # "dot_product_attention": jax.nn.dot_product_attention for inference (cuDNN's fused kernel on
-  # GPU in bf16/fp16; on CPU XLA keeps its logits matmul a library call, 1.15x faster than the
-  # einsums at 512 tokens). "xla": explicit einsums everywhere. Training with dropout always uses
-  # the einsums (dot_product_attention has no attention dropout). "cudnn": the same call with
-  # implementation="cudnn" (GPU, bf16/fp16 only; JAX never picks cuDNN by itself).
+  # "dot_product_attention": jax.nn.dot_product_attention for inference, XLA's implementation (on
+  # CPU XLA keeps its logits matmul a library call, 1.15x faster than the einsums at 512 tokens).
+  # "xla": explicit einsums everywhere. Training with dropout always uses the einsums
+  # (dot_product_attention has no attention dropout). "cudnn": the same call with
+  # implementation="cudnn" (cuDNN flash attention; GPU, bf16/fp16 only; JAX never picks it by
+  # itself). It takes the padding as per-row key lengths, so masks must be trailing padding, as
+  # every batch built by this package is.
   attention_impl: str = "dot_product_attention"
 
   def __post_init__(self):

@@ -109,7 +109,14 @@ class Attention(nn.Module):
     # The [H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for
     # packed rows) stay separate: broadcasting them inside the softmax fusion avoids
     # materialising (and re-reading in every layer) a [B, H, L, L] bias.
-    if cfg.attention_impl in ("dot_product_attention", "cudnn") and deterministic:
+    if cfg.attention_impl == "cudnn" and deterministic and mask_B1QL.shape[2] == 1:
+      # Padding as key lengths: cuDNN masks it inside the kernel, whereas a boolean mask would be
+      # folded into a materialised [B, H, L, L] bias. Filler rows (length 0) attend to one key.
+      lengths_B = jnp.maximum(jnp.sum(mask_B1QL[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
+      out_BLHK = jax.nn.dot_product_attention(
+          q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype), scale=1.0,
+          key_value_seq_lengths=lengths_B, implementation="cudnn")
+    elif cfg.attention_impl in ("dot_product_attention", "cudnn") and deterministic:
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
           mask=mask_B1QL, scale=1.0,

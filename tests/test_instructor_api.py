@@ -79,6 +79,34 @@ def test_bfloat16_weights_cast_once_give_bit_identical_embeddings(model):
   assert model.forward_params() is model.params  # float32: no copy
 
 
+def test_cudnn_attention_arguments_give_the_same_embeddings(model, monkeypatch):
+  """The cuDNN path (padding as key lengths, shared [1, H, L, L] bias) checked on CPU.
+
+  cuDNN itself needs a GPU; here its call is routed to JAX's XLA implementation with the very
+  arguments the cuDNN path builds, so what is checked is that those arguments mean the same thing.
+  """
+  import jax
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def routed(*args, implementation=None, **kwargs):
+    calls.append((implementation, sorted(k for k, v in kwargs.items() if v is not None), kwargs["bias"].shape))
+    return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", routed)
+  texts = [["Represent the sentence: ", s] for s in sentences(13)] + sentences(2)  # 15: a filler row
+  cudnn = Instructor(model.config.with_encoder(attention_impl="cudnn"), model.params, model.tokenizer)
+  for pack in (False, True):
+    want = model.encode(texts, batch_size=8, pack=pack)
+    calls.clear()
+    np.testing.assert_allclose(cudnn.encode(texts, batch_size=8, pack=pack), want, atol=1e-6)
+    assert {c[0] for c in calls} == {"cudnn"}
+    kinds = {tuple(c[1]) for c in calls}
+    # Unpacked rows: lengths, no mask; packed rows need the per-text block mask.
+    assert kinds == ({("bias", "mask", "scale")} if pack else {("bias", "key_value_seq_lengths", "scale")}), kinds
+    assert all(c[2][0] == 1 for c in calls)  # the position bias is shared by the batch, never [B, ...]
+
+
 def test_one_device_equals_eight_devices(model):
   import jax
   assert len(jax.local_devices()) == 8
