@@ -179,27 +179,38 @@ def texts_per_row(pack_length: int) -> int:
   return max(1, pack_length // 4)
 
 
-def pack_rows(lengths: Sequence[int], row_len: int, max_texts: int, window: int = 64) -> list[list[int]]:
+def pack_rows(lengths: Sequence[int], row_len: int, max_texts: int) -> list[list[int]]:
   """Groups texts (by index) into rows of at most `row_len` tokens and `max_texts` texts.
 
-  First-fit decreasing over the `window` most recently opened rows: near-optimal for the length
-  distributions of sentences, and linear in the number of texts.
+  Best-fit decreasing: longest text first, each into the open row with the least room that holds
+  it. Open rows are kept by free space, so a text looks at most `row_len` lists, and every row stays
+  reachable (a window over recent rows left ~15% of each row empty on 100k-text embed-job parts).
   """
   order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
   rows: list[list[int]] = []
   free: list[int] = []
+  open_by_free: list[list[int]] = [[] for _ in range(row_len + 1)]  # may hold stale entries
   for i in order:
-    if lengths[i] > row_len:
-      raise ValueError(f"text {i} has {lengths[i]} tokens, more than the packed row length {row_len}.")
-    start = max(0, len(rows) - window)
-    target = next((r for r in range(start, len(rows))
-                   if free[r] >= lengths[i] and len(rows[r]) < max_texts), None)
+    n = lengths[i]
+    if n > row_len:
+      raise ValueError(f"text {i} has {n} tokens, more than the packed row length {row_len}.")
+    target = None
+    for room in range(max(n, 1), row_len + 1):
+      while open_by_free[room] and target is None:
+        r = open_by_free[room].pop()
+        # An entry is stale once its row took another text (its free space only shrinks).
+        if free[r] == room and len(rows[r]) < max_texts:
+          target = r
+      if target is not None:
+        break
     if target is None:
       rows.append([])
       free.append(row_len)
       target = len(rows) - 1
     rows[target].append(i)
-    free[target] -= lengths[i]
+    free[target] -= n
+    if free[target] > 0 and len(rows[target]) < max_texts:
+      open_by_free[free[target]].append(target)
   return rows
 
 

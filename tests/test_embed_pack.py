@@ -10,7 +10,7 @@ from embed_support import base_args, read_output, sentences, tiny_model, write_j
 from instructor_jax import embed
 from instructor_jax.embed_batches import build_part, row_choices
 from instructor_jax.embed_io import Row
-from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch
+from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, pack_rows, texts_per_row
 
 PACK = 16
 TITLE = "Represent the title: "
@@ -112,3 +112,14 @@ def test_negative_pack_length_is_refused(tmp_path, model):
   with pytest.raises(SystemExit, match=r"--pack-length -1: expected a token count >= 0 \(0 disables packing\)"):
     embed.main(base_args([path], str(tmp_path / "out"), "--pack-length", "-1"), model=model)
   assert "0 disables packing" in embed.build_parser().format_help()
+
+
+def test_pack_rows_fills_the_rows_of_a_large_part():
+  """A part holds up to 100k texts: the rows opened early for long texts must still take short ones."""
+  rng = np.random.default_rng(0)
+  lengths = [int(n) for n in np.concatenate([rng.integers(60, 121, 1000), rng.integers(4, 41, 4000)])]
+  rows = pack_rows(lengths, 128, texts_per_row(128))
+  assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+  assert all(sum(lengths[i] for i in row) <= 128 and len(row) <= 32 for row in rows)
+  # A window over recently opened rows left 17% of this input's rows empty.
+  assert sum(lengths) / (128 * len(rows)) > 0.97
