@@ -60,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-seq-length", type=int, default=None)
   p.add_argument("--batch-tokens", type=int, default=None, help="token budget per device batch "
                  "(default 32768 on accelerators, 8192 on CPU)")
-  p.add_argument("--pack-length", type=int, default=128, help="texts of up to N tokens are packed several to "
-                 "a row of N tokens (segment ids keep them apart; embeddings equal unpacked ones to float "
-                 "rounding, and padding almost vanishes); longer texts use --buckets. Capped at the maximum "
-                 "sequence length; 0 disables packing (default 128)")
+  p.add_argument("--pack-length", type=int, default=128, metavar="N", help="texts of up to N tokens are "
+                 "packed several to a row of N tokens (segment ids keep them apart; embeddings equal unpacked "
+                 "ones to float rounding, and padding almost vanishes); longer texts use --buckets. Capped at "
+                 "the maximum sequence length; 0 disables packing (default 128)")
   p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths of texts "
                  "longer than --pack-length, comma-separated")
   p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
-                 "length-sorting window)")
+                 "window for length sorting and packing)")
   p.add_argument("--on-error", default="fail", choices=("fail", "skip"))
   p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")
   p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
