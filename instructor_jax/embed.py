@@ -8,7 +8,7 @@ One process runs three stages that overlap:
                   two batches later (the only host sync, and one that is needed);
   writer thread : quantises and commits finished parts (temp file -> rename -> sidecar).
 Parts are fixed slices of --rows-per-part input rows; process i of n owns parts k with k % n == i.
-Process 0 writes manifest.json once every part has its sidecar: with jax.distributed it waits at
+Process 0 writes _manifest.json once every part has its sidecar: with jax.distributed it waits at
 a barrier for the others; with --process-index/--process-count (independent launches) it waits up
 to --wait-for-peers seconds, otherwise a later run of process 0 writes it (complete parts are skipped).
 """
@@ -241,7 +241,7 @@ def _write_parts(writes: queue.Queue, out_dir: str, fmt: str, precision: str, ra
 
 def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], model_source: str | None,
               process_index: int, distributed: bool, wait_s: float) -> str | None:
-  """Process 0 writes manifest.json once all parts are committed; returns its path or None."""
+  """Process 0 writes _manifest.json once all parts are committed; returns its path or None."""
   if distributed:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("instructor_jax.embed:parts_done")

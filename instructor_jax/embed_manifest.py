@@ -1,4 +1,4 @@
-"""The embed job's identity (`_job.json`) and its final `manifest.json`.
+"""The embed job's identity (`_job.json`) and its final `_manifest.json`.
 
 The job spec holds everything that decides the stored numbers: model fingerprint, compute dtype,
 maximum length, instruction(s), fields, inputs (paths, sizes, row counts), part size, precision,
@@ -23,7 +23,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputFile
 from instructor_jax.embed_output import RANGES_FILE, atomic_json, read_sidecar, stored_dim
 
 JOB_FILE = "_job.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "_manifest.json"  # leading "_": Parquet readers skip it, so the directory reads as one dataset
 MANIFEST_VERSION = 1
 # A per-row instruction field can carry millions of distinct strings; keep the manifest readable.
 MAX_LISTED_INSTRUCTIONS = 1000

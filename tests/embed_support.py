@@ -48,7 +48,7 @@ def write_jsonl(path: str, records: list[dict]) -> str:
 
 def read_output(out_dir: str, fmt: str = "parquet") -> tuple[list, np.ndarray]:
   """All (ids, embeddings) of a finished job in part order, via its manifest."""
-  with open(os.path.join(out_dir, "manifest.json")) as f:
+  with open(os.path.join(out_dir, "_manifest.json")) as f:
     manifest = json.load(f)
   ids, embs = [], []
   for part in manifest["parts"]:

@@ -58,8 +58,13 @@ def test_each_input_format_matches_encode(tmp_path, model, fmt):
   expected = model.encode([[INSTRUCTION, t] for t in texts])
   np.testing.assert_allclose(emb, expected, atol=1e-6)
   assert summary["rows"] == len(texts) and summary["skipped"] == {}
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["rows"]["embedded"] == len(texts) and len(manifest["parts"]) == 3
+  if fmt == "jsonl":  # (the output format is the same for every input format: test it once)
+    # The output directory is one Parquet dataset: metadata files start with "_", which readers skip.
+    import pyarrow.parquet as pq
+    table = pq.read_table(out)
+    assert sorted(table["id"].to_pylist()) == list(range(len(texts)))
 
 
 def test_npy_output_per_row_instructions_and_id_field(tmp_path, model):
@@ -74,9 +79,9 @@ def test_npy_output_per_row_instructions_and_id_field(tmp_path, model):
   assert ids == [r["id"] for r in records] and emb.dtype == np.float32
   expected = model.encode([[r.get("task", INSTRUCTION), r["body"]] for r in records])
   np.testing.assert_allclose(emb, expected, atol=1e-6)
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["instructions"]["counts"] == {INSTRUCTION: 7, instr[0]: 7, instr[1]: 7}
-  assert sorted(os.listdir(out)) == ["_job.json", "_parts", "manifest.json", "part-00000.ids.npy", "part-00000.npy",
+  assert sorted(os.listdir(out)) == ["_job.json", "_manifest.json", "_parts", "part-00000.ids.npy", "part-00000.npy",
                                      "part-00001.ids.npy", "part-00001.npy"]
 
 
@@ -106,7 +111,7 @@ def test_quantized_outputs(tmp_path, model, precision):
   diff = np.abs(stored.astype(np.int16) - expected.astype(np.int16))
   assert stored.dtype == expected.dtype and diff.max() <= (1 if precision == "int8" else 0)
   assert (diff > 0).mean() < 0.05
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["output"]["stored_dim"] == (24 if precision == "int8" else 3)
   if precision == "int8":
     np.testing.assert_allclose(np.load(os.path.join(out, "_int8_ranges.npy")), ranges, atol=1e-6)
@@ -140,7 +145,7 @@ def test_two_hosts_union_equals_one_host(tmp_path, model, fmt):
   split = str(tmp_path / "split")
   s0 = embed.main(base_args([path], split, "--process-index", "0", "--process-count", "2"), model=model)
   assert s0["parts_written"] == 3 and s0["manifest"] is None  # parts 0, 2, 4 of 5; peers not done
-  assert not os.path.exists(os.path.join(split, "manifest.json"))
+  assert not os.path.exists(os.path.join(split, "_manifest.json"))
   s1 = embed.main(base_args([path], split, "--process-index", "1", "--process-count", "2"), model=model)
   assert s1["parts_written"] == 2 and s1["manifest"] is None  # only process 0 writes the manifest
   s0 = embed.main(base_args([path], split, "--process-index", "0", "--process-count", "2"), model=model)
@@ -187,7 +192,7 @@ def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
   _, emb = read_output(out)
   expected = Instructor.from_pretrained(model_dir).encode([[INSTRUCTION, t] for t in texts])
   np.testing.assert_allclose(emb, expected, atol=1e-6)
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["model"]["source"].endswith("tiny_instructor") and manifest["model"]["compute_dtype"] == "float32"
 
 

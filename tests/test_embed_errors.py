@@ -55,7 +55,7 @@ def test_skip_counts_reason(tmp_path, model, case):
   out = str(tmp_path / "out")
   summary = embed.main(base_args([path], out, "--id-field", "id", "--on-error", "skip"), model=model)
   assert summary["skipped"] == {reason: 1} and summary["rows"] == len(GOOD)
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["rows"]["skipped"] == {reason: 1} and manifest["rows"]["input_slots"] == len(GOOD) + 1
   ids, emb = read_output(out)
   assert ids == [f"r{i}" for i in range(6)]  # the first occurrence of a duplicated id is kept
@@ -80,7 +80,7 @@ def test_unreadable_file(tmp_path, model, policy):
     return
   summary = embed.main(args, model=model)
   assert summary["skipped"] == {"unreadable_file": 2} and summary["rows"] == 6
-  manifest = json.load(open(os.path.join(str(tmp_path / "out"), "manifest.json")))
+  manifest = json.load(open(os.path.join(str(tmp_path / "out"), "_manifest.json")))
   assert [u["path"] for u in manifest["unreadable_files"]] == [missing, nomatch]
 
 

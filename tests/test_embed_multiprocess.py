@@ -59,7 +59,7 @@ def test_sigkill_mid_run_then_restart(tmp_path):
   leftovers = sorted(n for n in os.listdir(out) if n.startswith("."))
   print(f"killed with {committed} of 30 parts committed; leftovers: {leftovers}")
   assert 3 <= committed < 30, f"the kill should land mid-run ({committed} parts committed)"
-  assert not os.path.exists(os.path.join(out, "manifest.json"))
+  assert not os.path.exists(os.path.join(out, "_manifest.json"))
   model = tiny_model()
   summary = embed.main(args, model=model)
   assert summary["parts_already_complete"] >= committed and summary["parts_written"] == 30 - summary[

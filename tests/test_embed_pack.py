@@ -90,7 +90,7 @@ def test_packed_job_equals_unpacked_job_and_encode(tmp_path, model):
     assert ids == list(range(len(records)))
     np.testing.assert_allclose(emb, model.encode(_items(records), pack=False), atol=2e-6)
     np.testing.assert_allclose(emb, model.encode(_items(records)), atol=2e-6)
-    assert json.load(open(os.path.join(out, "manifest.json")))["pack_length"] == pack
+    assert json.load(open(os.path.join(out, "_manifest.json")))["pack_length"] == pack
   packed, plain = runs[PACK], runs[0]
   # Packed programs are (rows, PACK, texts per row), rows a multiple of the 8 devices; the rest bucketed.
   packed_shapes = [s for s in packed["batch_shapes"] if len(s) == 3]

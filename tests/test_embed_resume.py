@@ -53,7 +53,7 @@ def test_killed_run_resumes_exactly_once(tmp_path, model, job, stage):
     assert any(n.startswith(".part-00002.parquet.tmp-") for n in names) and "part-00002.parquet" not in names
   else:  # data file renamed, but no sidecar: not committed
     assert "part-00002.parquet" in names and not os.path.exists(os.path.join(out, "_parts", "part-00002.json"))
-  assert "manifest.json" not in names
+  assert "_manifest.json" not in names
   summary = embed.main(args, model=model)
   assert summary["parts_already_complete"] == 2 and summary["parts_written"] == 3
   assert not [n for n in os.listdir(out) if ".tmp-" in n]
@@ -107,7 +107,7 @@ def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, m
     embed.main(base_args([path], out, "--instruction", INSTRUCTION, "--pack-length", "0"), model=model)
   summary = embed.main(base_args([path], out, "--instruction", "Represent the title: ", "--overwrite"), model=model)
   assert summary["parts_written"] == 5 and summary["parts_already_complete"] == 0
-  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["instruction"]["fixed"] == "Represent the title: "
   ids, emb = read_output(out)
   assert ids == ref_ids and not np.allclose(emb, ref_emb)
