@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from instructor_jax import embed_io, embed_manifest, embed_output
+from instructor_jax import embed_io, embed_manifest, embed_output, embed_report
 from instructor_jax.embed_batches import build_part, read_parts
 from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
@@ -132,24 +132,6 @@ class _Stopped(Exception):
 
 # ---- the job -------------------------------------------------------------------------------------
 
-class _Progress:
-  """tqdm bar over this process's pending rows, with tokens/s; throughput kept for the summary."""
-
-  def __init__(self, total: int, enabled: bool):
-    from tqdm import tqdm
-    # Not a terminal (a cluster log file): one line every 30 s instead of a redrawn bar.
-    interval = 0.5 if sys.stderr.isatty() else 30.0
-    self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, disable=not enabled, desc="embed",
-                    file=sys.stderr, smoothing=0.1, mininterval=interval, maxinterval=max(10.0, interval))
-    self.start, self.rows, self.tokens, self.padded = time.perf_counter(), 0, 0, 0
-
-  def update(self, rows: int, tokens: int, padded: int, slots: int) -> None:
-    self.rows, self.tokens, self.padded = self.rows + rows, self.tokens + tokens, self.padded + padded
-    self.bar.update(slots)
-    elapsed = max(time.perf_counter() - self.start, 1e-9)
-    self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
-
-
 def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
@@ -172,7 +154,7 @@ def _existing_parts(out_dir: str) -> int:
 
 
 def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Queue, writer: _Stage,
-                 progress: _Progress, stop: threading.Event) -> set[tuple[int, ...]]:
+                 progress: embed_report.Progress, stop: threading.Event) -> set[tuple[int, ...]]:
   """Dispatches every batch without waiting and fetches results FETCH_LAG batches later.
 
   Returns the compiled batch shapes: (R, L) bucketed, (R, L, S) packed.
@@ -337,7 +319,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   reader = _Stage(read, "embed-reader")
   writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
                                        job_hash, fault, done, stop), "embed-writer")
-  progress = _Progress(plan.pending_slots, not args.no_progress)
+  progress = embed_report.Progress(plan.pending_slots, not args.no_progress)
   reader.start()
   writer.start()
   try:
@@ -349,37 +331,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
     stop.set()
     progress.bar.close()
   manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers)
-  return _summary(done, plan, progress, shapes, manifest, t0)
-
-
-def _summary(done: list[dict[str, Any]], plan: _Plan, progress: _Progress, shapes: set[tuple[int, ...]],
-             manifest: str | None, t0: float) -> dict[str, Any]:
-  seconds = time.perf_counter() - t0
-  skipped = embed_manifest.merge_counts(done, "skipped")
-  if plan.unreadable:
-    skipped["unreadable_file"] = len(plan.unreadable)
-  compute_s = max(time.perf_counter() - progress.start, 1e-9)
-  return {
-      "rows": progress.rows, "skipped": skipped, "truncated": sum(d["truncated"] for d in done),
-      "tokens": progress.tokens, "padding_efficiency": progress.tokens / max(progress.padded, 1),
-      "parts_written": len(done), "parts_already_complete": len(plan.complete), "parts_total": plan.num_parts,
-      "parts_pending_elsewhere": plan.num_parts - len(done) - len(plan.complete),
-      "batch_shapes": sorted(shapes), "seconds": seconds,
-      "rows_per_s": progress.rows / compute_s, "tokens_per_s": progress.tokens / compute_s,
-      "manifest": manifest,
-  }
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-  skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-  print(f"embedded {s['rows']:,} rows ({s['tokens']:,} tokens) in {s['seconds']:.1f} s: "
-        f"{s['rows_per_s']:,.1f} rows/s, {s['tokens_per_s']:,.0f} tokens/s, padding efficiency "
-        f"{s['padding_efficiency']:.0%}, {len(s['batch_shapes'])} batch shapes", file=sys.stderr)
-  print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}", file=sys.stderr)
-  print(f"parts: {s['parts_written']} written, {s['parts_already_complete']} already complete, "
-        f"{s['parts_pending_elsewhere']} for other processes or unfinished, of {s['parts_total']}", file=sys.stderr)
-  print(f"manifest: {s['manifest'] or 'not written yet (process 0 writes it once every part exists)'}",
-        file=sys.stderr)
+  return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 
 def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | None = None) -> dict[str, Any]:
@@ -402,7 +354,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
       raise
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
-  _print_summary(summary)
+  embed_report.print_summary(summary)
   return summary
 
 
