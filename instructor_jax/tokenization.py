@@ -149,7 +149,9 @@ class Tokenizer:
       return cls(transformers.AutoTokenizer.from_pretrained(directory), max_seq_length)
     if directory is not None and os.path.exists(os.path.join(directory, "spiece.model")):
       return cls(transformers.T5Tokenizer.from_pretrained(directory), max_seq_length)
-    return cls(transformers.T5Tokenizer.from_pretrained(VOCAB_DIR), max_seq_length)
+    # The bundled directory has tokenizer.json (written from spiece.model by export.save_tokenizer),
+    # so the default tokenizer needs neither sentencepiece nor a slow-to-fast conversion.
+    return cls(transformers.AutoTokenizer.from_pretrained(VOCAB_DIR), max_seq_length)
 
   def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """SentencePiece ids without EOS."""
