@@ -84,3 +84,15 @@ def test_padding_and_buckets(tok):
 def test_bad_inputs_raise_clear_errors(tok, bad):
   with pytest.raises(InputError, match=r"input 0: expected"):
     tok.tokenize(bad)
+
+
+def test_bundled_vocabulary_loads_without_converting_spiece_model(monkeypatch):
+  """tokenizer.json ships beside spiece.model, so machines without sentencepiece (the GPU image) work."""
+  import transformers.convert_slow_tokenizer as conv
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the bundled tokenizer was converted from spiece.model instead of read from tokenizer.json")
+
+  monkeypatch.setattr(conv, "convert_slow_tokenizer", refuse)
+  tok = Tokenizer.from_pretrained(None)
+  assert tok.tokenize([["Represent the title: ", "hello world"]]) == ([[419, 12640, 8, 2233, 10, 21820, 296, 1]], [5])
