@@ -43,7 +43,7 @@ class Instructor:
     self._rows = NamedSharding(self.mesh, P("data"))
     self._rows2d = NamedSharding(self.mesh, P("data", None))
     self.params = jax.device_put(params, self._replicated)  # float32: what save_pretrained writes
-    self._forward_params: tuple[tuple[str, int], Any] | None = None
+    self._forward_params: tuple[Any, Any, list] | None = None
 
   # ---- loading and saving ------------------------------------------------------------------------
 
@@ -74,15 +74,20 @@ class Instructor:
   def forward_params(self) -> Any:
     """The weights the forward pass reads: matmul weights already in the compute dtype.
 
-    Same numbers as `self.params` (the model casts them at use anyway); in bf16 it saves the casts
-    on every call for half a float32 copy of device memory. Rebuilt if the compute dtype changes.
+    Same numbers as casting `self.params` at every use, as the model does (bit-identical on CPU,
+    tested; on GPU XLA may pick a different GEMM kernel for a cast-then-dot than for a bf16 dot).
+    In bf16 it saves the casts on every call for half a float32 copy of device memory. Rebuilt
+    when the compute dtype or any leaf of `self.params` changes (in-place edits included).
     """
     dtype = self.config.encoder.dtype
-    key = (dtype, id(self.params))
+    if dtype == "float32":
+      return self.params
+    leaves = jax.tree.leaves(self.params)
+    key = (dtype, tuple(id(x) for x in leaves))
     if self._forward_params is None or self._forward_params[0] != key:
-      params = self.params if dtype == "float32" else jax.jit(
-          functools.partial(with_compute_dtype_weights, dtype=dtype), out_shardings=self._replicated)(self.params)
-      self._forward_params = (key, params)
+      cast = jax.jit(functools.partial(with_compute_dtype_weights, dtype=dtype), out_shardings=self._replicated)
+      # The leaves are kept with the key, so their ids cannot be reused while the key lives.
+      self._forward_params = (key, cast(self.params), leaves)
     return self._forward_params[1]
 
   @property

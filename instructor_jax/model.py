@@ -81,7 +81,8 @@ def with_compute_dtype_weights(params: Any, dtype: str) -> Any:
   """Encoder matmul kernels and the token embedding stored in the compute dtype.
 
   The model casts exactly these to the compute dtype at every use (t5.Dense, Embedder), so the
-  outputs are bit-identical while each call skips the casts and reads half the weight bytes.
+  outputs are the same (bit-identical on CPU; on GPU up to XLA's GEMM kernel choice) while each
+  call skips the casts and reads half the weight bytes.
   The projection (float32 by design), norms and the position-bias table keep float32.
   """
   target = jnp.dtype(dtype)

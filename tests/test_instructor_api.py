@@ -77,6 +77,12 @@ def test_bfloat16_weights_cast_once_give_bit_identical_embeddings(model):
   assert dtypes["['encoder']['encoder_norm']['scale']"] == jnp.float32
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(bf16.params))  # what save_pretrained writes
   assert model.forward_params() is model.params  # float32: no copy
+  # Editing a weight in place is seen by the next call (the cast copy is rebuilt).
+  before = bf16.encode(["a plain sentence"])
+  bf16.params["token_embedder"]["embedding"] = bf16.params["token_embedder"]["embedding"] * 0.5
+  fresh = Instructor(bf16.config, bf16.params, bf16.tokenizer)
+  np.testing.assert_array_equal(bf16.encode(["a plain sentence"]), fresh.encode(["a plain sentence"]))
+  assert np.abs(bf16.encode(["a plain sentence"]) - before).max() > 1e-4
 
 
 def test_cudnn_attention_arguments_give_the_same_embeddings(model, monkeypatch):
