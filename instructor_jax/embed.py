@@ -142,6 +142,8 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
   manifest = os.path.join(out_dir, embed_manifest.MANIFEST_FILE)
   if process_index == 0 and os.path.exists(manifest):
     os.remove(manifest)
+  if process_index == 0:
+    embed_manifest.remove_legacy_manifest(out_dir)
 
 
 def _existing_parts(out_dir: str) -> int:

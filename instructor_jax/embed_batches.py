@@ -3,7 +3,7 @@
 Shape key: R rows per batch, L bucket (or packed row) length, S texts per packed row.
 
 Texts of up to --pack-length tokens are packed several to a row of that length (tokenization.pack_rows
-over the whole part, first-fit decreasing; segment ids keep attention and pooling within each text),
+over the whole part, best-fit decreasing; segment ids keep attention and pooling within each text),
 as Instructor.encode does. Longer texts are sorted by token count within the part (the sort window),
 grouped by length bucket, and padded to it. Either kind is cut into batches of R rows with
 R * L <= --batch-tokens per device. R comes from a fixed set per bucket or packed length (full, 1/2,

@@ -23,6 +23,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputFile
 from instructor_jax.embed_output import RANGES_FILE, atomic_json, read_sidecar, stored_dim
 
 JOB_FILE = "_job.json"
+LEGACY_MANIFEST_FILE = "manifest.json"
 MANIFEST_FILE = "_manifest.json"  # leading "_": Parquet readers skip it, so the directory reads as one dataset
 MANIFEST_VERSION = 1
 # A per-row instruction field can carry millions of distinct strings; keep the manifest readable.
@@ -148,4 +149,12 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
 def write_manifest(out_dir: str, manifest: dict[str, Any]) -> str:
   path = os.path.join(out_dir, MANIFEST_FILE)
   atomic_json(path, manifest)
+  remove_legacy_manifest(out_dir)
   return path
+
+
+def remove_legacy_manifest(out_dir: str) -> None:
+  """Drops the pre-0.1 `manifest.json` (no leading "_"), which Parquet readers would try to read."""
+  legacy = os.path.join(out_dir, LEGACY_MANIFEST_FILE)
+  if os.path.exists(legacy):
+    os.remove(legacy)

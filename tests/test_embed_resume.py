@@ -105,8 +105,11 @@ def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, m
   # Packing moves results by float rounding only, but "same job, same bits" needs the same rows.
   with pytest.raises(OutputMismatchError, match="pack_length: existing 32 vs now 0"):
     embed.main(base_args([path], out, "--instruction", INSTRUCTION, "--pack-length", "0"), model=model)
+  with open(os.path.join(out, "manifest.json"), "w") as f:  # left by a job of an older release
+    f.write("{}")
   summary = embed.main(base_args([path], out, "--instruction", "Represent the title: ", "--overwrite"), model=model)
   assert summary["parts_written"] == 5 and summary["parts_already_complete"] == 0
+  assert not os.path.exists(os.path.join(out, "manifest.json"))  # Parquet readers would choke on it
   manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["instruction"]["fixed"] == "Represent the title: "
   ids, emb = read_output(out)

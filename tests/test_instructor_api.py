@@ -173,7 +173,7 @@ def test_pack_rows_places_every_text_once_within_capacity():
   rows = pack_rows(lengths, 64, max_texts=5)
   assert sorted(i for row in rows for i in row) == list(range(500))
   assert all(sum(lengths[i] for i in row) <= 64 and len(row) <= 5 for row in rows)
-  assert sum(lengths) / (64 * len(rows)) > 0.8  # first-fit decreasing fills rows (padding to 64: ~0.5)
+  assert sum(lengths) / (64 * len(rows)) > 0.8  # best-fit decreasing fills rows (padding to 64: ~0.5)
   with pytest.raises(ValueError, match="more than the packed row length"):
     pack_rows([65], 64, 5)
 
