@@ -2,8 +2,8 @@
 # Every GPU measurement of BENCHMARKS.md in one call, most important first; each step has its own
 # time limit and writes as it goes, so a cut-short run still returns what it measured.
 #
-#   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (~9 min on one H100)
-#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # cuDNN attention, profiles (~5 min)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (estimated ~9 min on one H100)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # cuDNN attention, profiles (estimated ~5 min)
 #   QUICK=1 OUT=/tmp/g bash benchmarks/gpu_all.sh core   # the same flow on a CPU, tiny shapes (a dry run)
 #
 # Needs JAX (CUDA), torch and sentence-transformers; no TensorFlow, no network.
@@ -21,7 +21,8 @@ if [[ -n "${QUICK:-}" ]]; then
 else
   SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); TRAIN=(--train-batch 256 --train-length 256)
   # The target row first (ours at 256 triples, full remat, and PyTorch at the same shape, which needs
-  # checkpointing: without it PyTorch runs out of memory above 32 triples, DESIGN.md section 5), so
+  # checkpointing: without it PyTorch ran out of memory above 32 triples; reference figures in
+  # BENCHMARKS.md), so
   # a run cut short by the step's time limit still has it; then both at 32 without remat.
   VARIANTS="jax-full,pytorch-ckpt,jax-gc4,pytorch@32,jax@32"; PROF=(--batch 64 --length 256)
 fi

@@ -35,18 +35,22 @@ CATEGORIES = [
     # Threefry is u32 adds, shifts and xors; the dropout mask's bits-to-float conversion is fused too.
     ("random bits", re.compile(r"rng-bit-generator\(|\bu32\[[^\]]*\][^\n]*\b(shift-right-logical|xor)\(")),
     ("softmax / exp", re.compile(r"\bexponential\(")),
-    ("copy / transpose", re.compile(r"^(copy|transpose|bitcast|copy_bitcast|wrapped_transpose|wrapped_copy)")),
 ]
+# An op whose HLO (callees included) only moves data is a copy / transpose.
+MOVEMENT_OPS = {"parameter", "constant", "copy", "transpose", "bitcast", "reshape", "broadcast", "slice",
+                "dynamic-slice", "concatenate", "tuple", "get-tuple-element", "pad", "reverse", "fusion"}
+_OPCODE = re.compile(r"\b([a-z][a-z0-9\-]*)\(")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*$")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\s*$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+(?:, %?[\w.\-]+)*)\}?")
 
 
-def parse_hlo(dump_dir: str) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
-  """Per module name: (instruction -> its line, computation -> its body), from XLA's optimised HLO.
+def parse_hlo(dump_dir: str) -> dict[str, list[tuple[dict[str, str], dict[str, str]]]]:
+  """Per module name, one (instruction -> its line, computation -> its body) per compiled program.
 
-  Names such as fused_computation.41 repeat across modules, so everything is keyed by module; a
-  module compiled twice keeps its newest dump.
+  Names such as fused_computation.41 repeat across modules, so everything is keyed by module; the
+  trace names a module but not which of several same-named programs (e.g. two shapes of
+  jit_forward) ran, so each name keeps every dump.
   """
   modules = {}
   for path in sorted(glob.glob(os.path.join(dump_dir, "module_*after_optimizations.txt"))):
@@ -63,7 +67,7 @@ def parse_hlo(dump_dir: str) -> dict[str, tuple[dict[str, str], dict[str, str]]]
         lines.setdefault(m.group(1), line)
         if current is not None:
           bodies[current] += line + "\n"
-    modules[module] = (lines, bodies)
+    modules.setdefault(module, []).append((lines, bodies))
   return modules
 
 
@@ -82,39 +86,63 @@ def op_text(name: str, lines: dict[str, str], bodies: dict[str, str], depth: int
   return text
 
 
+def opcodes(text: str) -> set[str]:
+  """HLO opcodes in `text` (metadata and quoted strings, which hold JAX names, left out)."""
+  found = set()
+  for line in text.splitlines():
+    code = re.sub(r'"[^"]*"', "", line.split(", metadata=")[0])
+    found.update(_OPCODE.findall(code.split(" = ", 1)[-1]))
+  return found
+
+
 def classify(name: str, text: str) -> str:
   for category, pattern in CATEGORIES:
-    target = name if category == "copy / transpose" else text
-    if pattern.search(target):
+    if pattern.search(text):
       return category
+  codes = opcodes(text)
+  if (codes and codes <= MOVEMENT_OPS) or (not text and re.match(r"^(copy|transpose)", name)):
+    return "copy / transpose"
   return "other fusions"
 
 
-def device_events(trace_file: str) -> list[dict]:
-  """Events that carry an XLA op: on the accelerator's timelines when there is one, else the host's."""
+def classify_in(module: list[tuple[dict[str, str], dict[str, str]]], op: str) -> str:
+  """The op's kind in the programs of that module name that define it; "ambiguous" if they disagree."""
+  kinds = {classify(op, op_text(op, lines, bodies)) for lines, bodies in module if op in lines}
+  if not kinds:
+    return classify(op, "")
+  return kinds.pop() if len(kinds) == 1 else "ambiguous (programs share a name)"
+
+
+def device_events(trace_file: str) -> tuple[list[dict], str]:
+  """Events that carry an XLA op, and whose: the accelerator's timelines when there are any, else the host's."""
   with gzip.open(trace_file, "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
   on_device = [e for e in ops if "/device:" in process.get(e["pid"], "")]
-  return on_device or ops
+  return (on_device, "device") if on_device else (ops, "host")
 
 
-def summarise(out_dir: str, dump_dir: str, iterations: int, wall_s: float, top: int = 25) -> dict:
+def summarise(out_dir: str, dump_dir: str, iterations: int, wall_s: float, top: int = 25,
+              backend: str = "cpu") -> dict:
   traces = sorted(glob.glob(os.path.join(out_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
   if not traces:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {out_dir}/plugins/profile; did jax.profiler run?")
   modules = parse_hlo(dump_dir)
+  events, timeline = device_events(traces[-1])
+  if timeline == "host" and backend != "cpu":
+    # No kernel timeline (e.g. CUPTI not permitted in a container): these are host-side launch times.
+    print(f"warning: no {backend} device events in the trace; the op times below are host-side", file=sys.stderr)
   per_op: dict[tuple[str, str], float] = collections.Counter()
-  for e in device_events(traces[-1]):
+  for e in events:
     per_op[(e["args"].get("hlo_module", ""), e["args"]["hlo_op"])] += float(e.get("dur", 0.0)) / 1e3  # us -> ms
-  category_of = {(mod, op): classify(op, op_text(op, *modules.get(mod, ({}, {})))) for mod, op in per_op}
+  category_of = {(mod, op): classify_in(modules.get(mod, []), op) for mod, op in per_op}
   by_category: dict[str, float] = collections.Counter()
   for op, ms in per_op.items():
     by_category[category_of[op]] += ms
   total = sum(per_op.values()) or 1.0
-  return {"iterations": iterations, "wall_ms_per_iteration": wall_s * 1e3 / iterations,
+  return {"iterations": iterations, "timeline": timeline, "wall_ms_per_iteration": wall_s * 1e3 / iterations,
           "device_ms_per_iteration": total / iterations,
           "by_category": [{"category": c, "ms_per_iteration": ms / iterations, "share": ms / total}
                           for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])],
@@ -123,7 +151,8 @@ def summarise(out_dir: str, dump_dir: str, iterations: int, wall_s: float, top: 
 
 
 def format_summary(s: dict, title: str) -> str:
-  out = [title, f"wall {s['wall_ms_per_iteration']:.1f} ms/iteration; device ops {s['device_ms_per_iteration']:.1f} ms",
+  out = [title, f"wall {s['wall_ms_per_iteration']:.1f} ms/iteration; XLA ops on the {s.get('timeline', 'host')} "
+         f"timeline {s['device_ms_per_iteration']:.1f} ms",
          "", "by kind of op:"]
   out += [f"  {r['category']:<20} {r['ms_per_iteration']:>9.2f} ms  {r['share']:6.1%}" for r in s["by_category"]]
   out += ["", "top ops:"]
@@ -160,6 +189,9 @@ def main(argv=None) -> int:
   p.add_argument("--summary-only", action="store_true", help="re-summarise an existing --out without running")
   args = p.parse_args(argv)
   dump_dir = os.path.join(args.out, "hlo")
+  if not args.summary_only:
+    import shutil
+    shutil.rmtree(dump_dir, ignore_errors=True)  # a reused --out must not mix in another run's programs
   if args.summary_only:
     previous = json.loads(pathlib.Path(args.out, "summary.json").read_text())
     print(format_summary(summarise(args.out, dump_dir, previous["iterations"],
@@ -179,7 +211,7 @@ def main(argv=None) -> int:
     for _ in range(args.iterations):
       once()
   wall = time.perf_counter() - t
-  summary = summarise(args.out, dump_dir, args.iterations, wall)
+  summary = summarise(args.out, dump_dir, args.iterations, wall, backend=jax.default_backend())
   title = (f"{args.case}  shape={args.shape} dtype={dtype} batch={args.batch} length={args.length} "
            f"remat={args.remat} dropout={args.dropout}  {jax.devices()[0].device_kind}  {time.strftime('%Y-%m-%d')}")
   text = format_summary(summary, title)

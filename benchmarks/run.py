@@ -272,7 +272,7 @@ def print_table(results: dict) -> None:
           f"vs ST  (max |job - encode| {row['job_max_abs_diff']:.1e}; includes writing {row.get('job_format', 'parquet')})")
   for row in results.get("train", []):
     memory = (f"  XLA temp {row['temp_gib']:.1f} GiB" if "temp_gib" in row else "") + (
-        f", est. max batch {row['est_max_batch']} on {row['device_gib']:.0f} GiB" if "est_max_batch" in row else "")
+        f", max batch >= {row['max_batch_at_least']} on {row['device_gib']:.0f} GiB" if "max_batch_at_least" in row else "")
     print(f"train {row['impl']:<20} {row['tok_s']:>10.0f} tok/s  {row['step_s'] * 1e3:8.1f} ms/step  "
           f"MFU {row.get('mfu', float('nan')):.1%}  (batch {row['batch']} x {row['length']}){memory}"
           + (f"  {row['error']}" if "error" in row else ""))

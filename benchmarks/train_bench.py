@@ -91,10 +91,13 @@ def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str
 
 
 def _memory(compiled, batch: int) -> dict:
-  """XLA's memory analysis of the compiled step, and the batch it extrapolates to on this device.
+  """XLA's memory analysis of the compiled step, and a lower bound on the batch that fits here.
 
-  Activations (XLA's temp buffers) grow linearly with the batch; parameters, optimizer state and
-  the batch itself are the arguments (the state is donated, so outputs reuse them).
+  Parameters, optimizer state and the batch are the arguments (the state is donated, so outputs
+  reuse them); XLA's temp buffers are activations, which grow with the batch, plus batch-independent
+  gradient and update buffers. Charging all of temp to the batch overstates the cost per triple,
+  so (free memory) / (temp per triple) is a lower bound on the largest batch whenever the compiled
+  batch itself fits; one compile instead of one per candidate batch.
   """
   import jax
   out = {}
@@ -105,7 +108,7 @@ def _memory(compiled, batch: int) -> dict:
     if limit and m.temp_size_in_bytes:
       per_triple = m.temp_size_in_bytes / batch
       out["device_gib"] = limit / 2 ** 30
-      out["est_max_batch"] = int((limit - m.argument_size_in_bytes) // per_triple) // 8 * 8
+      out["max_batch_at_least"] = int((limit - m.argument_size_in_bytes) // per_triple) // 8 * 8
   except Exception as e:  # memory analysis is best effort: not every backend/JAX provides it
     out["memory_error"] = f"{type(e).__name__}: {e}"[:200]
   return out

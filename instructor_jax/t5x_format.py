@@ -239,7 +239,8 @@ def params_from_t5x(arrays: Mapping[str, np.ndarray], cfg: InstructorConfig, sou
   unknown = sorted(k for k in arrays if k not in shapes)
   if unknown:
     raise CheckpointError(f"{source}: unexpected tensors {unknown[:6]}; expected a T5 encoder / GTR dual encoder "
-                          "without biases (t5x names as in DESIGN.md §3).")
+                          "without biases (t5x names such as encoder/layers_0/attention/query/kernel); "
+                          "decoder and bias tensors cannot be mapped.")
   params: dict[str, Any] = {}
   for name, shape in shapes.items():
     value = arrays.get(name)

@@ -55,3 +55,19 @@ def test_gpu_script_passes_shellcheck():
     pytest.skip("shellcheck not on PATH (apt-get install shellcheck; .ci/run tries to)")
   res = subprocess.run(["shellcheck", str(ROOT / "benchmarks" / "gpu_all.sh")], capture_output=True, text=True)
   assert res.returncode == 0, res.stdout
+
+
+def test_profile_classifies_ops_by_their_hlo_not_their_names():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import profile_ops
+  moves = ('%bitcast_add_fusion.3 = f32[8,4]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%fc.1\n')
+  bodies = {"fc.1": '  %a = f32[8,4]{1,0} parameter(0), metadata={op_name="jit(f)/transpose(x)"}\n'
+                    "  %b = f32[8,4]{1,0} add(%a, %a)\n",
+            "fc.2": "  %a = f32[4,8]{1,0} parameter(0)\n  %t = f32[8,4]{0,1} transpose(%a), dimensions={1,0}\n"}
+  lines = {"bitcast_add_fusion.3": moves,
+           "fusion.9": "%fusion.9 = f32[8,4]{1,0} fusion(%p0), kind=kLoop, calls=%fc.2\n"}
+  # A residual add whose name starts with "bitcast" is not a copy; a pure transpose fusion is.
+  assert profile_ops.classify_in([(lines, bodies)], "bitcast_add_fusion.3") == "other fusions"
+  assert profile_ops.classify_in([(lines, bodies)], "fusion.9") == "copy / transpose"
+  other = ({"fusion.9": "%fusion.9 = f32[8,8]{1,0} dot(%a, %b)\n"}, {})
+  assert profile_ops.classify_in([(lines, bodies), other], "fusion.9").startswith("ambiguous")
