@@ -43,9 +43,11 @@ print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, 
   step embed 270 "$PY" benchmarks/run.py --shape "$SHAPE" --sections matmul,embed "${SIZES[@]}" --out "$OUT/embed.json"
   step train 300 "$PY" benchmarks/run.py --shape "$SHAPE" --sections matmul,train "${TRAIN[@]}" \
     --train-variants "$VARIANTS" --out "$OUT/train.json"
+  "$PY" benchmarks/report.py "$OUT"/embed.json "$OUT"/train.json > "$OUT/report.md" && cat "$OUT/report.md"
 elif [[ $PHASE == extra ]]; then
   step embed_cudnn 150 "$PY" benchmarks/run.py --shape "$SHAPE" --sections embed "${SIZES[@]}" \
     --attention-impl cudnn --out "$OUT/embed_cudnn.json"
+  "$PY" benchmarks/report.py "$OUT"/embed_cudnn.json > "$OUT/report_cudnn.md" && cat "$OUT/report_cudnn.md"
   step profile_train 120 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
     --out "$OUT/profile_train"
   step profile_docs 60 "$PY" benchmarks/profile_ops.py --case embed-docs --shape "$SHAPE" --batch 64 --length 512 \

@@ -40,6 +40,16 @@ SHAPES = {
 }
 
 
+def library_versions() -> dict[str, str]:
+  out = {}
+  for name in ("torch", "transformers", "sentence_transformers"):
+    try:
+      out[name] = __import__(name).__version__
+    except ImportError:
+      out[name] = "not installed"
+  return out
+
+
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -219,7 +229,9 @@ def main(argv=None) -> int:
   results: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "dtype": dtype,
                    "attention_impl": args.attention_impl,
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                   "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+                   "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                   "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   **library_versions()}
   sections = args.sections.split(",")
 
   def save() -> None:  # after every section, so a run cut short by a time limit keeps what it measured

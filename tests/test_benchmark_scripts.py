@@ -48,6 +48,27 @@ def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   train = json.loads((out / "train.json").read_text())
   assert [r["impl"] for r in train["train"]] == ["pytorch", "pytorch-ckpt", "jax", "jax-full", "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 and 0 < r["mfu"] < 1 for r in train["train"]), train["train"]
+  report = (out / "report.md").read_text()
+  assert "| short+instruction, `encode` |" in report and "| jax-full | 8 × 32 |" in report
+
+
+def test_report_marks_gpu_targets_against_the_same_run():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import report
+  run = {"device": "NVIDIA H100 80GB HBM3", "backend": "gpu", "date": "2026-12-01", "shape": "gtr-large",
+         "dtype": "bfloat16", "jax": "0.11.2", "matmul": {"jax_tflops": 800.0, "torch_tflops": 796.0},
+         "embed": [{"case": c, "rows": 10, "ours_tok_s": 4e5, "st_tok_s": 1e5, "speedup": s, "min_cosine": 0.9995,
+                    "ours_packed_tok_s": 4e5, "packed_speedup": s, "job_tok_s": 4e5, "job_speedup": s}
+                   for c, s in (("short+instruction", 3.2), ("512-token docs", 3.9))],
+         "train": [{"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0},
+                   {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "step_s": 1.0,
+                    "max_batch_at_least": 1024},
+                   {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"}]}
+  text = report.section([run])
+  assert "| short+instruction, `encode` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
+  assert "| 512-token docs, `encode` | 10 | 400,000 | 100,000 | 3.90× | 0.99950 | not met (≥ 4×) |" in text
+  assert "| jax-full | 256 × 256 | 200,000 | 45.0% | 4.00× (pytorch-ckpt) | 1024 | MFU target **met** (≥ 40%) |" in text
+  assert "OutOfMemoryError" in text
 
 
 def test_gpu_script_passes_shellcheck():
