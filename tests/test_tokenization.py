@@ -1,7 +1,9 @@
 """Token ids and the INSTRUCTOR instruction rule against Hugging Face and SentencePiece."""
 
 import csv
+import importlib
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -88,11 +90,17 @@ def test_bad_inputs_raise_clear_errors(tok, bad):
 
 def test_bundled_vocabulary_loads_without_converting_spiece_model(monkeypatch):
   """tokenizer.json ships beside spiece.model, so machines without sentencepiece (the GPU image) work."""
-  import transformers.convert_slow_tokenizer as conv
+  # The module itself: `import transformers.convert_slow_tokenizer` can resolve to the function of
+  # that name through transformers' lazy namespace (transformers 5.17).
+  conv = importlib.import_module("transformers.convert_slow_tokenizer")
 
   def refuse(*args, **kwargs):
     raise AssertionError("the bundled tokenizer was converted from spiece.model instead of read from tokenizer.json")
 
+  # transformers 4.x converts through convert_slow_tokenizer, 5.x through SentencePieceExtractor;
+  # both need the sentencepiece module, which the GPU image does not have.
   monkeypatch.setattr(conv, "convert_slow_tokenizer", refuse)
+  monkeypatch.setattr(conv, "SentencePieceExtractor", refuse)
+  monkeypatch.setitem(sys.modules, "sentencepiece", None)
   tok = Tokenizer.from_pretrained(None)
   assert tok.tokenize([["Represent the title: ", "hello world"]]) == ([[419, 12640, 8, 2233, 10, 21820, 296, 1]], [5])
