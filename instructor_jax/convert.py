@@ -21,7 +21,7 @@ SOURCES (SRC), detected automatically:
                               --revision picks a branch/tag/commit)
   sentence-transformers / HF  a local directory with config.json and model.safetensors, sharded
   directory                   safetensors (model.safetensors.index.json) or pytorch_model.bin
-                              (read with torch.load(weights_only=True)); with or without 2_Dense;
+                              (read without torch; only tensors are unpickled); with or without 2_Dense;
                               T5 v1.0 (ReLU) or v1.1 (gated-GELU). A T5ForConditionalGeneration
                               checkpoint works too: its decoder is dropped.
   t5x checkpoint              a directory with a msgpack 'checkpoint' file + zarr arrays (how GTR

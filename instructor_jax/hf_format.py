@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from instructor_jax import torch_zip
 from instructor_jax.config import InstructorConfig, T5Config
 
 Params = dict[str, Any]
@@ -190,7 +191,7 @@ def hf_tensor_sizes(params: Params, cfg: T5Config, itemsize: int) -> list[tuple[
 
 
 def load_state_file(path: str) -> dict[str, np.ndarray]:
-  """Reads one `.safetensors` or torch `.bin` file into NumPy arrays (torch only for `.bin`)."""
+  """Reads one `.safetensors` or torch `.bin` file into float32 NumPy arrays (torch not needed for either)."""
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     try:
@@ -200,15 +201,29 @@ def load_state_file(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
       return _load_safetensors_via_flax(path)
   if path.endswith((".bin", ".pt", ".pth")):
-    try:
-      import torch
-    except ImportError as e:
-      raise CheckpointError(f"{path}: reading torch .bin checkpoints needs PyTorch "
-                            "(`pip install instructor_jax[torch]`), or convert it to safetensors.") from e
+    return {k: np.asarray(v, dtype=np.float32) for k, v in _load_torch_file(path).items()}
+  raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or .bin.")
+
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+  """A torch `.bin` state dict: read without torch where possible, else with torch (weights only)."""
+  try:
+    return torch_zip.load(path)
+  except torch_zip.Unsupported as e:
+    reason = e
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(f"{path}: cannot be read without PyTorch: {reason}. Install torch "
+                          "(`pip install instructor_jax[torch]`) or convert the file to safetensors.") from None
+  try:
     # weights_only: never run arbitrary pickled code from a downloaded checkpoint.
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-  raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or .bin.")
+  except Exception as e:
+    raise CheckpointError(f"{path}: not a readable torch state dict ({reason}; torch.load: {e}).") from e
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict.")
+  return {k: v.float().numpy() for k, v in state.items()}
 
 
 def _load_safetensors_via_flax(path: str) -> dict[str, np.ndarray]:

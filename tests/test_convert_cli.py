@@ -21,7 +21,7 @@ def test_help_documents_every_source_and_destination():
   out = subprocess.run([sys.executable, "-m", "instructor_jax.convert", "--help"], capture_output=True, text=True,
                        check=True, timeout=120).stdout
   for needle in ("Hugging Face Hub id", "hkunlp/instructor-large", "HF_HUB_OFFLINE", "model.safetensors.index.json",
-                 "pytorch_model.bin", "weights_only=True", "v1.1", "T5ForConditionalGeneration", "t5x checkpoint",
+                 "pytorch_model.bin", "read without torch", "v1.1", "T5ForConditionalGeneration", "t5x checkpoint",
                  "gs://", "--max-distance", "orbax checkpoint", "training workdir", "--step", "--to",
                  "st (default)", "include_prompt: false", "--dtype", "bfloat16", "--prompt", "--max-shard-size",
                  "examples:", "python -m instructor_jax.convert hkunlp/instructor-large", "--to orbax"):

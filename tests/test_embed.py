@@ -179,7 +179,6 @@ def test_row_choices_and_split():
 
 
 def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
-  pytest.importorskip("torch")  # the fixture's Dense layer is a torch .bin
   from instructor_jax.instructor import Instructor
   model_dir = str(fixtures_dir / "tiny_instructor")
   texts = sentences(12, seed=7)
