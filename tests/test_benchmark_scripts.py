@@ -35,6 +35,8 @@ def test_profile_attributes_train_step_time_to_matmuls_and_dropout_bits(tmp_path
 
 def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   """The one-call GPU script, with tiny shapes on this CPU: every step succeeds and writes its figures."""
+  pytest.importorskip("torch")  # it times the PyTorch stack beside ours
+  pytest.importorskip("sentence_transformers")
   out = tmp_path / "gpu"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
   done = subprocess.run(["bash", "benchmarks/gpu_all.sh", "core"], cwd=ROOT, env=env, capture_output=True, text=True,
