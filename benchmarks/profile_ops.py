@@ -185,6 +185,10 @@ def main(argv=None) -> int:
   p.add_argument("--remat", default="none", help="train: TrainConfig.remat_policy")
   p.add_argument("--dropout", type=float, default=0.1, help="train: dropout rate")
   p.add_argument("--iterations", type=int, default=2)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+  p.add_argument("--attention-impl", choices=("dot_product_attention", "cudnn", "xla"), default="dot_product_attention",
+                 help="inference attention (T5Config); training always uses the einsum path")
   p.add_argument("--out", required=True, help="directory for the trace, the HLO and the summary")
   p.add_argument("--summary-only", action="store_true", help="re-summarise an existing --out without running")
   args = p.parse_args(argv)
@@ -201,8 +205,8 @@ def main(argv=None) -> int:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
   import jax
   import run
-  dtype = "bfloat16" if run.on_gpu() else "float32"
-  cfg = run.SHAPES[args.shape].with_encoder(dtype=dtype, dropout_rate=args.dropout)
+  dtype = args.dtype or ("bfloat16" if run.on_gpu() else "float32")
+  cfg = run.SHAPES[args.shape].with_encoder(dtype=dtype, dropout_rate=args.dropout, attention_impl=args.attention_impl)
   once = workload(args, cfg)
   once()
   once()  # compiled and warm
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
   wall = time.perf_counter() - t
   summary = summarise(args.out, dump_dir, args.iterations, wall, backend=jax.default_backend())
   title = (f"{args.case}  shape={args.shape} dtype={dtype} batch={args.batch} length={args.length} "
-           f"remat={args.remat} dropout={args.dropout}  {jax.devices()[0].device_kind}  {time.strftime('%Y-%m-%d')}")
+           f"remat={args.remat} dropout={args.dropout} attention={args.attention_impl}  {jax.devices()[0].device_kind}  "
+           f"{time.strftime('%Y-%m-%d')}")
   text = format_summary(summary, title)
   pathlib.Path(args.out, "summary.txt").write_text(text + "\n")
   pathlib.Path(args.out, "summary.json").write_text(json.dumps(dict(summary, title=title), indent=2))

@@ -73,6 +73,19 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
+def _dot_result_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
+  """float32 for bfloat16 matmuls on XLA:CPU, else the inputs' dtype.
+
+  XLA:CPU (JAX 0.10) runs a bf16 x bf16 dot with a bf16 result on a kernel slower than float32,
+  and the same dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32 (BENCHMARKS.md).
+  Dense rounds the float32 result to bfloat16 at once, as a bf16 dot does after accumulating in
+  float32. GPU/TPU keep the plain bf16 dot, whose result never leaves the kernel in float32.
+  """
+  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return jnp.float32
+  return None
+
+
 class Dense(nn.Module):
   """Bias-free projection; float32 kernel cast to the compute dtype at use."""
 
@@ -86,7 +99,9 @@ class Dense(nn.Module):
     fan_in = self.init_fan_in or x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(fan_in), self.axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=_dot_result_dtype(self.dtype))
+    return y.astype(self.dtype)
 
 
 class Attention(nn.Module):

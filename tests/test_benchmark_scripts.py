@@ -33,6 +33,30 @@ def test_profile_attributes_train_step_time_to_matmuls_and_dropout_bits(tmp_path
   assert list(out.glob("plugins/profile/*/perfetto_trace.json.gz"))
 
 
+def test_gemm_forms_times_every_form(tmp_path):
+  out = tmp_path / "gemm.json"
+  stdout = _run(["benchmarks/gemm_forms.py", "--m", "64", "--k", "32", "--n", "48", "--reps", "1", "--json", str(out)],
+                tmp_path)
+  rates = json.loads(out.read_text())["gflops"]
+  assert {"float32", "bf16 -> bf16", "bf16 -> float32", "int8 -> int32", "float32 -> int8 GEMM -> float32"} <= set(rates)
+  assert all(r > 0 for r in rates.values()) and "x float32" in stdout
+
+
+def test_bench_runs_both_sides_in_bf16_on_request(tmp_path):
+  pytest.importorskip("sentence_transformers")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "benchmarks/run.py", "--shape", "tiny", "--dtype", "bfloat16"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2 and "--dtype bfloat16 applies to the matmul and embed sections" in done.stderr
+  out = tmp_path / "bf16.json"
+  _run(["benchmarks/run.py", "--shape", "tiny", "--quick", "--sections", "embed", "--dtype", "bfloat16", "--short", "16",
+        "--docs", "2", "--out", str(out)], tmp_path)
+  result = json.loads(out.read_text())
+  assert result["dtype"] == "bfloat16" and len(result["embed"]) == 2
+  # bf16 on both sides, not bf16 against float32: close, but not float32-close.
+  assert all(0.99 < r["min_cosine"] < 0.9999999 for r in result["embed"]), result["embed"]
+
+
 def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   """The one-call GPU script, with tiny shapes on this CPU: every step succeeds and writes its figures."""
   pytest.importorskip("torch")  # it times the PyTorch stack beside ours

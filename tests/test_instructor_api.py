@@ -57,6 +57,24 @@ def test_bfloat16_close_to_float32(model):
   assert cos.min() >= 0.999, cos.min()
 
 
+def test_bfloat16_matmuls_on_cpu_accumulate_to_float32_then_round():
+  """XLA:CPU's fast bf16 GEMM is the one with a float32 result (BENCHMARKS.md); Dense asks for it."""
+  import jax
+  import jax.numpy as jnp
+  from instructor_jax.t5 import Dense
+  dense = Dense(8, ("embed", "mlp"), jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)), jnp.float32)
+  params = dense.init(jax.random.PRNGKey(0), x)
+  hlo = jax.jit(dense.apply).lower(params, x).as_text()
+  dots = [line for line in hlo.splitlines() if "dot_general" in line]
+  assert len(dots) == 1 and "bf16>" in dots[0] and "-> tensor<4x8xf32>" in dots[0], dots
+  got = dense.apply(params, x)
+  assert got.dtype == jnp.bfloat16
+  kernel = params["params"]["kernel"].unbox()
+  want = (x.astype(jnp.bfloat16).astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32))
+
+
 def test_bfloat16_weights_cast_once_give_bit_identical_embeddings(model):
   """The bf16 forward reads pre-cast matmul weights; the numbers equal casting at every use."""
   import jax
