@@ -207,6 +207,8 @@ def load_state_file(path: str) -> dict[str, np.ndarray]:
 
 def _load_torch_file(path: str) -> dict[str, np.ndarray]:
   """A torch `.bin` state dict: read without torch where possible, else with torch (weights only)."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such file.")
   try:
     return torch_zip.load(path)
   except torch_zip.Unsupported as e:
@@ -214,15 +216,18 @@ def _load_torch_file(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
+    if reason.damaged:
+      raise CheckpointError(f"{path}: a damaged torch checkpoint: {reason}. Download or copy it again.") from None
     raise CheckpointError(f"{path}: cannot be read without PyTorch: {reason}. Install torch "
                           "(`pip install instructor_jax[torch]`) or convert the file to safetensors.") from None
   try:
     # weights_only: never run arbitrary pickled code from a downloaded checkpoint.
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise CheckpointError(f"{path}: not a readable torch state dict ({reason}; torch.load: {e}).") from e
-  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise CheckpointError(f"{path}: expected a flat {{name: tensor}} state dict.")
+    raise CheckpointError(f"{path}: not a readable torch state dict ({reason}; torch.load: {str(e)[:300]}).") from e
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.layout == torch.strided
+                                            for v in state.values()):
+    raise CheckpointError(f"{path}: expected a flat {{name: dense tensor}} state dict.")
   return {k: v.float().numpy() for k, v in state.items()}
 
 

@@ -3,20 +3,28 @@
 hkunlp/instructor-* publish their weights (and `2_Dense`) only as `pytorch_model.bin`, while the
 machines that embed or train with JAX (TPU VMs, GPU images) often have no torch. A state dict in
 torch's zip format (torch >= 1.6) is a pickle of `_rebuild_tensor_*` calls over raw little-endian
-storages, so it can be rebuilt with NumPy. Only the pickle globals a state dict needs are allowed:
-like `torch.load(weights_only=True)`, no code from a downloaded checkpoint ever runs.
+storages, so it can be rebuilt with NumPy.
 
-Anything else (torch's legacy pre-1.6 format, a global this reader does not know) raises
-`Unsupported`; the caller then falls back to torch, where it is installed.
+The file is untrusted input. Like `torch.load(weights_only=True)`, only the pickle globals a state
+dict needs are allowed, so no code from it runs; beyond that, every value those calls receive is
+checked (dtypes by identity, non-negative integer offsets/sizes/strides, views inside their
+storage, no more elements than the storage holds, storage sizes as recorded), pickle BUILD only
+sets attributes of a dict, and the pure-Python unpickler is used (its memo is a dict: the C one
+allocates up to any index a 9-byte pickle names).
+
+Anything else raises `Unsupported`; `damaged` says whether the file is broken (rather than in a
+format torch itself may read, such as the legacy pre-1.6 one).
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
+import operator
 import pickle
 import zipfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -24,9 +32,10 @@ import numpy as np
 # Typed storage classes name their element type (v2 rebuilds); `UntypedStorage` is raw bytes whose
 # type comes with the tensor (v3 rebuilds, for dtypes without a typed storage class).
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32), "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8), "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
     "UntypedStorage": None,
 }
 _TORCH_DTYPES = {
@@ -35,40 +44,73 @@ _TORCH_DTYPES = {
     "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
     "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
 }
+_TORCH_DTYPES = {name: np.dtype(t) for name, t in _TORCH_DTYPES.items()}
+_ALLOWED_DTYPES = [d for d in _STORAGE_DTYPES.values() if d is not None] + list(_TORCH_DTYPES.values())
+# A state dict's data.pkl is kilobytes (a few hundred KB for an 11B model); anything far larger is
+# not one, and reading it would be a decompression bomb.
+_MAX_PICKLE_BYTES = 64 << 20
 
 
 class Unsupported(Exception):
-  """The file is not a torch zip state dict this reader can rebuild (torch itself may)."""
+  """Not a torch zip state dict this reader can rebuild; `damaged`: the file itself is broken."""
+
+  def __init__(self, reason: str, damaged: bool = False):
+    super().__init__(reason)
+    self.damaged = damaged
 
 
-class _StorageType:
-  def __init__(self, name: str):
-    self.name, self.dtype = name, _STORAGE_DTYPES[name]
+# NamedTuples have no __dict__, so a pickle BUILD cannot rewrite them.
+class _StorageType(NamedTuple):
+  name: str
+  dtype: np.dtype | None
 
 
-class _Storage:
-  def __init__(self, raw: bytes, dtype: Any):
-    self.raw, self.dtype = raw, dtype
+class _Storage(NamedTuple):
+  buffer: bytearray
+  dtype: np.dtype | None
 
 
-def _rebuild(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-             dtype: Any) -> np.ndarray:
-  dtype = np.dtype(dtype)
-  flat = np.frombuffer(storage.raw, dtype=dtype)
-  if not size:
-    return np.array(flat[offset], dtype=dtype)
-  extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset
-  if extent > flat.size:
-    raise Unsupported(f"a tensor of shape {tuple(size)} (offset {offset}, strides {tuple(stride)}) reaches "
-                      f"element {extent} of a storage of {flat.size}: the file is truncated or corrupt")
-  view = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
-                                         strides=tuple(s * dtype.itemsize for s in stride), writeable=False)
-  return np.array(view, order="C")  # a contiguous copy that owns its memory
+def _index(value: Any, what: str) -> int:
+  try:
+    number = operator.index(value)
+  except TypeError:
+    raise Unsupported(f"{what} is {type(value).__name__}, not an integer", damaged=True) from None
+  if number < 0:
+    raise Unsupported(f"{what} is negative ({number})", damaged=True)
+  return number
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
-  if storage.dtype is None:
-    raise Unsupported("a v2 tensor over an untyped storage")
+def _rebuild(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> np.ndarray:
+  if not isinstance(storage, _Storage):
+    raise Unsupported("a tensor is rebuilt from something that is not a storage", damaged=True)
+  if not any(dtype is allowed for allowed in _ALLOWED_DTYPES):
+    raise Unsupported(f"a tensor has element type {dtype!r:.80}, not a torch dtype", damaged=True)
+  if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride):
+    raise Unsupported("a tensor's size and stride are not tuples of one length", damaged=True)
+  offset = _index(offset, "a tensor's storage offset")
+  shape = tuple(_index(n, "a tensor dimension") for n in size)
+  strides = tuple(_index(s, "a tensor stride") for s in stride)
+  available = len(storage.buffer) // dtype.itemsize
+  count = math.prod(shape)
+  # Real state dicts never repeat elements (stride 0 expansions); refusing them bounds the copy
+  # below by the file's own size.
+  if count > available:
+    raise Unsupported(f"a tensor of shape {shape} has more elements than its storage ({available})", damaged=True)
+  try:
+    # np.ndarray checks that the view stays inside the buffer; it also parses every ml_dtypes type.
+    view = np.ndarray(shape, dtype=dtype, buffer=storage.buffer, offset=offset * dtype.itemsize,
+                      strides=tuple(s * dtype.itemsize for s in strides))
+  except (TypeError, ValueError) as e:
+    raise Unsupported(f"a tensor of shape {shape} (offset {offset}, strides {strides}) does not fit its "
+                      f"storage of {available} elements: {e}", damaged=True) from None
+  # C-contiguous tensors are views of the storage (like torch, tied weights share memory), which
+  # keeps peak memory at one copy of the file; anything else is copied into C order.
+  return view if view.flags.c_contiguous else np.array(view, order="C")
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+  if not isinstance(storage, _Storage) or storage.dtype is None:
+    raise Unsupported("a v2 tensor without a typed storage", damaged=True)
   return _rebuild(storage, offset, size, stride, storage.dtype)
 
 
@@ -76,7 +118,9 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_ho
   return _rebuild(storage, offset, size, stride, dtype)
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks):
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+  if not isinstance(data, np.ndarray):
+    raise Unsupported("a parameter that does not hold a tensor", damaged=True)
   return data
 
 
@@ -88,36 +132,56 @@ _GLOBALS = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):  # the pure-Python one: see the module docstring
   def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
     super().__init__(io.BytesIO(data))
     self._archive, self._prefix = archive, prefix
-    self._storages: dict[str, _Storage] = {}
+    self._storages: dict[str, bytearray] = {}
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _GLOBALS:
       return _GLOBALS[(module, name)]
     if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
-      return _StorageType(name)
+      return _StorageType(name, _STORAGE_DTYPES[name])
     if module == "torch" and name in _TORCH_DTYPES:
       return _TORCH_DTYPES[name]
-    raise Unsupported(f"it pickles {module}.{name}, which is not part of a plain state dict")
+    raise Unsupported(f"it pickles {module:.80}.{name:.80}, which is not part of a plain state dict")
+
+  def load_build(self) -> None:
+    # BUILD sets state on the object below it. state_dict() pickles its `_metadata` attribute
+    # that way; nothing else in a state dict needs it, so only a dict's plain attributes may be set.
+    state = self.stack.pop()
+    target = self.stack[-1]
+    if not isinstance(target, collections.OrderedDict) or not isinstance(state, dict) or \
+        not all(isinstance(k, str) and not k.startswith("__") for k in state):
+      raise Unsupported(f"it sets state on a {type(target).__name__}, which a plain state dict never does")
+    target.__dict__.update(state)
+
+  dispatch = dict(pickle._Unpickler.dispatch)
+  dispatch[pickle.BUILD[0]] = load_build
 
   def persistent_load(self, pid: Any) -> _Storage:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-      raise Unsupported(f"unknown persistent id {pid!r}")
-    _, storage_type, key, _location, _numel = pid
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)):
+      raise Unsupported(f"unknown persistent id {repr(pid)[:120]}")
+    _, storage_type, key, _location, numel = pid
+    entry = f"{self._prefix}data/{key}"
     if key not in self._storages:
-      entry = f"{self._prefix}data/{key}"
       try:
-        raw = self._archive.read(entry)
+        info = self._archive.getinfo(entry)
       except KeyError:
-        raise Unsupported(f"storage {entry!r} is missing from the archive") from None
-      self._storages[key] = _Storage(raw, storage_type.dtype)
-    storage = self._storages[key]
-    if storage.dtype is None and storage_type.dtype is not None:
-      storage = _Storage(storage.raw, storage_type.dtype)
-    return storage
+        raise Unsupported(f"storage {entry!r:.120} is missing from the archive", damaged=True) from None
+      expected = _index(numel, f"the element count of storage {entry!r:.120}") * (
+          storage_type.dtype.itemsize if storage_type.dtype is not None else 1)
+      if info.file_size != expected:
+        raise Unsupported(f"storage {entry!r:.120} holds {info.file_size} bytes; its record says {expected}",
+                          damaged=True)
+      buffer = bytearray(info.file_size)  # writable, so the arrays viewing it are ordinary arrays
+      with self._archive.open(info) as f:
+        if f.readinto(buffer) != len(buffer):
+          raise Unsupported(f"storage {entry!r:.120} is shorter than recorded", damaged=True)
+      self._storages[key] = buffer
+    return _Storage(self._storages[key], storage_type.dtype)
 
 
 def load(path: str) -> dict[str, np.ndarray]:
@@ -128,21 +192,26 @@ def load(path: str) -> dict[str, np.ndarray]:
   if not zipfile.is_zipfile(path):
     raise Unsupported("it is not a zip archive (torch's legacy format, written by torch < 1.6, or not a "
                       "torch file at all)")
-  with zipfile.ZipFile(path) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-      raise Unsupported(f"expected one <folder>/data.pkl in the archive, found {pickles or 'none'}")
-    prefix = pickles[0][: -len("data.pkl")]
-    names = set(archive.namelist())
-    # Files without a byteorder record predate it and were written little-endian.
-    if prefix + "byteorder" in names and archive.read(prefix + "byteorder").strip() != b"little":
-      raise Unsupported("it was written on a big-endian machine")
-    try:
-      state = _Unpickler(archive.read(pickles[0]), archive, prefix).load()
-    except Unsupported:
-      raise
-    except Exception as e:  # a damaged pickle: say so rather than surfacing pickle internals
-      raise Unsupported(f"its data.pkl does not unpickle ({type(e).__name__}: {e})") from e
+  try:
+    with zipfile.ZipFile(path) as archive:
+      pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.split("/")[1] == "data.pkl"]
+      if len(pickles) != 1:
+        raise Unsupported(f"expected one <folder>/data.pkl in the archive, found {pickles[:4] or 'none'}")
+      prefix = pickles[0][: -len("data.pkl")]
+      if archive.getinfo(pickles[0]).file_size > _MAX_PICKLE_BYTES:
+        raise Unsupported(f"its data.pkl is over {_MAX_PICKLE_BYTES >> 20} MB; a state dict's is kilobytes")
+      # Files without a byteorder record predate it and were written little-endian.
+      if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder").strip() != b"little":
+        raise Unsupported("it was written on a big-endian machine")
+      try:
+        state = _Unpickler(archive.read(pickles[0]), archive, prefix).load()
+      except (Unsupported, zipfile.BadZipFile):
+        raise
+      except Exception as e:  # a damaged pickle: say so rather than surfacing pickle internals
+        raise Unsupported(f"its data.pkl does not unpickle ({type(e).__name__}: {str(e)[:200]})",
+                          damaged=True) from e
+  except zipfile.BadZipFile as e:
+    raise Unsupported(f"the zip archive is damaged ({e})", damaged=True) from None
   if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
     raise Unsupported("it does not hold a flat {name: tensor} state dict")
   return dict(state)
