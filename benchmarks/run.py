@@ -177,6 +177,7 @@ def st_runner(export_dir: str, items, batch_size: int, max_len: int, dtype: str)
       out[idx] = emb.float().cpu().numpy()
     return out
 
+  run.weight_dtype = str(next(st.parameters()).dtype).removeprefix("torch.")
   return run
 
 
@@ -195,10 +196,11 @@ def interleaved_median(runners: dict, repeats: int) -> tuple[dict[str, float], d
 def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, workdir, dtype) -> dict:
   tokens = _count_tokens(model, items, max_len)
   # Packed rows: batch_size / 4 rows of 128 tokens hold about as many short texts as batch_size rows.
+  st_run = st_runner(export_dir, items, batch_size, max_len, dtype)
   seconds, out = interleaved_median({"ours": ours_runner(model, items, batch_size, max_len),
                                      "ours_packed": ours_runner(model, items, max(1, batch_size // 4), max_len, True),
                                      "embed_job": job_runner(model, items, max_len, workdir),
-                                     "st": st_runner(export_dir, items, batch_size, max_len, dtype)}, repeats)
+                                     "st": st_run}, repeats)
   ours, ref = out["ours"], out["st"]
   cos = np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
   return {"case": name, "rows": len(items), "tokens": tokens, "repeats": repeats,
@@ -209,7 +211,10 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
           "packed_max_abs_diff": float(np.abs(out["ours_packed"] - ours).max()),
           "job_tok_s": tokens / seconds["embed_job"], "job_speedup": seconds["st"] / seconds["embed_job"],
           "job_format": job_format(),
-          "job_max_abs_diff": float(np.abs(out["embed_job"] - ours).max())}
+          "job_max_abs_diff": float(np.abs(out["embed_job"] - ours).max()),
+          # What each side actually computed in (the weights its matmuls read), not the flag.
+          "ours_weight_dtype": str(model.forward_params()["token_embedder"]["embedding"].dtype),
+          "st_weight_dtype": st_run.weight_dtype}
 
 
 def main(argv=None) -> int:

@@ -80,6 +80,9 @@ def _dot_result_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
   and the same dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32 (BENCHMARKS.md).
   Dense rounds the float32 result to bfloat16 at once, as a bf16 dot does after accumulating in
   float32. GPU/TPU keep the plain bf16 dot, whose result never leaves the kernel in float32.
+  Decided by the default backend at trace time (a GPU host computing on CPU devices gets the plain
+  form). Made for inference: in a bf16 train step on CPU the backward matmuls see float32
+  cotangents and run in float32, and `save_dots` keeps float32 dot outputs.
   """
   if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
     return jnp.float32
