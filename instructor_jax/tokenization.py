@@ -141,6 +141,9 @@ class Tokenizer:
   def from_pretrained(cls, directory: str | None = None, max_seq_length: int = 512) -> "Tokenizer":
     """Tokenizer files of a model directory; the bundled T5 vocabulary when `directory` is None
     or holds no tokenizer files (t5x checkpoints ship none)."""
+    # Without torch, importing transformers advises that "models won't be available"; only its
+    # tokenizers are used here, so that advice is wrong for us (a user's own setting wins).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import transformers
     # Always from_pretrained on a directory: T5Tokenizer(vocab_file=...) silently builds a
     # 4-token vocabulary in transformers 5.
