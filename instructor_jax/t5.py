@@ -107,6 +107,32 @@ class Dense(nn.Module):
     return y.astype(self.dtype)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout whose keep/drop draws are 16 bits: one 32-bit Threefry word serves two elements.
+
+  Flax's dropout draws a 32-bit word per element, and those Threefry rounds were a third of the
+  CPU train step (BENCHMARKS.md); 16 bits resolve the rate to 1/65536, and the kept values are
+  scaled by the exact keep probability of that threshold. Words pair up along the last axis, which
+  the sharding rules never split, so the mask is the same on any mesh.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    drop = round(self.rate * 65536)  # a draw below this drops its element
+    *lead, last = x.shape
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, (last + 1) // 2), jnp.uint32)
+    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
+    # Scaled in float32: 1/0.9 rounded to bf16 would be 0.2% off.
+    kept = (x.astype(jnp.float32) * np.float32(65536 / (65536 - drop))).astype(x.dtype)
+    return jnp.where(draws >= drop, kept, jnp.zeros((), x.dtype))
+
+
 class Attention(nn.Module):
   """Multi-head self-attention without 1/sqrt(K) logit scaling (T5 folds it into the init)."""
 
@@ -145,7 +171,7 @@ class Attention(nn.Module):
       # (batch-filler) rows still give finite, uniform weights.
       mask_bias_B1QL = jnp.where(mask_B1QL, 0.0, jnp.finfo(jnp.float32).min)
       weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B1QL, axis=-1)
-      weights_BHLL = nn.Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
+      weights_BHLL = Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
       out_BLHK = jnp.einsum("bhqm,bmhk->bqhk", weights_BHLL.astype(dtype), v_BLHK)
     out_BLI = out_BLHK.reshape(B, L, H * K)
     return Dense(cfg.d_model, (JOINED_KV, EMBED), dtype, name="out")(out_BLI)
@@ -167,7 +193,7 @@ class MLP(nn.Module):
       gate = jax.nn.gelu(Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi_0")(x_BLD), approximate=True)
       h_BLF = gate * Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi_1")(x_BLD)
     h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP_AXIS))
-    h_BLF = nn.Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
+    h_BLF = Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
     return Dense(cfg.d_model, (MLP_AXIS, EMBED), dtype, name="wo")(h_BLF)
 
 
@@ -179,7 +205,7 @@ class EncoderLayer(nn.Module):
                deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    dropout = nn.Dropout(cfg.dropout_rate)
+    dropout = Dropout(cfg.dropout_rate)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x_BLD)
     h = Attention(cfg, name="attention")(h, position_bias_HLL, mask_B1QL, deterministic)
     x_BLD = x_BLD + dropout(h, deterministic=deterministic)
@@ -233,7 +259,7 @@ class Encoder(nn.Module):
       mask_B1QL = mask_BL.astype(bool)[:, None, None, :]
     else:
       mask_B1QL = ((segments_BL[:, :, None] == segments_BL[:, None, :]) & (segments_BL[:, None, :] > 0))[:, None]
-    x = nn.Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
     layer_cls = EncoderLayer
     if cfg.remat_policy != "none":
       # static_argnums counts `self` as 0: (self, x, position_bias, mask, deterministic).
@@ -241,7 +267,7 @@ class Encoder(nn.Module):
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Embedder(nn.Module):
