@@ -29,23 +29,19 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-# Typed storage classes name their element type (v2 rebuilds); `UntypedStorage` is raw bytes whose
-# type comes with the tensor (v3 rebuilds, for dtypes without a typed storage class).
-_STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32), "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8), "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": None,
-}
-_TORCH_DTYPES = {
+_TORCH_DTYPES = {name: np.dtype(t) for name, t in {
     "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
     "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
     "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
     "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
-}
-_TORCH_DTYPES = {name: np.dtype(t) for name, t in _TORCH_DTYPES.items()}
-_ALLOWED_DTYPES = [d for d in _STORAGE_DTYPES.values() if d is not None] + list(_TORCH_DTYPES.values())
+}.items()}
+# Typed storage classes name their element type (v2 rebuilds); `UntypedStorage` is raw bytes whose
+# type comes with the tensor (v3 rebuilds, for dtypes without a typed storage class).
+_STORAGE_DTYPES = {f"{prefix}Storage": _TORCH_DTYPES[name] for prefix, name in [
+    ("Double", "float64"), ("Float", "float32"), ("Half", "float16"), ("BFloat16", "bfloat16"), ("Long", "int64"),
+    ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool")]}
+_STORAGE_DTYPES["UntypedStorage"] = None
+_ALLOWED_DTYPES = list(_TORCH_DTYPES.values())  # the typed storages' dtypes are among these
 # A state dict's data.pkl is kilobytes (a few hundred KB for an 11B model); anything far larger is
 # not one, and reading it would be a decompression bomb.
 _MAX_PICKLE_BYTES = 64 << 20
