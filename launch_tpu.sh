@@ -69,8 +69,10 @@ note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 # POSIX single quotes, so a printed command reads the same in bash, sh, zsh and Python's shlex;
 # `printf %q` can emit $'...' forms that sh and shlex do not understand.
 shq() {
-  local safe='^[A-Za-z0-9_@%+=:,./-]+$' q="'\\''"
-  if [[ $1 =~ $safe ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/"$q"}"; fi
+  local safe='^[A-Za-z0-9_@%+=:,./-]+$' q="'\\''" escaped
+  # No quotes inside ${//}: bash before 4.3 keeps them literally there.
+  escaped=${1//\'/$q}
+  if [[ $1 =~ $safe ]]; then printf '%s' "$1"; else printf "'%s'" "$escaped"; fi
 }
 
 shjoin() {
@@ -163,14 +165,6 @@ validate() {
   ((!(DETACH && DELETE_AFTER))) || die "--delete-after needs the launcher to wait for the end; drop --detach"
   [[ -z $REPO_REF || -n $REPO_URL ]] || die "--repo-ref needs --repo-url (the local copy is sent as it is)"
   check_gin_files
-  if [[ -z $RUNTIME ]]; then
-    case $ACCEL in
-      v5litepod-* | v5e-*) RUNTIME=v2-alpha-tpuv5-lite ;;
-      v5p-*) RUNTIME=v2-alpha-tpuv5 ;;
-      v6e-*) RUNTIME=v2-alpha-tpuv6e ;;
-      *) RUNTIME=tpu-ubuntu2204-base ;;
-    esac
-  fi
   LOC=(--zone="$ZONE")
   if [[ -n $PROJECT ]]; then LOC+=(--project="$PROJECT"); fi
   if ((!DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then
@@ -178,8 +172,19 @@ validate() {
   fi
 }
 
+# The software image a new TPU of this type boots (--runtime-version overrides it).
+default_runtime() {
+  case $1 in
+    v5litepod-* | v5e-*) printf v2-alpha-tpuv5-lite ;;
+    v5p-*) printf v2-alpha-tpuv5 ;;
+    v6e-*) printf v2-alpha-tpuv6e ;;
+    *) printf tpu-ubuntu2204-base ;;
+  esac
+}
+
 create_tpu() {
   local capacity=()
+  if [[ -z $RUNTIME ]]; then RUNTIME=$(default_runtime "$ACCEL"); fi
   if ((SPOT)); then capacity=(--spot); elif ((PREEMPTIBLE)); then capacity=(--preemptible); fi
   if [[ -z $ACCEL ]]; then
     if ((DRY_RUN)); then remark "(that would fail here: creating needs --accelerator-type)"; return; fi
@@ -212,7 +217,7 @@ ensure_tpu() {
   local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state,acceleratorType)')
   show "$(shjoin "${describe[@]}")"
   if ((DRY_RUN)); then
-    remark "only if no TPU named $NAME exists yet (an existing one is reused when READY):"
+    remark "only if no TPU named $NAME exists yet (an existing one is reused when READY; a PREEMPTED one is deleted first):"
     create_tpu
     return
   fi
@@ -220,6 +225,14 @@ ensure_tpu() {
   if out=$("${describe[@]}" 2>"$TMP/describe.err"); then
     read -r state accel <<<"$out"
     accel=${accel##*/}
+    if [[ $state == PREEMPTED ]]; then
+      # A preempted spot/preemptible TPU VM never becomes READY again: the only way on is a new one.
+      note "TPU $NAME ($accel) was preempted; deleting it and creating it again (training resumes from $WORKDIR)"
+      ACCEL=${ACCEL:-$accel}
+      delete_tpu
+      create_tpu
+      return
+    fi
     [[ $state == READY ]] || die "TPU $NAME exists but is $state, not READY; wait for it, or delete it (gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE) and rerun"
     [[ -z $ACCEL || $accel == "$ACCEL" ]] || die "TPU $NAME is a $accel, not the requested $ACCEL; pick another --name or delete it first"
     note "reusing READY TPU $NAME ($accel)"
@@ -276,8 +289,11 @@ start_training() {
   train+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
   # setsid + nohup: the run survives the ssh session and sits in its own process group, so one
   # `kill -TERM -- -PID` reaches python (which checkpoints on SIGTERM). The wrapper records the
-  # pid and the exit status, which the log stream and the final check wait on.
-  local wrapper="echo \$\$ > $R_PID; \"\$@\"; echo \$? > $R_RC"
+  # pid and the exit status, which the log stream and the final check wait on. The same signal
+  # reaches the wrapper: it traps it and keeps waiting until python has saved and exited (a wait
+  # cut short by the signal returns > 128 while python still runs; a zombie still answers kill -0,
+  # so the loop ends only once python is reaped and its status is known).
+  local wrapper="echo \$\$ > $R_PID; trap : TERM INT; \"\$@\" & c=\$!; while :; do wait \$c; rc=\$?; kill -0 \$c 2>/dev/null || break; done; echo \$rc > $R_RC"
   on_workers all "$GUARD; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
 }
 
@@ -295,7 +311,7 @@ stream_and_wait() {
   note "streaming the log of worker $LOG_WORKER; Ctrl-C stops the stream, not the training."
   print_attach_help
   on_workers "$LOG_WORKER" "$follow" || note "the log stream ended with an error; checking every worker's status"
-  on_workers all "while kill -0 \"\$(cat $R_PID)\" 2>/dev/null; do sleep 30; done; rc=\$(cat $R_RC 2>/dev/null || echo 'none (killed?)'); echo \"\$(hostname): training exited with status \$rc\"; [ \"\$rc\" = 0 ]"
+  on_workers all "while kill -0 \"\$(cat $R_PID)\" 2>/dev/null; do sleep 30; done; rc=\$(cat $R_RC 2>/dev/null || echo 'none (killed?)'); echo \"\$(hostname): training exited with status \$rc\"; if [ \"\$rc\" = 75 ]; then echo \"\$(hostname): (75: stopped early with a checkpoint, on a signal or a preemption notice; rerun the same command to resume)\"; fi; [ \"\$rc\" = 0 ]"
 }
 
 delete_tpu() {

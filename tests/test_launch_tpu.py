@@ -4,7 +4,9 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -142,7 +144,9 @@ FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # local shell whose HOME plays every worker's home.
 printf '%s\n' "$*" >> "$HOME/gcloud.log"
 case $4 in
-  describe) echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
+  describe)
+    if [ -n "${FAKE_STATE:-}" ]; then printf '%s\tv4-32\n' "$FAKE_STATE"; exit 0; fi
+    echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
   scp) cp "$5" "$HOME/instructor_jax.tgz" ;;
   ssh) for a; do case $a in --command=*) exec bash -c "${a#--command=}" ;; esac; done; exit 3 ;;
 esac
@@ -159,10 +163,57 @@ exit "${FAKE_RC:-0}"
 """
 
 
-@pytest.mark.skipif(not all(shutil.which(t) for t in ["git", "tar", "setsid", "tail", "seq"]),
-                    reason="needs git, tar, setsid, tail and seq")
-@pytest.mark.parametrize("fake_rc", [0, 3])
-def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fake_rc):
+def test_quoting_holds_under_bash_3_2_rules():
+  """macOS ships bash 3.2, where quotes inside ${var//pattern/replacement} stay literal."""
+  res = launch("--dry-run", *BASE, *TRAIN_FLAGS, env={"BASH_COMPAT": "32"})
+  assert res.returncode == 0, res.stderr
+  (start,) = [remote(c) for c in commands(res.stdout) if "setsid" in " ".join(c)]
+  assert train_argv(start) == EXPECTED_TRAIN
+
+
+NEEDS_TOOLS = pytest.mark.skipif(not all(shutil.which(t) for t in ["git", "tar", "setsid", "tail", "seq"]),
+                                 reason="needs git, tar, setsid, tail and seq")
+
+SAVING_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python3 on a worker: on SIGTERM it takes a while to checkpoint, then exits 75.
+trap 'echo saving; sleep 2; echo saved; exit 75' TERM
+echo started
+while :; do sleep 0.1; done
+"""
+
+
+@NEEDS_TOOLS
+def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_path):
+  """`kill -TERM -- -PID` reaches the wrapper too: it must outlive python's save and record the status."""
+  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  (home / "instructor_jax").mkdir(parents=True)
+  bin_dir.mkdir()
+  (bin_dir / "python3").write_text(SAVING_PYTHON)
+  (bin_dir / "python3").chmod(0o755)
+  res = launch("--dry-run", *BASE, "--gin-file", GINS[0])
+  (start,) = [remote(c) for c in commands(res.stdout) if "setsid" in " ".join(c)]
+  env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
+  subprocess.run([BASH, "-c", start], env=env, check=True, timeout=30)
+  pid_file, rc_file, log = (home / f"instructor_jax_train.{x}" for x in ("pid", "rc", "log"))
+  deadline = time.time() + 20
+  while not (pid_file.exists() and "started" in log.read_text()):
+    assert time.time() < deadline, "the wrapper did not start"
+    time.sleep(0.1)
+  pid = int(pid_file.read_text())
+  os.killpg(pid, signal.SIGTERM)  # what print_attach_help tells the user to run
+  time.sleep(0.5)
+  os.kill(pid, 0)  # still there, waiting on the save
+  assert not rc_file.exists()
+  while not rc_file.exists():
+    assert time.time() < deadline + 10, log.read_text()
+    time.sleep(0.1)
+  assert rc_file.read_text().strip() == "75" and "saved" in log.read_text()
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("fake_rc,fake_state", [(0, None), (3, None), (0, "PREEMPTED")])
+def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fake_rc, fake_state):
+  """A new TPU, a failing run, and a relaunch after preemption (the dead TPU is replaced)."""
   tree, home, bin_dir = tmp_path / "tree", tmp_path / "home", tmp_path / "bin"
   for d in (tree / "gin_configs", home, bin_dir):
     d.mkdir(parents=True)
@@ -181,7 +232,7 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   (tree / "gone.txt").unlink()  # tracked but deleted: must not break the tarball
 
   env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_RC": str(fake_rc),
-         "TMPDIR": str(tmp_path)}
+         "TMPDIR": str(tmp_path), **({"FAKE_STATE": fake_state} if fake_state else {})}
   res = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
                "--gin-file", "gin_configs/run.gin", "--gin-binding", NASTY, "--delete-after",
                script=tree / "launch_tpu.sh", env=env)
@@ -194,13 +245,16 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   assert not (home / "instructor_jax" / "ignored").exists()
   assert f"training exited with status {fake_rc}" in res.stdout
   verbs = [line.split()[3] for line in (home / "gcloud.log").read_text().splitlines()]
-  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  replaced = ["delete"] if fake_state else []
+  assert verbs == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert ("was preempted; deleting it and creating it again" in res.stderr) == bool(fake_state)
   # A second start while a run is alive is refused rather than fighting it for the TPU chips.
   live = subprocess.Popen(["sleep", "30"])
   try:
     (home / "instructor_jax_train.pid").write_text(f"{live.pid}\n")
     again = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
-                   "--gin-file", "gin_configs/run.gin", script=tree / "launch_tpu.sh", env=env)
+                   "--gin-file", "gin_configs/run.gin", script=tree / "launch_tpu.sh",
+                   env={**env, "FAKE_STATE": "READY"})
     assert again.returncode != 0 and "is still running" in again.stderr
   finally:
     live.kill()
