@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Iterator, NamedTuple
@@ -58,12 +59,14 @@ class ValidationReport:
   def total(self) -> int:
     return self.valid + sum(self.skipped.values())
 
-  def skip(self, reason: str, index: int, detail: str, log: Callable[[str], None]) -> None:
+  def skip(self, reason: str, index: int, detail: str, log: Callable[[str], None], line: int | None = None) -> None:
+    """Counts a skipped record; the first few are logged as `path:line:` (JSONL) or by 0-based record index."""
     self.skipped[reason] += 1
     shown = self.examples.setdefault(reason, [])
     if len(shown) < SHOW_FIRST:
       shown.append(index)
-      log(f"{self.path}: skipping record {index} ({reason}): {detail}")
+      where = f"{self.path}:{line}" if line is not None else self.path
+      log(f"{where}: skipping record {index} ({reason}): {detail}")
 
   def summary(self) -> str:
     lines = [f"{self.path}: {self.valid} valid records of {self.total} in {len(self.per_task)} tasks; "
@@ -114,8 +117,9 @@ def resolve_medi_file(path: str) -> str:
       return os.path.join(path, found[0])
     raise FileNotFoundError(f"{path}: expected one of {MEDI_FILENAMES} (or a single .json/.jsonl file) "
                             f"in this directory, found {found or 'none'}. Place medi-data.json there.")
-  raise FileNotFoundError(f"{path}: no such MEDI file or directory. Download medi-data.json "
-                          "(INSTRUCTOR's MEDI release) and pass its path or its directory.")
+  relative = "" if os.path.isabs(path) else f" (a relative path, read from the current directory {os.getcwd()})"
+  raise FileNotFoundError(f"{path}: no such MEDI file or directory{relative}. Pass the path of medi-data.json "
+                          "(INSTRUCTOR's MEDI release) or of its directory.")
 
 
 def _pair(value: Any) -> Pair | None:
@@ -135,20 +139,21 @@ def _task(obj: dict) -> str | None:
 
 
 def validate_record(obj: Any, index: int, report: ValidationReport,
-                    log: Callable[[str], None]) -> MediRecord | None:
-  """A MediRecord, or None after counting the reason it was skipped."""
+                    log: Callable[[str], None], line: int | None = None) -> MediRecord | None:
+  """A MediRecord, or None after counting the reason it was skipped (`line`: its JSONL line, for messages)."""
+  skip = functools.partial(_skip_logger, report, index, log, line)
   if not isinstance(obj, dict):
-    report.skip("not a JSON object", index, f"got {type(obj).__name__}", log)
+    skip("not a JSON object", f"got {type(obj).__name__}")
     return None
   missing = [k for k in FIELDS if k not in obj]
   if "task_name" not in obj and "task_id" not in obj:
     missing.append("task_name|task_id")
   if missing:
-    report.skip("missing key", index, f"missing {missing}; keys are {sorted(obj)[:8]}", log)
+    skip("missing key", f"missing {missing}; keys are {sorted(obj)[:8]}")
     return None
   task = _task(obj)
   if task is None:
-    report.skip("bad task name", index, f"expected a non-empty string or int, got {obj.get('task_name', obj.get('task_id'))!r:.60}", log)
+    skip("bad task name", f"expected a non-empty string or int, got {obj.get('task_name', obj.get('task_id'))!r:.60}")
     return None
   pairs = {}
   for key in FIELDS:
@@ -156,10 +161,10 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
     several = key == "neg" and isinstance(value, list) and value and _pair(value[0]) is not None
     pair = _pair(value[0]) if several else _pair(value)
     if pair is None:
-      report.skip("not an [instruction, text] pair", index, f"{key} = {value!r:.80}", log)
+      skip("not an [instruction, text] pair", f"{key} = {value!r:.80}")
       return None
     if not pair[1].strip():
-      report.skip("empty text", index, f"{key} text is empty or whitespace", log)
+      skip("empty text", f"{key} text is empty or whitespace")
       return None
     pairs[key] = pair
     report.extra_negatives += int(several and len(value) > 1)
@@ -168,14 +173,19 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
   return MediRecord(pairs["query"], pairs["pos"], pairs["neg"], task, index)
 
 
+def _skip_logger(report: ValidationReport, index: int, log: Callable[[str], None], line: int | None,
+                 reason: str, detail: str) -> None:
+  report.skip(reason, index, detail, log, line)
+
+
 def _first_char(path: str) -> str:
   with open(path, "rb") as f:
     head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
   return head[:1].decode("latin-1")
 
 
-def _iter_json_array(path: str) -> Iterator[tuple[int, Any]]:
-  """(index, object) for each element of a top-level JSON list, reading the file in chunks."""
+def _iter_json_array(path: str) -> Iterator[tuple[int, int | None, Any]]:
+  """(index, None, object) for each element of a top-level JSON list, reading the file in chunks."""
   decoder = json.JSONDecoder()
   with open(path, "r", encoding="utf-8-sig") as f:
     buf, pos, eof, index = f.read(_CHUNK), 0, False, 0
@@ -206,13 +216,15 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, Any]]:
                                 "is one JSON list of objects. Check the file is complete.") from None
         buf, pos, eof = buf[pos:] + more, 0, False
         continue
-      yield index, obj
+      yield index, None, obj
       index, pos = index + 1, end
       if pos > _CHUNK:
         buf, pos = buf[pos:], 0
 
 
-def _iter_jsonl(path: str, report: ValidationReport, log: Callable[[str], None]) -> Iterator[tuple[int, Any]]:
+def _iter_jsonl(path: str, report: ValidationReport,
+                log: Callable[[str], None]) -> Iterator[tuple[int, int | None, Any]]:
+  """(index, line number, object) for each non-blank line."""
   index = 0
   with open(path, "r", encoding="utf-8-sig") as f:
     for line_no, line in enumerate(f, 1):
@@ -221,10 +233,10 @@ def _iter_jsonl(path: str, report: ValidationReport, log: Callable[[str], None])
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        report.skip("invalid JSON", index, f"line {line_no}: {e.msg}", log)
+        report.skip("invalid JSON", index, e.msg, log, line_no)
         index += 1
         continue
-      yield index, obj
+      yield index, line_no, obj
       index += 1
 
 
@@ -242,8 +254,8 @@ def iter_medi(path: str, report: ValidationReport | None = None,
   else:
     raise MediFormatError(f"{path}: not a MEDI file; expected a JSON list of records ('[') or JSONL "
                           f"(one '{{' object per line), the file starts with {first!r}.")
-  for index, obj in objects:
-    record = validate_record(obj, index, report, log)
+  for index, line, obj in objects:
+    record = validate_record(obj, index, report, log, line)
     if record is not None:
       yield record
     elif report.valid == 0 and report.total >= _PROBE and set(report.skipped) <= {"missing key", "not a JSON object", "invalid JSON"}:

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from instructor_jax import orbax_io, sharding as shd, train_outputs
-from instructor_jax.config import InstructorConfig, preset
+from instructor_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, InstructorConfig, preset
+from instructor_jax.losses import LOSSES
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
@@ -63,15 +64,43 @@ class TrainConfig:
   xla_options: Optional[dict] = None
 
   def __post_init__(self):
-    for name in ("train_steps", "batch_size", "query_len", "doc_len", "grad_cache_chunks", "checkpoint_every", "log_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)}; expected a positive integer.")
+    # Gin passes whatever was written ('16' in quotes is a string): check types here, by field name,
+    # rather than fail later deep inside JAX.
+    for name in ("train_steps", "batch_size", "query_len", "doc_len", "grad_cache_chunks", "checkpoint_every",
+                 "log_every", "keep_checkpoints", "stop_after_steps", "seed", "data_seed", "rate_cap"):
+      value = getattr(self, name)
+      optional = name in ("keep_checkpoints", "stop_after_steps", "rate_cap")
+      if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
+                                          and (value >= 1 or name in ("seed", "data_seed"))):
+        continue
+      kind = "an integer" if name in ("seed", "data_seed") else "a positive integer" + (" or None" if optional else "")
+      raise ValueError(f"TrainConfig.{name}={value!r}; expected {kind}.")
+    for name in ("temperature", "dropout_rate", "mixing_temperature"):
+      if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a number.")
     if not self.temperature > 0:
       raise ValueError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f"TrainConfig.dropout_rate={self.dropout_rate}; expected 0 <= rate < 1 (GTR uses 0.1).")
+    if self.loss not in LOSSES:
+      raise ValueError(f"TrainConfig.loss={self.loss!r}; expected one of {sorted(LOSSES)}.")
+    if self.dtype not in TRAIN_DTYPES:
+      raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {TRAIN_DTYPES} (the compute dtype; "
+                       "parameters and optimizer state stay float32).")
+    for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+
+
+# float16 is left out: T5 activations overflow it (the reason t5x and GTR train in bfloat16).
+TRAIN_DTYPES = ("bfloat16", "float32")
+# Exit status of a run that stopped early with a checkpoint (signal or preemption notice), so that
+# a scheduler or launch_tpu.sh can tell it from a finished run: EX_TEMPFAIL, "try again".
+EXIT_STOPPED_EARLY = 75
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or gradient norm became NaN/inf; the last good checkpoint is left as it was."""
+  """The loss, gradient norm or updated parameters became NaN/inf; the last good checkpoint is left as it was."""
 
 
 # Gin binds these at the edge (main); library code takes the plain dataclasses.
@@ -157,6 +186,9 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
     if meta.get("batch_size") not in (None, cfg.batch_size) or meta.get("data_seed") not in (None, cfg.data_seed):
       print(f"warning: resuming {ckpt.directory}/{latest} with batch_size/data_seed {cfg.batch_size}/{cfg.data_seed} "
             f"(checkpoint: {meta.get('batch_size')}/{meta.get('data_seed')}); the data stream will differ.")
+    if meta.get("train_steps") not in (None, cfg.train_steps):
+      print(f"warning: resuming {ckpt.directory}/{latest} with TRAIN_STEPS {cfg.train_steps} (checkpoint: "
+            f"{meta['train_steps']}); the learning-rate schedule is laid over the new length from here on.")
     return model, state, f"resumed {ckpt.directory}/{latest}"
   if cfg.init_checkpoint and orbax_io.is_orbax_checkpoint(cfg.init_checkpoint):
     # Read straight onto the shardings: no host ever holds the whole model (gtr-xxl is 19 GB).
@@ -175,9 +207,7 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
 
 def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run)."""
-  if not cfg.medi_path:
-    raise ValueError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
-                     "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
+  _require_medi_path(cfg)
   from instructor_jax.medi_batches import global_batches
   # The tokenised corpus is kept per host, so a restart (preemption) memory-maps it instead of
   # re-reading and re-tokenising all of MEDI (~1.4M triples, minutes per host).
@@ -218,18 +248,20 @@ class _StopFlag:
 def _fetch(pending: tuple[int, str, Any]) -> tuple[int, str, dict[str, float]]:
   step, task, metrics = pending
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-    raise NonFiniteLossError(f"step {step} (task {task!r}): loss {values['loss']}, grad norm {values['grad_norm']}")
+  # loss and grad norm come from the state before the update, param norm from the one after it
+  # (the one a checkpoint would save): all three must be finite.
+  if not all(np.isfinite(values[k]) for k in ("loss", "grad_norm", "param_norm")):
+    raise NonFiniteLossError(f"step {step} (task {task!r}): loss {values['loss']}, grad norm {values['grad_norm']}, "
+                             f"param norm {values['param_norm']}")
   return step, task, values
 
 
 def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, workdir: str,
-          gin_text: str = "") -> list[dict[str, Any]]:
-  """Runs (or resumes) training; returns the metric records this run logged."""
+          gin_text: str = "") -> RunRecords:
+  """Runs (or resumes) training; returns the metric records this run logged (`.stopped_early` set if a
+  signal or preemption notice ended it before its last step, with a checkpoint)."""
   mesh = shd.make_mesh(mesh_config)
-  if cfg.batch_size % shd.batch_size_multiple(mesh):
-    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp = {shd.batch_size_multiple(mesh)} "
-                     f"on mesh {dict(mesh.shape)}; change BATCH_SIZE or MeshConfig.")
+  check_before_building(cfg, mesh)
   tx, schedule = make_optimizer(optim, cfg.train_steps)
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   try:
@@ -237,14 +269,18 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     start = int(jax.device_get(state.step))
     end = cfg.train_steps if cfg.stop_after_steps is None else min(cfg.train_steps, start + cfg.stop_after_steps)
     if jax.process_index() == 0:
-      from etils import epath
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / "config.gin").write_text(gin_text)
       print(f"{origin}; {num_params(state.params) / 1e6:.1f}M parameters; mesh {dict(mesh.shape)}; "
             f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
             f"steps {start} -> {end} of {cfg.train_steps}", flush=True)
     if start >= end:
-      return []
+      if jax.process_index() == 0:
+        print(f"nothing to do: {workdir} is at step {start} and TRAIN_STEPS is {cfg.train_steps}; raise TRAIN_STEPS "
+              "to train further (the learning-rate schedule stretches to the new length).", flush=True)
+      return RunRecords()
+    if jax.process_index() == 0:  # the config of the run that writes the next checkpoints, not of a no-op
+      from etils import epath
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / "config.gin").write_text(gin_text)
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
                               compiler_options=train_compiler_options(cfg.xla_options))
@@ -257,6 +293,31 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     ckpt.close()
 
 
+def check_before_building(cfg: TrainConfig, mesh) -> None:
+  """What can be checked before the model is built (gtr-large may first be downloaded) and MEDI read."""
+  shards = shd.batch_size_multiple(mesh)
+  if cfg.batch_size % (shards * cfg.grad_cache_chunks):
+    chunks = f" x grad_cache_chunks ({cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else ""
+    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp ({shards}, mesh "
+                     f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
+  _require_medi_path(cfg)
+  if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
+    from instructor_jax.medi_records import resolve_medi_file
+    resolve_medi_file(cfg.medi_path)
+
+
+def _require_medi_path(cfg: TrainConfig) -> None:
+  if not cfg.medi_path:
+    raise ValueError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
+                     "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
+
+
+class RunRecords(list):
+  """The metric records a run logged; `stopped_early` names what ended it before its last step, if anything."""
+
+  stopped_early: Optional[str] = None
+
+
 def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str,
                     start: int) -> train_outputs.MetricsWriter:
   return train_outputs.MetricsWriter(
@@ -267,7 +328,7 @@ def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str,
 
 
 def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
-          log: "_Logger", start: int, end: int) -> list[dict[str, Any]]:
+          log: "_Logger", start: int, end: int) -> RunRecords:
   """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states."""
   meta = {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "train_steps": cfg.train_steps}
   stop = _StopFlag()
@@ -288,7 +349,8 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
       if preempted:
         why = "a preemption notice" if stop.signal is None else signal.Signals(stop.signal).name
         print(f"stopping at step {done} on {why}; checkpoint saved in {ckpt.directory}. "
-              "Run the same command to resume.", flush=True)
+              f"Run the same command to resume (exit status {EXIT_STOPPED_EARLY}).", flush=True)
+        log.records.stopped_early = why
         break
   except NonFiniteLossError as e:
     ckpt.wait()
@@ -308,7 +370,7 @@ class _Logger:
     self.writer, self.every = writer, every
     self.last_step, self.last_time = start, None
     self.real_tokens = 0.0
-    self.records: list[dict[str, Any]] = []
+    self.records = RunRecords()
 
   def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
     self.real_tokens += values.pop("real_tokens", 0.0)
@@ -328,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
   parse_gin(flags.gin_file, flags.gin_bindings)
   cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
   try:
-    train(cfg, optim, mesh_config, flags.workdir, gin.operative_config_str())
+    records = train(cfg, optim, mesh_config, flags.workdir, gin.operative_config_str())
   except NonFiniteLossError as e:
     print(f"error: non-finite loss at {e}", file=sys.stderr, flush=True)
     return 1
-  return 0
+  return EXIT_STOPPED_EARLY if records.stopped_early else 0
 
 
 if __name__ == "__main__":

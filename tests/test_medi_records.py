@@ -71,7 +71,18 @@ def test_invalid_jsonl_line_is_skipped_with_its_line_number(tmp_path):
   tasks, report = medi_records.read_medi(str(path), log=lines.append)
   assert report.skipped == {"invalid JSON": 1} and report.examples == {"invalid JSON": [1]}
   assert [r.index for r in tasks["t1"]] == [0, 2]
-  assert "line 2" in lines[0]
+  assert lines[0].startswith(f"{path}:2: skipping record 1 (invalid JSON)")
+
+
+def test_jsonl_skips_name_the_line_of_every_reason(tmp_path):
+  """Blank lines make record numbers drift from line numbers; messages give the line an editor jumps to."""
+  path = tmp_path / "m.jsonl"
+  bad = [{"x": 1}, dict(_good(1), pos=["i", " "])]
+  path.write_text("\n".join([json.dumps(_good(0)), "", json.dumps(bad[0]), "", json.dumps(bad[1])]) + "\n")
+  lines = []
+  medi_records.read_medi(str(path), log=lines.append)
+  assert lines[0].startswith(f"{path}:3: skipping record 1 (missing key)")
+  assert lines[1].startswith(f"{path}:5: skipping record 2 (empty text)")
 
 
 def test_only_the_first_few_offenders_are_printed_but_all_counted(tmp_path):
@@ -88,7 +99,7 @@ def test_streaming_parse_equals_json_load(tmp_path, monkeypatch):
   records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:300]]
   records[5]["query"][1] = "unicode ünïcödé — 東京 🙂, \"quoted\", [brackets], {braces}"
   path = _write(tmp_path / "m.json", records, False)
-  got = [obj for _, obj in medi_records._iter_json_array(path)]  # pylint: disable=protected-access
+  got = [obj for _, _, obj in medi_records._iter_json_array(path)]  # pylint: disable=protected-access
   assert got == json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
 
 

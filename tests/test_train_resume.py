@@ -1,7 +1,8 @@
-"""Resume == uninterrupted, a non-finite loss keeps the last good checkpoint, SIGTERM saves and exits."""
+"""Resume == uninterrupted, a non-finite loss keeps the last good checkpoint, SIGTERM saves and exits 75."""
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -52,9 +53,10 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted):
   workdir, _ = uninterrupted
   _, good = orbax_io.restore_params(workdir, step=6)
-  # lr 1e35 at step 7 sends the parameters to ~1e35; step 8's loss is NaN.
-  exploding = CONFIG.__class__(**{**CONFIG.__dict__, "train_steps": 10})
-  with pytest.raises(NonFiniteLossError, match=r"step 8 .*last good checkpoint is .*checkpoints/6"):
+  # lr 1e35 at step 7 sends the parameters to ~1e35 (their norm overflows float32) while step 7's
+  # loss, computed before the update, is still finite: the step-7 state must not be saved.
+  exploding = CONFIG.__class__(**{**CONFIG.__dict__, "train_steps": 10, "checkpoint_every": 1})
+  with pytest.raises(NonFiniteLossError, match=r"step 7 .*param norm inf.*last good checkpoint is .*checkpoints/6"):
     train(exploding, OptimConfig(learning_rate=1e35, warmup_fraction=0.0), MESH, workdir)
   assert orbax_io.all_steps(workdir) == [6]
   _, after = orbax_io.restore_params(workdir, step=6)
@@ -90,7 +92,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
+  assert proc.returncode == 75, out  # stopped early, with a checkpoint: "run again"
   stopped = int(out.split("stopping at step ")[1].split()[0])
   assert orbax_io.latest_step(str(workdir)) == stopped, out
   assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped
@@ -126,3 +128,37 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     writer.write(step, "task", {"loss": 0.5}, None)
   writer.close()
   assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("keep_checkpoints", 0, "keep_checkpoints=0; expected a positive integer or None"),
+    ("batch_size", "16", "batch_size='16'; expected a positive integer"),
+    ("dtype", "fp16", "dtype='fp16'; expected one of ('bfloat16', 'float32')"),
+    ("loss", "foo", "loss='foo'; expected one of ['gtr', 'instructor']"),
+    ("dropout_rate", 1.0, "dropout_rate=1.0; expected 0 <= rate < 1"),
+    ("remat_policy", "all", "remat_policy='all'; expected one of"),
+])
+def test_config_errors_name_the_field(field, value, message):
+  with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{message}")):
+    TrainConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_run_errors_come_before_the_model_is_built_or_the_workdir_is_written(tmp_path):
+  chunks = TrainConfig(**{**CONFIG.__dict__, "grad_cache_chunks": 3})
+  with pytest.raises(ValueError, match=r"BATCH_SIZE 8 .* x grad_cache_chunks \(3\)"):
+    train(chunks, OPTIM, MESH, str(tmp_path / "w"))
+  missing = TrainConfig(**{**CONFIG.__dict__, "medi_path": "no/such/medi.json"})
+  with pytest.raises(FileNotFoundError, match="relative path, read from the current directory"):
+    train(missing, OPTIM, MESH, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_finished_workdir_is_left_alone(uninterrupted, capsys):
+  workdir, _ = uninterrupted
+  before = (pathlib.Path(workdir) / "config.gin").read_text()
+  shorter = TrainConfig(**{**CONFIG.__dict__, "train_steps": 4})
+  assert train(shorter, OPTIM, MESH, workdir, gin_text="TRAIN_STEPS = 4") == []
+  out = capsys.readouterr().out
+  assert "warning: resuming" in out and "TRAIN_STEPS 4 (checkpoint: 6)" in out
+  assert "nothing to do: " in out and "is at step 6 and TRAIN_STEPS is 4" in out
+  assert (pathlib.Path(workdir) / "config.gin").read_text() == before
