@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from instructor_jax import embed_io, embed_manifest, embed_output, embed_report
+from instructor_jax.config import DTYPES, canonical_dtype
 from instructor_jax.embed_batches import build_part, read_parts
 from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
@@ -40,24 +41,29 @@ Fault = Callable[[str, int], None]
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
-  p.add_argument("--model", help="Hub id, sentence-transformers/HF dir, t5x dir, training workdir (required)")
+  p.add_argument("--model", help="required: Hub id, sentence-transformers/HF dir, t5x dir or training workdir")
   p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
   p.add_argument("--output", required=True, help="output directory")
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS)
-  p.add_argument("--text-field", default="text")
+  p.add_argument("--text-field", default="text", help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
+                 "text (default: text)")
   p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
                  "--instruction-field)")
   p.add_argument("--instruction-field", default=None, help="per-row instruction field")
   p.add_argument("--id-field", default=None, help="id field (default: the row's 0-based position in the input)")
   p.add_argument("--id-type", default=None, choices=("int", "str"), help="default: int for positional ids, "
                  "str with --id-field")
-  p.add_argument("--format", default="parquet", choices=embed_output.OUTPUT_FORMATS)
-  p.add_argument("--precision", default="float32", choices=embed_output.PRECISIONS)
+  p.add_argument("--format", default="parquet", choices=embed_output.OUTPUT_FORMATS,
+                 help="parquet: id + embedding columns; npy: part-NNNNN.npy plus part-NNNNN.ids.npy (default: parquet)")
+  p.add_argument("--precision", default="float32", choices=embed_output.PRECISIONS, help="stored precision, the "
+                 "bytes of sentence-transformers' quantize_embeddings (default: float32)")
   p.add_argument("--int8-ranges", default=None, help=".npy [2, E] per-dimension min/max for int8/uint8")
   p.add_argument("--calibration-rows", type=int, default=10_000, help="rows (first valid rows of the input) "
                  "used for int8/uint8 ranges when --int8-ranges is not given")
-  p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on accelerators, float32 on CPU)")
-  p.add_argument("--max-seq-length", type=int, default=None)
+  p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                 help="compute dtype (default bfloat16 on accelerators, float32 on CPU; float16 needs a GPU/TPU)")
+  p.add_argument("--max-seq-length", type=int, default=None, help="tokens per text, instruction and </s> "
+                 "included; longer texts are truncated (default: the model's, 512 for INSTRUCTOR)")
   p.add_argument("--batch-tokens", type=int, default=None, help="token budget per device batch "
                  "(default 32768 on accelerators, 2048 on CPU)")
   p.add_argument("--pack-length", type=int, default=128, metavar="N", help="texts of up to N tokens are "
@@ -65,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "ones to float rounding, and padding almost vanishes); longer texts use --buckets. Capped at "
                  "the maximum sequence length; 0 disables packing (default 128)")
   p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths of texts "
-                 "longer than --pack-length, comma-separated")
+                 "longer than --pack-length, comma-separated (default: %(default)s)")
   p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
                  "window for length sorting and packing)")
-  p.add_argument("--on-error", default="fail", choices=("fail", "skip"))
+  p.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="a bad row stops the job with its "
+                 "file and line, or is skipped and counted by reason (default: fail)")
   p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")
   p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
   p.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
@@ -259,7 +266,7 @@ class _Plan:
 
 
 def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, count: int, max_len: int,
-          buckets: list[int], pack_length: int) -> _Plan:
+          buckets: list[int], pack_length: int, runtime: dict[str, Any]) -> _Plan:
   """Counts the inputs, checks the output directory against this job, finds the pending parts."""
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
@@ -273,7 +280,7 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges)
-  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite, runtime)
   if ranges is not None:
     embed_output.save_ranges(out_dir, ranges)
   job_hash = embed_manifest.spec_hash(spec)
@@ -300,7 +307,9 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   # On CPU small batches stay in cache: 2048 tokens ran 8-18% faster than 8192 (BENCHMARKS.md).
   batch_tokens = args.batch_tokens or (2048 if jax.default_backend() == "cpu" else 32768)
   pack_length = min(args.pack_length, max_len)
-  plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length)
+  devices = model.mesh.devices.flat
+  runtime = {"devices": f"{model.mesh.devices.size} x {devices[0].device_kind}", "batch_tokens": batch_tokens}
+  plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
   job_hash = embed_manifest.spec_hash(plan.spec)
 
   ndev = model.mesh.devices.size
@@ -349,6 +358,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
     raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
   if args.pack_length < 0:
     raise SystemExit(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing).")
+  _check_options(parser, args, model)
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
   except (InputError, embed_manifest.OutputMismatchError, CheckpointError) as e:
@@ -357,7 +367,36 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
   embed_report.print_summary(summary)
+  if summary["parts_written"] and not summary["rows"] and summary["skipped"]:
+    # Almost always a mistyped --text-field or --instruction-field under --on-error skip.
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
+    message = (f"no row was embedded: every row was skipped ({reasons}); check --text-field "
+               f"{args.text_field!r} and the other field options against the input.")
+    if model is not None:
+      raise InputError(message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
   return summary
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> None:
+  """Option values checked before the model is loaded or anything is written to --output."""
+  try:
+    buckets = [int(b) for b in str(args.buckets).split(",")]
+  except ValueError:
+    buckets = []
+  if not buckets or min(buckets) < 2:
+    parser.error(f"--buckets {args.buckets!r}: expected comma-separated token counts >= 2, e.g. 64,128,256,512")
+  if args.max_seq_length is not None and args.max_seq_length < 2:
+    parser.error(f"--max-seq-length {args.max_seq_length}: expected >= 2 (at least one token and </s>)")
+  if args.int8_ranges and args.precision not in ("int8", "uint8"):
+    parser.error(f"--int8-ranges applies to --precision int8 or uint8, not {args.precision}")
+  if model is None and args.dtype is not None:
+    import jax
+    try:
+      canonical_dtype(args.dtype, jax.default_backend())
+    except ValueError as e:
+      parser.error(f"argument --dtype: {e}")
 
 
 if __name__ == "__main__":

@@ -116,10 +116,12 @@ def _packed_batches(positions: np.ndarray, ids: list[list[int]], n_instr: list[i
 
 
 def locate(files: list[InputFile], slot: int) -> str:
-  """`file:line` (JSONL, text) or `file: row N` (CSV/TSV data row, Parquet) of a slot."""
+  """`file:line` (JSONL, text), `file: data row N` (CSV/TSV, header not counted) or `file: row N` (Parquet)."""
   f = next(f for f in reversed(files) if slot >= f.first_slot)
   n = slot - f.first_slot + 1
-  return f"{f.path}:{n}" if f.format in ("jsonl", "text") else f"{f.path}: row {n}"
+  if f.format in ("jsonl", "text"):
+    return f"{f.path}:{n}"
+  return f"{f.path}: {'data ' if f.format in ('csv', 'tsv') else ''}row {n}"
 
 
 def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_part: int,

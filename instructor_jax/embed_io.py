@@ -249,6 +249,16 @@ def _field(rec: dict, name: str) -> tuple[bool, Any]:
   return (name in rec and rec[name] is not None), rec.get(name)
 
 
+def _absent(rec: dict, what: str, name: str) -> str:
+  """Why a field is not there: null (a JSON null, an empty Parquet cell) or missing from the record."""
+  return f"{what} field {name!r} is null" if name in rec else f"no {what} field {name!r}"
+
+
+def _a(value: Any) -> str:
+  name = type(value).__name__
+  return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def _check_utf8(value: str) -> bool:
   try:
     value.encode("utf-8")
@@ -260,7 +270,7 @@ def _check_utf8(value: str) -> bool:
 def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
   present, value = _field(rec, fields.id)
   if not present:
-    return _bad(slot, where, "missing_id", f"no id field {fields.id!r}")
+    return _bad(slot, where, "missing_id", _absent(rec, "id", fields.id))
   if fields.id_type == "int":
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
@@ -269,7 +279,7 @@ def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
     except ValueError:
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
   if isinstance(value, bool) or not isinstance(value, (int, str)):
-    return _bad(slot, where, "bad_id", f"id {value!r:.60} is a {type(value).__name__}; expected a string or integer")
+    return _bad(slot, where, "bad_id", f"id {value!r:.60} is {_a(value)}; expected a string or integer")
   value = str(value)
   return value if _check_utf8(value) else _bad(slot, where, "invalid_utf8", "the id is not valid UTF-8")
 
@@ -280,16 +290,18 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   if isinstance(rec, BadRow):
     return rec
   if isinstance(rec, str):  # text format
-    if not rec.strip():
-      return _bad(slot, where, "empty_text", "empty line (no text to embed)")
+    if not rec.strip():  # as in JSONL and CSV: skipped and counted, the other lines keep their ids
+      return _bad(slot, where, "blank_line", "blank line")
     return Row(slot, slot, fields.fixed_instruction, rec)
   present, text = _field(rec, fields.text)
+  if not present and fields.text in rec:
+    return _bad(slot, where, "missing_text", _absent(rec, "text", fields.text))
   if not present:
     known = rec.get("__columns__") or sorted(rec)
     return _bad(slot, where, "missing_text", f"no text field {fields.text!r} (fields: {list(known)[:12]}); "
                 "set --text-field")
   if not isinstance(text, str):
-    return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is a {type(text).__name__}, "
+    return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is {_a(text)}, "
                 "expected a string")
   if not _check_utf8(text):
     return _bad(slot, where, "invalid_utf8", f"text field {fields.text!r} is not valid UTF-8")
@@ -300,11 +312,11 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
     present, value = _field(rec, fields.instruction)
     if present and not isinstance(value, str):
       return _bad(slot, where, "non_string_instruction",
-                  f"instruction field {fields.instruction!r} is a {type(value).__name__}, expected a string")
+                  f"instruction field {fields.instruction!r} is {_a(value)}, expected a string")
     if present and not _check_utf8(value):
       return _bad(slot, where, "invalid_utf8", f"instruction field {fields.instruction!r} is not valid UTF-8")
     if not present and instruction is None:
-      return _bad(slot, where, "missing_instruction", f"no instruction field {fields.instruction!r} "
+      return _bad(slot, where, "missing_instruction", f"{_absent(rec, 'instruction', fields.instruction)} "
                   "(pass --instruction as the default for such rows)")
     instruction = value if present else instruction
   row_id = slot if fields.id is None else _parse_id(rec, fields, slot, where)

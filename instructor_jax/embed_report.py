@@ -54,5 +54,5 @@ def print_summary(s: dict[str, Any]) -> None:
   print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}", file=sys.stderr)
   print(f"parts: {s['parts_written']} written, {s['parts_already_complete']} already complete, "
         f"{s['parts_pending_elsewhere']} for other processes or unfinished, of {s['parts_total']}", file=sys.stderr)
-  print(f"manifest: {s['manifest'] or 'not written yet (process 0 writes it once every part exists)'}",
+  print(f"manifest: {s['manifest'] or 'not written yet: process 0 writes it once every part exists (with independent launches, rerun process 0 after the others finish; it skips complete parts)'}",
         file=sys.stderr)

@@ -9,20 +9,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from instructor_jax.config import InstructorConfig
+from instructor_jax.config import InstructorConfig, canonical_dtype
 from instructor_jax.model import InstructorModel, with_compute_dtype_weights
 from instructor_jax.tokenization import (DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer, bucket_length, pack_rows,
                                          pad_batch, pad_packed, texts_per_row)
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def canonical_dtype(dtype: str) -> str:
-  if str(dtype) not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(set(DTYPES.values()))}.")
-  return DTYPES[str(dtype)]
-
 
 def local_data_mesh() -> Mesh:
   """A 1-D mesh over this host's devices; embedding batches are split along it."""
@@ -35,10 +25,11 @@ class Instructor:
 
   def __init__(self, config: InstructorConfig, params: Any, tokenizer: Tokenizer,
                source: str | None = None, mesh: Mesh | None = None):
+    self.mesh = mesh or local_data_mesh()
+    canonical_dtype(config.encoder.dtype, self.mesh.devices.flat[0].platform)
     self.config = config
     self.tokenizer = tokenizer
     self.source = source
-    self.mesh = mesh or local_data_mesh()
     self._replicated = NamedSharding(self.mesh, P())
     self._rows = NamedSharding(self.mesh, P("data"))
     self._rows2d = NamedSharding(self.mesh, P("data", None))
@@ -53,7 +44,7 @@ class Instructor:
     """Loads a Hub id, a sentence-transformers/HF directory, a t5x checkpoint or a training workdir."""
     from instructor_jax.sources import load_source
     loaded = load_source(name_or_path, **source_kwargs)
-    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
+    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype, jax.default_backend()))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)

@@ -17,7 +17,8 @@ CASES = {
     "malformed_json": ([b'{"id": "x", "text": "unterminated'], "malformed_json", "malformed JSON"),
     "not_an_object": ([b'["a list"]'], "malformed_json", "expected a JSON object"),
     "missing_text": ([b'{"id": "x", "body": "no text field"}'], "missing_text", "no text field 'text'"),
-    "non_string_text": ([b'{"id": "x", "text": 12}'], "non_string_text", "is a int, expected a string"),
+    "non_string_text": ([b'{"id": "x", "text": 12}'], "non_string_text", "is an int, expected a string"),
+    "null_text": ([b'{"id": "x", "text": null}'], "missing_text", "text field 'text' is null"),
     "empty_text": ([b'{"id": "x", "text": "   "}'], "empty_text", "is empty"),
     "invalid_utf8": ([b'{"id": "x", "text": "caf\xe9"}'], "invalid_utf8", "invalid UTF-8"),
     "lone_surrogate": ([b'{"id": "x", "text": "bad \\ud800 escape"}'], "invalid_utf8", "not valid UTF-8"),
@@ -88,10 +89,11 @@ def test_text_and_csv_errors_name_lines(tmp_path, model):
   txt = tmp_path / "in.txt"
   txt.write_bytes(b"first\n\nthird \xff\nfourth\n")
   summary = embed.main(base_args([str(txt)], str(tmp_path / "o1"), "--on-error", "skip"), model=model)
-  assert summary["skipped"] == {"empty_text": 1, "invalid_utf8": 1}
+  assert summary["skipped"] == {"blank_line": 1, "invalid_utf8": 1}
   ids, _ = read_output(str(tmp_path / "o1"))
   assert ids == [0, 3]  # ids are 0-based positions: line number - 1
-  with pytest.raises(InputError, match=r"in.txt:2: empty line"):
+  # A blank line is skipped and counted as in JSONL and CSV, even under --on-error fail.
+  with pytest.raises(InputError, match=r"in.txt:3: invalid UTF-8"):
     embed.main(base_args([str(txt)], str(tmp_path / "o2")), model=model)
   csv_path = tmp_path / "in.csv"
   csv_path.write_text('text,id\n"multi\nline",1\ntoo,many,fields\n', encoding="utf-8")
@@ -106,10 +108,41 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
   pq.write_table(pa.table({"body": ["one", None, "three"], "n": [1, 2, 3]}), path)
   with pytest.raises(InputError, match=r"in.parquet: row 1: no text field 'text' \(fields: \['body', 'n'\]\)"):
     embed.main(base_args([path], str(tmp_path / "o1")), model=model)
+  with pytest.raises(InputError, match=r"in.parquet: row 2: text field 'body' is null \[missing_text\]"):
+    embed.main(base_args([path], str(tmp_path / "o3"), "--text-field", "body"), model=model)
   summary = embed.main(base_args([path], str(tmp_path / "o2"), "--text-field", "body", "--on-error", "skip"),
                        model=model)
   assert summary["skipped"] == {"missing_text": 1} and summary["rows"] == 2
   assert read_output(str(tmp_path / "o2"))[0] == [0, 2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--buckets", "foo"], "--buckets 'foo': expected comma-separated token counts"),
+    (["--max-seq-length", "1"], "--max-seq-length 1: expected >= 2"),
+    (["--dtype", "bogus"], "argument --dtype: invalid choice: 'bogus'"),
+    (["--dtype", "fp16"], "needs a GPU or TPU"),  # these tests run on CPU
+    (["--int8-ranges", "r.npy"], "--int8-ranges applies to --precision int8 or uint8, not float32"),
+])
+def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "never/loaded", *base_args([_input(tmp_path, [])], str(out)), *args])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+  assert not out.exists()
+
+
+def test_a_job_that_skips_every_row_fails(tmp_path, model):
+  """--on-error skip with a mistyped --text-field must not look like success."""
+  with pytest.raises(InputError, match=r"no row was embedded: every row was skipped \(missing_text 6\).*'body'"):
+    embed.main(base_args([_input(tmp_path, [])], str(tmp_path / "out"), "--text-field", "body", "--on-error", "skip"),
+               model=model)
+
+
+def test_csv_duplicate_id_names_the_first_data_row(tmp_path, model):
+  path = tmp_path / "dup.csv"
+  path.write_text("id,text\nx1,hello\nx2,world\nx1,again\n", encoding="utf-8")
+  with pytest.raises(InputError, match=r"dup.csv:4: duplicate id 'x1' \(first used at .*dup.csv: data row 1\)"):
+    embed.main(base_args([str(path)], str(tmp_path / "out"), "--id-field", "id"), model=model)
 
 
 def test_text_input_rejects_field_options(tmp_path, model):

@@ -136,3 +136,16 @@ def test_cli_reports_refusal_without_traceback(tmp_path, model, job, capsys, mon
     embed.main(["--model", "some/model"] + base_args([path], out))
   assert e.value.code == 2
   assert "different embedding job" in capsys.readouterr().err
+
+
+def test_resuming_on_another_batch_budget_warns_and_keeps_the_parts(tmp_path, model, job, capsys):
+  """Where the job runs (devices, batch budget) moves results by float rounding only: recorded, warned, allowed."""
+  path, _ = job
+  out = str(tmp_path / "out")
+  embed.main(base_args([path], out, *JOB, "--batch-tokens", "256"), model=model)
+  runtime = json.load(open(os.path.join(out, "_job.json")))["runtime"]
+  assert runtime["batch_tokens"] == 256 and runtime["devices"].startswith(f"{model.mesh.devices.size} x ")
+  capsys.readouterr()
+  summary = embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
+  assert summary["parts_already_complete"] == 5 and summary["parts_written"] == 0
+  assert "batch_tokens: existing 256 vs now 512" in capsys.readouterr().out

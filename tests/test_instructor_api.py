@@ -57,6 +57,12 @@ def test_bfloat16_close_to_float32(model):
   assert cos.min() >= 0.999, cos.min()
 
 
+def test_float16_on_cpu_is_refused_up_front(model):
+  """XLA:CPU has no float16 dot with a float32 result: say so instead of failing inside attention."""
+  with pytest.raises(ValueError, match="needs a GPU or TPU.*bfloat16"):
+    Instructor(model.config.with_encoder(dtype="float16"), model.params, model.tokenizer)
+
+
 def test_bfloat16_matmuls_on_cpu_accumulate_to_float32_then_round():
   """XLA:CPU's fast bf16 GEMM is the one with a float32 result (BENCHMARKS.md); Dense asks for it."""
   import jax
