@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "include_prompt key in 1_Pooling (sentence-transformers >= 2.4 users then call "
                  "model.set_pooling_include_prompt(False)) and 2_Dense/pytorch_model.bin (needs torch).")
   p.add_argument("--revision", default=None, help="Hub sources only: branch, tag or commit.")
-  p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST.")
+  p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST (--to orbax: replace "
+                 "DST/0).")
   return p
 
 
@@ -135,7 +136,7 @@ def convert(args: argparse.Namespace) -> list[str]:
         f"({time.time() - start:.1f}s)", file=sys.stderr)
   if args.to == "orbax":
     from instructor_jax import orbax_io
-    orbax_io.save_params(args.dst, loaded.params, config, step=0)
+    orbax_io.save_params(args.dst, loaded.params, config, step=0, overwrite=args.overwrite)
     return [os.path.join(args.dst, "0")]
   from instructor_jax.export import save_sentence_transformers
   from instructor_jax.tokenization import Tokenizer
@@ -164,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.dst} ({args.to}): {', '.join(os.path.basename(w) for w in written)}", file=sys.stderr)
+  if args.to == "st":
+    count = sum(len(files) for _, _, files in os.walk(args.dst))
+    print(f"wrote {args.dst} (sentence-transformers, {count} files); encoder weights: "
+          f"{', '.join(os.path.basename(w) for w in written)}", file=sys.stderr)
+  else:
+    print(f"wrote {written[0]} (orbax, step 0)", file=sys.stderr)
   return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from instructor_jax.config import InstructorConfig
+from instructor_jax.config import InstructorConfig, canonical_dtype
 from instructor_jax.hf_format import hf_config_from_t5, hf_tensor_sizes, hf_tensors_from_params
 
 # Above this many bytes the weights are split into shards with an index (transformers' layout).
@@ -239,7 +239,6 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
   2.2.2) can load: no `include_prompt` key in the pooling config (that stack masks the instruction
   itself) and a torch `2_Dense/pytorch_model.bin` next to the safetensors file.
   """
-  from instructor_jax.instructor import canonical_dtype
   dtype = canonical_dtype(dtype)
   np_dtype = _np_dtype(dtype)
   if instructor_embedding_compat and config.projection_dim is not None:

@@ -76,13 +76,18 @@ def checkpoint_manager(directory: str, *, max_to_keep: int | None = None, save_i
   return ocp.CheckpointManager(epath.Path(_abs(directory)), options=options, item_names=tuple(item_names))
 
 
-def save_params(directory: str, params: Any, config: InstructorConfig, step: int = 0) -> None:
-  """Writes a params-only checkpoint at `directory/<step>` in the training layout (blocking)."""
+def save_params(directory: str, params: Any, config: InstructorConfig, step: int = 0, overwrite: bool = False) -> None:
+  """Writes a params-only checkpoint at `directory/<step>` in the training layout (blocking).
+
+  An existing `directory/<step>` is an error, or with `overwrite` deleted first.
+  """
   mngr = checkpoint_manager(directory, async_save=False)
   try:
     if step in mngr.all_steps():
-      raise OrbaxCheckpointError(f"{directory}/{step} already exists; write to an empty destination "
-                                 "directory (orbax never overwrites a finished step).")
+      if not overwrite:
+        raise OrbaxCheckpointError(f"{directory}/{step} already exists; write to an empty destination "
+                                   "directory, or pass --overwrite (overwrite=True) to replace it.")
+      mngr.delete(step)
     mngr.save(step, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardSave(params),
         CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),

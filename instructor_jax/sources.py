@@ -123,10 +123,11 @@ def load_source(name_or_path: str, revision: str | None = None, *, step: int | N
   if is_local_dir or path.startswith("gs://"):
     kind = detect_kind(path)
     if max_distance is not None and kind != "t5x":
-      raise CheckpointError(f"{path}: max_distance applies to t5x checkpoints only; a {kind} checkpoint "
+      raise CheckpointError(f"{path}: max_distance (convert --max-distance) applies to t5x checkpoints only; a {kind} checkpoint "
                             "stores its own (config.json / model_config).")
     if step is not None and kind == "hf":
-      raise CheckpointError(f"{path}: step applies to orbax and t5x checkpoints, not to a transformers directory.")
+      raise CheckpointError(f"{path}: step (convert --step) applies to orbax and t5x checkpoints, not to a transformers "
+                            "directory.")
     if kind == "hf":
       config, params = load_hf_directory(path)
       return LoadedModel(config, params, path, f"hf:{os.path.abspath(path)}")

@@ -133,5 +133,7 @@ def test_missing_items_and_empty_dirs(tmp_path):
   with pytest.raises(orbax_io.OrbaxCheckpointError, match="'model_config' is missing"):
     orbax_io.restore_params(str(tmp_path / "no_config"))
   orbax_io.save_params(str(tmp_path / "p"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=0)
-  with pytest.raises(orbax_io.OrbaxCheckpointError, match="already exists"):
+  with pytest.raises(orbax_io.OrbaxCheckpointError, match="already exists.*--overwrite"):
     orbax_io.save_params(str(tmp_path / "p"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=0)
+  orbax_io.save_params(str(tmp_path / "p"), {"w": np.full(3, 2, np.float32)}, preset("tiny"), step=0, overwrite=True)
+  assert orbax_io.restore_params(str(tmp_path / "p"))[1]["w"].tolist() == [2, 2, 2]
