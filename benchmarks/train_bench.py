@@ -114,15 +114,19 @@ def _memory(compiled, batch: int) -> dict:
   return out
 
 
-def _time(step, sync, steps: int) -> float:
-  sync(step())  # compile / warm-up
+def _time(step, sync, steps: int, warmup: int) -> tuple[float, float]:
+  """(seconds per timed step, seconds of the first step: compilation for torch, autotuning for both)."""
+  t = time.perf_counter()
   sync(step())
+  first = time.perf_counter() - t
+  for _ in range(warmup - 1):
+    sync(step())
   t = time.perf_counter()
   out = None
   for _ in range(steps):
     out = step()
   sync(out)
-  return (time.perf_counter() - t) / steps
+  return (time.perf_counter() - t) / steps, first
 
 
 # name -> (framework, options); "@B" after a name overrides the triples per step for that row.
@@ -149,38 +153,76 @@ def parse_variants(spec: str, batch: int) -> list[tuple[str, int]]:
 
 def train_section(cfg: InstructorConfig, params, export_dir: str, batch: int, length: int,
                   matmul: dict, quick: bool, variants: str = DEFAULT_VARIANTS, on_row=None) -> list[dict]:
-  """One row per variant (errors such as out-of-memory are rows too); `on_row(rows)` after each."""
+  """One row per variant (errors such as out-of-memory are rows too); `on_row(rows)` after each.
+
+  MFU is against the larger of JAX's and torch's matmul peaks measured in the same run (one
+  denominator for every row), and, where the device is known, against its data-sheet bf16 peak.
+  A row marked "running" is saved before each variant, so a run cut short says where it stopped.
+  """
+  import jax
+  from instructor_jax.train_outputs import peak_flops
   from run import matmul_flops_per_token
   _, train_flops = matmul_flops_per_token(cfg.encoder, length)
-  steps = 2 if quick else 5
-  rows = []
+  measured_peak = max(matmul.get("jax_tflops", 0.0), matmul.get("torch_tflops", 0.0)) * 1e12
+  spec_peak = peak_flops(str(jax.devices()[0].device_kind)) if jax.default_backend() != "cpu" else None
+  rows: list[dict] = []
   for name, b in parse_variants(variants, batch):
     framework, options = VARIANTS[name]
     tokens = 3 * b * length
+    # Big batches: one warm-up step and three timed ones (a step of 256 triples is seconds).
+    steps, warmup = (2, 2) if quick else ((3, 1) if b >= 128 else (5, 2))
     row = {"impl": name, "batch": b, "length": length}
+    rows.append(dict(row, status="running", started=time.strftime("%H:%M:%S")))
+    if on_row:
+      on_row(rows)
+    print(f"{time.strftime('%H:%M:%S')} train {name} @ {b} x {length}", flush=True)
+    _reset_torch_peak()
+    start, error, step, sync = time.perf_counter(), None, None, None
     try:
       if framework == "torch":
         step, sync = _torch_step(cfg, export_dir, b, length, **options)
       else:
         step, sync = _jax_step(cfg, params, b, length, **options)
         row.update(step.memory)
-      seconds = _time(step, sync, steps)
+      row["setup_s"] = time.perf_counter() - start  # model build, and for JAX the ahead-of-time compile
+      seconds, row["first_step_s"] = _time(step, sync, steps, warmup)
+      row.update(_peak_memory(framework))
     except Exception as e:  # out of memory at this batch is a result, not a crash
-      rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:300], tok_s=float("nan"), step_s=float("nan")))
-      _free_memory()
-      if on_row:
-        on_row(rows)
-      continue
-    row.update(step_s=seconds, tok_s=tokens / seconds)
-    peak = matmul.get("torch_tflops" if framework == "torch" else "jax_tflops")
-    if peak:
-      row["mfu"] = train_flops * tokens / seconds / (peak * 1e12)
-    rows.append(row)
-    del step
+      error = f"{type(e).__name__}: {e}"[:300]
+    # Outside the except block: its traceback would keep the failed step's activations alive.
+    step = sync = None
     _free_memory()
+    if error is not None:
+      rows[-1] = dict(row, error=error, tok_s=float("nan"), step_s=float("nan"))
+    else:
+      row.update(step_s=seconds, tok_s=tokens / seconds)
+      if measured_peak:
+        row["mfu"] = train_flops * tokens / seconds / measured_peak
+      if spec_peak:
+        row["mfu_spec"] = train_flops * tokens / seconds / spec_peak
+      rows[-1] = row
     if on_row:
       on_row(rows)
   return rows
+
+
+def _reset_torch_peak() -> None:
+  try:
+    import torch
+    if torch.cuda.is_available():
+      torch.cuda.reset_peak_memory_stats()
+  except ImportError:
+    pass
+
+
+def _peak_memory(framework: str) -> dict:
+  """Peak device memory: torch's for this variant; JAX's allocator peak over the process so far."""
+  import jax
+  if framework == "torch":
+    import torch
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30} if torch.cuda.is_available() else {}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {"jax_peak_gib_so_far": stats["peak_bytes_in_use"] / 2 ** 30} if "peak_bytes_in_use" in stats else {}
 
 
 def _free_memory() -> None:

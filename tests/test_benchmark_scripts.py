@@ -87,14 +87,28 @@ def test_report_marks_gpu_targets_against_the_same_run():
                     "ours_packed_tok_s": 4e5, "packed_speedup": s, "job_tok_s": 4e5, "job_speedup": s}
                    for c, s in (("short+instruction", 3.2), ("512-token docs", 3.9))],
          "train": [{"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0},
-                   {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "step_s": 1.0,
-                    "max_batch_at_least": 1024},
-                   {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"}]}
+                   {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "mfu_spec": 0.364,
+                    "step_s": 1.0, "max_batch_at_least": 1024},
+                   {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"},
+                   {"impl": "jax-gc4", "batch": 256, "length": 256, "status": "running", "started": "12:00:00"}]}
   text = report.section([run])
   assert "| short+instruction, `encode` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
   assert "| 512-token docs, `encode` | 10 | 400,000 | 100,000 | 3.90× | 0.99950 | not met (≥ 4×) |" in text
-  assert "| jax-full | 256 × 256 | 200,000 | 45.0% | 4.00× (pytorch-ckpt) | 1024 | MFU target **met** (≥ 40%) |" in text
+  assert ("| jax-full | 256 × 256 | 200,000 | 45.0% | 36.4% | 4.00× (pytorch-ckpt) | 1024 | MFU target **met** (≥ 40%) |"
+          in text)
   assert "OutOfMemoryError" in text
+  assert "| jax-gc4 | 256 × 256 | – | – | – | – | – | cut short by the time limit (started 12:00:00) |" in text
+
+
+def test_report_keeps_what_exists_when_a_step_left_no_file(tmp_path, capsys):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import report
+  good = tmp_path / "embed.json"
+  good.write_text(json.dumps({"device": "cpu", "backend": "cpu", "date": "d", "shape": "tiny", "dtype": "float32",
+                              "jax": "x", "matmul": {"jax_tflops": 1.0, "torch_tflops": 1.0}}))
+  assert report.main([str(good), str(tmp_path / "train.json")]) == 0
+  out = capsys.readouterr().out
+  assert "Matmul peak in the same run" in out and "not reported: " in out and "train.json" in out
 
 
 def test_gpu_script_passes_shellcheck():
