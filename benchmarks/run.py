@@ -221,6 +221,17 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
           "st_weight_dtype": st_run.weight_dtype}
 
 
+def embed_sections(args, model, export_dir: str, workdir: str, dtype: str):
+  """Short instructed sentences, then 512-token documents: one result row each, yielded as measured."""
+  n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
+  n_short, n_docs = args.short or n_short, args.docs or n_docs
+  short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
+  yield embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
+                      3, workdir, dtype)
+  yield embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, 3, workdir, dtype,
+                      packed=False)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -269,19 +280,10 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as workdir:
     model, params, export_dir = build_models(cfg, workdir)
     if "embed" in sections:
-      n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
-      n_short, n_docs = args.short or n_short, args.docs or n_docs
-      short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
-      repeats = 3
-      results["embed"] = [
-          embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
-                        repeats, workdir, dtype),
-      ]
-      save()
-      results["embed"].append(
-          embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, repeats, workdir,
-                        dtype, packed=False))
-      save()
+      results["embed"] = []
+      for row in embed_sections(args, model, export_dir, workdir, dtype):
+        results["embed"].append(row)
+        save()
     if "train" in sections:
       from train_bench import DEFAULT_VARIANTS, train_section
       batch = args.train_batch or (8 if args.quick else 256)

@@ -1,0 +1,71 @@
+"""`TrainConfig`: one training run's settings, checked by field name when built (gin passes raw values)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from instructor_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
+from instructor_jax.losses import LOSSES
+
+# float16 is left out: T5 activations can overflow it (t5x trains T5 in bfloat16).
+TRAIN_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run; bound by gin (`TrainConfig.batch_size = %BATCH_SIZE`)."""
+
+  medi_path: Optional[str] = None  # MEDI .json/.jsonl, or the TFDS manual dir holding one
+  model: str = "gtr-large"  # preset used for a random init (the architecture otherwise comes from the checkpoint)
+  init_checkpoint: Optional[str] = None  # Hub id, HF/sentence-transformers dir, t5x or orbax checkpoint
+  train_steps: int = 20_000
+  batch_size: int = 4  # global: all hosts, all devices
+  query_len: int = 512
+  doc_len: int = 512
+  loss: str = "instructor"  # or "gtr"
+  temperature: float = 0.01
+  dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+  remat_policy: str = "none"  # none | full | save_dots | save_dots_no_batch
+  dropout_rate: float = 0.1
+  attention_impl: str = "xla"
+  grad_cache_chunks: int = 1  # > 1: GradCache with this many chunks (same gradients, less memory)
+  seed: int = 0  # parameter init and dropout
+  data_seed: int = 0
+  mixing_temperature: float = 1.0  # MEDI task rates proportional to min(n, rate_cap) ** (1 / T)
+  rate_cap: Optional[int] = None
+  checkpoint_every: int = 1000
+  keep_checkpoints: Optional[int] = 3
+  async_checkpointing: bool = True
+  log_every: int = 10
+  stop_after_steps: Optional[int] = None  # end this run (with a checkpoint) after this many of its steps
+  # XLA compiler options for the step, over the per-backend defaults (GPU: latency-hiding scheduler).
+  xla_options: Optional[dict] = None
+
+  def __post_init__(self):
+    # Gin passes whatever was written ('16' in quotes is a string): check types here, by field name,
+    # rather than fail later deep inside JAX.
+    for name in ("train_steps", "batch_size", "query_len", "doc_len", "grad_cache_chunks", "checkpoint_every",
+                 "log_every", "keep_checkpoints", "stop_after_steps", "seed", "data_seed", "rate_cap"):
+      value = getattr(self, name)
+      optional = name in ("keep_checkpoints", "stop_after_steps", "rate_cap")
+      if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
+                                          and (value >= 1 or name in ("seed", "data_seed"))):
+        continue
+      kind = "an integer" if name in ("seed", "data_seed") else "a positive integer" + (" or None" if optional else "")
+      raise ValueError(f"TrainConfig.{name}={value!r}; expected {kind}.")
+    for name in ("temperature", "dropout_rate", "mixing_temperature"):
+      if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a number.")
+    if not self.temperature > 0:
+      raise ValueError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f"TrainConfig.dropout_rate={self.dropout_rate}; expected 0 <= rate < 1 (GTR uses 0.1).")
+    if self.loss not in LOSSES:
+      raise ValueError(f"TrainConfig.loss={self.loss!r}; expected one of {sorted(LOSSES)}.")
+    if self.dtype not in TRAIN_DTYPES:
+      raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {TRAIN_DTYPES} (the compute dtype; "
+                       "parameters and optimizer state stay float32).")
+    for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
