@@ -227,7 +227,13 @@ ensure_tpu() {
     accel=${accel##*/}
     if [[ $state == PREEMPTED ]]; then
       # A preempted spot/preemptible TPU VM never becomes READY again: the only way on is a new one.
-      note "TPU $NAME ($accel) was preempted; deleting it and creating it again (training resumes from $WORKDIR)"
+      local kind=on-demand
+      if ((SPOT)); then kind=spot; elif ((PREEMPTIBLE)); then kind=preemptible; fi
+      note "TPU $NAME ($accel) was preempted; deleting it and creating it again as $kind capacity (training resumes from $WORKDIR)"
+      if ((SKIP_INSTALL)); then
+        note "installing anyway: the new TPU has nothing installed (--skip-install ignored)"
+        SKIP_INSTALL=0
+      fi
       ACCEL=${ACCEL:-$accel}
       delete_tpu
       create_tpu
@@ -290,10 +296,10 @@ start_training() {
   # setsid + nohup: the run survives the ssh session and sits in its own process group, so one
   # `kill -TERM -- -PID` reaches python (which checkpoints on SIGTERM). The wrapper records the
   # pid and the exit status, which the log stream and the final check wait on. The same signal
-  # reaches the wrapper: it traps it and keeps waiting until python has saved and exited (a wait
-  # cut short by the signal returns > 128 while python still runs; a zombie still answers kill -0,
-  # so the loop ends only once python is reaped and its status is known).
-  local wrapper="echo \$\$ > $R_PID; trap : TERM INT; \"\$@\" & c=\$!; while :; do wait \$c; rc=\$?; kill -0 \$c 2>/dev/null || break; done; echo \$rc > $R_RC"
+  # reaches the wrapper: with a trap set, bash runs it only once its foreground command (python,
+  # saving its checkpoint) has exited, so the wrapper outlives the save and records python's own
+  # status. (A background python would start with SIGINT ignored.)
+  local wrapper="echo \$\$ > $R_PID; trap : TERM INT; \"\$@\"; echo \$? > $R_RC"
   on_workers all "$GUARD; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
 }
 

@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def measure_matmul_peak(n: int, dtype: str) -> dict[str, float]:
   import torch
   out = {}
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
-  reps = 50 if on_gpu() else 3  # 8192^3 in bf16 is ~1.4 ms on an H100: 50 reps reach steady clocks
+  reps = 50 if on_gpu() else 3  # 8192^3 in bf16 is ~1.4 ms on an H100: 10 reps were barely 14 ms of work
   # bf16: also with a float32 result, which XLA:CPU runs on a faster kernel (the model's Dense
   # does the same there); the peak is the faster of the two.
   forms = [lambda x: x @ x] + ([lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32)]
@@ -221,7 +222,7 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
           "st_weight_dtype": st_run.weight_dtype}
 
 
-def embed_sections(args, model, export_dir: str, workdir: str, dtype: str):
+def embed_sections(args: argparse.Namespace, model, export_dir: str, workdir: str, dtype: str) -> Iterator[dict]:
   """Short instructed sentences, then 512-token documents: one result row each, yielded as measured."""
   n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
   n_short, n_docs = args.short or n_short, args.docs or n_docs

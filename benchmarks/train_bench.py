@@ -115,7 +115,8 @@ def _memory(compiled, batch: int) -> dict:
 
 
 def _time(step, sync, steps: int, warmup: int) -> tuple[float, float]:
-  """(seconds per timed step, seconds of the first step: compilation for torch, autotuning for both)."""
+  """(seconds per timed step, seconds of the first step: its one-off costs, e.g. cuBLAS/XLA autotuning
+  and allocator growth; JAX's ahead-of-time compile is counted before, in `setup_s`)."""
   t = time.perf_counter()
   sync(step())
   first = time.perf_counter() - t

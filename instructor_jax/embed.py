@@ -280,7 +280,8 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges)
-  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite, runtime)
+  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  embed_manifest.note_runtime(out_dir, runtime, model.config.encoder.dtype)
   if ranges is not None:
     embed_output.save_ranges(out_dir, ranges)
   job_hash = embed_manifest.spec_hash(spec)
@@ -367,7 +368,8 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
   embed_report.print_summary(summary)
-  if summary["parts_written"] and not summary["rows"] and summary["skipped"]:
+  whole_job = summary["parts_written"] == summary["parts_total"]  # one process, nothing done before
+  if whole_job and summary["parts_written"] and not summary["rows"] and summary["skipped"]:
     # Almost always a mistyped --text-field or --instruction-field under --on-error skip.
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
     message = (f"no row was embedded: every row was skipped ({reasons}); check --text-field "

@@ -254,7 +254,8 @@ def _absent(rec: dict, what: str, name: str) -> str:
   return f"{what} field {name!r} is null" if name in rec else f"no {what} field {name!r}"
 
 
-def _a(value: Any) -> str:
+def _a_type(value: Any) -> str:
+  """'an int', 'a list': the value's type with its article, for messages."""
   name = type(value).__name__
   return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
@@ -279,7 +280,7 @@ def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
     except ValueError:
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
   if isinstance(value, bool) or not isinstance(value, (int, str)):
-    return _bad(slot, where, "bad_id", f"id {value!r:.60} is {_a(value)}; expected a string or integer")
+    return _bad(slot, where, "bad_id", f"id {value!r:.60} is {_a_type(value)}; expected a string or integer")
   value = str(value)
   return value if _check_utf8(value) else _bad(slot, where, "invalid_utf8", "the id is not valid UTF-8")
 
@@ -301,7 +302,7 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
     return _bad(slot, where, "missing_text", f"no text field {fields.text!r} (fields: {list(known)[:12]}); "
                 "set --text-field")
   if not isinstance(text, str):
-    return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is {_a(text)}, "
+    return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is {_a_type(text)}, "
                 "expected a string")
   if not _check_utf8(text):
     return _bad(slot, where, "invalid_utf8", f"text field {fields.text!r} is not valid UTF-8")
@@ -312,7 +313,7 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
     present, value = _field(rec, fields.instruction)
     if present and not isinstance(value, str):
       return _bad(slot, where, "non_string_instruction",
-                  f"instruction field {fields.instruction!r} is {_a(value)}, expected a string")
+                  f"instruction field {fields.instruction!r} is {_a_type(value)}, expected a string")
     if present and not _check_utf8(value):
       return _bad(slot, where, "invalid_utf8", f"instruction field {fields.instruction!r} is not valid UTF-8")
     if not present and instruction is None:

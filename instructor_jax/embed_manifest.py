@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputFile
 from instructor_jax.embed_output import RANGES_FILE, atomic_json, read_sidecar, stored_dim
 
 JOB_FILE = "_job.json"
-RUNTIME_KEY = "runtime"  # in _job.json: where the job ran; informative, not part of the job's identity
+RUNTIME_FILE = "_runtime.json"  # where the last run computed: informative, not part of the job's identity
 LEGACY_MANIFEST_FILE = "manifest.json"
 MANIFEST_FILE = "_manifest.json"  # leading "_": Parquet readers skip it, so the directory reads as one dataset
 MANIFEST_VERSION = 1
@@ -90,33 +91,39 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
   }
 
 
-def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool,
-                       runtime: dict[str, Any] | None = None, log=print) -> None:
-  """Writes `_job.json`, or refuses if the directory holds another job's results.
-
-  `runtime` (devices, batch token budget) is recorded beside the spec but is not part of the job:
-  resuming on other hardware is allowed, with a warning, since the batch shapes and kernels that
-  change are those of float rounding (~1e-7), not of the model or the texts.
-  """
+def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> None:
+  """Writes `_job.json`, or refuses if the directory holds another job's results."""
   path = os.path.join(out_dir, JOB_FILE)
   if os.path.exists(path) and not overwrite:
     with open(path) as f:
       old = json.load(f)
-    old_runtime = old.pop(RUNTIME_KEY, None)
     diffs = _diff(old, spec)
     if diffs:
       raise OutputMismatchError(
           f"{out_dir} holds results of a different embedding job; mixing them would give inconsistent "
           "embeddings. Differences:\n  " + "\n  ".join(diffs) +
           "\nUse another --output directory, or --overwrite to discard the existing results.")
-    changed = _diff(old_runtime, runtime) if old_runtime and runtime else []
-    if changed:
-      log(f"warning: resuming {out_dir} with " + "; ".join(changed) + ". Parts written now differ from the "
-          "existing ones by float rounding (about 1e-7), not bit for bit; pass the same --batch-tokens on the same "
-          "kind and number of devices for identical bits.")
     return
   # Every process writes the same bytes; the atomic rename makes concurrent writers harmless.
-  atomic_json(path, dict(spec, **{RUNTIME_KEY: runtime}) if runtime else spec)
+  atomic_json(path, spec)
+
+
+def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> None:
+  """Records where this run computes (`_runtime.json`), warning on stderr if it differs from the last run.
+
+  Not part of the job's identity: resuming on other devices or with another batch budget is allowed,
+  since what changes is batch shapes and kernels, i.e. float rounding, not the model or the texts.
+  Kept out of `_job.json` so that the job file reads the same whatever ran it.
+  """
+  path = os.path.join(out_dir, RUNTIME_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      changed = _diff(json.load(f), runtime)
+    if changed:
+      print(f"warning: resuming {out_dir} with " + "; ".join(changed) + ". Parts written now differ from the "
+            f"existing ones by the float rounding of {compute_dtype} computation, not bit for bit; the same "
+            "--batch-tokens on the same kind and number of devices gives identical bits.", file=sys.stderr)
+  atomic_json(path, runtime)
 
 
 def merge_counts(parts: list[dict[str, Any]], key: str) -> dict[str, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Callable, Iterator, NamedTuple
@@ -141,7 +140,9 @@ def _task(obj: dict) -> str | None:
 def validate_record(obj: Any, index: int, report: ValidationReport,
                     log: Callable[[str], None], line: int | None = None) -> MediRecord | None:
   """A MediRecord, or None after counting the reason it was skipped (`line`: its JSONL line, for messages)."""
-  skip = functools.partial(_skip_logger, report, index, log, line)
+  def skip(reason: str, detail: str) -> None:
+    report.skip(reason, index, detail, log, line)
+
   if not isinstance(obj, dict):
     skip("not a JSON object", f"got {type(obj).__name__}")
     return None
@@ -171,11 +172,6 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
   report.valid += 1
   report.per_task[task] += 1
   return MediRecord(pairs["query"], pairs["pos"], pairs["neg"], task, index)
-
-
-def _skip_logger(report: ValidationReport, index: int, log: Callable[[str], None], line: int | None,
-                 reason: str, detail: str) -> None:
-  report.skip(reason, index, detail, log, line)
 
 
 def _first_char(path: str) -> str:

@@ -79,20 +79,27 @@ def checkpoint_manager(directory: str, *, max_to_keep: int | None = None, save_i
 def save_params(directory: str, params: Any, config: InstructorConfig, step: int = 0, overwrite: bool = False) -> None:
   """Writes a params-only checkpoint at `directory/<step>` in the training layout (blocking).
 
-  An existing `directory/<step>` is an error, or with `overwrite` deleted first.
+  An existing `directory/<step>` is an error, or with `overwrite` deleted first; other steps there
+  are always an error (readers take the latest step, which would not be this one).
   """
   mngr = checkpoint_manager(directory, async_save=False)
   try:
-    if step in mngr.all_steps():
+    steps = list(mngr.all_steps())
+    if [s for s in steps if s != step]:
+      raise OrbaxCheckpointError(f"{directory} holds checkpoint steps {steps}; write step {step} to an empty "
+                                 "destination directory.")
+    if steps:
       if not overwrite:
         raise OrbaxCheckpointError(f"{directory}/{step} already exists; write to an empty destination "
                                    "directory, or pass --overwrite (overwrite=True) to replace it.")
       mngr.delete(step)
-    mngr.save(step, args=ocp.args.Composite(**{
+    saved = mngr.save(step, force=True, args=ocp.args.Composite(**{
         PARAMS_ITEM: ocp.args.StandardSave(params),
         CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
     }))
     mngr.wait_until_finished()
+    if not saved:
+      raise OrbaxCheckpointError(f"orbax did not save step {step} under {directory}.")
   finally:
     mngr.close()
 

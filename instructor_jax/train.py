@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 import gin
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from instructor_jax import orbax_io, sharding as shd, train_outputs
 from instructor_jax.config import InstructorConfig, preset
@@ -231,7 +232,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     ckpt.close()
 
 
-def check_before_building(cfg: TrainConfig, mesh) -> None:
+def check_before_building(cfg: TrainConfig, mesh: Mesh) -> None:
   """What can be checked before the model is built (gtr-large may first be downloaded) and MEDI read."""
   shards = shd.batch_size_multiple(mesh)
   if cfg.batch_size % (shards * cfg.grad_cache_chunks):
@@ -278,7 +279,9 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
         log(*_fetch(pending))
       done = step + 1
       pending = (done, task, metrics)
-      preempted = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
+      # A signal during the last step is no early stop: the run ends there anyway, finished.
+      notice = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
+      preempted = notice and done < end
       if preempted or done == end or done % cfg.checkpoint_every == 0:
         # Only a state whose own loss was checked finite is ever saved.
         log(*_fetch(pending), force=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 from instructor_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
@@ -49,14 +50,17 @@ class TrainConfig:
                  "log_every", "keep_checkpoints", "stop_after_steps", "seed", "data_seed", "rate_cap"):
       value = getattr(self, name)
       optional = name in ("keep_checkpoints", "stop_after_steps", "rate_cap")
-      if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
-                                          and (value >= 1 or name in ("seed", "data_seed"))):
+      least = 0 if name in ("seed", "data_seed") else 1  # seeds feed unsigned integer RNGs
+      if (value is None and optional) or (_is_integer(value) and value >= least):
         continue
-      kind = "an integer" if name in ("seed", "data_seed") else "a positive integer" + (" or None" if optional else "")
+      kind = f"an integer >= {least}" + (" or None" if optional else "")
       raise ValueError(f"TrainConfig.{name}={value!r}; expected {kind}.")
     for name in ("temperature", "dropout_rate", "mixing_temperature"):
-      if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+      if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a number.")
+    if not self.mixing_temperature > 0:
+      raise ValueError(f"TrainConfig.mixing_temperature={self.mixing_temperature}; expected > 0 (1 samples MEDI "
+                       "tasks in proportion to their size).")
     if not self.temperature > 0:
       raise ValueError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
     if not 0 <= self.dropout_rate < 1:
@@ -69,3 +73,8 @@ class TrainConfig:
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+
+
+def _is_integer(value) -> bool:
+  """Python and NumPy integers, not bools."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)

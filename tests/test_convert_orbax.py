@@ -137,3 +137,10 @@ def test_missing_items_and_empty_dirs(tmp_path):
     orbax_io.save_params(str(tmp_path / "p"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=0)
   orbax_io.save_params(str(tmp_path / "p"), {"w": np.full(3, 2, np.float32)}, preset("tiny"), step=0, overwrite=True)
   assert orbax_io.restore_params(str(tmp_path / "p"))[1]["w"].tolist() == [2, 2, 2]
+  # A later step there would shadow step 0 for every reader (and orbax would skip the save).
+  orbax_io.save_params(str(tmp_path / "q"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=5)
+  for overwrite in (False, True):
+    with pytest.raises(orbax_io.OrbaxCheckpointError, match=r"holds checkpoint steps \[5\]"):
+      orbax_io.save_params(str(tmp_path / "q"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=0,
+                           overwrite=overwrite)
+  assert orbax_io.all_steps(str(tmp_path / "q")) == [5]

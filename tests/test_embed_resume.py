@@ -143,9 +143,10 @@ def test_resuming_on_another_batch_budget_warns_and_keeps_the_parts(tmp_path, mo
   path, _ = job
   out = str(tmp_path / "out")
   embed.main(base_args([path], out, *JOB, "--batch-tokens", "256"), model=model)
-  runtime = json.load(open(os.path.join(out, "_job.json")))["runtime"]
+  runtime = json.load(open(os.path.join(out, "_runtime.json")))
   assert runtime["batch_tokens"] == 256 and runtime["devices"].startswith(f"{model.mesh.devices.size} x ")
+  assert "runtime" not in json.load(open(os.path.join(out, "_job.json")))  # the job reads the same wherever it ran
   capsys.readouterr()
   summary = embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
   assert summary["parts_already_complete"] == 5 and summary["parts_written"] == 0
-  assert "batch_tokens: existing 256 vs now 512" in capsys.readouterr().out
+  assert "batch_tokens: existing 256 vs now 512" in capsys.readouterr().err

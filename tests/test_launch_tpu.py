@@ -175,16 +175,17 @@ NEEDS_TOOLS = pytest.mark.skipif(not all(shutil.which(t) for t in ["git", "tar",
                                  reason="needs git, tar, setsid, tail and seq")
 
 SAVING_PYTHON = r"""#!/usr/bin/env bash
-# Stands in for python3 on a worker: on SIGTERM it takes a while to checkpoint, then exits 75.
-trap 'echo saving; sleep 2; echo saved; exit 75' TERM
+# Stands in for python3 on a worker: on SIGTERM it checkpoints (for SAVE_S seconds), then exits 75.
+trap 'echo saving; sleep "$SAVE_S"; echo saved; exit 75' TERM
 echo started
 while :; do sleep 0.1; done
 """
 
 
 @NEEDS_TOOLS
-def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_path):
-  """`kill -TERM -- -PID` reaches the wrapper too: it must outlive python's save and record the status."""
+@pytest.mark.parametrize("save_s", [2, 0])
+def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_path, save_s):
+  """`kill -TERM -- -PID` reaches the wrapper too: it must outlive python's save and record python's status."""
   home, bin_dir = tmp_path / "home", tmp_path / "bin"
   (home / "instructor_jax").mkdir(parents=True)
   bin_dir.mkdir()
@@ -192,7 +193,7 @@ def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_pat
   (bin_dir / "python3").chmod(0o755)
   res = launch("--dry-run", *BASE, "--gin-file", GINS[0])
   (start,) = [remote(c) for c in commands(res.stdout) if "setsid" in " ".join(c)]
-  env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
+  env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "SAVE_S": str(save_s)}
   subprocess.run([BASH, "-c", start], env=env, check=True, timeout=30)
   pid_file, rc_file, log = (home / f"instructor_jax_train.{x}" for x in ("pid", "rc", "log"))
   deadline = time.time() + 20
@@ -200,14 +201,21 @@ def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_pat
     assert time.time() < deadline, "the wrapper did not start"
     time.sleep(0.1)
   pid = int(pid_file.read_text())
-  os.killpg(pid, signal.SIGTERM)  # what print_attach_help tells the user to run
-  time.sleep(0.5)
-  os.kill(pid, 0)  # still there, waiting on the save
-  assert not rc_file.exists()
-  while not rc_file.exists():
-    assert time.time() < deadline + 10, log.read_text()
-    time.sleep(0.1)
-  assert rc_file.read_text().strip() == "75" and "saved" in log.read_text()
+  try:
+    os.killpg(pid, signal.SIGTERM)  # what print_attach_help tells the user to run
+    if save_s:
+      time.sleep(0.5)
+      os.kill(pid, 0)  # still there, waiting on the save
+      assert not rc_file.exists()
+    while not rc_file.exists():
+      assert time.time() < deadline + 10, log.read_text()
+      time.sleep(0.1)
+    assert rc_file.read_text().strip() == "75" and "saved" in log.read_text()
+  finally:
+    try:
+      os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 @NEEDS_TOOLS
@@ -235,7 +243,8 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
          "TMPDIR": str(tmp_path), **({"FAKE_STATE": fake_state} if fake_state else {})}
   res = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
                "--gin-file", "gin_configs/run.gin", "--gin-binding", NASTY, "--delete-after",
-               script=tree / "launch_tpu.sh", env=env)
+               # A relaunch after preemption, as a fast restart: the new TPU still needs the install.
+               *(["--skip-install"] if fake_state else []), script=tree / "launch_tpu.sh", env=env)
 
   assert (res.returncode == 0) == (fake_rc == 0), res.stderr
   assert "step 1 loss 0.5 from" in res.stdout and str(home / "instructor_jax") in res.stdout
@@ -247,7 +256,8 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   verbs = [line.split()[3] for line in (home / "gcloud.log").read_text().splitlines()]
   replaced = ["delete"] if fake_state else []
   assert verbs == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
-  assert ("was preempted; deleting it and creating it again" in res.stderr) == bool(fake_state)
+  assert ("was preempted; deleting it and creating it again as on-demand" in res.stderr) == bool(fake_state)
+  assert ("installing anyway" in res.stderr) == bool(fake_state)
   # A second start while a run is alive is refused rather than fighting it for the TPU chips.
   live = subprocess.Popen(["sleep", "30"])
   try:

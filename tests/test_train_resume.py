@@ -131,8 +131,10 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("keep_checkpoints", 0, "keep_checkpoints=0; expected a positive integer or None"),
-    ("batch_size", "16", "batch_size='16'; expected a positive integer"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0; expected an integer >= 1 or None"),
+    ("batch_size", "16", "batch_size='16'; expected an integer >= 1"),
+    ("data_seed", -1, "data_seed=-1; expected an integer >= 0"),
+    ("mixing_temperature", 0.0, "mixing_temperature=0.0; expected > 0"),
     ("dtype", "fp16", "dtype='fp16'; expected one of ('bfloat16', 'float32')"),
     ("loss", "foo", "loss='foo'; expected one of ['gtr', 'instructor']"),
     ("dropout_rate", 1.0, "dropout_rate=1.0; expected 0 <= rate < 1"),
@@ -141,6 +143,11 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{message}")):
     TrainConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_numpy_numbers_from_config_code_are_accepted():
+  cfg = TrainConfig(**{**CONFIG.__dict__, "batch_size": np.int64(8), "temperature": np.float32(0.05), "seed": 0})
+  assert cfg.batch_size == 8
 
 
 def test_run_errors_come_before_the_model_is_built_or_the_workdir_is_written(tmp_path):
