@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Classification rules, first match wins: (category, regex over the op's HLO and its callees).
 CATEGORIES = [
-    ("attention (fused)", re.compile(r"cudnn\$fmha|__cudnn\$fmha|flash|splash|custom-call.*attention")),
+    ("attention (fused)", re.compile(r"cudnn\$fmha|__cudnn\$fmha|flash|splash|tpu_custom_call|custom-call.*attention")),
     ("collectives", re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")),
     ("matmul", re.compile(r"\b(dot|convolution)\(|gemm|cublas|__triton_gemm")),
     # Threefry is u32 adds, shifts and xors; the dropout mask's bits-to-float conversion is fused too.
@@ -187,8 +187,9 @@ def main(argv=None) -> int:
   p.add_argument("--iterations", type=int, default=2)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
-  p.add_argument("--attention-impl", choices=("dot_product_attention", "cudnn", "xla"), default="dot_product_attention",
-                 help="inference attention (T5Config); training always uses the einsum path")
+  p.add_argument("--attention-impl", choices=("dot_product_attention", "cudnn", "xla", "tpu_flash"),
+                 default="dot_product_attention",
+                 help="attention (T5Config); training uses the einsums, except tpu_flash with --dropout 0")
   p.add_argument("--out", required=True, help="directory for the trace, the HLO and the summary")
   p.add_argument("--summary-only", action="store_true", help="re-summarise an existing --out without running")
   args = p.parse_args(argv)

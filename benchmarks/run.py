@@ -246,7 +246,7 @@ def main(argv=None) -> int:
   parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")
   parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
   parser.add_argument("--attention-impl", default="dot_product_attention",
-                      choices=("dot_product_attention", "cudnn", "xla"), help="inference attention (T5Config)")
+                      choices=("dot_product_attention", "cudnn", "xla", "tpu_flash"), help="inference attention (T5Config)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="compute dtype of both sides in the matmul and embed sections (default: bfloat16 on a "
                            "GPU, float32 on a CPU; the train section always uses that default)")

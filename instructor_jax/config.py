@@ -7,7 +7,7 @@ from typing import Optional
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "tpu_flash")
 # Compute dtypes users may name, and what each name means.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -49,7 +49,9 @@ class T5Config:
   # (dot_product_attention has no attention dropout). "cudnn": the same call with
   # implementation="cudnn" (cuDNN flash attention; GPU, bf16/fp16 only; JAX never picks it by
   # itself). It takes the padding as per-row key lengths, so masks must be trailing padding, as
-  # every batch built by this package is.
+  # every batch built by this package is. "tpu_flash": the Pallas TPU flash-attention kernel, bias
+  # and segment ids inside it, at inference and in training without dropout, where the length is
+  # a multiple of 128 (tpu_attention.py); other lengths, and training with dropout, use the paths above.
   attention_impl: str = "dot_product_attention"
 
   def __post_init__(self):

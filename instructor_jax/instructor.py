@@ -181,7 +181,8 @@ def _compiled(config: InstructorConfig, mesh: Mesh):
   rows = NamedSharding(mesh, P("data"))
 
   def forward(params, ids_BL, mask_BL, n_instr_B):
-    return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_B)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels that run per shard find the mesh
+      return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_B)
 
   return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), rows2d, rows2d, rows), out_shardings=rows2d)
 
@@ -191,8 +192,9 @@ def _compiled_packed(config: InstructorConfig, mesh: Mesh):
   rows2d = NamedSharding(mesh, P("data", None))
 
   def forward(params, ids_BL, mask_BL, n_instr_BS, segments_BL, offsets_BL):
-    return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_BS,
-                                         segments_BL=segments_BL, offsets_BL=offsets_BL)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return InstructorModel(config).apply({"params": params}, ids_BL, mask_BL, n_instr_BS,
+                                           segments_BL=segments_BL, offsets_BL=offsets_BL)
 
   return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()),) + (rows2d,) * 5,
                  out_shardings=NamedSharding(mesh, P("data", None, None)))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instructor_jax import tpu_attention
 from instructor_jax.config import T5Config
 
 # Logical axis names, shared with the sharding rules table (the names t5x/flaxformer use).
@@ -140,7 +141,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, mask_B1QL: jax.Array,
-               deterministic: bool) -> jax.Array:
+               segments_BL: jax.Array, deterministic: bool) -> jax.Array:
+    """`mask_B1QL` is what each query may see; `segments_BL` the same as ids (0 padding), for kernels."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     B, L, _ = x_BLD.shape
@@ -153,14 +155,16 @@ class Attention(nn.Module):
     # The [H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for
     # packed rows) stay separate: broadcasting them inside the softmax fusion avoids
     # materialising (and re-reading in every layer) a [B, H, L, L] bias.
-    if cfg.attention_impl == "cudnn" and deterministic and mask_B1QL.shape[2] == 1:
+    if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
+      out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
+    elif cfg.attention_impl == "cudnn" and deterministic and mask_B1QL.shape[2] == 1:
       # Padding as key lengths: cuDNN masks it inside the kernel, whereas a boolean mask would be
       # folded into a materialised [B, H, L, L] bias. Filler rows (length 0) attend to one key.
       lengths_B = jnp.maximum(jnp.sum(mask_B1QL[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype), scale=1.0,
           key_value_seq_lengths=lengths_B, implementation="cudnn")
-    elif cfg.attention_impl in ("dot_product_attention", "cudnn") and deterministic:
+    elif cfg.attention_impl in ("dot_product_attention", "cudnn", "tpu_flash") and deterministic:
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
           mask=mask_B1QL, scale=1.0,
@@ -202,12 +206,12 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, mask_B1QL: jax.Array,
-               deterministic: bool) -> jax.Array:
+               segments_BL: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     dropout = Dropout(cfg.dropout_rate)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x_BLD)
-    h = Attention(cfg, name="attention")(h, position_bias_HLL, mask_B1QL, deterministic)
+    h = Attention(cfg, name="attention")(h, position_bias_HLL, mask_B1QL, segments_BL, deterministic)
     x_BLD = x_BLD + dropout(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x_BLD)
     h = MLP(cfg, name="mlp")(h, deterministic)
@@ -257,15 +261,16 @@ class Encoder(nn.Module):
     position_bias_HLL = RelativePositionBias(cfg, name="relpos_bias")(embedded_BLD.shape[1])
     if segments_BL is None:
       mask_B1QL = mask_BL.astype(bool)[:, None, None, :]
+      segments_BL = mask_BL.astype(jnp.int32)  # one segment per row, padding 0
     else:
       mask_B1QL = ((segments_BL[:, :, None] == segments_BL[:, None, :]) & (segments_BL[:, None, :] > 0))[:, None]
     x = Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
     layer_cls = EncoderLayer
     if cfg.remat_policy != "none":
-      # static_argnums counts `self` as 0: (self, x, position_bias, mask, deterministic).
-      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,))
+      # static_argnums counts `self` as 0: (self, x, position_bias, mask, segments, deterministic).
+      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(5,))
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, deterministic)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, segments_BL, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 

@@ -73,6 +73,11 @@ class TrainConfig:
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+    if self.attention_impl == "tpu_flash" and (self.dropout_rate or self.query_len % 128 or self.doc_len % 128):
+      # Otherwise the step would silently never use the kernel.
+      raise ValueError(f"TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0 (the kernel has no attention "
+                       f"dropout) and query_len/doc_len multiples of 128 (its key blocks); got dropout_rate "
+                       f"{self.dropout_rate}, query_len {self.query_len}, doc_len {self.doc_len}.")
 
 
 def _is_integer(value) -> bool:

@@ -139,6 +139,7 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     ("loss", "foo", "loss='foo'; expected one of ['gtr', 'instructor']"),
     ("dropout_rate", 1.0, "dropout_rate=1.0; expected 0 <= rate < 1"),
     ("remat_policy", "all", "remat_policy='all'; expected one of"),
+    ("attention_impl", "tpu_flash", "attention_impl='tpu_flash' needs dropout_rate 0"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{message}")):
