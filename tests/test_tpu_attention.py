@@ -67,7 +67,8 @@ def test_training_gradients_match_the_einsums_without_dropout(one_device_model):
     def loss(params):
       emb = model.apply({"params": params}, ids, mask, n_instr, deterministic=False)
       return jnp.sum(jnp.sin(3.0 * emb))
-    return jax.grad(loss)(one_device_model.params)
+    # Jitted: the interpreter's callbacks, dispatched op by op, could stall under a loaded machine.
+    return jax.jit(jax.grad(loss))(one_device_model.params)
 
   want = grads("xla")
   with pltpu.force_tpu_interpret_mode():
