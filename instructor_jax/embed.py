@@ -308,12 +308,11 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   # On CPU small batches stay in cache: 2048 tokens ran 8-18% faster than 8192 (BENCHMARKS.md).
   batch_tokens = args.batch_tokens or (2048 if jax.default_backend() == "cpu" else 32768)
   pack_length = min(args.pack_length, max_len)
-  devices = model.mesh.devices.flat
-  runtime = {"devices": f"{model.mesh.devices.size} x {devices[0].device_kind}", "batch_tokens": batch_tokens}
+  ndev = model.mesh.devices.size
+  runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens}
   plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
   job_hash = embed_manifest.spec_hash(plan.spec)
 
-  ndev = model.mesh.devices.size
   stop = threading.Event()
   parts_q: queue.Queue = queue.Queue(maxsize=2)
   writes_q: queue.Queue = queue.Queue(maxsize=2)
