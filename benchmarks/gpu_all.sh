@@ -4,7 +4,7 @@
 # 600 s), and writes as it goes, so a cut-short run still returns what it measured.
 #
 #   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (estimated ~9 min on one H100)
-#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # cuDNN attention, profiles (estimated ~5 min)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # cuDNN attention, profiles, float16 (estimated ~6 min)
 #   QUICK=1 OUT=/tmp/g bash benchmarks/gpu_all.sh core   # the same flow on a CPU, tiny shapes (a dry run)
 #
 # Needs JAX (CUDA), torch and sentence-transformers; no TensorFlow, no network.
@@ -22,10 +22,10 @@ PY=${PYTHON:-python}
 END=$((SECONDS + ${BUDGET:-570}))
 
 if [[ -n "${QUICK:-}" ]]; then
-  SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); TRAIN=(--train-batch 8 --train-length 32)
+  SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); SIZES_FP16=("${SIZES[@]}"); TRAIN=(--train-batch 8 --train-length 32)
   VARIANTS="pytorch,pytorch-ckpt,jax,jax-full,jax-gc4"; PROF=(--batch 4 --length 32)
 else
-  SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); TRAIN=(--train-batch 256 --train-length 256)
+  SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); SIZES_FP16=(--short 2000 --docs 200); TRAIN=(--train-batch 256 --train-length 256)
   # PyTorch first: JAX's allocator never hands memory back within the process, so a PyTorch row
   # after a JAX one could run out of memory for that reason alone. Then the target row (ours at
   # 256 triples, full remat; PyTorch needs checkpointing there, it ran out of memory above 32
@@ -79,6 +79,10 @@ elif [[ $PHASE == extra ]]; then
   step profile_docs 120 "$PY" benchmarks/profile_ops.py --case embed-docs --shape "$SHAPE" --batch 64 --length 512 \
     --out "$OUT/profile_docs"
   head -n 20 "$OUT"/profile_*/summary.txt
+  # float16 (for cards without fast bf16): float32 residual stream here, .half() there; fewer texts.
+  step embed_fp16 120 "$PY" benchmarks/run.py --shape "$SHAPE" --sections matmul,embed "${SIZES_FP16[@]}" \
+    --dtype float16 --out "$OUT/embed_fp16.json"
+  "$PY" benchmarks/report.py "$OUT"/embed_fp16.json > "$OUT/report_fp16.md"; cat "$OUT/report_fp16.md"
   # Traces and HLO dumps run to hundreds of MB; the summaries are what comes back.
   rm -rf "$OUT"/profile_*/hlo "$OUT"/profile_*/plugins
 else

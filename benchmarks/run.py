@@ -164,8 +164,8 @@ def st_runner(export_dir: str, items, batch_size: int, max_len: int, dtype: str)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   st = SentenceTransformer(export_dir, device=dev)
   st.max_seq_length = max_len
-  if dtype == "bfloat16":
-    st = st.to(torch.bfloat16)
+  if dtype in ("bfloat16", "float16"):
+    st = st.to(getattr(torch, dtype))
   groups: dict[str | None, list[int]] = {}
   for i, item in enumerate(items):
     groups.setdefault(item[0] if isinstance(item, tuple) else None, []).append(i)
@@ -247,9 +247,10 @@ def main(argv=None) -> int:
   parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
   parser.add_argument("--attention-impl", default="dot_product_attention",
                       choices=("dot_product_attention", "cudnn", "xla", "tpu_flash"), help="inference attention (T5Config)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="compute dtype of both sides in the matmul and embed sections (default: bfloat16 on a "
-                           "GPU, float32 on a CPU; the train section always uses that default)")
+                           "GPU, float32 on a CPU; the train section always uses that default). float16: "
+                           "sentence-transformers is cast with .half(), as its users do")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
 

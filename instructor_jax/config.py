@@ -13,14 +13,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
-def canonical_dtype(dtype: str, platform: str | None = None) -> str:
-  """The compute dtype a name means; refuses float16 where `platform` (e.g. "cpu") cannot run it."""
+def canonical_dtype(dtype: str) -> str:
+  """The compute dtype a name means ("bf16" -> "bfloat16")."""
   if str(dtype) not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {sorted(set(DTYPES.values()))}.")
-  if DTYPES[str(dtype)] == "float16" and platform == "cpu":
-    # XLA:CPU has no float16 x float16 -> float32 dot, which attention needs to accumulate safely.
-    raise ValueError(f"dtype={dtype!r} needs a GPU or TPU: XLA:CPU cannot run float16 matmuls with float32 "
-                     "accumulation. On CPU use bfloat16 (fast on CPUs with AVX512-BF16) or float32.")
   return DTYPES[str(dtype)]
 
 

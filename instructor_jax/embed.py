@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from instructor_jax import embed_io, embed_manifest, embed_output, embed_report
-from instructor_jax.config import DTYPES, canonical_dtype
+from instructor_jax.config import DTYPES
 from instructor_jax.embed_batches import build_part, read_parts
 from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--calibration-rows", type=int, default=10_000, help="rows (first valid rows of the input) "
                  "used for int8/uint8 ranges when --int8-ranges is not given")
   p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                 help="compute dtype (default bfloat16 on accelerators, float32 on CPU; float16 needs a GPU/TPU)")
+                 help="compute dtype (default bfloat16 on accelerators, float32 on CPU; float16 is for GPUs without bf16)")
   p.add_argument("--max-seq-length", type=int, default=None, help="tokens per text, instruction and </s> "
                  "included; longer texts are truncated (default: the model's, 512 for INSTRUCTOR)")
   p.add_argument("--batch-tokens", type=int, default=None, help="token budget per device batch "
@@ -392,12 +392,6 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--max-seq-length {args.max_seq_length}: expected >= 2 (at least one token and </s>)")
   if args.int8_ranges and args.precision not in ("int8", "uint8"):
     parser.error(f"--int8-ranges applies to --precision int8 or uint8, not {args.precision}")
-  if model is None and args.dtype is not None:
-    import jax
-    try:
-      canonical_dtype(args.dtype, jax.default_backend())
-    except ValueError as e:
-      parser.error(f"argument --dtype: {e}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ class Instructor:
   def __init__(self, config: InstructorConfig, params: Any, tokenizer: Tokenizer,
                source: str | None = None, mesh: Mesh | None = None):
     self.mesh = mesh or local_data_mesh()
-    canonical_dtype(config.encoder.dtype, self.mesh.devices.flat[0].platform)
-    self.config = config
+    self.config = config.with_encoder(dtype=canonical_dtype(config.encoder.dtype))  # "bf16" -> "bfloat16"
     self.tokenizer = tokenizer
     self.source = source
     self._replicated = NamedSharding(self.mesh, P())
@@ -44,7 +43,7 @@ class Instructor:
     """Loads a Hub id, a sentence-transformers/HF directory, a t5x checkpoint or a training workdir."""
     from instructor_jax.sources import load_source
     loaded = load_source(name_or_path, **source_kwargs)
-    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype, jax.default_backend()))
+    config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)

@@ -74,38 +74,58 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
-def _dot_result_dtype(dtype: jnp.dtype) -> jnp.dtype | None:
-  """float32 for bfloat16 matmuls on XLA:CPU, else the inputs' dtype.
+def residual_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The residual stream's dtype: float32 under float16 compute, else the compute dtype.
 
-  XLA:CPU (JAX 0.10) runs a bf16 x bf16 dot with a bf16 result on a kernel slower than float32,
-  and the same dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32 (BENCHMARKS.md).
-  Dense rounds the float32 result to bfloat16 at once, as a bf16 dot does after accumulating in
-  float32. GPU/TPU keep the plain bf16 dot, whose result never leaves the kernel in float32.
-  Decided by the default backend at trace time (a GPU host computing on CPU devices gets the plain
-  form). Made for inference: in a bf16 train step on CPU the backward matmuls see float32
-  cotangents and run in float32, and `save_dots` keeps float32 dot outputs.
+  float16 tops out at 65504 and T5's residual stream can outgrow it (HF clamps float16 hidden
+  states for that reason, and loads `wo` in float32 for float16 models, which turns its residual
+  stream float32 from the first feed-forward on). Here the two projections that feed the stream
+  (`attention/out`, `mlp/wo`) return float32 and the stream stays float32; every matmul still
+  takes float16 operands. bfloat16 has float32's range and keeps a bfloat16 stream.
   """
-  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
-    return jnp.float32
-  return None
+  return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype, result_dtype: jnp.dtype | None = None) -> jax.Array:
+  """`einsum(spec, x, y)` with operands in the compute `dtype`, float32 accumulation, `result_dtype` out.
+
+  `result_dtype` defaults to `dtype`. Two XLA:CPU forms (decided by the default backend at trace
+  time; GPU/TPU get the plain dot, whose float32 accumulator never leaves the kernel):
+  - bfloat16: XLA:CPU (JAX 0.10) runs a bf16 x bf16 dot with a bf16 result on a kernel slower than
+    float32, and the same dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32
+    (BENCHMARKS.md). The float32 result is rounded at once, as a bf16 dot does after accumulating.
+    In a bf16 train step on CPU the backward matmuls see float32 cotangents and run in float32.
+  - float16: XLA:CPU compiles no float16 dot with a float32 result, so the float16 operands are
+    widened to float32 first. That is exact (a product of two 11-bit significands fits float32's
+    24), so the result is a float32-accumulated float16 GEMM's, up to summation order.
+  """
+  dtype = jnp.dtype(dtype)
+  result = jnp.dtype(result_dtype or dtype)
+  x, y = x.astype(dtype), y.astype(dtype)
+  preferred = None if result == dtype else result
+  if jax.default_backend() == "cpu":
+    if dtype == jnp.float16:
+      x, y, preferred = x.astype(jnp.float32), y.astype(jnp.float32), None
+    elif dtype == jnp.bfloat16:
+      preferred = jnp.float32
+  return jnp.einsum(spec, x, y, preferred_element_type=preferred).astype(result)
 
 
 class Dense(nn.Module):
-  """Bias-free projection; float32 kernel cast to the compute dtype at use."""
+  """Bias-free projection; float32 kernel cast to the compute dtype at use, result in `result_dtype`."""
 
   features: int
   axes: tuple[str, str]
   dtype: jnp.dtype
   init_fan_in: int | None = None
+  result_dtype: jnp.dtype | None = None  # default: the compute dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = self.init_fan_in or x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(fan_in), self.axes),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=_dot_result_dtype(self.dtype))
-    return y.astype(self.dtype)
+    return matmul("...i,io->...o", x, kernel, self.dtype, self.result_dtype)
 
 
 class Dropout(nn.Module):
@@ -155,30 +175,32 @@ class Attention(nn.Module):
     # The [H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for
     # packed rows) stay separate: broadcasting them inside the softmax fusion avoids
     # materialising (and re-reading in every layer) a [B, H, L, L] bias.
+    # XLA:CPU cannot compile jax.nn.dot_product_attention's float16 logits (a float32-result dot).
+    fused = deterministic and not (dtype == jnp.float16 and jax.default_backend() == "cpu")
     if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
       out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
-    elif cfg.attention_impl == "cudnn" and deterministic and mask_B1QL.shape[2] == 1:
+    elif cfg.attention_impl == "cudnn" and fused and mask_B1QL.shape[2] == 1:
       # Padding as key lengths: cuDNN masks it inside the kernel, whereas a boolean mask would be
       # folded into a materialised [B, H, L, L] bias. Filler rows (length 0) attend to one key.
       lengths_B = jnp.maximum(jnp.sum(mask_B1QL[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype), scale=1.0,
           key_value_seq_lengths=lengths_B, implementation="cudnn")
-    elif cfg.attention_impl in ("dot_product_attention", "cudnn", "tpu_flash") and deterministic:
+    elif cfg.attention_impl in ("dot_product_attention", "cudnn", "tpu_flash") and fused:
       out_BLHK = jax.nn.dot_product_attention(
           q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
           mask=mask_B1QL, scale=1.0,
           implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
     else:
-      logits_BHLL = jnp.einsum("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
+      logits_BHLL = matmul("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, dtype, jnp.float32)
       # Padding keys get the most negative float32, like the reference, so that fully padded
       # (batch-filler) rows still give finite, uniform weights.
       mask_bias_B1QL = jnp.where(mask_B1QL, 0.0, jnp.finfo(jnp.float32).min)
       weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B1QL, axis=-1)
       weights_BHLL = Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
-      out_BLHK = jnp.einsum("bhqm,bmhk->bqhk", weights_BHLL.astype(dtype), v_BLHK)
+      out_BLHK = matmul("bhqm,bmhk->bqhk", weights_BHLL, v_BLHK, dtype)
     out_BLI = out_BLHK.reshape(B, L, H * K)
-    return Dense(cfg.d_model, (JOINED_KV, EMBED), dtype, name="out")(out_BLI)
+    return Dense(cfg.d_model, (JOINED_KV, EMBED), dtype, result_dtype=residual_dtype(dtype), name="out")(out_BLI)
 
 
 class MLP(nn.Module):
@@ -198,7 +220,7 @@ class MLP(nn.Module):
       h_BLF = gate * Dense(cfg.d_ff, (EMBED, MLP_AXIS), dtype, name="wi_1")(x_BLD)
     h_BLF = nn.with_logical_constraint(h_BLF, (BATCH, LENGTH, MLP_AXIS))
     h_BLF = Dropout(cfg.dropout_rate)(h_BLF, deterministic=deterministic)
-    return Dense(cfg.d_model, (MLP_AXIS, EMBED), dtype, name="wo")(h_BLF)
+    return Dense(cfg.d_model, (MLP_AXIS, EMBED), dtype, result_dtype=residual_dtype(dtype), name="wo")(h_BLF)
 
 
 class EncoderLayer(nn.Module):
@@ -286,7 +308,9 @@ class Embedder(nn.Module):
     embedding_VD = self.param(
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (VOCAB, EMBED)),
         (cfg.vocab_size, cfg.d_model), jnp.float32)
-    return jnp.take(embedding_VD, ids_BL, axis=0).astype(jnp.dtype(cfg.dtype))
+    # Rounded to the compute dtype first (as a float16/bf16 checkpoint stores it), then widened to
+    # the residual stream's dtype (float32 under float16).
+    return jnp.take(embedding_VD, ids_BL, axis=0).astype(jnp.dtype(cfg.dtype)).astype(residual_dtype(cfg.dtype))
 
 
 class T5Encoder(nn.Module):

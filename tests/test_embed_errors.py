@@ -120,7 +120,6 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
     (["--buckets", "foo"], "--buckets 'foo': expected comma-separated token counts"),
     (["--max-seq-length", "1"], "--max-seq-length 1: expected >= 2"),
     (["--dtype", "bogus"], "argument --dtype: invalid choice: 'bogus'"),
-    (["--dtype", "fp16"], "needs a GPU or TPU"),  # these tests run on CPU
     (["--int8-ranges", "r.npy"], "--int8-ranges applies to --precision int8 or uint8, not float32"),
 ])
 def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):

@@ -57,10 +57,33 @@ def test_bfloat16_close_to_float32(model):
   assert cos.min() >= 0.999, cos.min()
 
 
-def test_float16_on_cpu_is_refused_up_front(model):
-  """XLA:CPU has no float16 dot with a float32 result: say so instead of failing inside attention."""
-  with pytest.raises(ValueError, match="needs a GPU or TPU.*bfloat16"):
-    Instructor(model.config.with_encoder(dtype="float16"), model.params, model.tokenizer)
+@pytest.mark.parametrize("pack", [True, False])
+def test_float16_close_to_float32(model, pack):
+  """float16 runs on CPU too (its matmuls widened to float32 there, exactly; see t5.matmul)."""
+  texts = [["Represent the sentence: ", s] for s in sentences(16)] + sentences(8)
+  fp16 = Instructor(model.config.with_encoder(dtype="fp16"), model.params, model.tokenizer)
+  assert fp16.config.encoder.dtype == "float16"
+  cos = np.sum(fp16.encode(texts, pack=pack) * model.encode(texts, pack=pack), axis=1)
+  assert cos.min() >= 0.999, cos.min()
+
+
+def test_float16_on_gpu_is_float16_gemms_feeding_a_float32_residual_stream(monkeypatch):
+  """The accelerator form (lowered here, not run): float16 operands everywhere; `out` and `wo` return float32."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from instructor_jax.config import preset
+  from instructor_jax.t5 import T5Encoder
+  cfg = dataclasses.replace(preset("tiny").encoder, dtype="float16", attention_impl="xla", num_layers=1)
+  ids = jnp.ones((2, 8), jnp.int32)
+  params = T5Encoder(cfg).init(jax.random.PRNGKey(0), ids, ids)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  hlo = jax.jit(T5Encoder(cfg).apply).lower(params, ids, ids).as_text()
+  dots = [line.split("dot_general")[1].rsplit("->", 1) for line in hlo.splitlines() if "dot_general" in line]
+  # q, k, v, logits, weights x values, out, wi, wo
+  assert len(dots) == 8 and all(operands.count("xf16>") == 2 for operands, _ in dots), dots
+  assert [result.strip()[-4:] for _, result in dots].count("f32>") == 3, dots  # logits, out, wo
 
 
 def test_bfloat16_matmuls_on_cpu_accumulate_to_float32_then_round():

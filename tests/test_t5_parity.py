@@ -64,3 +64,39 @@ def test_bucket_table_matches_transformers():
   pos = torch.arange(40)
   ref = T5Attention._relative_position_bucket(pos[None] - pos[:, None], True, 4, 128)
   np.testing.assert_array_equal(relative_position_buckets(40, 4, 128), ref.numpy())
+
+
+@pytest.mark.parametrize("wo_scale", [1.0, 3e4])
+@pytest.mark.parametrize("name", ["v1.0", "v1.1"])
+def test_float16_stays_as_close_to_float32_as_transformers_float16(name, wo_scale):
+  """float16 compute, float32 residual stream: no overflow where float16 hidden states would hold inf.
+
+  The reference is transformers' own float16 load (`_keep_in_fp32_modules`: `wo` in float32).
+  `wo_scale` 3e4 drives the first layer's residual past float16's 65504: a float16 stream gives
+  NaN there, and `.half()`'s clamping gives errors of 0.3.
+  """
+  hf_cfg, model = _random_hf_encoder(CONFIGS[name], seed=len(name))
+  with torch.no_grad():
+    model.encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(wo_scale)
+  cfg = dataclasses.replace(hf_format.t5_config_from_hf(hf_cfg.to_dict(), name), dtype="float16")
+  params = hf_format.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, cfg, name)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(2, 300, size=(3, 150))
+  mask = np.ones((3, 150), np.int64)
+  mask[1, 90:] = 0
+  inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  with torch.no_grad():
+    ref = model(**inputs).last_hidden_state.numpy()
+    model.half()
+    for block in model.encoder.block:
+      block.layer[1].DenseReluDense.wo.float()
+    hf16 = model(**inputs).last_hidden_state.float().numpy()
+  valid = mask.astype(bool)
+  assert np.abs(ref[valid]).max() < 10  # the stream overflows, the normalised output does not
+  hf_err = np.abs(hf16[valid] - ref[valid]).max()
+  for impl in ("dot_product_attention", "xla"):
+    ours = T5Encoder(dataclasses.replace(cfg, attention_impl=impl)).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert ours.dtype == jnp.float16
+    err = np.abs(np.asarray(ours, np.float32)[valid] - ref[valid]).max()
+    assert np.isfinite(err) and err <= 1.5 * hf_err, (impl, err, hf_err)
