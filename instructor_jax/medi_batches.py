@@ -341,6 +341,10 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+  for name, value, least in (("global_batch_size", global_batch_size, 1), ("seed", seed, 0),
+                             ("start_step", start_step, 0), ("query_len", query_len, 2), ("doc_len", doc_len, 2)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+      raise ValueError(f"global_batches({name}={value!r}): expected an int >= {least}.")
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of process_count "
                      f"{process_count} (every host takes an equal slice).")

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Iterator, NamedTuple
 
 FIELDS = ("query", "pos", "neg")
@@ -25,6 +26,9 @@ SHOW_FIRST = 5  # offending indices printed per reason
 _CHUNK = 1 << 24
 _MAX_RECORD = 1 << 26
 _PROBE = 1000  # records without any MEDI key, at the start, before we call the file "not MEDI"
+# Lone surrogates: JSON's \ud83d escapes, or bytes that are not UTF-8 (read as surrogateescape).
+# Neither can be encoded for the tokenizer or TFDS, so such records are skipped where they are read.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Pair = tuple[str, str]
 
@@ -81,7 +85,8 @@ def _localize_remote(path: str) -> str:
   """A local copy of a remote (gs://, s3://) MEDI file or folder, made once per host.
 
   Every host of a pod reads the whole corpus (any example can land in its slice), so a single
-  sequential download beats many small remote reads; the copy is reused across restarts.
+  sequential download beats many small remote reads. The copy is reused across restarts while the
+  remote file keeps its size and modification time (recorded beside the copy), else fetched again.
   """
   from etils import epath  # resolves gs:// through tf.io.gfile or gcsfs, whichever is installed
   remote = epath.Path(path)
@@ -93,11 +98,25 @@ def _localize_remote(path: str) -> str:
     remote = remote / names[0]
   cache = os.path.join(os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax")),
                        "medi", path.split("://", 1)[1].replace("/", "_"))
-  if not os.path.isfile(cache):
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    remote.copy(epath.Path(tmp), overwrite=True)
-    os.replace(tmp, cache)  # atomic: a killed download never looks complete
+  try:
+    st = remote.stat()
+    source = {"remote": os.fspath(remote), "length": st.length, "mtime": st.mtime}
+  except (NotImplementedError, OSError):  # a backend without stat: the copy is trusted as it is
+    source = {"remote": os.fspath(remote)}
+  stamp = cache + ".source.json"
+  if os.path.isfile(cache) and os.path.isfile(stamp):
+    with open(stamp) as f:
+      if json.load(f) == source:
+        print(f"{path}: using the local copy {cache} (same size and modification time; delete it to fetch again)")
+        return cache
+  print(f"{path}: copying {os.fspath(remote)} to {cache}" + (" (the remote file changed)" if os.path.isfile(cache) else ""))
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  tmp = f"{cache}.tmp{os.getpid()}"
+  remote.copy(epath.Path(tmp), overwrite=True)
+  os.replace(tmp, cache)  # atomic: a killed download never looks complete
+  with open(stamp + f".tmp{os.getpid()}", "w") as f:
+    json.dump(source, f)
+  os.replace(stamp + f".tmp{os.getpid()}", stamp)
   return cache
 
 
@@ -105,6 +124,7 @@ def resolve_medi_file(path: str) -> str:
   """The MEDI file itself, given the file or a (TFDS manual) directory holding one (or gs://...)."""
   if "://" in str(path):
     return _localize_remote(str(path))
+  path = os.path.expanduser(os.fspath(path))
   if os.path.isfile(path):
     return path
   if os.path.isdir(path):
@@ -156,6 +176,10 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
   if task is None:
     skip("bad task name", f"expected a non-empty string or int, got {obj.get('task_name', obj.get('task_id'))!r:.60}")
     return None
+  if _SURROGATE.search(task):
+    skip("invalid unicode", f"task name {task!r:.60} holds a lone surrogate (a bad \\u escape, or bytes that "
+         "are not UTF-8); MEDI files must be UTF-8")
+    return None
   pairs = {}
   for key in FIELDS:
     value = obj[key]
@@ -167,6 +191,11 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
     if not pair[1].strip():
       skip("empty text", f"{key} text is empty or whitespace")
       return None
+    bad = next((part for part, x in zip(("instruction", "text"), pair) if _SURROGATE.search(x)), None)
+    if bad is not None:
+      skip("invalid unicode", f"{key} {bad} holds a lone surrogate (a bad \\u escape, or bytes that are "
+           "not UTF-8); MEDI files must be UTF-8")
+      return None
     pairs[key] = pair
     report.extra_negatives += int(several and len(value) > 1)
   report.valid += 1
@@ -175,15 +204,22 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
 
 
 def _first_char(path: str) -> str:
+  """The first character after a BOM and whitespace (however much whitespace), or "" for an empty file."""
   with open(path, "rb") as f:
-    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-  return head[:1].decode("latin-1")
+    head = f.read(3).removeprefix(b"\xef\xbb\xbf")
+    while True:
+      head = head.lstrip(b" \t\r\n")
+      if head:
+        return head[:1].decode("latin-1")
+      head = f.read(1 << 16)
+      if not head:
+        return ""
 
 
 def _iter_json_array(path: str) -> Iterator[tuple[int, int | None, Any]]:
   """(index, None, object) for each element of a top-level JSON list, reading the file in chunks."""
   decoder = json.JSONDecoder()
-  with open(path, "r", encoding="utf-8-sig") as f:
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
     buf, pos, eof, index = f.read(_CHUNK), 0, False, 0
     pos = buf.index("[") + 1
     while True:
@@ -222,7 +258,7 @@ def _iter_jsonl(path: str, report: ValidationReport,
                 log: Callable[[str], None]) -> Iterator[tuple[int, int | None, Any]]:
   """(index, line number, object) for each non-blank line."""
   index = 0
-  with open(path, "r", encoding="utf-8-sig") as f:
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -258,8 +294,11 @@ def iter_medi(path: str, report: ValidationReport | None = None,
       raise MediFormatError(f"{path}: not a MEDI file; none of the first {report.total} records has the "
                             f"keys {FIELDS} + task_name/task_id.\n{report.summary()}")
   if report.valid == 0:
+    hint = ("\nJSONL holds one whole JSON object per line; a pretty-printed file, or a list wrapped in an "
+            "object, is not JSONL: write a top-level JSON list ('[...]') instead."
+            if report.skipped["invalid JSON"] * 2 > report.total else "")
     raise MediFormatError(f"{path}: no valid MEDI record; expected objects with {FIELDS} as "
-                          f"[instruction, text] pairs and task_name or task_id.\n{report.summary()}")
+                          f"[instruction, text] pairs and task_name or task_id.\n{report.summary()}{hint}")
 
 
 def read_medi(path: str, log: Callable[[str], None] = print) -> tuple[dict[str, list[MediRecord]], ValidationReport]:

@@ -2,7 +2,7 @@
 task and a size-weighted mixture.
 
     data_dir = ...  # where medi_tfds.Medi was prepared
-    names = register_medi_tasks(data_dir)                      # "medi.<split>" for every task
+    names = register_medi_tasks(data_dir)                      # "medi.<split>" for every task ('-' as '_')
     register_medi_mixture("medi", data_dir, temperature=2.0)   # rates ∝ min(n, cap) ** (1 / T)
     ds = seqio.get_mixture_or_task("medi").get_dataset(sequence_lengths(64, 256), split="train")
 
@@ -138,6 +138,23 @@ def _builder(data_dir: str) -> tfds.core.DatasetBuilder:
   return medi_tfds.Medi(data_dir=data_dir)
 
 
+def seqio_task_names(splits: Mapping[str, str]) -> dict[str, str]:
+  """{MEDI task: seqio task name}: `medi.` + its split name, with `-` (TFDS allows it, seqio does not) as `_`.
+
+  Decided over all splits at once, so a name never depends on which tasks are registered: split
+  names without `-` keep theirs, and a `-` name whose `_` form is taken gets a `_2`, `_3`, ... suffix.
+  """
+  out, used = {}, set()
+  for task, split in sorted(splits.items(), key=lambda kv: ("-" in kv[1], kv[1])):
+    base = TASK_PREFIX + split.replace("-", "_")
+    name, k = base, 2
+    while name in used:
+      name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    out[task] = name
+  return out
+
+
 def register_medi_tasks(data_dir: str, tasks: Sequence[str] | None = None) -> dict[str, str]:
   """Registers a seqio task per MEDI task of a prepared builder; {MEDI task: seqio task name}."""
   splits = medi_tfds.task_splits(_builder(data_dir))
@@ -145,9 +162,10 @@ def register_medi_tasks(data_dir: str, tasks: Sequence[str] | None = None) -> di
   if unknown:
     raise ValueError(f"{data_dir}: MEDI tasks {unknown[:10]} are not in the prepared dataset "
                      f"(it has {len(splits)} tasks, e.g. {sorted(splits)[:5]}).")
+  all_names = seqio_task_names(splits)
   names = {}
   for task in sorted(tasks or splits):
-    names[task] = TASK_PREFIX + splits[task]
+    names[task] = all_names[task]
     source = seqio.TfdsDataSource(f"medi:{medi_tfds.Medi.VERSION}", tfds_data_dir=data_dir,
                                   splits={"train": splits[task]})
     _register(names[task], source)

@@ -50,7 +50,8 @@ class TrainConfig:
                  "log_every", "keep_checkpoints", "stop_after_steps", "seed", "data_seed", "rate_cap"):
       value = getattr(self, name)
       optional = name in ("keep_checkpoints", "stop_after_steps", "rate_cap")
-      least = 0 if name in ("seed", "data_seed") else 1  # seeds feed unsigned integer RNGs
+      # Seeds feed unsigned integer RNGs; a length holds at least one token and </s>.
+      least = 0 if name in ("seed", "data_seed") else 2 if name in ("query_len", "doc_len") else 1
       if (value is None and optional) or (_is_integer(value) and value >= least):
         continue
       kind = f"an integer >= {least}" + (" or None" if optional else "")

@@ -149,6 +149,9 @@ def test_bad_arguments_are_refused(tasks):
     _run(tasks, 1, global_batch_size=30, process_count=4)
   with pytest.raises(ValueError, match="process_index 2"):
     _run(tasks, 1, process_index=2, process_count=2)
+  for name, value in (("seed", -1), ("start_step", -5), ("global_batch_size", 0), ("query_len", 1)):
+    with pytest.raises(ValueError, match=rf"global_batches\({name}={value}\): expected an int >= "):
+      _run(tasks, 1, **{name: value})
 
 
 def test_loads_a_medi_file_directly():

@@ -33,6 +33,8 @@ CASES = [
     (_good(12, task="t2"), None),
     (dict(_good(13), query=["i", ""]), "empty text"),
     (dict(_good(14), task_name=None, task_id="7"), None),
+    (dict(_good(15), pos=["", "p \ud83d broken emoji"]), "invalid unicode"),  # legal JSON, not encodable
+    (dict(_good(16), task_name="t\udc80"), "invalid unicode"),
 ]
 
 
@@ -83,6 +85,40 @@ def test_jsonl_skips_name_the_line_of_every_reason(tmp_path):
   medi_records.read_medi(str(path), log=lines.append)
   assert lines[0].startswith(f"{path}:3: skipping record 1 (missing key)")
   assert lines[1].startswith(f"{path}:5: skipping record 2 (empty text)")
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_bytes_that_are_not_utf8_skip_their_record_only(tmp_path, jsonl):
+  """A Latin-1 'café' is skipped and counted like any bad record (JSONL: with its line), not a crash."""
+  records = [_good(0), dict(_good(1), pos=["", "café"]), _good(2)]
+  dump = lambda x: json.dumps(x, ensure_ascii=False)  # noqa: E731
+  text = "\n".join(map(dump, records)) + "\n" if jsonl else dump(records)
+  path = tmp_path / ("m.jsonl" if jsonl else "m.json")
+  path.write_bytes(text.encode("latin-1"))
+  lines = []
+  tasks, report = medi_records.read_medi(str(path), log=lines.append)
+  assert [r.index for r in tasks["t1"]] == [0, 2] and report.skipped == {"invalid unicode": 1}
+  where = f"{path}:2:" if jsonl else f"{path}:"
+  assert lines[0].startswith(f"{where} skipping record 1 (invalid unicode): pos text") and "UTF-8" in lines[0]
+
+
+def test_any_amount_of_leading_whitespace(tmp_path):
+  path = tmp_path / "m.json"
+  path.write_text(" " * 100_000 + "\n" + json.dumps([_good(0)]))
+  assert medi_records.read_medi(str(path), log=lambda _: None)[1].valid == 1
+
+
+def test_pretty_printed_jsonl_gets_a_hint(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text(json.dumps({"data": [_good(0), _good(1)]}, indent=2))
+  with pytest.raises(medi_records.MediFormatError, match="one whole JSON object per line"):
+    medi_records.read_medi(str(path), log=lambda _: None)
+
+
+def test_home_directory_is_expanded(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  _write(tmp_path / "medi-data.json", [_good(0)], False)
+  assert medi_records.resolve_medi_file("~/medi-data.json") == str(tmp_path / "medi-data.json")
 
 
 def test_only_the_first_few_offenders_are_printed_but_all_counted(tmp_path):
@@ -158,4 +194,7 @@ def test_remote_medi_path_is_downloaded_once(tmp_path, monkeypatch):
   assert local.startswith(str(tmp_path / "cache")) and open(local).read() == src.read_text()
   copies.append(os.path.getmtime(local))
   assert medi_records.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == copies[0]
+  # A changed remote file (another size or modification time) is fetched again.
+  src.write_text(src.read_text().replace('"q"', '"a longer query"'))
+  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and open(local).read() == src.read_text()
   assert medi_records.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")

@@ -88,6 +88,27 @@ def test_split_names_are_tfds_safe_and_unique():
       "a b": "a_b", "a/b": "a_b_2", "all": "all_task", "ok-1": "ok-1", "x.y": "x_y"}
 
 
+def test_seqio_task_names_have_no_dash_and_stay_unique():
+  assert medi_seqio.seqio_task_names({"a-b": "a-b", "a_b": "a_b", "c": "c", "a b": "a_b_2"}) == {
+      "a_b": "medi.a_b", "a b": "medi.a_b_2", "c": "medi.c", "a-b": "medi.a_b_3"}
+
+
+def test_tasks_whose_names_hold_a_dash_register_and_load(tmp_path):
+  """TFDS split names keep '-', seqio task names may not hold it."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:8]
+  records = [dict(json.loads(line), task_name=("msrp-paraphrase" if i < 4 else "msrp_paraphrase"))
+             for i, line in enumerate(lines)]
+  (manual / "medi-data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+  data = str(tmp_path / "data")
+  medi_tfds.Medi(data_dir=data).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  assert medi_seqio.register_medi_tasks(data) == {"msrp-paraphrase": "medi.msrp_paraphrase_2",
+                                                  "msrp_paraphrase": "medi.msrp_paraphrase"}
+  tasks = medi_seqio.load_tasks_from_builder(medi_tfds.Medi(data_dir=data))
+  assert {name: len(t) for name, t in tasks.items()} == {"msrp-paraphrase": 4, "msrp_paraphrase": 4}
+
+
 def test_seqio_task_output_equals_the_inference_tokenizer(data_dir, tokenizer):
   names = medi_seqio.register_medi_tasks(data_dir)
   assert names["trecqa_answers"] == "medi.trecqa_answers" and len(names) == 4

@@ -134,6 +134,7 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     ("keep_checkpoints", 0, "keep_checkpoints=0; expected an integer >= 1 or None"),
     ("batch_size", "16", "batch_size='16'; expected an integer >= 1"),
     ("data_seed", -1, "data_seed=-1; expected an integer >= 0"),
+    ("query_len", 1, "query_len=1; expected an integer >= 2"),
     ("mixing_temperature", 0.0, "mixing_temperature=0.0; expected > 0"),
     ("dtype", "fp16", "dtype='fp16'; expected one of ('bfloat16', 'float32')"),
     ("loss", "foo", "loss='foo'; expected one of ['gtr', 'instructor']"),
