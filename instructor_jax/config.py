@@ -57,9 +57,18 @@ class T5Config:
       raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
-    if self.relative_attention_num_buckets < 2 or self.relative_attention_num_buckets % 2:
-      raise ValueError("T5Config.relative_attention_num_buckets must be even and >= 2 "
+    for name in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers"):
+      if not getattr(self, name) >= 1:
+        raise ValueError(f"T5Config.{name}={getattr(self, name)!r}; expected an integer >= 1.")
+    if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
+      raise ValueError("T5Config.relative_attention_num_buckets must be even and >= 4 "
                        f"(bidirectional buckets), got {self.relative_attention_num_buckets}.")
+    # Distances below num_buckets // 4 get a bucket each; the rest are spread logarithmically up to
+    # max_distance, which must therefore lie beyond them (T5 uses 128).
+    if not self.relative_attention_max_distance > self.relative_attention_num_buckets // 4:
+      raise ValueError(f"T5Config.relative_attention_max_distance={self.relative_attention_max_distance}; expected "
+                       f"> {self.relative_attention_num_buckets // 4} (num_buckets / 4) for "
+                       f"{self.relative_attention_num_buckets} buckets. T5, GTR and INSTRUCTOR use 128.")
 
   @property
   def inner_dim(self) -> int:
@@ -76,6 +85,12 @@ class InstructorConfig:
   projection_dim: Optional[int] = 768
   max_seq_length: int = 512
   normalize: bool = True
+
+  def __post_init__(self):
+    if not self.max_seq_length >= 2:
+      raise ValueError(f"max_seq_length={self.max_seq_length!r}; expected >= 2 (at least one token and </s>).")
+    if self.projection_dim is not None and not self.projection_dim >= 1:
+      raise ValueError(f"projection_dim={self.projection_dim!r}; expected an integer >= 1, or None for no projection.")
 
   @property
   def embedding_dim(self) -> int:

@@ -103,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _source_prompts(tokenizer_dir: str | None) -> dict[str, str]:
-  """Named prompts of a sentence-transformers source, carried over to the export."""
-  path = os.path.join(tokenizer_dir or "", "config_sentence_transformers.json")
-  if tokenizer_dir is None or not os.path.exists(path):
-    return {}
+def _source_prompts(model_dir: str | None) -> tuple[dict[str, str], str | None]:
+  """Named prompts and the default prompt name of a sentence-transformers source, carried over to the export."""
+  path = os.path.join(model_dir or "", "config_sentence_transformers.json")
+  if model_dir is None or not os.path.exists(path):
+    return {}, None
   with open(path, encoding="utf-8") as f:
-    return dict(json.load(f).get("prompts") or {})
+    st_config = json.load(f)
+  return dict(st_config.get("prompts") or {}), st_config.get("default_prompt_name")
 
 
 def _describe(config) -> str:
@@ -124,8 +125,20 @@ def convert(args: argparse.Namespace) -> list[str]:
   from instructor_jax.sources import load_source
   if args.to == "orbax" and args.dtype != "float32":
     raise ValueError("--to orbax stores float32 parameters (training precision); drop --dtype.")
+  if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+    raise ValueError(f"DST {args.dst} is a file; expected a directory to write into (new, or empty).")
   if args.to == "st" and os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
     raise ValueError(f"{args.dst} exists and is not empty; pass --overwrite or choose another DST.")
+  if args.to == "orbax" and os.path.isdir(args.dst):
+    # Orbax's own steps (digit directories) are handled by save_params; anything else means DST is
+    # some other directory (a training workdir, an ST export), whose readers would not see step 0.
+    foreign = sorted(n for n in os.listdir(args.dst) if not n.isdigit())
+    if foreign:
+      raise ValueError(f"{args.dst} holds {foreign[:5]}, so it is not an orbax checkpoint directory; --to orbax "
+                       "writes DST/0 into a new or empty directory (or one holding only orbax steps).")
+  for flag, value, least in (("--max-seq-length", args.max_seq_length, 2), ("--max-distance", args.max_distance, 1)):
+    if value is not None and value < least:
+      raise ValueError(f"{flag} {value}: expected >= {least}.")
   start = time.time()
   loaded = load_source(args.src, args.revision, step=args.step, max_distance=args.max_distance)
   config = loaded.config
@@ -140,12 +153,14 @@ def convert(args: argparse.Namespace) -> list[str]:
     return [os.path.join(args.dst, "0")]
   from instructor_jax.export import save_sentence_transformers
   from instructor_jax.tokenization import Tokenizer
-  prompts = {**_source_prompts(loaded.tokenizer_dir), **dict(args.prompt)}
+  source_prompts, default_prompt_name = _source_prompts(loaded.model_dir)
+  prompts = {**source_prompts, **dict(args.prompt)}
   tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
   files = save_sentence_transformers(args.dst, config, loaded.params, tokenizer.hf_tokenizer, dtype=args.dtype,
                                      prompts=prompts, source=loaded.description,
                                      max_shard_bytes=args.max_shard_size,
-                                     instructor_embedding_compat=args.instructor_embedding_compat)
+                                     instructor_embedding_compat=args.instructor_embedding_compat,
+                                     default_prompt_name=default_prompt_name)
   return [os.path.join(args.dst, f) for f in files]
 
 

@@ -102,10 +102,12 @@ def _encoder_tensors(params: Mapping[str, Any], config: InstructorConfig,
 
 
 def _clear_weights(directory: str) -> None:
-  """Removes weight files of an earlier export, so no stale shard or index can shadow the new ones."""
-  for pattern in _WEIGHT_FILE_PATTERNS:
-    for path in glob.glob(os.path.join(directory, pattern)):
-      os.remove(path)
+  """Removes weight files of an earlier export (the root's and the module folders'), so no stale
+  shard, index or `2_Dense/pytorch_model.bin` can shadow the new ones or outlive a projection."""
+  for folder in ("", "2_Dense"):
+    for pattern in _WEIGHT_FILE_PATTERNS:
+      for path in glob.glob(os.path.join(directory, folder, pattern)):
+        os.remove(path)
 
 
 def save_tokenizer(directory: str, hf_tokenizer: Any, max_seq_length: int) -> None:
@@ -217,8 +219,9 @@ emb = model.encode(["3D ActionSLAM: wearable person tracking"], prompt="Represen
 ```
 
 {_pooling_note(instructor_embedding_compat)}
-InstructorEmbedding 1.0.1 pools a one-token instruction (its `n <= 1 -> 0` rule);
-sentence-transformers does not, so use instructions of two or more tokens when comparing the two.
+InstructorEmbedding 1.0.1 pools a one-token instruction (its `n <= 1 -> 0` rule) and strips each
+text; sentence-transformers does neither, so compare the two with instructions of two or more
+tokens and texts stripped of leading and trailing whitespace.
 
 Plain transformers: `T5EncoderModel.from_pretrained("PATH")` on `instruction + text`, mean of the
 last hidden state over the positions after the instruction's tokens (its token count without
@@ -232,8 +235,12 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
                                dtype: str = "float32", prompts: Mapping[str, str] | None = None,
                                source: str | None = None,
                                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                               instructor_embedding_compat: bool = False) -> list[str]:
+                               instructor_embedding_compat: bool = False,
+                               default_prompt_name: str | None = None) -> list[str]:
   """Writes the sentence-transformers directory; returns the weight file names of the encoder.
+
+  `default_prompt_name` (one of `prompts`) is the prompt sentence-transformers applies when
+  `encode` is given none.
 
   `instructor_embedding_compat` writes the layout that InstructorEmbedding 1.0.1 (sentence-transformers
   2.2.2) can load: no `include_prompt` key in the pooling config (that stack masks the instruction
@@ -248,6 +255,8 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
       raise ValueError("the InstructorEmbedding 1.0.1 layout needs PyTorch to write 2_Dense/pytorch_model.bin "
                        "(pip install torch).") from e
   prompts = dict(prompts or {})
+  if default_prompt_name is not None and default_prompt_name not in prompts:
+    raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts {sorted(prompts)}.")
   os.makedirs(directory, exist_ok=True)
   _clear_weights(directory)
   _write_json(os.path.join(directory, "config.json"), hf_config_from_t5(config.encoder, dtype))
@@ -265,7 +274,7 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
     os.makedirs(os.path.join(directory, "3_Normalize"), exist_ok=True)
   _write_json(os.path.join(directory, "config_sentence_transformers.json"), {
       "__version__": {"instructor_jax": _package_version()}, "model_type": "SentenceTransformer",
-      "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+      "prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"})
   save_tokenizer(directory, hf_tokenizer, config.max_seq_length)
   with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
     f.write(_readme(config, dtype, prompts, source, instructor_embedding_compat))

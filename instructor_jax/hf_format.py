@@ -48,6 +48,10 @@ def t5_config_from_hf(hf: Mapping[str, Any], source: str) -> T5Config:
   else:
     raise CheckpointError(f"{source}: feed_forward_proj={ff!r} is not supported; expected 'relu' "
                           "(T5 v1.0) or 'gated-gelu' (T5 v1.1).")
+  missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{source}: config.json lacks {missing}; a T5 config.json names vocab_size, d_model, "
+                          "num_heads, d_kv, d_ff and num_layers. Restore the file from the model's release.")
   return T5Config(
       vocab_size=int(hf["vocab_size"]),
       d_model=int(hf["d_model"]),
@@ -265,6 +269,44 @@ def _read_json(path: str) -> Any:
     raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from e
 
 
+def _modules(directory: str) -> list[dict[str, Any]]:
+  modules_path = os.path.join(directory, "modules.json")
+  return _read_json(modules_path) if os.path.exists(modules_path) else []
+
+
+def transformer_dir(directory: str) -> str:
+  """Where the T5's config, weights and tokenizer are: the root, or (older sentence-transformers
+  layout) the folder of the Transformer module named in modules.json, e.g. `0_Transformer/`."""
+  if os.path.exists(os.path.join(directory, "config.json")):
+    return directory
+  for module in _modules(directory):
+    folder = module.get("path") or ""
+    if module.get("type", "").endswith("Transformer") and os.path.exists(os.path.join(directory, folder, "config.json")):
+      return os.path.join(directory, folder)
+  return directory
+
+
+_POOLING_MODES = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                  "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+def _check_pooling(directory: str) -> None:
+  """Refuses a sentence-transformers Pooling module that is not mean pooling (the only kind loaded)."""
+  for module in _modules(directory):
+    if not module.get("type", "").endswith("Pooling"):
+      continue
+    path = os.path.join(directory, module.get("path") or "", "config.json")
+    if not os.path.exists(path):
+      continue
+    cfg = _read_json(path)
+    others = [k for k in _POOLING_MODES if cfg.get(k)]
+    if not cfg.get("pooling_mode_mean_tokens", False) or others:
+      modes = [k for k in ("pooling_mode_mean_tokens", *_POOLING_MODES) if cfg.get(k)]
+      raise CheckpointError(f"{path}: pooling modes {modes or 'none'}; INSTRUCTOR and GTR use mean pooling alone "
+                            "(pooling_mode_mean_tokens), which is all this package implements: loading this model "
+                            "would change its embeddings.")
+
+
 def _find_dense_dir(directory: str) -> str | None:
   """The sentence-transformers Dense module directory named in modules.json, if any."""
   modules_path = os.path.join(directory, "modules.json")
@@ -298,14 +340,16 @@ def _load_dense(dense_dir: str) -> np.ndarray:
 
 def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
   """Reads a sentence-transformers (hkunlp/instructor-*, gtr-t5-*) or plain T5 directory."""
-  config_path = os.path.join(directory, "config.json")
+  _check_pooling(directory)
+  t5_dir = transformer_dir(directory)
+  config_path = os.path.join(t5_dir, "config.json")
   if not os.path.exists(config_path):
     raise CheckpointError(f"{directory}: no config.json; expected a transformers / sentence-transformers "
                           "T5 model directory (or a t5x / orbax checkpoint for the other loaders).")
   t5 = t5_config_from_hf(_read_json(config_path), config_path)
-  params = params_from_hf(load_hf_weights(directory), t5, directory)
+  params = params_from_hf(load_hf_weights(t5_dir), t5, t5_dir)
   max_len = 512
-  st_cfg_path = os.path.join(directory, "sentence_bert_config.json")
+  st_cfg_path = os.path.join(t5_dir, "sentence_bert_config.json")
   if os.path.exists(st_cfg_path):
     max_len = int(_read_json(st_cfg_path).get("max_seq_length") or 512)
   dense_dir = _find_dense_dir(directory)

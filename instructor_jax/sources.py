@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from instructor_jax.config import InstructorConfig
-from instructor_jax.hf_format import CheckpointError, load_hf_directory
+from instructor_jax.hf_format import CheckpointError, load_hf_directory, transformer_dir
 
 
 @dataclasses.dataclass
@@ -16,6 +16,7 @@ class LoadedModel:
   params: Any
   tokenizer_dir: str | None  # None: the bundled T5 vocabulary
   description: str
+  model_dir: str | None = None  # a sentence-transformers source's root (prompts, modules)
 
 
 # Hub repositories of sentence-transformers models also hold ONNX / OpenVINO exports (several times
@@ -65,7 +66,7 @@ def detect_kind(path: str) -> str:
   if path.startswith("gs://"):
     # The t5x reader reports an unreachable bucket or a missing 'checkpoint' with the real cause.
     return "orbax" if orbax_io.is_orbax_checkpoint(path) else "t5x"
-  if os.path.exists(os.path.join(path, "config.json")):
+  if os.path.exists(os.path.join(transformer_dir(path), "config.json")):
     return "hf"
   if t5x_format.is_t5x_checkpoint(path):
     return "t5x"
@@ -130,7 +131,7 @@ def load_source(name_or_path: str, revision: str | None = None, *, step: int | N
                             "directory.")
     if kind == "hf":
       config, params = load_hf_directory(path)
-      return LoadedModel(config, params, path, f"hf:{os.path.abspath(path)}")
+      return LoadedModel(config, params, transformer_dir(path), f"hf:{os.path.abspath(path)}", path)
     if kind == "t5x":
       return _load_t5x(path, max_distance, step)
     return _load_orbax(path, step)
@@ -141,5 +142,5 @@ def load_source(name_or_path: str, revision: str | None = None, *, step: int | N
       raise CheckpointError(f"{name_or_path}: step / max_distance do not apply to Hugging Face Hub models.")
     local = resolve_hub_id(name_or_path, revision)
     config, params = load_hf_directory(local)
-    return LoadedModel(config, params, local, f"hub:{name_or_path}")
+    return LoadedModel(config, params, transformer_dir(local), f"hub:{name_or_path}", local)
   raise CheckpointError(f"{name_or_path!r}: no such directory, and not a Hub id of the form 'owner/name'.")

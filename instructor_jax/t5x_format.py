@@ -13,6 +13,8 @@ names are the t5x dual-encoder names that our tree uses, so loading is a read, n
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 import os
 import re
 import warnings
@@ -105,6 +107,13 @@ def resolve_checkpoint_dir(path: str, step: int | None = None) -> str:
   if step is not None and _has_checkpoint_file(_join(path, f"checkpoint_{step}")):
     return _join(path, f"checkpoint_{step}")
   steps = _steps(path)
+  if step is not None and not steps and _has_checkpoint_file(path):
+    own = re.search(r"checkpoint_(\d+)$", path)
+    if own and int(own.group(1)) == step:
+      return path
+    what = f"the checkpoint of step {own.group(1)}" if own else "a single t5x checkpoint"
+    raise CheckpointError(f"{path}: is {what}, but step={step} was requested; pass its parent model directory "
+                          "with the step, or drop the step.")
   if step is not None:
     raise CheckpointError(f"{path}: no checkpoint_{step}; t5x steps found: {steps or 'none'}.")
   if steps:
@@ -160,6 +169,28 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[
       yield path, value
 
 
+def _check_chunks(array_dir: str, name: str) -> None:
+  """Refuses a zarr array with missing chunk files, which zarr would silently read as its fill value.
+
+  That is what an interrupted `gsutil cp` leaves: without this check the tensor loads with zero
+  blocks and the conversion succeeds.
+  """
+  raw = _read_file(array_dir, ".zarray")
+  if raw is None:
+    return  # not zarr v2 as expected: tensorstore's own open reports it
+  meta = json.loads(raw)
+  shape, chunks = meta.get("shape", []), meta.get("chunks", [])
+  sep = meta.get("dimension_separator", ".")
+  grid = [range(-(-n // c)) for n, c in zip(shape, chunks)] if shape else [range(1)]
+  expected = {sep.join(map(str, index)) for index in itertools.product(*grid)}
+  missing = sorted(expected - set(_keys(array_dir, "", "")))
+  if missing and not os.environ.get("INSTRUCTOR_JAX_ALLOW_MISSING_CHUNKS"):
+    raise CheckpointError(
+        f"{array_dir}: tensor {name!r} lacks {len(missing)} of its {len(expected)} zarr chunk files (e.g. "
+        f"{missing[:3]}); an interrupted copy? Copy the checkpoint again. (tensorstore can also leave an "
+        "all-zero chunk unwritten: if the tensor really holds zero blocks, set INSTRUCTOR_JAX_ALLOW_MISSING_CHUNKS=1.)")
+
+
 def _open_spec(spec: Mapping[str, Any], directory: str, name: str) -> np.ndarray:
   """Reads one tensorstore-backed array; the spec's relative gfile path is resolved to `directory`."""
   import tensorstore as ts
@@ -174,6 +205,7 @@ def _open_spec(spec: Mapping[str, Any], directory: str, name: str) -> np.ndarray
   else:
     array_dir = rel if os.path.isabs(rel) else _join(directory, rel)
   spec["kvstore"] = _kvstore(array_dir)
+  _check_chunks(array_dir, name)
   try:
     store = ts.open(spec, open=True, read=True, context=_context()).result()
     return np.asarray(store.read().result())

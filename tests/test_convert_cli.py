@@ -54,6 +54,58 @@ def test_cli_source_prompts_carry_over(tmp_path):
     assert json.load(f)["prompts"] == {"sci": "Represent the Science title:", "q": "Q: "}
 
 
+def test_cli_default_prompt_name_carries_over(tmp_path):
+  """sentence-transformers applies the default prompt when encode gets none: dropping it changes embeddings."""
+  src, dst = tmp_path / "src", str(tmp_path / "dst")
+  shutil.copytree(TINY, src)
+  (src / "config_sentence_transformers.json").write_text(json.dumps(
+      {"prompts": {"query": "Represent the question: "}, "default_prompt_name": "query"}))
+  assert main([str(src), dst]) == 0
+  with open(os.path.join(dst, "config_sentence_transformers.json")) as f:
+    st_config = json.load(f)
+  assert st_config["prompts"] == {"query": "Represent the question: "} and st_config["default_prompt_name"] == "query"
+
+
+def test_overwrite_removes_a_stale_dense_bin(tmp_path):
+  """A torch 2_Dense/pytorch_model.bin (compat layout) must not outlive an export that has no such file."""
+  dst = str(tmp_path / "dst")
+  stale = os.path.join(dst, "2_Dense", "pytorch_model.bin")
+  os.makedirs(os.path.dirname(stale))
+  with open(stale, "wb") as f:
+    f.write(b"old")
+  assert main([TINY, dst, "--overwrite"]) == 0
+  assert not os.path.exists(stale) and os.path.exists(os.path.join(dst, "2_Dense", "model.safetensors"))
+
+
+def test_older_sentence_transformers_layout_with_a_transformer_folder(tmp_path):
+  """modules.json may put the T5 in a folder such as 0_Transformer/ (config, weights, tokenizer there)."""
+  src = tmp_path / "old"
+  shutil.copytree(TINY, src)
+  (src / "0_Transformer").mkdir()
+  for name in os.listdir(TINY):
+    if os.path.isfile(os.path.join(TINY, name)) and name not in ("modules.json", "LICENSE-NOTE.md"):
+      shutil.move(str(src / name), str(src / "0_Transformer" / name))
+  modules = json.loads((src / "modules.json").read_text())
+  for module in modules:
+    if module["type"].endswith("Transformer"):
+      module["path"] = "0_Transformer"
+  (src / "modules.json").write_text(json.dumps(modules))
+  old, new = load_source(str(src)), load_source(TINY)
+  assert old.config == new.config and old.tokenizer_dir == str(src / "0_Transformer")
+  for key in ("token_embedder", "projection_layer"):
+    assert (old.params[key][next(iter(old.params[key]))] == new.params[key][next(iter(new.params[key]))]).all()
+
+
+def test_pooling_other_than_mean_is_refused(tmp_path):
+  src = tmp_path / "cls"
+  shutil.copytree(TINY, src)
+  cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
+  (src / "1_Pooling" / "config.json").write_text(json.dumps(
+      {**cfg, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+  with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \['pooling_mode_cls_token'\]"):
+    load_source(str(src))
+
+
 def _error(argv, capsys):
   assert main(argv) == 2
   return capsys.readouterr().err
@@ -101,6 +153,21 @@ def test_cli_errors(tmp_path, capsys):
   assert "t5x checkpoints only" in _error([TINY, str(tmp_path / "o9"), "--max-distance", "64"], capsys)
   with pytest.raises(SystemExit):
     main([TINY, str(tmp_path / "o10"), "--prompt", "no-equals-sign"])
+
+  assert "is a file; expected a directory" in _error([TINY, str(unknown / "weights.h5")], capsys)
+  err = _error([TINY, str(taken), "--to", "orbax"], capsys)
+  assert "holds ['x'], so it is not an orbax checkpoint directory" in err and not (taken / "0").exists()
+  assert "--max-seq-length 1: expected >= 2" in _error([TINY, str(tmp_path / "o11"), "--max-seq-length", "1"], capsys)
+  assert "--max-distance 0: expected >= 1" in _error([T5X, str(tmp_path / "o12"), "--max-distance", "0"], capsys)
+  err = _error([T5X, str(tmp_path / "o13"), "--max-distance", "1"], capsys)  # t5x_tiny has 4 buckets
+  assert "relative_attention_max_distance=1; expected > 1" in err
+
+  no_d_model = tmp_path / "no_d_model"
+  shutil.copytree(TINY, no_d_model)
+  cfg = json.loads((no_d_model / "config.json").read_text())
+  del cfg["d_model"]
+  (no_d_model / "config.json").write_text(json.dumps(cfg))
+  assert "config.json lacks ['d_model']" in _error([str(no_d_model), str(tmp_path / "o14")], capsys)
 
 
 def test_dense_with_bias_is_refused(tmp_path):

@@ -170,6 +170,18 @@ def test_errors_name_the_tensor(tmp_path):
     t5x_format.load_t5x_checkpoint(src)
 
 
+def test_missing_zarr_chunks_are_refused_not_read_as_zeros(tmp_path, monkeypatch):
+  """An interrupted copy leaves chunk files out; zarr would fill them with zeros without a word."""
+  src = str(tmp_path / "ckpt")
+  shutil.copytree(T5X, src)
+  os.remove(os.path.join(src, "target.token_embedder.embedding", "3.0"))
+  with pytest.raises(CheckpointError, match=r"token_embedder/embedding' lacks 1 of its 8 zarr chunk files.*'3.0'"):
+    t5x_format.load_t5x_checkpoint(src)
+  monkeypatch.setenv("INSTRUCTOR_JAX_ALLOW_MISSING_CHUNKS", "1")
+  params = t5x_format.load_t5x_checkpoint(src)[1]
+  assert not np.asarray(params["token_embedder"]["embedding"])[3 * 4096:4 * 4096].any()
+
+
 def test_shape_mismatch_names_the_tensor(tmp_path):
   src = _copy_with_target(tmp_path, lambda t: t["encoder"]["layers_1"]["pre_mlp_layer_norm"].__setitem__(
       "scale", np.ones(5, np.float32)))
@@ -187,6 +199,13 @@ def test_model_dir_with_step_subdirs(tmp_path):
   assert t5x_format.resolve_checkpoint_dir(str(root), step=500).endswith("checkpoint_500")
   with pytest.raises(CheckpointError, match=r"checkpoint_7.*\[500, 1000\]"):
     t5x_format.resolve_checkpoint_dir(str(root), step=7)
+  # The checkpoint_<step> directory itself, with or without its own step.
+  one = str(root / "checkpoint_500")
+  assert t5x_format.resolve_checkpoint_dir(one, step=500) == one
+  with pytest.raises(CheckpointError, match="is the checkpoint of step 500, but step=1000 was requested"):
+    t5x_format.resolve_checkpoint_dir(one, step=1000)
+  with pytest.raises(CheckpointError, match="is a single t5x checkpoint, but step=0 was requested"):
+    t5x_format.resolve_checkpoint_dir(T5X, step=0)
 
 
 def test_gcs_paths_map_to_gcs_kvstore():
