@@ -286,8 +286,19 @@ def transformer_dir(directory: str) -> str:
   return directory
 
 
-_POOLING_MODES = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                  "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+# sentence-transformers' legacy boolean pooling keys and the mode each names.
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def pooling_modes(cfg: Mapping[str, Any]) -> list[str]:
+  """The pooling modes a Pooling `config.json` means, read as sentence-transformers reads it: its
+  `pooling_mode` (a name or a list; newer versions), else the legacy keys set true, else mean."""
+  mode = cfg.get("pooling_mode")
+  if mode is not None:
+    return [mode] if isinstance(mode, str) else list(mode)
+  return [name for key, name in _LEGACY_POOLING_KEYS.items() if cfg.get(key)] or ["mean"]
 
 
 def _check_pooling(directory: str) -> None:
@@ -298,13 +309,10 @@ def _check_pooling(directory: str) -> None:
     path = os.path.join(directory, module.get("path") or "", "config.json")
     if not os.path.exists(path):
       continue
-    cfg = _read_json(path)
-    others = [k for k in _POOLING_MODES if cfg.get(k)]
-    if not cfg.get("pooling_mode_mean_tokens", False) or others:
-      modes = [k for k in ("pooling_mode_mean_tokens", *_POOLING_MODES) if cfg.get(k)]
-      raise CheckpointError(f"{path}: pooling modes {modes or 'none'}; INSTRUCTOR and GTR use mean pooling alone "
-                            "(pooling_mode_mean_tokens), which is all this package implements: loading this model "
-                            "would change its embeddings.")
+    modes = pooling_modes(_read_json(path))
+    if modes != ["mean"]:
+      raise CheckpointError(f"{path}: pooling {modes}; INSTRUCTOR and GTR use mean pooling alone, which is all "
+                            "this package implements: loading this model would change its embeddings.")
 
 
 def _find_dense_dir(directory: str) -> str | None:

@@ -102,8 +102,17 @@ def test_pooling_other_than_mean_is_refused(tmp_path):
   cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
   (src / "1_Pooling" / "config.json").write_text(json.dumps(
       {**cfg, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
-  with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \['pooling_mode_cls_token'\]"):
+  with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling \['cls'\]; INSTRUCTOR and GTR use mean"):
     load_source(str(src))
+
+
+def test_pooling_config_read_as_sentence_transformers_reads_it():
+  from instructor_jax.hf_format import pooling_modes
+  assert pooling_modes({"pooling_mode": "mean", "include_prompt": False}) == ["mean"]  # sentence-transformers >= 6
+  assert pooling_modes({"pooling_mode": ["mean", "max"], "pooling_mode_mean_tokens": True}) == ["mean", "max"]
+  assert pooling_modes({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}) == ["mean"]
+  assert pooling_modes({"word_embedding_dimension": 768}) == ["mean"]  # no mode at all: the default
+  assert pooling_modes({"pooling_mode_cls_token": True, "pooling_mode_max_tokens": True}) == ["cls", "max"]
 
 
 def _error(argv, capsys):
