@@ -193,6 +193,13 @@ def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
   np.testing.assert_allclose(emb, expected, atol=1e-6)
   manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["model"]["source"].endswith("tiny_instructor") and manifest["model"]["compute_dtype"] == "float32"
+  # --dtype fp16 (for GPUs without bf16) also runs here, close to float32, and is recorded as float16.
+  out16 = str(tmp_path / "out16")
+  embed.main(["--model", model_dir, "--input", str(path), "--output", out16, "--instruction", INSTRUCTION,
+              "--no-progress", "--dtype", "fp16"])
+  _, emb16 = read_output(out16)
+  assert np.sum(emb16 * expected, axis=1).min() >= 0.999
+  assert json.load(open(os.path.join(out16, "_manifest.json")))["model"]["compute_dtype"] == "float16"
 
 
 def test_int8_ranges_file_is_used_and_checked(tmp_path, model):
