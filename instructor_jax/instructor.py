@@ -27,6 +27,11 @@ class Instructor:
                source: str | None = None, mesh: Mesh | None = None):
     self.mesh = mesh or local_data_mesh()
     self.config = config.with_encoder(dtype=canonical_dtype(config.encoder.dtype))  # "bf16" -> "bfloat16"
+    platform = self.mesh.devices.flat[0].platform
+    if self.config.encoder.dtype == "float16" and platform == "cpu" and jax.default_backend() != "cpu":
+      # The model picks its CPU float16 form (matmuls widened to float32) from the default backend.
+      raise ValueError(f"dtype float16 on a CPU mesh while JAX's default backend is {jax.default_backend()}: "
+                       "use the accelerator's devices, or float32/bfloat16 on the CPU.")
     self.tokenizer = tokenizer
     self.source = source
     self._replicated = NamedSharding(self.mesh, P())

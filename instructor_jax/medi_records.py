@@ -220,7 +220,9 @@ def _iter_json_array(path: str) -> Iterator[tuple[int, int | None, Any]]:
   """(index, None, object) for each element of a top-level JSON list, reading the file in chunks."""
   decoder = json.JSONDecoder()
   with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
-    buf, pos, eof, index = f.read(_CHUNK), 0, False, 0
+    buf, eof, index = f.read(_CHUNK), False, 0
+    while buf and not buf.lstrip(" \t\r\n"):  # whitespace-only chunks before the '['
+      buf = f.read(_CHUNK)
     pos = buf.index("[") + 1
     while True:
       while True:  # skip whitespace and the separator, refilling at the chunk edge

@@ -67,6 +67,14 @@ def test_float16_close_to_float32(model, pack):
   assert cos.min() >= 0.999, cos.min()
 
 
+def test_float16_on_a_cpu_mesh_of_a_gpu_host_is_refused(model, monkeypatch):
+  """The CPU float16 form is chosen by the default backend; a CPU mesh beside a GPU would get the GPU form."""
+  import jax
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="float16 on a CPU mesh while JAX's default backend is gpu"):
+    Instructor(model.config.with_encoder(dtype="float16"), model.params, model.tokenizer)
+
+
 def test_float16_on_gpu_is_float16_gemms_feeding_a_float32_residual_stream(monkeypatch):
   """The accelerator form (lowered here, not run): float16 operands everywhere; `out` and `wo` return float32."""
   import dataclasses

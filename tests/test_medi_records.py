@@ -102,7 +102,8 @@ def test_bytes_that_are_not_utf8_skip_their_record_only(tmp_path, jsonl):
   assert lines[0].startswith(f"{where} skipping record 1 (invalid unicode): pos text") and "UTF-8" in lines[0]
 
 
-def test_any_amount_of_leading_whitespace(tmp_path):
+def test_any_amount_of_leading_whitespace(tmp_path, monkeypatch):
+  monkeypatch.setattr(medi_records, "_CHUNK", 64)  # several whitespace-only chunks before the '['
   path = tmp_path / "m.json"
   path.write_text(" " * 100_000 + "\n" + json.dumps([_good(0)]))
   assert medi_records.read_medi(str(path), log=lambda _: None)[1].valid == 1
