@@ -59,10 +59,13 @@ def torch_rates(a: np.ndarray, b: np.ndarray, reps: int) -> dict[str, float]:
   except ImportError:
     return {}
   flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+  # On the same kind of device as JAX's (a GPU machine's torch rows must not be CPU rates), synchronised.
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   rates = {}
   for dtype in (torch.float32, torch.bfloat16):
-    ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
-    rates[f"torch {str(dtype).removeprefix('torch.')}"] = flops / _best_seconds(lambda: ta @ tb, reps) / 1e9
+    ta, tb = (torch.from_numpy(x).to(device=device, dtype=dtype) for x in (a, b))
+    rates[f"torch {str(dtype).removeprefix('torch.')}"] = flops / _best_seconds(lambda: (ta @ tb, sync()), reps) / 1e9
   return rates
 
 

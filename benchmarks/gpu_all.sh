@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu_results}
 PHASE=${1:-core}
 mkdir -p "$OUT"
+: > "$OUT/status.txt"  # this phase's steps only
 # XLA's warnings (allocator, ptxas, slow compiles) stay visible in the logs; output is unbuffered so
 # a killed step's log shows how far it got; compiles are cached on disk for a later phase.
 export TF_CPP_MIN_LOG_LEVEL=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
@@ -34,18 +35,30 @@ else
   VARIANTS="pytorch-ckpt,pytorch@32,jax-full,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
 fi
 
+FAILED=0
 step() {  # name, seconds, command... (the limit shrinks to what is left of BUDGET, less 20 s for the report)
   local name=$1 limit=$2; shift 2
   local start=$SECONDS left=$((END - SECONDS - 20))
+  # A reused OUT must not let an earlier run's results pass for this one's.
+  rm -rf "${OUT:?}/$name.json" "$OUT/$name.json.tmp" "${OUT:?}/$name"
   if ((left < limit)); then limit=$left; fi
   if ((limit < 30)); then
     echo "$(date -u +%FT%TZ) $name skipped: ${limit}s left of BUDGET" | tee -a "$OUT/status.txt"
+    FAILED=1
     return
   fi
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  if ((rc)); then FAILED=1; fi
   echo "$(date -u +%FT%TZ) $name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/status.txt"
   tail -n 12 "$OUT/$name.log"
+}
+
+report() {  # output, json... : the tables, then every step's exit status (124: cut short by its limit)
+  local out=$1; shift
+  { "$PY" benchmarks/report.py "$@"; printf '\nSteps (rc 124: cut short by the time limit):\n\n'
+    sed 's/^/    /' "$OUT/status.txt"; } > "$out"
+  cat "$out"
 }
 
 # Without a GPU JAX falls back to the CPU silently and would spend the whole budget on gtr-large there.
@@ -68,12 +81,12 @@ if [[ $PHASE == core ]]; then
   # PyTorch has released its cache when JAX runs: let XLA use most of the card.
   step train 300 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
     --sections matmul,train "${TRAIN[@]}" --train-variants "$VARIANTS" --out "$OUT/train.json"
-  "$PY" benchmarks/report.py "$OUT"/embed.json "$OUT"/train.json > "$OUT/report.md"; cat "$OUT/report.md"
+  report "$OUT/report.md" "$OUT"/embed.json "$OUT"/train.json
 elif [[ $PHASE == extra ]]; then
   check_devices
   step embed_cudnn 240 "$PY" benchmarks/run.py --shape "$SHAPE" --sections embed "${SIZES[@]}" \
     --attention-impl cudnn --out "$OUT/embed_cudnn.json"
-  "$PY" benchmarks/report.py "$OUT"/embed_cudnn.json > "$OUT/report_cudnn.md"; cat "$OUT/report_cudnn.md"
+  report "$OUT/report_cudnn.md" "$OUT"/embed_cudnn.json
   step profile_train 200 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
     --out "$OUT/profile_train"
   step profile_docs 120 "$PY" benchmarks/profile_ops.py --case embed-docs --shape "$SHAPE" --batch 64 --length 512 \
@@ -82,10 +95,12 @@ elif [[ $PHASE == extra ]]; then
   # float16 (for cards without fast bf16): float32 residual stream here, .half() there; fewer texts.
   step embed_fp16 120 "$PY" benchmarks/run.py --shape "$SHAPE" --sections matmul,embed "${SIZES_FP16[@]}" \
     --dtype float16 --out "$OUT/embed_fp16.json"
-  "$PY" benchmarks/report.py "$OUT"/embed_fp16.json > "$OUT/report_fp16.md"; cat "$OUT/report_fp16.md"
+  report "$OUT/report_fp16.md" "$OUT"/embed_fp16.json
   # Traces and HLO dumps run to hundreds of MB; the summaries are what comes back.
   rm -rf "$OUT"/profile_*/hlo "$OUT"/profile_*/plugins
 else
   echo "usage: OUT=DIR bash benchmarks/gpu_all.sh core|extra" >&2
   exit 2
 fi
+# Non-zero when any step failed, was cut short or was skipped (report.md says which).
+exit "$FAILED"

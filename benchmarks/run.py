@@ -41,13 +41,15 @@ SHAPES = {
 }
 
 
-def library_versions() -> dict[str, str]:
+def library_versions() -> dict:
   out = {}
   for name in ("torch", "transformers", "sentence_transformers"):
     try:
       out[name] = __import__(name).__version__
     except ImportError:
       out[name] = "not installed"
+  if out["torch"] != "not installed":
+    out["torch_threads"] = __import__("torch").get_num_threads()
   return out
 
 
@@ -74,23 +76,29 @@ def measure_matmul_peak(n: int, dtype: str) -> dict[str, float]:
   # does the same there); the peak is the faster of the two.
   forms = [lambda x: x @ x] + ([lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32)]
                                if dtype == "bfloat16" else [])
+  # Best of several timings on a CPU: one disturbed timing (a shared machine) would understate the
+  # peak and overstate every utilisation computed against it.
+  trials = 1 if on_gpu() else 3
   out["jax_tflops"] = 0.0
   for form in forms:
     f = jax.jit(form)
     f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-      r = f(a)
-    r.block_until_ready()
-    out["jax_tflops"] = max(out["jax_tflops"], 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12)
+    for _ in range(trials):
+      t = time.perf_counter()
+      for _ in range(reps):
+        r = f(a)
+      r.block_until_ready()
+      out["jax_tflops"] = max(out["jax_tflops"], 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   ta = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype))
   (ta @ ta).sum().item()
-  t = time.perf_counter()
-  for _ in range(reps):
-    tr = ta @ ta
-  tr.sum().item()
-  out["torch_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+  out["torch_tflops"] = 0.0
+  for _ in range(trials):
+    t = time.perf_counter()
+    for _ in range(reps):
+      tr = ta @ ta
+    tr.sum().item()
+    out["torch_tflops"] = max(out["torch_tflops"], 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12)
   return out
 
 
@@ -222,14 +230,17 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
           "st_weight_dtype": st_run.weight_dtype}
 
 
+EMBED_CASES = ["short+instruction", "512-token docs"]
+
+
 def embed_sections(args: argparse.Namespace, model, export_dir: str, workdir: str, dtype: str) -> Iterator[dict]:
   """Short instructed sentences, then 512-token documents: one result row each, yielded as measured."""
   n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
   n_short, n_docs = args.short or n_short, args.docs or n_docs
   short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
-  yield embed_section("short+instruction", model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
+  yield embed_section(EMBED_CASES[0], model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
                       3, workdir, dtype)
-  yield embed_section("512-token docs", model, export_dir, texts.documents(n_docs), doc_bs, 512, 3, workdir, dtype,
+  yield embed_section(EMBED_CASES[1], model, export_dir, texts.documents(n_docs), doc_bs, 512, 3, workdir, dtype,
                       packed=False)
 
 
@@ -266,8 +277,10 @@ def main(argv=None) -> int:
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                    "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                    "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   **library_versions()}
+                   **library_versions(), "complete": False, "load_average_start": os.getloadavg()}
   sections = args.sections.split(",")
+  # What this run set out to measure, so a report of a run cut short names what is missing.
+  results["planned"] = {"embed": EMBED_CASES if "embed" in sections else [], "train": []}
 
   def save() -> None:  # after every section, so a run cut short by a time limit keeps what it measured
     if args.out:  # written whole, then renamed: a kill mid-write leaves the previous version
@@ -287,13 +300,16 @@ def main(argv=None) -> int:
         results["embed"].append(row)
         save()
     if "train" in sections:
-      from train_bench import DEFAULT_VARIANTS, train_section
+      from train_bench import DEFAULT_VARIANTS, parse_variants, train_section
       batch = args.train_batch or (8 if args.quick else 256)
+      results["planned"]["train"] = [f"{name}@{b}" for name, b in
+                                     parse_variants(args.train_variants or DEFAULT_VARIANTS, batch)]
       results["train"] = train_section(cfg, params, export_dir, batch, args.train_length,
                                        results.get("matmul", {}), quick=args.quick,
                                        variants=args.train_variants or DEFAULT_VARIANTS,
                                        on_row=lambda rows: (results.__setitem__("train", rows), save()))
   print_table(results)
+  results.update(complete=True, load_average_end=os.getloadavg())
   save()
   return 0
 

@@ -75,7 +75,9 @@ def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   assert [r["impl"] for r in train["train"]] == ["pytorch", "pytorch-ckpt", "jax", "jax-full", "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 and 0 < r["mfu"] < 1 for r in train["train"]), train["train"]
   report = (out / "report.md").read_text()
-  assert "| short+instruction, `encode` |" in report and "| jax-full | 8 × 32 |" in report
+  assert "| short+instruction, `encode(pack=False)` |" in report and "| jax-full | 8 × 32 |" in report
+  assert "Steps (rc 124: cut short by the time limit)" in report and "train rc=0" in report
+  assert embed["complete"] is True and "did not finish" not in report
 
 
 def test_report_marks_gpu_targets_against_the_same_run():
@@ -84,20 +86,42 @@ def test_report_marks_gpu_targets_against_the_same_run():
   run = {"device": "NVIDIA H100 80GB HBM3", "backend": "gpu", "date": "2026-12-01", "shape": "gtr-large",
          "dtype": "bfloat16", "jax": "0.11.2", "matmul": {"jax_tflops": 800.0, "torch_tflops": 796.0},
          "embed": [{"case": c, "rows": 10, "ours_tok_s": 4e5, "st_tok_s": 1e5, "speedup": s, "min_cosine": 0.9995,
-                    "ours_packed_tok_s": 4e5, "packed_speedup": s, "job_tok_s": 4e5, "job_speedup": s}
+                    "ours_packed_tok_s": 4e5, "packed_speedup": s, "packed_max_abs_diff": 1e-6, "job_tok_s": 4e5,
+                    "job_speedup": s, "job_max_abs_diff": 1e-6}
                    for c, s in (("short+instruction", 3.2), ("512-token docs", 3.9))],
-         "train": [{"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0},
+         "train": [{"impl": "pytorch", "batch": 64, "length": 256, "status": "running", "started": "11:59:00"},
+                   {"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0},
                    {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "mfu_spec": 0.364,
                     "step_s": 1.0, "max_batch_at_least": 1024},
                    {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"},
                    {"impl": "jax-gc4", "batch": 256, "length": 256, "status": "running", "started": "12:00:00"}]}
   text = report.section([run])
-  assert "| short+instruction, `encode` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
-  assert "| 512-token docs, `encode` | 10 | 400,000 | 100,000 | 3.90× | 0.99950 | not met (≥ 4×) |" in text
+  assert "| short+instruction, `encode(pack=False)` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
+  assert "| 512-token docs, `encode(pack=False)` | 10 | 400,000 | 100,000 | 3.90× | 0.99950 | not met (≥ 4×) |" in text
   assert ("| jax-full | 256 × 256 | 200,000 | 45.0% | 36.4% | 4.00× (pytorch-ckpt) | 1024 | MFU target **met** (≥ 40%) |"
           in text)
   assert "OutOfMemoryError" in text
   assert "| jax-gc4 | 256 × 256 | – | – | – | – | – | cut short by the time limit (started 12:00:00) |" in text
+
+
+def test_report_verdicts_need_matching_embeddings_and_the_target_shape():
+  """A fast but wrong row never meets a target; MFU counts only at >= 256 triples x 256 tokens."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import report
+  row = {"rows": 10, "ours_tok_s": 5e5, "st_tok_s": 1e5, "speedup": 5.0, "min_cosine": 0.31,
+         "job_tok_s": 5e5, "job_speedup": 5.0, "job_max_abs_diff": 1e-6}
+  bad_packed = {"case": "short+instruction", "rows": 10, "ours_tok_s": 1e5, "st_tok_s": 1e5, "speedup": 1.0,
+                "min_cosine": 0.9999, "ours_packed_tok_s": 9e5, "packed_speedup": 9.0, "packed_max_abs_diff": 0.9,
+                "job_tok_s": 1e5, "job_speedup": 1.0, "job_max_abs_diff": 1e-6}
+  run = {"device": "H100", "backend": "gpu", "date": "d", "shape": "gtr-large", "dtype": "bfloat16", "jax": "x",
+         "complete": False, "planned": {"embed": ["short+instruction", "512-token docs"], "train": ["jax-full@256"]},
+         "embed": [dict(row, case="512-token docs"), bad_packed],
+         "train": [{"impl": "jax", "batch": 256, "length": 32, "tok_s": 1e6, "mfu": 1.3}]}
+  text = report.section([run])
+  assert "not met (≥ 4×, cosine 0.3100 < 0.999)" in text
+  assert "| short+instruction, `encode(pack=False)` | 10 | 100,000 | 100,000 | 1.00× | 0.99990 | not met (≥ 3×) |" in text
+  assert "MFU target" not in text and "MFU > 100%: the peak measurement was disturbed" in text
+  assert "**This run did not finish**" in text and "never measured: train jax-full@256." in text
 
 
 def test_report_keeps_what_exists_when_a_step_left_no_file(tmp_path, capsys):
