@@ -84,6 +84,14 @@ if [[ $PHASE == core ]]; then
   report "$OUT/report.md" "$OUT"/embed.json "$OUT"/train.json
 elif [[ $PHASE == extra ]]; then
   check_devices
+  # Correctness on the card first: cuDNN attention against XLA's, bf16/float16 against float32, a
+  # bf16 train step with dropout (tests/test_accelerator.py; they skip on a CPU, bar QUICK's check).
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    if [[ -n "${QUICK:-}" ]]; then ACC=(INSTRUCTOR_JAX_ACCELERATOR_TESTS_ON_CPU=1 JAX_PLATFORMS=cpu); else ACC=(JAX_PLATFORMS=cuda); fi
+    step accelerator_tests 150 env "${ACC[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_accelerator.py
+  else
+    echo "$(date -u +%FT%TZ) accelerator_tests skipped: pytest is not installed" | tee -a "$OUT/status.txt"
+  fi
   step embed_cudnn 240 "$PY" benchmarks/run.py --shape "$SHAPE" --sections embed "${SIZES[@]}" \
     --attention-impl cudnn --out "$OUT/embed_cudnn.json"
   report "$OUT/report_cudnn.md" "$OUT"/embed_cudnn.json
