@@ -100,6 +100,30 @@ def boxed_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
                       is_leaf=lambda s: isinstance(s, P))
 
 
+def _shards(spec: P, mesh: Mesh) -> int:
+  axes = [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def sharding_fallbacks(abstract_boxed: Any, mesh: Mesh) -> list[tuple[str, tuple[int, ...], int, int, int]]:
+  """(name, shape, bytes, devices it is split over, devices the rules ask for) of every parameter
+  that `boxed_shardings` splits over fewer devices than its rule, largest first.
+
+  That happens when a mesh axis does not divide the dimension it would split (e.g. fsdp=12 and
+  d_model 1024): the parameter and its optimizer moments are then replicated along that axis.
+  """
+  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), LOGICAL_RULES)
+  shapes = jax.tree.leaves(nn.unbox(abstract_boxed))
+  specs = jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=lambda s: isinstance(s, P))[0]
+  out = []
+  for (path, spec), x in zip(specs, shapes):
+    wanted, got = _shards(spec, mesh), _shards(_fit(spec, x.shape, mesh), mesh)
+    if got < wanted:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      out.append((name, tuple(x.shape), int(np.prod(x.shape)) * x.dtype.itemsize, got, wanted))
+  return sorted(out, key=lambda f: -f[2] / f[3])
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):

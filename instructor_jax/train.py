@@ -29,7 +29,7 @@ from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_config import TrainConfig
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
-                                       state_shardings)
+                                       sharding_warning, state_shardings)
 from instructor_jax.xla_options import train_compiler_options
 
 
@@ -116,11 +116,18 @@ def architecture(model: InstructorConfig) -> dict[str, Any]:
   return orbax_io.config_to_dict(model.with_encoder(dtype="float32", remat_policy="none", attention_impl="xla"))
 
 
+def _checked(model: InstructorConfig, mesh) -> InstructorConfig:
+  """`model`, after a warning (before any state is allocated) if the mesh cannot shard it as the rules ask."""
+  if jax.process_index() == 0 and (warning := sharding_warning(model, mesh)):
+    print(warning, file=sys.stderr, flush=True)
+  return model
+
+
 def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[InstructorConfig, TrainState, str]:
   """(model config, sharded state, where it came from), in the resume order."""
   latest = ckpt.latest_step()
   if latest is not None:
-    model = with_compute_options(orbax_io.config_from_dict(ckpt.model_config(latest)), cfg)
+    model = _checked(with_compute_options(orbax_io.config_from_dict(ckpt.model_config(latest)), cfg), mesh)
     state, _, meta = ckpt.restore(latest, abstract_state(model, tx, mesh))
     if meta.get("batch_size") not in (None, cfg.batch_size) or meta.get("data_seed") not in (None, cfg.data_seed):
       print(f"warning: resuming {ckpt.directory}/{latest} with batch_size/data_seed {cfg.batch_size}/{cfg.data_seed} "
@@ -132,15 +139,15 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
   if cfg.init_checkpoint and orbax_io.is_orbax_checkpoint(cfg.init_checkpoint):
     # Read straight onto the shardings: no host ever holds the whole model (gtr-xxl is 19 GB).
     step, config_dict = read_model_config(cfg.init_checkpoint)
-    model = with_compute_options(orbax_io.config_from_dict(config_dict), cfg)
+    model = _checked(with_compute_options(orbax_io.config_from_dict(config_dict), cfg), mesh)
     _, params = orbax_io.restore_params(cfg.init_checkpoint, step, shardings=state_shardings(model, tx, mesh).params)
     return model, init_state(model, tx, mesh, params=params), f"initialised from {cfg.init_checkpoint} step {step}"
   if cfg.init_checkpoint:
     from instructor_jax.sources import load_source
     loaded = load_source(cfg.init_checkpoint)
-    model = with_compute_options(loaded.config, cfg)
+    model = _checked(with_compute_options(loaded.config, cfg), mesh)
     return model, init_state(model, tx, mesh, params=loaded.params), f"initialised from {loaded.description}"
-  model = with_compute_options(preset(cfg.model), cfg)
+  model = _checked(with_compute_options(preset(cfg.model), cfg), mesh)
   return model, init_state(model, tx, mesh, seed=cfg.seed), f"random init ({cfg.model}, seed {cfg.seed})"
 
 

@@ -10,6 +10,7 @@ all-gathers them, so every query sees the hard negatives of every device.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -61,6 +62,31 @@ def state_shardings(config: InstructorConfig, tx: optax.GradientTransformation, 
       tx, lambda s, p, sh: sh if getattr(s, "shape", None) == p.shape else rep,
       abstract_opt, abstract_params, param_sh, transform_non_params=lambda _: rep)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+
+
+def sharding_warning(config: InstructorConfig, mesh: Mesh, min_bytes: int = 1 << 20) -> str | None:
+  """A warning naming the parameters the mesh cannot split as the rules ask (None when all fit).
+
+  The run still works, but those parameters and their optimizer moments are replicated along the
+  axis that does not divide them, which can take many times the memory the mesh was chosen for.
+  """
+  boxed = jax.eval_shape(_init_params_fn(config), jax.random.key(0))
+  fallbacks = [f for f in shd.sharding_fallbacks(boxed, mesh) if f[2] / f[3] >= min_bytes]
+  if not fallbacks:
+    return None
+  got = sum(nbytes / n for _, _, nbytes, n, _ in fallbacks)
+  wanted = sum(nbytes / n for _, _, nbytes, _, n in fallbacks)
+  listed = "; ".join(f"{name} {list(shape)} over {n} device(s), not {w}" for name, shape, _, n, w in fallbacks[:4])
+  enc = config.encoder
+  data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+  fits = math.gcd(fsdp, enc.d_model, enc.vocab_size)  # the largest fsdp size dividing both, within this one
+  return (f"warning: the mesh {dict(mesh.shape)} cannot split {len(fallbacks)} parameter(s) as the sharding rules "
+          f"ask, because its fsdp/tensor sizes do not divide their dimensions: {got / 2**30:.2f} GiB of parameters "
+          f"per device instead of {wanted / 2**30:.2f} GiB, and optimizer moments like them on top. Largest: "
+          f"{listed}. Choose fsdp and tensor sizes that divide d_model {enc.d_model}, d_ff {enc.d_ff}, heads x d_kv "
+          f"{enc.inner_dim} and vocab {enc.vocab_size} (powers of two up to 128 do for the released sizes), and "
+          f"give the remaining devices to data (here e.g. MeshConfig.data={data * fsdp // fits}, "
+          f"MeshConfig.fsdp={fits}).")
 
 
 def abstract_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:

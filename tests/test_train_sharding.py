@@ -205,6 +205,19 @@ def test_vocab_that_does_not_divide_is_replicated():
   assert normal.params["token_embedder"]["embedding"].spec == jax.sharding.PartitionSpec(("fsdp", "tensor"), None)
 
 
+def test_a_mesh_that_cannot_shard_the_parameters_is_named_before_allocating():
+  """fsdp=8 with d_model 36: every kernel would be replicated over fsdp; the warning says which, and how much."""
+  assert ts.sharding_warning(CONFIG, mesh_of(1, 8, 1)) is None
+  wide = CONFIG.with_encoder(d_model=36)
+  text = ts.sharding_warning(wide, mesh_of(1, 8, 1), min_bytes=0)
+  assert "cannot split" in text and "token_embedder/embedding" not in text  # vocab rows still divide by 8
+  assert "18 parameter(s)" in text and "[36, 64] over 1 device(s), not 8" in text  # the largest 4 are listed
+  assert "MeshConfig.data=2, MeshConfig.fsdp=4" in text  # gcd(8, 36) = 4
+  found = {name for name, *_ in shd.sharding_fallbacks(jax.eval_shape(ts._init_params_fn(wide), jax.random.key(0)),
+                                                       mesh_of(1, 8, 1))}
+  assert "encoder/layers_1/attention/query/kernel" in found and "encoder/relpos_bias/rel_embedding" not in found
+
+
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
   mesh = mesh_of(8, 1, 1)
   with pytest.raises(ValueError, match="multiple of data\\*fsdp"):
