@@ -36,8 +36,10 @@ class EvalDataError(ValueError):
 
 def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
   """(sentence pairs, gold scores) of a SemEval STS TSV or a SICK file (recognised by its header)."""
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  from etils import epath  # local paths and gs:// alike (a pod's hosts read the same file)
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"{path}: no such STS file.")
+  lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
   if not lines:
     raise EvalDataError(f"{path}: empty file; expected STS pairs.")
   header = lines[0].split("\t")

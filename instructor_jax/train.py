@@ -231,8 +231,10 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
                               compiler_options=train_compiler_options(cfg.xla_options))
     writer = _metrics_writer(cfg, model, workdir, start)
+    evaluator = _sts_eval(cfg, model, mesh, state_shardings(model, tx, mesh).params) if cfg.eval_sts_path else None
     try:
-      return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end)
+      return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end,
+                   evaluator)
     finally:
       writer.close()
   finally:
@@ -250,6 +252,9 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh) -> None:
   if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
     from instructor_jax.medi_records import resolve_medi_file
     resolve_medi_file(cfg.medi_path)
+  if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
+    from instructor_jax.evaluate import read_sts
+    read_sts(cfg.eval_sts_path)
 
 
 def _require_medi_path(cfg: TrainConfig) -> None:
@@ -273,9 +278,18 @@ def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str,
       num_devices=jax.device_count(), device_peak_flops=train_outputs.peak_flops(jax.devices()[0].device_kind))
 
 
+def _sts_eval(cfg: TrainConfig, model: InstructorConfig, mesh, param_shardings):
+  from instructor_jax.medi_batches import sentencepiece_encode_fn
+  from instructor_jax.train_eval import StsEval
+  # The training tokenisation (HF's ids), at most doc_len tokens per text.
+  return StsEval(cfg.eval_sts_path, model, mesh, param_shardings, cfg.eval_instruction, cfg.doc_len,
+                 sentencepiece_encode_fn())
+
+
 def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
-          log: "_Logger", start: int, end: int) -> RunRecords:
-  """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states."""
+          log: "_Logger", start: int, end: int, evaluator=None) -> RunRecords:
+  """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states;
+  `evaluator` (train_eval.StsEval) scores the parameters of every checkpoint but a preemption's."""
   meta = {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "train_steps": cfg.train_steps}
   stop = _StopFlag()
   pending = None
@@ -291,7 +305,10 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
       preempted = notice and done < end
       if preempted or done == end or done % cfg.checkpoint_every == 0:
         # Only a state whose own loss was checked finite is ever saved.
-        log(*_fetch(pending), force=True)
+        logged_step, task_name, values = _fetch(pending)
+        if evaluator is not None and not preempted:  # a preempted host has seconds, not minutes
+          values.update(evaluator(state.params))
+        log(logged_step, task_name, values, force=True)
         pending = None
         ckpt.save(done, state, architecture(model), meta, force=True)
       if preempted:

@@ -35,6 +35,10 @@ class TrainConfig:
   data_seed: int = 0
   mixing_temperature: float = 1.0  # MEDI task rates proportional to min(n, rate_cap) ** (1 / T)
   rate_cap: Optional[int] = None
+  # STS file (SemEval TSV or SICK; local or gs://) scored at every checkpoint: metrics.jsonl's
+  # eval_sts_spearman / eval_sts_pearson (train_eval.py). None: no evaluation.
+  eval_sts_path: Optional[str] = None
+  eval_instruction: str = "Represent the sentence for semantic similarity: "
   checkpoint_every: int = 1000
   keep_checkpoints: Optional[int] = 3
   async_checkpointing: bool = True

@@ -136,6 +136,8 @@ class MetricsWriter:
     parts = [f"step {r['step']}/{self.total_steps}", f"loss {r['loss']:.4f}",
              f"top1 {r.get('top1_q2d', float('nan')):.3f}", f"lr {r.get('lr', 0.0):.3g}",
              f"gnorm {r.get('grad_norm', float('nan')):.3g}"]
+    if "eval_sts_spearman" in r:
+      parts.append(f"STS Spearman {r['eval_sts_spearman']:.2f}")
     if "triples_per_s" in r:
       parts.append(f"{r['triples_per_s']:.1f} triples/s {r['tokens_per_s']:.0f} tok/s "
                    f"({r.get('real_tokens_per_s', float('nan')):.0f} not padding)")

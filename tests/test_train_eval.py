@@ -1,0 +1,55 @@
+"""STS evaluation inside training: every checkpoint scored on the training mesh, equal to the evaluate CLI."""
+
+import dataclasses
+import json
+import pathlib
+
+import pytest
+
+pytest.importorskip("sentencepiece")  # the trainer's tokenisation (a `train` extra)
+
+from instructor_jax import evaluate  # noqa: E402
+from instructor_jax.optim import OptimConfig  # noqa: E402
+from instructor_jax.sharding import MeshConfig  # noqa: E402
+from instructor_jax.train import TrainConfig, train  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STS = [(4.8, "A man is playing a guitar.", "A man plays a guitar."),
+       (0.2, "A cat is sleeping on the sofa.", "The stock market fell sharply."),
+       (3.6, "Two dogs run through a field.", "Dogs are running in the grass."),
+       (1.0, "A woman slices an onion.", "A man is playing a guitar."),
+       (4.2, "The girl rides a horse.", "A girl is riding a horse."),
+       (2.5, "A child reads a book.", "Someone is reading."),
+       (0.8, "Rain falls on the city.", "A boy eats an apple."),
+       (3.1, "People walk on the beach.", "A group walks by the sea.")]
+
+
+def test_every_checkpoint_is_scored_on_the_mesh_as_the_cli_scores_it(tmp_path):
+  sts = tmp_path / "sts.tsv"
+  sts.write_text("".join(f"{s}\t{a}\t{b}\n" for s, a, b in STS), encoding="utf-8")
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=4, batch_size=8,
+                    query_len=16, doc_len=24, temperature=0.05, dtype="float32", dropout_rate=0.0,
+                    checkpoint_every=2, log_every=1, eval_sts_path=str(sts), eval_instruction="Represent it: ")
+  workdir = tmp_path / "run"
+  records = train(cfg, OptimConfig(learning_rate=1e-3), MeshConfig(data=2, fsdp=2, tensor=2), str(workdir))
+  scored = {r["step"]: r for r in records if "eval_sts_spearman" in r}
+  assert sorted(scored) == [2, 4]  # the checkpoints, and only them
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == [1, 2, 3, 4] and "eval_sts_pearson" in lines[3]
+  cli = evaluate.main(["--model", str(workdir), "--step", "4", "--sts", str(sts), "--sts-instruction", "Represent it: "])
+  got = cli["sts"][str(sts)]
+  assert scored[4]["eval_sts_spearman"] == pytest.approx(got["spearman"], abs=1e-6)
+  assert scored[4]["eval_sts_pearson"] == pytest.approx(got["pearson"], abs=1e-4), (scored[4], got)
+
+
+def test_a_bad_eval_file_fails_before_training(tmp_path):
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("not a score\tx\ty\n")
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=1, batch_size=8,
+                    eval_sts_path=str(bad))
+  with pytest.raises(evaluate.EvalDataError, match=r"bad.tsv:1: expected score<TAB>sentence1"):
+    train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
+  with pytest.raises(FileNotFoundError, match="missing.tsv: no such STS file"):
+    train(dataclasses.replace(cfg, eval_sts_path=str(tmp_path / "missing.tsv")), OptimConfig(), MeshConfig(),
+          str(tmp_path / "never"))
