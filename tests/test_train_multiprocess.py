@@ -67,12 +67,16 @@ def test_hosts_feed_non_contiguous_row_blocks():
 
 def test_two_processes_match_one(tmp_path):
   workdir = tmp_path / "two"
+  sts = tmp_path / "sts.tsv"  # scored at the last checkpoint by both hosts together (train_eval.py)
+  sts.write_text("4.5\tA man plays a guitar.\tA man is playing the guitar.\n0.5\tA cat sleeps.\tPrices rose.\n"
+                 "3.0\tTwo dogs run.\tDogs are running.\n1.5\tA girl reads.\tA man plays a guitar.\n")
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = []
   for i in range(2):
     cmd = [sys.executable, "-m", "instructor_jax.train", "--gin_file=gin_configs/runs/quickstart_cpu.gin",
-           *[f"--gin_bindings={b}" for b in BINDINGS], f"--workdir={workdir}",
+           *[f"--gin_bindings={b}" for b in BINDINGS], f"--gin_bindings=TrainConfig.eval_sts_path = '{sts}'",
+           f"--workdir={workdir}",
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -84,11 +88,14 @@ def test_two_processes_match_one(tmp_path):
   # The same run in this (8-device) process: one host feeding the whole global batch.
   cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), init_checkpoint=str(REPO / FIXTURE),
                     train_steps=4, batch_size=8,
-                    query_len=16, doc_len=24, temperature=0.05, dtype="float32", dropout_rate=0.1, log_every=1)
+                    query_len=16, doc_len=24, temperature=0.05, dtype="float32", dropout_rate=0.1, log_every=1,
+                    eval_sts_path=str(sts))
   one = train(cfg, OptimConfig(learning_rate=1e-3), MeshConfig(data=2, fsdp=-1), str(tmp_path / "one"))
   assert [r["step"] for r in two] == [1, 2, 3, 4]
   assert [r["task"] for r in two] == [r["task"] for r in one]
   np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+  assert "eval_sts_spearman" in two[-1] and "eval_sts_spearman" not in two[-2]
+  np.testing.assert_allclose(two[-1]["eval_sts_pearson"], one[-1]["eval_sts_pearson"], atol=1e-3)
   # Both processes wrote their shards of one checkpoint, readable as a whole.
   assert orbax_io.latest_step(str(workdir)) == 4
   _, params = orbax_io.restore_params(str(workdir))
