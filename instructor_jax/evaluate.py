@@ -39,7 +39,10 @@ def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
   from etils import epath  # local paths and gs:// alike (a pod's hosts read the same file)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"{path}: no such STS file.")
-  lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+  try:  # bytes, decoded here: epath's read_text does not honour every encoding (a BOM would stay)
+    lines = epath.Path(path).read_bytes().decode("utf-8-sig").splitlines()
+  except UnicodeDecodeError as e:
+    raise EvalDataError(f"{path}: not UTF-8 (byte {e.start}); save the file as UTF-8.") from None
   if not lines:
     raise EvalDataError(f"{path}: empty file; expected STS pairs.")
   header = lines[0].split("\t")
@@ -60,13 +63,16 @@ def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
       expected = "SICK columns sentence_A, sentence_B, relatedness_score" if start == 2 else \
           "score<TAB>sentence1<TAB>sentence2"
       raise EvalDataError(f"{path}:{line_no}: expected {expected}, got {line[:80]!r}.") from None
+  if len(pairs) < 2 or len(set(gold)) < 2:
+    raise EvalDataError(f"{path}: {len(pairs)} pair(s) with {len(set(gold))} distinct score(s); a correlation "
+                        "needs at least two pairs with different gold scores.")
   return pairs, np.asarray(gold, np.float64)
 
 
 def read_rerank(path: str) -> list[tuple[str, list[tuple[str, int]]]]:
   """[(question, [(candidate, label 0/1), ...]), ...] in file order, from a `qtext,label,atext` CSV."""
   groups: dict[str, list[tuple[str, int]]] = {}
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:
     reader = csv.DictReader(f)
     missing = {"qtext", "label", "atext"} - set(reader.fieldnames or [])
     if missing:
@@ -92,11 +98,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
+  """NaN when any value is not finite (an overflowing model must not get a plausible score)."""
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    return float("nan")
   x, y = np.asarray(x, np.float64) - np.mean(x), np.asarray(y, np.float64) - np.mean(y)
   return float(np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y)))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
+  """NaN when any value is not finite (sorting would otherwise rank NaN highest)."""
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    return float("nan")
   return pearson(_ranks(np.asarray(x)), _ranks(np.asarray(y)))
 
 

@@ -286,6 +286,18 @@ def _sts_eval(cfg: TrainConfig, model: InstructorConfig, mesh, param_shardings):
                  sentencepiece_encode_fn())
 
 
+def _evaluate(evaluator, state: TrainState, values: dict[str, float]):
+  """Adds the evaluation to `values`; a failing evaluation (e.g. out of memory) warns and is switched
+  off for the rest of the run rather than ending it (the checkpoint is already saved)."""
+  try:
+    values.update(evaluator(state.params))
+    return evaluator
+  except Exception as e:  # noqa: BLE001 - any failure of the side job, reported by name
+    print(f"warning: the STS evaluation failed ({type(e).__name__}: {str(e)[:300]}); training goes on without "
+          "it. `python -m instructor_jax.evaluate` scores the saved checkpoints.", file=sys.stderr, flush=True)
+    return None
+
+
 def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
           log: "_Logger", start: int, end: int, evaluator=None) -> RunRecords:
   """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states;
@@ -306,11 +318,11 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
       if preempted or done == end or done % cfg.checkpoint_every == 0:
         # Only a state whose own loss was checked finite is ever saved.
         logged_step, task_name, values = _fetch(pending)
+        ckpt.save(done, state, architecture(model), meta, force=True)
         if evaluator is not None and not preempted:  # a preempted host has seconds, not minutes
-          values.update(evaluator(state.params))
+          evaluator = _evaluate(evaluator, state, values)
         log(logged_step, task_name, values, force=True)
         pending = None
-        ckpt.save(done, state, architecture(model), meta, force=True)
       if preempted:
         why = "a preemption notice" if stop.signal is None else signal.Signals(stop.signal).name
         print(f"stopping at step {done} on {why}; checkpoint saved in {ckpt.directory}. "

@@ -4,8 +4,9 @@ With `TrainConfig.eval_sts_path` set, every checkpoint's record in metrics.jsonl
 also carries `eval_sts_spearman` and `eval_sts_pearson` (x100) of the parameters that checkpoint
 saves, so the best checkpoint can be picked without a separate job. Every host reads the same
 file and holds the same (small) token arrays; the embeddings are computed by one jitted call per
-chunk of rows, sharded like a training batch, and come back replicated. `python -m
-instructor_jax.evaluate` gives the same numbers on a saved checkpoint (to float rounding).
+chunk of rows, sharded like a training batch, and come back replicated. Texts are cut at the
+run's `doc_len`: `python -m instructor_jax.evaluate --max-seq-length DOC_LEN` gives the same
+numbers on a saved checkpoint (to float rounding).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ all-gathers them, so every query sees the hard negatives of every device.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -78,15 +77,22 @@ def sharding_warning(config: InstructorConfig, mesh: Mesh, min_bytes: int = 1 <<
   wanted = sum(nbytes / n for _, _, nbytes, _, n in fallbacks)
   listed = "; ".join(f"{name} {list(shape)} over {n} device(s), not {w}" for name, shape, _, n, w in fallbacks[:4])
   enc = config.encoder
-  data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
-  fits = math.gcd(fsdp, enc.d_model, enc.vocab_size)  # the largest fsdp size dividing both, within this one
+  data, fsdp, tensor = (mesh.shape[a] for a in shd.MESH_AXES)
+  advice = (f"Sizes that fit: fsdp divides d_model {enc.d_model}, tensor divides the heads ({enc.num_heads}) and "
+            f"d_ff ({enc.d_ff}), fsdp x tensor divides the vocabulary ({enc.vocab_size})")
+  # The largest fsdp size within this one that fits, the devices it frees going to data.
+  fits = max(f for f in range(1, fsdp + 1)
+             if fsdp % f == 0 and enc.d_model % f == 0 and enc.vocab_size % (f * tensor) == 0)
+  if fits != fsdp:
+    advice += f"; here e.g. MeshConfig.data={data * fsdp // fits}, MeshConfig.fsdp={fits}"
   return (f"warning: the mesh {dict(mesh.shape)} cannot split {len(fallbacks)} parameter(s) as the sharding rules "
-          f"ask, because its fsdp/tensor sizes do not divide their dimensions: {got / 2**30:.2f} GiB of parameters "
-          f"per device instead of {wanted / 2**30:.2f} GiB, and optimizer moments like them on top. Largest: "
-          f"{listed}. Choose fsdp and tensor sizes that divide d_model {enc.d_model}, d_ff {enc.d_ff}, heads x d_kv "
-          f"{enc.inner_dim} and vocab {enc.vocab_size} (powers of two up to 128 do for the released sizes), and "
-          f"give the remaining devices to data (here e.g. MeshConfig.data={data * fsdp // fits}, "
-          f"MeshConfig.fsdp={fits}).")
+          f"ask, because its fsdp/tensor sizes do not divide their dimensions: {_size(got)} of parameters per "
+          f"device instead of {_size(wanted)}, and optimizer moments like them on top. Largest: {listed}. "
+          f"{advice}.")
+
+
+def _size(nbytes: float) -> str:
+  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def abstract_state(config: InstructorConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:

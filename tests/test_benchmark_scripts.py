@@ -62,10 +62,13 @@ def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   pytest.importorskip("torch")  # it times the PyTorch stack beside ours
   pytest.importorskip("sentence_transformers")
   out = tmp_path / "gpu"
+  (out / "train").mkdir(parents=True)  # not the script's: a step may remove only what it writes
+  (out / "train" / "keep.txt").write_text("mine")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
   done = subprocess.run(["bash", "benchmarks/gpu_all.sh", "core"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert (out / "train" / "keep.txt").read_text() == "mine"
   status = (out / "status.txt").read_text()
   assert "embed rc=0" in status and "train rc=0" in status, status
   embed = json.loads((out / "embed.json").read_text())

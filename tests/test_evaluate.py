@@ -22,6 +22,11 @@ def test_spearman_with_ties_matches_scipy():
   assert evaluate.pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
 
 
+def test_non_finite_scores_give_nan_not_a_plausible_number():
+  assert np.isnan(evaluate.spearman([1, 2, 2, 3, np.nan], [1, 2, 3, 4, 5]))
+  assert np.isnan(evaluate.pearson([1, 2, np.inf], [1, 2, 3]))
+
+
 def test_spearman_by_hand():
   # ranks of x: 1, 2.5, 2.5, 4; of y: 4, 3, 2, 1 -> Pearson of the ranks
   rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([4, 3, 2, 1.0])
@@ -90,10 +95,21 @@ def test_cli_rerank_skips_one_sided_questions_and_writes_json(tmp_path, fixtures
     ("bad.tsv", "4\tA dog runs.\tA dog is running.\nnot a score\tx\ty\n", r"bad.tsv:2: expected score<TAB>sentence1"),
     ("short.tsv", "4\tonly one sentence\n", r"short.tsv:1: expected score<TAB>sentence1"),
     ("empty.tsv", "", "empty file"),
+    ("one.tsv", "4\tA dog runs.\tA dog is running.\n\n", "1 pair\\(s\\) with 1 distinct score"),
+    ("flat.tsv", "3\ta\tb\n3\tc\td\n", "2 pair\\(s\\) with 1 distinct score"),
 ])
 def test_bad_sts_files_name_file_and_line(tmp_path, name, text, message):
   with pytest.raises(evaluate.EvalDataError, match=message):
     evaluate.read_sts(_write(tmp_path / name, text))
+
+
+def test_a_byte_order_mark_is_read(tmp_path):
+  sts = tmp_path / "bom.tsv"
+  sts.write_bytes("\ufeff4\ta\tb\n1\tc\td\n".encode("utf-8"))
+  assert evaluate.read_sts(str(sts))[1].tolist() == [4.0, 1.0]
+  csv_path = tmp_path / "bom.csv"
+  csv_path.write_bytes("\ufeffqtext,label,atext\nq,1,a\nq,0,b\n".encode("utf-8"))
+  assert evaluate.read_rerank(str(csv_path)) == [("q", [("a", 1), ("b", 0)])]
 
 
 def test_bad_rerank_files_and_nothing_to_do(tmp_path, capsys):

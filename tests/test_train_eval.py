@@ -42,6 +42,25 @@ def test_every_checkpoint_is_scored_on_the_mesh_as_the_cli_scores_it(tmp_path):
   assert scored[4]["eval_sts_pearson"] == pytest.approx(got["pearson"], abs=1e-4), (scored[4], got)
 
 
+def test_a_failing_evaluation_keeps_the_checkpoint_and_the_run(tmp_path, monkeypatch, capsys):
+  """The checkpoint is saved before the evaluation; an evaluation that fails (e.g. out of memory) warns."""
+  from instructor_jax import orbax_io, train_eval
+  sts = tmp_path / "sts.tsv"
+  sts.write_text("".join(f"{s}\t{a}\t{b}\n" for s, a, b in STS), encoding="utf-8")
+
+  def fail(self, params):
+    raise MemoryError("RESOURCE_EXHAUSTED: out of memory while compiling the embed")
+
+  monkeypatch.setattr(train_eval.StsEval, "__call__", fail)
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=4, batch_size=8,
+                    query_len=16, doc_len=24, dtype="float32", checkpoint_every=2, log_every=1, eval_sts_path=str(sts))
+  records = train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "run"))
+  assert [r["step"] for r in records] == [1, 2, 3, 4] and not any("eval_sts_spearman" in r for r in records)
+  assert orbax_io.all_steps(str(tmp_path / "run")) == [2, 4]
+  err = capsys.readouterr().err
+  assert err.count("the STS evaluation failed (MemoryError: RESOURCE_EXHAUSTED") == 1  # then switched off
+
+
 def test_a_bad_eval_file_fails_before_training(tmp_path):
   bad = tmp_path / "bad.tsv"
   bad.write_text("not a score\tx\ty\n")
