@@ -21,7 +21,7 @@ import csv
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -126,19 +126,27 @@ def ranking_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], 
   return {"mrr": float(np.mean(rr)), "map": float(np.mean(ap)), f"ndcg@{k}": float(np.mean(ndcg))}
 
 
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+  return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def sts_scores(emb: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]], gold: np.ndarray) -> dict[str, float]:
+  """Spearman and Pearson (x100) of each pair's cosine against its gold score; `emb`: text -> unit vector."""
+  cosine = np.array([float(emb[a] @ emb[b]) for a, b in pairs])
+  return {"spearman": 100 * spearman(cosine, gold), "pearson": 100 * pearson(cosine, gold)}
+
+
 def _embed(model: Any, texts: Sequence[str], instruction: str, batch_size: int) -> dict[str, np.ndarray]:
   """{text: unit-norm embedding}, each distinct text embedded once."""
   unique = list(dict.fromkeys(texts))
   emb = model.encode([[instruction, t] if instruction else t for t in unique], batch_size=batch_size)
-  emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-  return dict(zip(unique, emb))
+  return dict(zip(unique, unit_rows(emb)))
 
 
 def evaluate_sts(model: Any, pairs: Sequence[tuple[str, str]], gold: np.ndarray,
                  instruction: str = STS_INSTRUCTION, batch_size: int = 64) -> dict[str, Any]:
   emb = _embed(model, [t for pair in pairs for t in pair], instruction, batch_size)
-  cosine = np.array([float(emb[a] @ emb[b]) for a, b in pairs])
-  return {"pairs": len(pairs), "spearman": 100 * spearman(cosine, gold), "pearson": 100 * pearson(cosine, gold)}
+  return {"pairs": len(pairs), **sts_scores(emb, pairs, gold)}
 
 
 def evaluate_rerank(model: Any, groups: Sequence[tuple[str, list[tuple[str, int]]]],

@@ -317,10 +317,7 @@ def _check_pooling(directory: str) -> None:
 
 def _find_dense_dir(directory: str) -> str | None:
   """The sentence-transformers Dense module directory named in modules.json, if any."""
-  modules_path = os.path.join(directory, "modules.json")
-  if not os.path.exists(modules_path):
-    return None
-  for module in _read_json(modules_path):
+  for module in _modules(directory):
     if module.get("type", "").endswith("Dense"):
       return os.path.join(directory, module["path"])
   return None
@@ -368,9 +365,7 @@ def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
       raise CheckpointError(f"{dense_dir}: projection input size {kernel.shape[0]} != d_model {t5.d_model}.")
     params["projection_layer"] = {"kernel": kernel}
     projection_dim = kernel.shape[1]
-  normalize = True
-  modules_path = os.path.join(directory, "modules.json")
-  if os.path.exists(modules_path):
-    normalize = any(m.get("type", "").endswith("Normalize") for m in _read_json(modules_path))
+  modules = _modules(directory)  # no modules.json: a plain T5 directory, normalised like GTR
+  normalize = not modules or any(m.get("type", "").endswith("Normalize") for m in modules)
   cfg = InstructorConfig(encoder=t5, projection_dim=projection_dim, max_seq_length=max_len, normalize=normalize)
   return cfg, params

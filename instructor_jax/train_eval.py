@@ -30,8 +30,7 @@ class StsEval:
   def __init__(self, path: str, config: InstructorConfig, mesh: jax.sharding.Mesh, param_shardings: Any,
                instruction: str, max_len: int, encode_fn: tokenization.EncodeFn):
     self.pairs, self.gold = evaluate.read_sts(path)
-    texts = list(dict.fromkeys(t for pair in self.pairs for t in pair))
-    self.row = {t: i for i, t in enumerate(texts)}
+    self.texts = texts = list(dict.fromkeys(t for pair in self.pairs for t in pair))
     ids, n_instr = tokenization.build_inputs(encode_fn, [[instruction, t] if instruction else t for t in texts],
                                              max_len)
     length = min(max_len, -(-max(len(x) for x in ids) // 8) * 8)  # the longest text, not max_len, sets the cost
@@ -44,7 +43,6 @@ class StsEval:
       self.ids[i, :len(x)], self.mask[i, :len(x)] = x, 1
     self.n_instr = np.zeros((rows,), np.int32)
     self.n_instr[:len(texts)] = n_instr
-    self.mesh, self.n_texts = mesh, len(texts)
     model = InstructorModel(config)
 
     def embed(params, ids, mask, n_instr):
@@ -64,8 +62,6 @@ class StsEval:
                                              lambda idx, x=x[start:start + self.chunk]: x[idx])
                 for x, sharding in zip((self.ids, self.mask, self.n_instr), self._shardings)]
       chunks.append(self._embed(params, *arrays))
-    emb = np.concatenate([np.asarray(jax.device_get(c), np.float64) for c in chunks])[:self.n_texts]
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    cosine = np.array([emb[self.row[a]] @ emb[self.row[b]] for a, b in self.pairs])
-    return {"eval_sts_spearman": 100 * evaluate.spearman(cosine, self.gold),
-            "eval_sts_pearson": 100 * evaluate.pearson(cosine, self.gold)}
+    emb = np.concatenate([np.asarray(jax.device_get(c), np.float64) for c in chunks])[:len(self.texts)]
+    scores = evaluate.sts_scores(dict(zip(self.texts, evaluate.unit_rows(emb))), self.pairs, self.gold)
+    return {f"eval_sts_{name}": value for name, value in scores.items()}
