@@ -81,8 +81,8 @@ def sharding_warning(config: InstructorConfig, mesh: Mesh, min_bytes: int = 1 <<
   advice = (f"Sizes that fit: fsdp divides d_model {enc.d_model}, tensor divides the heads ({enc.num_heads}) and "
             f"d_ff ({enc.d_ff}), fsdp x tensor divides the vocabulary ({enc.vocab_size})")
   # The largest fsdp size within this one that fits, the devices it frees going to data.
-  fits = max(f for f in range(1, fsdp + 1)
-             if fsdp % f == 0 and enc.d_model % f == 0 and enc.vocab_size % (f * tensor) == 0)
+  fits = max((f for f in range(1, fsdp + 1)
+              if fsdp % f == 0 and enc.d_model % f == 0 and enc.vocab_size % (f * tensor) == 0), default=1)
   if fits != fsdp:
     advice += f"; here e.g. MeshConfig.data={data * fsdp // fits}, MeshConfig.fsdp={fits}"
   return (f"warning: the mesh {dict(mesh.shape)} cannot split {len(fallbacks)} parameter(s) as the sharding rules "

@@ -216,6 +216,9 @@ def test_a_mesh_that_cannot_shard_the_parameters_is_named_before_allocating():
   found = {name for name, *_ in shd.sharding_fallbacks(jax.eval_shape(ts._init_params_fn(wide), jax.random.key(0)),
                                                        mesh_of(1, 8, 1))}
   assert "encoder/layers_1/attention/query/kernel" in found and "encoder/relpos_bias/rel_embedding" not in found
+  # tensor 3 divides neither the heads nor the vocabulary: no fsdp size fits, and the warning still forms.
+  text = ts.sharding_warning(CONFIG, mesh_of(1, 2, 3), min_bytes=0)
+  assert "tensor divides the heads (4)" in text and "MeshConfig.data=2, MeshConfig.fsdp=1" in text
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
