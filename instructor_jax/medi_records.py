@@ -29,6 +29,7 @@ _PROBE = 1000  # records without any MEDI key, at the start, before we call the 
 # Lone surrogates: JSON's \ud83d escapes, or bytes that are not UTF-8 (read as surrogateescape).
 # Neither can be encoded for the tokenizer or TFDS, so such records are skipped where they are read.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_DETAIL = "holds a lone surrogate (a bad \\u escape, or bytes that are not UTF-8); MEDI files must be UTF-8"
 
 Pair = tuple[str, str]
 
@@ -177,8 +178,7 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
     skip("bad task name", f"expected a non-empty string or int, got {obj.get('task_name', obj.get('task_id'))!r:.60}")
     return None
   if _SURROGATE.search(task):
-    skip("invalid unicode", f"task name {task!r:.60} holds a lone surrogate (a bad \\u escape, or bytes that "
-         "are not UTF-8); MEDI files must be UTF-8")
+    skip("invalid unicode", f"task name {task!r:.60} {_SURROGATE_DETAIL}")
     return None
   pairs = {}
   for key in FIELDS:
@@ -193,8 +193,7 @@ def validate_record(obj: Any, index: int, report: ValidationReport,
       return None
     bad = next((part for part, x in zip(("instruction", "text"), pair) if _SURROGATE.search(x)), None)
     if bad is not None:
-      skip("invalid unicode", f"{key} {bad} holds a lone surrogate (a bad \\u escape, or bytes that are "
-           "not UTF-8); MEDI files must be UTF-8")
+      skip("invalid unicode", f"{key} {bad} {_SURROGATE_DETAIL}")
       return None
     pairs[key] = pair
     report.extra_negatives += int(several and len(value) > 1)
