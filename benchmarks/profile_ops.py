@@ -13,6 +13,7 @@ GPU/TPU and the XLA:CPU thunks on a CPU (where concurrent thunks can add up to m
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import glob
 import gzip
@@ -20,6 +21,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -165,7 +167,10 @@ def workload(args, cfg):
   """(run once, finish) for the chosen case on random weights."""
   import run
   import texts
-  workdir = tempfile.mkdtemp()
+  # The exported weights live as long as the process; removed at exit, since a gtr-large export
+  # is over a GB and the GPU machine's disk is small.
+  workdir = tempfile.mkdtemp(prefix="profile_ops_")
+  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
   model, params, export_dir = run.build_models(cfg, workdir)
   if args.case == "train":
     import train_bench

@@ -13,7 +13,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(args, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  # A private TMPDIR, so a test can check that the script cleaned up after itself.
+  scratch = tmp_path / "scratch"
+  scratch.mkdir(exist_ok=True)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", TMPDIR=str(scratch))
   done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
@@ -31,6 +34,8 @@ def test_profile_attributes_train_step_time_to_matmuls_and_dropout_bits(tmp_path
   assert all(r["module"].startswith("jit_") for r in summary["top_ops"])
   assert "by kind of op" in stdout and (out / "summary.txt").exists()
   assert list(out.glob("plugins/profile/*/perfetto_trace.json.gz"))
+  # The exported weights it profiled are removed (a gtr-large export is over a GB).
+  assert not list((tmp_path / "scratch").iterdir())
 
 
 def test_gemm_forms_times_every_form(tmp_path):
