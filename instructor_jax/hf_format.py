@@ -356,7 +356,14 @@ def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
   max_len = 512
   st_cfg_path = os.path.join(t5_dir, "sentence_bert_config.json")
   if os.path.exists(st_cfg_path):
-    max_len = int(_read_json(st_cfg_path).get("max_seq_length") or 512)
+    st_cfg = _read_json(st_cfg_path)
+    # 1.0.1 lowercases instruction and text for such a model; no INSTRUCTOR/GTR checkpoint is one,
+    # and embedding it without lowercasing would be silently different.
+    if st_cfg.get("do_lower_case"):
+      raise CheckpointError(f"{st_cfg_path}: do_lower_case is true; instructor_jax does not lowercase inputs. "
+                            "Set it to false if the model was trained on cased text, or lowercase your "
+                            "instructions and texts yourself and set it to false.")
+    max_len = int(st_cfg.get("max_seq_length") or 512)
   dense_dir = _find_dense_dir(directory)
   projection_dim = None
   if dense_dir is not None:

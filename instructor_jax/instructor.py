@@ -124,9 +124,11 @@ class Instructor:
     if output_value != "sentence_embedding" or convert_to_tensor:
       raise ValueError(f"encode(output_value={output_value!r}, convert_to_tensor={convert_to_tensor}) is not "
                        "supported: only sentence embeddings as a NumPy array are returned.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+      raise ValueError(f"encode(batch_size={batch_size!r}): expected a positive int (texts per batch).")
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
-    max_len = max_seq_length or self.max_seq_length
+    max_len = self.max_seq_length if max_seq_length is None else max_seq_length
     ids, n_instr = self.tokenizer.tokenize(items, max_len)
     out = np.zeros((len(items), self.config.embedding_dim), np.float32)
     ndev = self.mesh.devices.size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 from instructor_jax.config import InstructorConfig
@@ -54,10 +55,26 @@ def resolve_hub_id(name: str, revision: str | None = None) -> str:
       local = snapshot_download(name, revision=revision, allow_patterns=bins, ignore_patterns=_HUB_SKIP)
     return local
   except Exception as e:  # offline, unknown repo, no network: all end up here
+    legacy = legacy_st_cache_dir(name)
+    if revision is None and os.path.isdir(legacy):
+      warnings.warn(f"{name!r} could not be fetched from the Hugging Face Hub ({type(e).__name__}); using the copy "
+                    f"that sentence-transformers 2.x / InstructorEmbedding downloaded to {legacy}.", stacklevel=3)
+      return legacy
     raise CheckpointError(
-        f"{name!r} is not a local path and could not be fetched from the Hugging Face Hub "
-        f"({type(e).__name__}: {e}). If you are offline, download it once with network access "
-        "(it is then cached), or pass a local directory.") from e
+        f"{name!r} is not a local path (no directory {os.path.abspath(name)}) and could not be fetched from "
+        f"the Hugging Face Hub ({type(e).__name__}: {e}); nor is there a sentence-transformers 2.x copy at "
+        f"{legacy}. If you are offline, download it once with network access (it is then cached), or pass a "
+        "local directory.") from e
+
+
+def legacy_st_cache_dir(name: str) -> str:
+  """Where sentence-transformers 2.x (and so InstructorEmbedding 1.0.1) kept a Hub model: users moving
+  from it have hkunlp/instructor-* there rather than in the Hub cache."""
+  home = os.getenv("SENTENCE_TRANSFORMERS_HOME")
+  if home is None:
+    torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    home = os.path.join(os.path.expanduser(torch_home), "sentence_transformers")
+  return os.path.join(home, name.replace("/", "_"))
 
 
 def detect_kind(path: str) -> str:

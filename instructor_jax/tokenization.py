@@ -1,7 +1,8 @@
 """Tokenisation of `[instruction, text]` pairs with the exact InstructorEmbedding 1.0.1 semantics.
 
 The rule (one implementation, used by inference, the embed job and the MEDI pipeline):
-  * a plain string is a text without instruction; a pair is `[instruction, text]`;
+  * a plain string is a text without instruction; a pair is `[instruction, text]` (a third item,
+    accepted by 1.0.1, is ignored);
   * the model input is `(instruction + text.strip()).strip()` (no separator; the instruction's
     trailing space stays inside the string), right-truncated to `max_len - 1` pieces, then EOS;
   * `n_instr = len(tokenize(instruction.strip())) - 1`, the standalone instruction truncated to
@@ -39,7 +40,8 @@ def split_item(item: Any, index: int) -> tuple[str | None, str]:
   if isinstance(item, str):
     return None, item
   if isinstance(item, (list, tuple)):
-    if len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], str):
+    # 1.0.1 also takes [instruction, text, anything] (an early README form) and drops the third item.
+    if len(item) in (2, 3) and isinstance(item[0], str) and isinstance(item[1], str):
       return item[0], item[1]
     kinds = [type(x).__name__ for x in item]
     raise InputError(f"input {index}: expected [instruction, text] with two strings, got a "
@@ -165,13 +167,13 @@ class Tokenizer:
   def tokenize(self, items: Sequence[Any], max_len: int | None = None,
                truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
     """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
-    return build_inputs(self.encode_pieces, items, max_len or self.max_seq_length, self._instruction_cache,
-                        truncated)
+    max_len = self.max_seq_length if max_len is None else max_len
+    return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated)
 
   def __call__(self, items: Sequence[Any], max_len: int | None = None,
                buckets: Sequence[int] | None = DEFAULT_BUCKETS, rows: int | None = None) -> Batch:
     """Padded batch; the length is the smallest bucket holding the longest row (or exact if None)."""
-    max_len = max_len or self.max_seq_length
+    max_len = self.max_seq_length if max_len is None else max_len
     ids, n_instr = self.tokenize(items, max_len)
     longest = max((len(x) for x in ids), default=1)
     length = bucket_length(longest, buckets, max_len) if buckets else longest

@@ -258,3 +258,17 @@ def test_encoder_tensors_the_config_does_not_describe_are_refused(tmp_path):
     config = json.load(f)
   with pytest.raises(hf_format.CheckpointError, match="umt5"):
     hf_format.t5_config_from_hf(dict(config, model_type="umt5"), "config.json")
+
+
+def test_lowercasing_models_are_refused(tmp_path):
+  """1.0.1 lowercases instruction and text when sentence_bert_config.json says do_lower_case; we do
+  not, so such a model must be refused rather than embedded differently."""
+  src = str(tmp_path / "lower")
+  shutil.copytree(TINY, src)
+  path = os.path.join(src, "sentence_bert_config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  with open(path, "w") as f:
+    json.dump(dict(cfg, do_lower_case=True), f)
+  with pytest.raises(hf_format.CheckpointError, match="do_lower_case is true"):
+    Instructor.from_pretrained(src)

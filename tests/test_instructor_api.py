@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -186,10 +187,21 @@ def test_output_shape_order_and_norm(model):
   assert model.encode("single string").shape == (24,)
 
 
-@pytest.mark.parametrize("bad", [[["only one"]], [[1, "text"]], [None], [["a", "b", "c"]]])
+@pytest.mark.parametrize("bad", [[["only one"]], [[1, "text"]], [None], [["a", "b", "c", "d"]]])
 def test_bad_input_is_a_clear_error(model, bad):
   with pytest.raises(InputError, match="input 0"):
     model.encode(bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_size": -1}, {"batch_size": 2.5}, {"batch_size": True}])
+def test_bad_batch_size_is_refused_not_zero_embeddings(model, kwargs):
+  with pytest.raises(ValueError, match="batch_size"):
+    model.encode([["Represent the title: ", "a cat"]], **kwargs)
+
+
+def test_max_seq_length_zero_is_refused_not_the_default(model):
+  with pytest.raises(ValueError, match="max_len must be >= 2"):
+    model.encode(["a cat"], max_seq_length=0)
 
 
 def test_unknown_layout_and_missing_paths(tmp_path):
@@ -206,10 +218,23 @@ def test_not_a_t5_encoder(tmp_path):
     Instructor.from_pretrained(str(tmp_path))
 
 
-def test_offline_hub_id_is_a_clear_error(monkeypatch):
+def test_offline_hub_id_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face Hub"):
+  monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(tmp_path))
+  with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face Hub.*sentence-transformers 2.x"):
     Instructor.from_pretrained("hkunlp/instructor-nonexistent-xyz")
+
+
+def test_offline_hub_id_falls_back_to_instructor_embeddings_cache(model, monkeypatch, tmp_path):
+  """Users of InstructorEmbedding 1.0.1 have hkunlp/instructor-* in sentence-transformers 2.x's cache
+  (SENTENCE_TRANSFORMERS_HOME/owner_name), not in the Hub's: offline, that copy is loaded."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(tmp_path))
+  shutil.copytree(FIXTURE, tmp_path / "hkunlp_instructor-tiny")
+  with pytest.warns(UserWarning, match="hkunlp_instructor-tiny"):
+    cached = Instructor.from_pretrained("hkunlp/instructor-tiny")
+  pairs = [["Represent the title: ", "a cat"], "a plain sentence"]
+  np.testing.assert_array_equal(cached.encode(pairs), model.encode(pairs))
 
 
 def test_packed_rows_equal_padded_rows(model):

@@ -82,7 +82,14 @@ def test_padding_and_buckets(tok):
   assert tokenization.bucket_length(40, (16, 32, 64), 48) == 48
 
 
-@pytest.mark.parametrize("bad", [[["only one"]], [["a", "b", "c"]], [["instr", 3]], [None], [42], [("a", None)]])
+def test_third_item_is_ignored_as_in_instructor_embedding(tok):
+  # 1.0.1 keeps [s[0], s[1]] of each item: the early README's [instruction, text, 0] form works.
+  pairs = [["Represent the title: ", "a cat"], ["Represent the title: ", "a dog ran"]]
+  assert tok.tokenize([p + [0] for p in pairs]) == tok.tokenize(pairs)
+
+
+@pytest.mark.parametrize("bad", [[["only one"]], [["a", "b", "c", "d"]], [["a", 3, "c"]], [["instr", 3]], [None], [42],
+                                 [("a", None)]])
 def test_bad_inputs_raise_clear_errors(tok, bad):
   with pytest.raises(InputError, match=r"input 0: expected"):
     tok.tokenize(bad)
