@@ -4,8 +4,15 @@
 # 600 s), and writes as it goes, so a cut-short run still returns what it measured.
 #
 #   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (estimated ~9 min on one H100)
-#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # cuDNN attention, profiles, float16 (estimated ~6 min)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, cuDNN attention, profiles, float16 (its step
+#                                                    # limits add up to more than BUDGET: the last are skipped
+#                                                    # when the first use theirs)
 #   QUICK=1 OUT=/tmp/g bash benchmarks/gpu_all.sh core   # the same flow on a CPU, tiny shapes (a dry run)
+#
+# One phase per device lease: with 15 minutes of device time, start-up included, `core` leaves too
+# little for `extra`. Where the lease has less than ~10 minutes left, set BUDGET to what is left
+# less a minute, so the report is written before the command is killed. (If it is killed anyway,
+# the step JSONs are there: `python benchmarks/report.py $OUT/embed.json $OUT/train.json`.)
 #
 # Needs JAX (CUDA), torch and sentence-transformers; no TensorFlow, no network.
 set -uo pipefail
@@ -19,7 +26,7 @@ mkdir -p "$OUT"
 export TF_CPP_MIN_LOG_LEVEL=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
   JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/instructor_jax_jax_cache} \
   PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
 END=$((SECONDS + ${BUDGET:-570}))
 
 if [[ -n "${QUICK:-}" ]]; then
@@ -32,7 +39,8 @@ else
   # 256 triples, full remat; PyTorch needs checkpointing there, it ran out of memory above 32
   # triples without), ours at 32, and GradCache last (two traced copies of the model: the longest
   # compile, and the row a cut-short run can best lose).
-  VARIANTS="pytorch-ckpt,pytorch@32,jax-full,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
+  # jax-full falls back to 128 triples only if 256 runs out of memory (XLA:CPU cannot predict it).
+  VARIANTS="pytorch-ckpt,pytorch@32,jax-full@256|128,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
 fi
 
 FAILED=0
@@ -52,6 +60,9 @@ step() {  # name, seconds, command... (the limit shrinks to what is left of BUDG
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   if ((rc)); then FAILED=1; fi
+  # Traces and HLO dumps run to hundreds of MB and would not come back: keep the summaries only,
+  # removed at once so that a phase killed later does not leave them in OUT.
+  if [[ $name == profile_* ]]; then rm -rf "${OUT:?}/$name/hlo" "${OUT:?}/$name/plugins"; fi
   echo "$(date -u +%FT%TZ) $name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/status.txt"
   tail -n 12 "$OUT/$name.log"
 }
@@ -111,8 +122,6 @@ elif [[ $PHASE == extra ]]; then
   step embed_fp16 120 "$PY" benchmarks/run.py --shape "$SHAPE" --sections matmul,embed "${SIZES_FP16[@]}" \
     --dtype float16 --out "$OUT/embed_fp16.json"
   report "$OUT/report_fp16.md" "$OUT"/embed_fp16.json
-  # Traces and HLO dumps run to hundreds of MB; the summaries are what comes back.
-  rm -rf "$OUT"/profile_*/hlo "$OUT"/profile_*/plugins
 else
   echo "usage: OUT=DIR bash benchmarks/gpu_all.sh core|extra" >&2
   exit 2

@@ -13,7 +13,6 @@ GPU/TPU and the XLA:CPU thunks on a CPU (where concurrent thunks can add up to m
 from __future__ import annotations
 
 import argparse
-import atexit
 import collections
 import glob
 import gzip
@@ -21,9 +20,7 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -167,11 +164,7 @@ def workload(args, cfg):
   """(run once, finish) for the chosen case on random weights."""
   import run
   import texts
-  # The exported weights live as long as the process; removed at exit, since a gtr-large export
-  # is over a GB and the GPU machine's disk is small.
-  workdir = tempfile.mkdtemp(prefix="profile_ops_")
-  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-  model, params, export_dir = run.build_models(cfg, workdir)
+  model, params, _ = run.build_models(cfg, None)  # no sentence-transformers export: only JAX runs here
   if args.case == "train":
     import train_bench
     step, sync = train_bench._jax_step(cfg, params, args.batch, args.length, args.remat)

@@ -50,7 +50,7 @@ def embed_rows(r: dict) -> list[str]:
     out.append(f"| {e['case']}, `encode(pack=False)` | {e['rows']} | {e['ours_tok_s']:,.0f} | {e['st_tok_s']:,.0f} | "
                f"{e['speedup']:.2f}× | {e['min_cosine']:.5f} |{verdict}")
     if "ours_packed_tok_s" in e:  # not measured for documents: none fits a 128-token row
-      out.append(f"| same, `encode(pack=True)`, batch / 4 | | {e['ours_packed_tok_s']:,.0f} | | "
+      out.append(f"| same, `encode(pack=True)`, the job's rows per batch | | {e['ours_packed_tok_s']:,.0f} | | "
                  f"{e['packed_speedup']:.2f}× | |" + (" |" if gpu else ""))
     out.append(f"| same, embed job ({e.get('job_format', 'parquet')} out) | | {e['job_tok_s']:,.0f} | | "
                f"{e['job_speedup']:.2f}× | |" + (" |" if gpu else ""))
@@ -69,6 +69,8 @@ def train_rows(r: dict) -> list[str]:
   for t in rows:
     if "error" in t or t.get("status") == "running":
       why = t["error"][:80] if "error" in t else f"cut short by the time limit (started {t.get('started', '?')})"
+      if "temp_gib" in t:  # XLA's compiled estimate: how far over the card an out-of-memory row was
+        why += f" (XLA temp {t['temp_gib']:.1f} GiB + arguments {t.get('argument_gib', 0):.1f} GiB)"
       out.append(f"| {t['impl']} | {t['batch']} × {t['length']} | – | – | – | – | – | {why} |")
       continue
     base = torch_at.get(t["batch"])

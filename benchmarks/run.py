@@ -102,8 +102,8 @@ def measure_matmul_peak(n: int, dtype: str) -> dict[str, float]:
   return out
 
 
-def build_models(cfg: InstructorConfig, workdir: str):
-  """Random-weight Instructor + its sentence-transformers export (identical weights)."""
+def build_models(cfg: InstructorConfig, workdir: str | None):
+  """Random-weight Instructor + its sentence-transformers export (identical weights; none if no workdir)."""
   from instructor_jax.instructor import Instructor
   from instructor_jax.model import InstructorModel
   from instructor_jax.tokenization import Tokenizer
@@ -114,6 +114,8 @@ def build_models(cfg: InstructorConfig, workdir: str):
       jax.random.PRNGKey(0))
   params = jax.device_get(params)
   model = Instructor(cfg, params, Tokenizer.from_pretrained(None, cfg.max_seq_length))
+  if workdir is None:
+    return model, params, None
   export_dir = os.path.join(workdir, "st")
   model.save_pretrained(export_dir)
   return model, params, export_dir
@@ -209,8 +211,10 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
   tokens = _count_tokens(model, items, max_len)
   st_run = st_runner(export_dir, items, batch_size, max_len, dtype)
   runners = {"ours": ours_runner(model, items, batch_size, max_len)}
-  if packed:  # batch_size / 4 rows of 128 tokens hold about as many short texts as batch_size rows
-    runners["ours_packed"] = ours_runner(model, items, max(1, batch_size // 4), max_len, True)
+  if packed:  # rows of 128 tokens, as many per batch as the embed job takes: the two share compiled shapes
+    from instructor_jax.embed import default_batch_tokens
+    rows = max(1, default_batch_tokens() // PACK_LENGTH) * len(jax.local_devices())
+    runners["ours_packed"] = ours_runner(model, items, rows, max_len, True)
   runners.update(embed_job=job_runner(model, items, max_len, workdir), st=st_run)
   seconds, out = interleaved_median(runners, repeats)
   ours, ref = out["ours"], out["st"]
@@ -230,18 +234,23 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
           "st_weight_dtype": st_run.weight_dtype}
 
 
-EMBED_CASES = ["short+instruction", "512-token docs"]
+EMBED_CASES = ["512-token docs", "short+instruction"]
+PACK_LENGTH = 128  # encode's and the embed job's default
 
 
 def embed_sections(args: argparse.Namespace, model, export_dir: str, workdir: str, dtype: str) -> Iterator[dict]:
-  """Short instructed sentences, then 512-token documents: one result row each, yielded as measured."""
+  """512-token documents, then short instructed sentences: one result row each, yielded as measured.
+
+  Documents first: they compile two shapes (short texts about ten: length buckets, packed rows), so
+  a run cut short by its time limit keeps the documents row.
+  """
   n_short, n_docs = (256, 16) if args.quick else (20000, 2000)
   n_short, n_docs = args.short or n_short, args.docs or n_docs
   short_bs, doc_bs = (64, 8) if args.quick else (128, 64)
-  yield embed_section(EMBED_CASES[0], model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
-                      3, workdir, dtype)
-  yield embed_section(EMBED_CASES[1], model, export_dir, texts.documents(n_docs), doc_bs, 512, 3, workdir, dtype,
+  yield embed_section(EMBED_CASES[0], model, export_dir, texts.documents(n_docs), doc_bs, 512, 3, workdir, dtype,
                       packed=False)
+  yield embed_section(EMBED_CASES[1], model, export_dir, texts.instructed_sentences(n_short), short_bs, 512,
+                      3, workdir, dtype)
 
 
 def main(argv=None) -> int:
@@ -253,7 +262,8 @@ def main(argv=None) -> int:
   parser.add_argument("--train-length", type=int, default=256)
   parser.add_argument("--train-variants", default=None,
                       help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-gc4, each "
-                           "optionally @BATCH (default: pytorch,jax,jax-save_dots at --train-batch)")
+                           "optionally @BATCH, or @B1|B2 to try B2 if B1 runs out of memory (default: "
+                           "pytorch,jax,jax-save_dots at --train-batch)")
   parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")
   parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
   parser.add_argument("--attention-impl", default="dot_product_attention",
@@ -302,7 +312,7 @@ def main(argv=None) -> int:
     if "train" in sections:
       from train_bench import DEFAULT_VARIANTS, parse_variants, train_section
       batch = args.train_batch or (8 if args.quick else 256)
-      results["planned"]["train"] = [f"{name}@{b}" for name, b in
+      results["planned"]["train"] = [f"{name}@{batches[0]}" for name, batches in
                                      parse_variants(args.train_variants or DEFAULT_VARIANTS, batch)]
       results["train"] = train_section(cfg, params, export_dir, batch, args.train_length,
                                        results.get("matmul", {}), quick=args.quick,

@@ -8,6 +8,7 @@ encoder pass over 3B rows, INSTRUCTOR's loss at tau 0.01, AdamW; bf16 compute on
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -142,14 +143,23 @@ VARIANTS = {
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"
 
 
-def parse_variants(spec: str, batch: int) -> list[tuple[str, int]]:
+def parse_variants(spec: str, batch: int) -> list[tuple[str, list[int]]]:
+  """`name[@B1|B2...]` items: the batches to try in order, the next only if the previous ran out of memory."""
   out = []
   for item in spec.split(","):
     name, _, b = item.strip().partition("@")
     if name not in VARIANTS:
-      raise SystemExit(f"--train-variants: unknown variant {name!r}; expected one of {sorted(VARIANTS)} (optionally @BATCH)")
-    out.append((name, int(b) if b else batch))
+      raise SystemExit(f"--train-variants: unknown variant {name!r}; expected one of {sorted(VARIANTS)} "
+                       "(optionally @BATCH, or @B1|B2 to fall back to B2 when B1 runs out of memory)")
+    try:
+      batches = [int(x) for x in b.split("|")] if b else [batch]
+    except ValueError:
+      raise SystemExit(f"--train-variants: {item!r}: expected NAME@BATCH or NAME@B1|B2 with integer batches") from None
+    out.append((name, batches))
   return out
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemory", re.IGNORECASE)
 
 
 def train_section(cfg: InstructorConfig, params, export_dir: str, batch: int, length: int,
@@ -167,7 +177,11 @@ def train_section(cfg: InstructorConfig, params, export_dir: str, batch: int, le
   measured_peak = max(matmul.get("jax_tflops", 0.0), matmul.get("torch_tflops", 0.0)) * 1e12
   spec_peak = peak_flops(str(jax.devices()[0].device_kind)) if jax.default_backend() != "cpu" else None
   rows: list[dict] = []
-  for name, b in parse_variants(variants, batch):
+  attempts = []  # (name, batch, batches left to fall back to)
+  for name, batches in parse_variants(variants, batch):
+    attempts.append((name, batches[0], batches[1:]))
+  while attempts:
+    name, b, fallbacks = attempts.pop(0)
     framework, options = VARIANTS[name]
     tokens = 3 * b * length
     # Big batches: one warm-up step and three timed ones (a step of 256 triples is seconds).
@@ -195,6 +209,8 @@ def train_section(cfg: InstructorConfig, params, export_dir: str, batch: int, le
     _free_memory()
     if error is not None:
       rows[-1] = dict(row, error=error, tok_s=float("nan"), step_s=float("nan"))
+      if fallbacks and _OOM.search(error):
+        attempts.insert(0, (name, fallbacks[0], fallbacks[1:]))
     else:
       row.update(step_s=seconds, tok_s=tokens / seconds)
       if measured_peak:

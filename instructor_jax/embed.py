@@ -39,6 +39,15 @@ FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
 
 
+def default_batch_tokens() -> int:
+  """Tokens per device batch when --batch-tokens is not given.
+
+  On CPU small batches stay in cache: 2048 tokens ran 8-18% faster than 8192 (BENCHMARKS.md).
+  """
+  import jax
+  return 2048 if jax.default_backend() == "cpu" else 32768
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
   p.add_argument("--model", help="required: Hub id, sentence-transformers/HF dir, t5x dir or training workdir")
@@ -305,8 +314,7 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
     raise SystemExit(f"--process-index {index} is not in [0, --process-count {count}).")
   max_len = args.max_seq_length or model.max_seq_length
   buckets = sorted({min(int(b), max_len) for b in str(args.buckets).split(",")})
-  # On CPU small batches stay in cache: 2048 tokens ran 8-18% faster than 8192 (BENCHMARKS.md).
-  batch_tokens = args.batch_tokens or (2048 if jax.default_backend() == "cpu" else 32768)
+  batch_tokens = args.batch_tokens or default_batch_tokens()
   pack_length = min(args.pack_length, max_len)
   ndev = model.mesh.devices.size
   runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens}

@@ -77,7 +77,7 @@ def test_gpu_script_dry_run_on_cpu_measures_every_row(tmp_path):
   status = (out / "status.txt").read_text()
   assert "embed rc=0" in status and "train rc=0" in status, status
   embed = json.loads((out / "embed.json").read_text())
-  assert [r["case"] for r in embed["embed"]] == ["short+instruction", "512-token docs"]
+  assert [r["case"] for r in embed["embed"]] == ["512-token docs", "short+instruction"]
   assert all(r["min_cosine"] > 0.9999 and r["speedup"] > 0 for r in embed["embed"])
   train = json.loads((out / "train.json").read_text())
   assert [r["impl"] for r in train["train"]] == ["pytorch", "pytorch-ckpt", "jax", "jax-full", "jax-gc4"]
@@ -164,3 +164,31 @@ def test_profile_classifies_ops_by_their_hlo_not_their_names():
   assert profile_ops.classify_in([(lines, bodies)], "fusion.9") == "copy / transpose"
   other = ({"fusion.9": "%fusion.9 = f32[8,8]{1,0} dot(%a, %b)\n"}, {})
   assert profile_ops.classify_in([(lines, bodies), other], "fusion.9").startswith("ambiguous")
+
+
+@pytest.mark.parametrize("message, expect", [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB", [(16, True), (8, False)]),
+    ("INVALID_ARGUMENT: a bug", [(16, True)])])
+def test_train_variant_falls_back_to_the_smaller_batch_only_when_out_of_memory(monkeypatch, message, expect):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import run
+  import train_bench
+
+  def fake_jax_step(cfg, params, batch, length, **options):
+    if batch == 16:
+      raise RuntimeError(message)
+    step = lambda: 1.0  # noqa: E731
+    step.memory = {"temp_gib": 0.5}
+    return step, float
+
+  monkeypatch.setattr(train_bench, "_jax_step", fake_jax_step)
+  assert train_bench.parse_variants("jax-full@16|8,jax", 4) == [("jax-full", [16, 8]), ("jax", [4])]
+  rows = train_bench.train_section(run.SHAPES["tiny"], None, "", 4, 16, {}, quick=True, variants="jax-full@16|8")
+  assert [(r["batch"], "error" in r) for r in rows] == expect
+  assert all(r["impl"] == "jax-full" for r in rows)
+  with pytest.raises(SystemExit, match="integer batches"):
+    train_bench.parse_variants("jax@16|x", 4)
+  import report
+  oom = {"impl": "jax-full", "batch": 256, "length": 256, "error": "RESOURCE_EXHAUSTED: Out of memory",
+         "temp_gib": 90.0, "argument_gib": 4.0}
+  assert "XLA temp 90.0 GiB + arguments 4.0 GiB" in "\n".join(report.train_rows({"train": [oom], "backend": "gpu"}))
