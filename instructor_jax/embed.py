@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import queue
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", help="required: Hub id, sentence-transformers/HF dir, t5x dir or training workdir")
   p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
   p.add_argument("--output", required=True, help="output directory")
-  p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS)
+  p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS,
+                 help="default: from the extension. csv/tsv follow CSV quoting; tsv-unquoted is one row per "
+                      "line split on tabs, quotes being literal text (GLUE/STS/MSRP files)")
   p.add_argument("--text-field", default="text", help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
                  "text (default: text)")
   p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
@@ -150,6 +153,8 @@ class _Stopped(Exception):
 
 def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise InputError(f"--output {out_dir} is a file; pass a directory (new, or one this job wrote).")
   os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
   if not overwrite:
     return
@@ -284,6 +289,10 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
     raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
                      "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
   total = sum(f.rows for f in files)
+  if total == 0:  # nothing to embed is a mistake (an empty export, a CSV without data rows), not success
+    what = ", ".join(f.path for f in files[:3]) or "no readable input"
+    raise InputError(f"{what}: no data rows to embed (CSV/TSV inputs need a header row, then one row per "
+                     "text).")
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
@@ -379,8 +388,13 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   if whole_job and summary["parts_written"] and not summary["rows"] and summary["skipped"]:
     # Almost always a mistyped --text-field or --instruction-field under --on-error skip.
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
+    # Its manifest would pass for a finished job, and its identity would refuse the corrected command.
+    for name in (embed_manifest.MANIFEST_FILE, embed_manifest.JOB_FILE):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.output, name))
     message = (f"no row was embedded: every row was skipped ({reasons}); check --text-field "
-               f"{args.text_field!r} and the other field options against the input.")
+               f"{args.text_field!r} and the other field options against the input. {args.output} holds no "
+               "results (its manifest was removed); rerun with the corrected options.")
     if model is not None:
       raise InputError(message)
     print(f"error: {message}", file=sys.stderr)
@@ -400,6 +414,10 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--max-seq-length {args.max_seq_length}: expected >= 2 (at least one token and </s>)")
   if args.int8_ranges and args.precision not in ("int8", "uint8"):
     parser.error(f"--int8-ranges applies to --precision int8 or uint8, not {args.precision}")
+  if args.int8_ranges and not os.path.isfile(args.int8_ranges):
+    parser.error(f"--int8-ranges {args.int8_ranges}: no such file (expected a .npy of shape [2, E])")
+  if args.calibration_rows < 2:
+    parser.error(f"--calibration-rows {args.calibration_rows}: expected >= 2 (int8/uint8 ranges need a spread)")
 
 
 if __name__ == "__main__":

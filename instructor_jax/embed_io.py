@@ -16,7 +16,8 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
-FORMATS = ("jsonl", "parquet", "csv", "tsv", "text")
+FORMATS = ("jsonl", "parquet", "csv", "tsv", "tsv-unquoted", "text")
+_DELIMITED = ("csv", "tsv", "tsv-unquoted")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "text", ".text": "text"}
 # Reasons a row is skipped. `blank_line` (an empty line in a JSONL/CSV file) is always skipped and
@@ -24,6 +25,9 @@ _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parque
 REASONS = ("unreadable_file", "blank_line", "malformed_json", "malformed_row", "invalid_utf8", "missing_text",
            "non_string_text", "empty_text", "missing_instruction", "non_string_instruction", "missing_id",
            "bad_id", "duplicate_id")
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
+_JSON_ARRAY_HINT = (" (a JSON array rather than JSON Lines? write one object per line, e.g. "
+                    "`jq -c '.[]' FILE > FILE.jsonl`)")
 _CHUNK = 1 << 24
 _BOM = b"\xef\xbb\xbf"
 # Texts can be long; the csv module's default 128 KiB field limit would reject them.
@@ -93,9 +97,12 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, str | None]]:
 
 def detect_format(path: str, forced: str | None) -> str:
   """The input format from `--input-format` or the extension."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext in _COMPRESSED:
+    raise InputError(f"{path}: compressed inputs are not read; decompress it first (e.g. `gunzip -k`, "
+                     "`zstd -d`), or write Parquet, which compresses internally.")
   if forced and forced != "auto":
     return forced
-  ext = os.path.splitext(path)[1].lower()
   if ext not in _EXTENSIONS:
     raise InputError(f"{path}: cannot tell the input format from the extension {ext!r}; expected one of "
                      f"{sorted(_EXTENSIONS)}, or pass --input-format {{{','.join(FORMATS)}}}.")
@@ -107,7 +114,7 @@ def count_rows(path: str, fmt: str) -> int:
   if fmt == "parquet":
     import pyarrow.parquet as pq
     return pq.ParquetFile(path).metadata.num_rows
-  if fmt in ("csv", "tsv"):
+  if fmt in _DELIMITED:
     return sum(1 for _ in _csv_rows(path, fmt))
   lines, last = 0, b"\n"
   with open(path, "rb") as f:
@@ -145,18 +152,33 @@ def plan_inputs(patterns: list[str], forced_format: str | None,
 # ---- raw rows ------------------------------------------------------------------------------------
 
 def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]:
-  """(first line number, header, row) per data row; undecodable bytes kept as surrogates."""
+  """(first line number, header, row) per data row; undecodable bytes kept as surrogates.
+
+  csv and tsv follow Python's csv module (quoted fields may hold delimiters, newlines and doubled
+  quotes), strictly: a stray quote is an error naming the line, where the lenient default silently
+  glued following lines into one field. tsv-unquoted is one row per line, split on tabs, quotes
+  being literal text (GLUE / STS / MSRP files).
+  """
   # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise become part of
   # the first header name (and the text field would be "missing" on every row).
   with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-    reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
-    header = next(reader, None)
-    if header is None:
-      return
-    line = reader.line_num + 1
-    for row in reader:
-      yield line, header, row
+    if fmt == "tsv-unquoted":
+      reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+      reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
+    line = 1
+    try:
+      header = next(reader, None)
+      if header is None:
+        return
       line = reader.line_num + 1
+      for row in reader:
+        yield line, header, row
+        line = reader.line_num + 1
+    except csv.Error as e:
+      hint = (" If quotes in this file are literal text rather than CSV quoting, pass --input-format "
+              "tsv-unquoted." if fmt == "tsv" else "")
+      raise csv.Error(f"line {line}: {e} (a quote that does not open or close a quoted field).{hint}") from e
 
 
 def _parquet_rows(f: InputFile, columns: list[str],
@@ -194,7 +216,7 @@ def iter_raw(files: list[InputFile], columns: list[str], skip: Callable[[int, in
     if f.format == "parquet":
       yield from _parquet_rows(f, columns, skip)
       continue
-    if f.format in ("csv", "tsv"):
+    if f.format in _DELIMITED:
       for line, header, row in _csv_rows(f.path, f.format):
         yield f, slot, f"{f.path}:{line}", (header, row)
         slot += 1
@@ -231,11 +253,13 @@ def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
-      return _bad(slot, where, "malformed_json", f"malformed JSON at column {e.colno}: {e.msg}")
+      hint = _JSON_ARRAY_HINT if line.lstrip().startswith("[") else ""
+      return _bad(slot, where, "malformed_json", f"malformed JSON at column {e.colno}: {e.msg}{hint}")
     if not isinstance(rec, dict):
-      return _bad(slot, where, "malformed_json", f"expected a JSON object per line, got {type(rec).__name__}")
+      hint = _JSON_ARRAY_HINT if isinstance(rec, list) and rec and isinstance(rec[0], dict) else ""
+      return _bad(slot, where, "malformed_json", f"expected a JSON object per line, got {type(rec).__name__}{hint}")
     return rec
-  if fmt in ("csv", "tsv"):
+  if fmt in _DELIMITED:
     header, row = raw
     if not row or (len(row) == 1 and not row[0].strip()):
       return _bad(slot, where, "blank_line", "blank line")
@@ -276,9 +300,12 @@ def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
     try:
-      return int(value)
+      number = int(value)
     except ValueError:
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
+    if not -2 ** 63 <= number < 2 ** 63:  # ids are stored as int64
+      return _bad(slot, where, "bad_id", f"id {value!r:.60} does not fit in int64 (--id-type int); use --id-type str")
+    return number
   if isinstance(value, bool) or not isinstance(value, (int, str)):
     return _bad(slot, where, "bad_id", f"id {value!r:.60} is {_a_type(value)}; expected a string or integer")
   value = str(value)

@@ -121,6 +121,8 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
     (["--max-seq-length", "1"], "--max-seq-length 1: expected >= 2"),
     (["--dtype", "bogus"], "argument --dtype: invalid choice: 'bogus'"),
     (["--int8-ranges", "r.npy"], "--int8-ranges applies to --precision int8 or uint8, not float32"),
+    (["--precision", "int8", "--int8-ranges", "nope.npy"], "--int8-ranges nope.npy: no such file"),
+    (["--calibration-rows", "1"], "--calibration-rows 1: expected >= 2"),
 ])
 def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):
   out = tmp_path / "out"
@@ -131,10 +133,63 @@ def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, mess
 
 
 def test_a_job_that_skips_every_row_fails(tmp_path, model):
-  """--on-error skip with a mistyped --text-field must not look like success."""
+  """--on-error skip with a mistyped --text-field must not look like success, nor block the fixed command."""
+  out = tmp_path / "out"
   with pytest.raises(InputError, match=r"no row was embedded: every row was skipped \(missing_text 6\).*'body'"):
-    embed.main(base_args([_input(tmp_path, [])], str(tmp_path / "out"), "--text-field", "body", "--on-error", "skip"),
+    embed.main(base_args([_input(tmp_path, [])], str(out), "--text-field", "body", "--on-error", "skip"),
                model=model)
+  assert not (out / "_manifest.json").exists()  # a pipeline waiting for it must not take this for done
+  summary = embed.main(base_args([_input(tmp_path, [])], str(out), "--on-error", "skip"), model=model)
+  assert summary["rows"] == 6 and (out / "_manifest.json").exists()
+
+
+@pytest.mark.parametrize("body", ["", "text,id\n"])
+def test_an_input_without_data_rows_fails_before_writing(tmp_path, model, body):
+  path = tmp_path / "in.csv"
+  path.write_text(body, encoding="utf-8")
+  with pytest.raises(InputError, match=r"in.csv: no data rows to embed"):
+    embed.main(base_args([str(path)], str(tmp_path / "out")), model=model)
+  assert not (tmp_path / "out").exists()
+
+
+def test_tsv_quotes_are_csv_quoting_strictly_or_literal_text_on_request(tmp_path, model):
+  """GLUE/STS/MSRP TSVs hold literal quotes: read as CSV quoting they silently merged rows. A stray
+  quote is now an error naming the line, and --input-format tsv-unquoted reads such files."""
+  texts = ['"Hello" he said, twice', 'plain text', '"an opening quote only', 'a "quoted" middle']
+  path = tmp_path / "in.tsv"
+  path.write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+  with pytest.raises(InputError, match=r"in.tsv.*line 2: .*expected after '\"'.*--input-format tsv-unquoted"):
+    embed.main(base_args([str(path)], str(tmp_path / "o1")), model=model)
+  out = str(tmp_path / "o2")
+  summary = embed.main(base_args([str(path)], out, "--input-format", "tsv-unquoted"), model=model)
+  assert summary["rows"] == 4
+  ids, emb = read_output(out)
+  np.testing.assert_allclose(emb, model.encode(texts), atol=1e-6)
+  assert ids == [0, 1, 2, 3]
+
+
+def test_integer_ids_beyond_int64_are_bad_ids_not_a_crash(tmp_path, model):
+  path = tmp_path / "big.jsonl"
+  path.write_text('{"id": 1, "text": "a cat"}\n{"id": 100000000000000000000000, "text": "a dog"}\n')
+  with pytest.raises(InputError, match=r"big.jsonl:2: id 100000000000000000000000 does not fit in int64"):
+    embed.main(base_args([str(path)], str(tmp_path / "o1"), "--id-field", "id", "--id-type", "int"), model=model)
+  summary = embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--id-type", "int",
+                                 "--on-error", "skip"), model=model)
+  assert summary["skipped"] == {"bad_id": 1} and summary["rows"] == 1
+
+
+def test_output_that_is_a_file_and_compressed_or_array_inputs_are_explained(tmp_path, model):
+  src = _input(tmp_path, [])
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(InputError, match=r"--output .*afile is a file; pass a directory"):
+    embed.main(base_args([src], str(tmp_path / "afile")), model=model)
+  (tmp_path / "in.jsonl.gz").write_bytes(b"\x1f\x8b")
+  with pytest.raises(InputError, match=r"in.jsonl.gz: compressed inputs are not read"):
+    embed.main(base_args([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "o1")), model=model)
+  array = tmp_path / "array.json"
+  array.write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n')
+  with pytest.raises(InputError, match=r"array.json:1: .*a JSON array rather than JSON Lines"):
+    embed.main(base_args([str(array)], str(tmp_path / "o2")), model=model)
 
 
 def test_csv_duplicate_id_names_the_first_data_row(tmp_path, model):
