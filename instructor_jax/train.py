@@ -13,6 +13,7 @@ import argparse
 import glob
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -59,7 +60,8 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
   p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                 help="call jax.distributed.initialize(): auto = on a TPU VM or a known cluster environment")
+                 help="call jax.distributed.initialize(): auto = on a TPU VM, under a coordinator "
+                      "(JAX_COORDINATOR_ADDRESS), or in a multi-task srun / mpirun launch")
   return p.parse_args(argv)
 
 
@@ -79,7 +81,30 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     logging.disable(logging.NOTSET)
 
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+def check_macros_used(bindings: list[str], operative: str) -> None:
+  """A macro set in --gin_bindings that no configuration reads is a typo (TRAIN_STEP=5 for TRAIN_STEPS):
+  gin would ignore it silently, and the run would use the file's value."""
+  for binding in bindings:
+    for line in binding.splitlines():
+      m = re.match(r"\s*([A-Za-z_]\w*)\s*=", line)
+      if m and not re.search(rf"%{m.group(1)}\b", operative):
+        used = sorted(set(re.findall(r"%([A-Za-z_]\w*)", operative)))
+        raise SystemExit(f"error: --gin_bindings {line.strip()!r}: no configuration reads the macro {m.group(1)} "
+                         f"(a typo?). Macros in use: {', '.join(used) or 'none'}; or bind a parameter directly, "
+                         "e.g. TrainConfig.train_steps=...")
+
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _in_multiprocess_launch() -> bool:
+  """A launcher started several processes of this job (a bare `salloc` shell has SLURM_JOB_ID but no
+  job step, and JAX's SLURM detection then fails to find a coordinator)."""
+  if any(e in os.environ for e in _CLUSTER_ENV):
+    return True
+  if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
@@ -90,10 +115,15 @@ def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
                                num_processes=flags.num_processes, process_id=flags.process_id)
     return
   on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
-  if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or any(e in os.environ for e in _CLUSTER_ENV))):
+  if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or _in_multiprocess_launch())):
     # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise SystemExit(f"error: joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
+                       "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
+                       "--process_id.") from e
 
 
 def _use_gloo_on_cpu() -> None:
@@ -129,9 +159,16 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
   if latest is not None:
     model = _checked(with_compute_options(orbax_io.config_from_dict(ckpt.model_config(latest)), cfg), mesh)
     state, _, meta = ckpt.restore(latest, abstract_state(model, tx, mesh))
-    if meta.get("batch_size") not in (None, cfg.batch_size) or meta.get("data_seed") not in (None, cfg.data_seed):
-      print(f"warning: resuming {ckpt.directory}/{latest} with batch_size/data_seed {cfg.batch_size}/{cfg.data_seed} "
-            f"(checkpoint: {meta.get('batch_size')}/{meta.get('data_seed')}); the data stream will differ.")
+    now = run_meta(cfg)
+    changed = [k for k in _STREAM_KEYS if meta.get(k) not in (None, now[k])]
+    if changed:
+      print(f"warning: resuming {ckpt.directory}/{latest} with " + ", ".join(
+          f"{k} {now[k]!r} (checkpoint: {meta[k]!r})" for k in changed) + "; the data stream will differ.")
+    changed = [k for k in ("model", "init_checkpoint") if k in meta and meta[k] != now[k]]
+    if changed:
+      print(f"warning: resuming {ckpt.directory}/{latest}, which was started with " + ", ".join(
+          f"{k} {meta[k]!r}" for k in changed) + "; the checkpoint's model is what trains on (now set: " + ", ".join(
+          f"{k} {now[k]!r}" for k in changed) + ", which applies to a new workdir only).")
     if meta.get("train_steps") not in (None, cfg.train_steps):
       print(f"warning: resuming {ckpt.directory}/{latest} with TRAIN_STEPS {cfg.train_steps} (checkpoint: "
             f"{meta['train_steps']}); the learning-rate schedule is laid over the new length from here on.")
@@ -151,6 +188,17 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
   return model, init_state(model, tx, mesh, seed=cfg.seed), f"random init ({cfg.model}, seed {cfg.seed})"
 
 
+# Settings that decide the data stream from a given step on (a resume with others warns).
+_STREAM_KEYS = ("batch_size", "data_seed", "mixing_temperature", "rate_cap")
+
+
+def run_meta(cfg: TrainConfig) -> dict[str, Any]:
+  """Saved with every checkpoint, so a resume can say what changed."""
+  return {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "mixing_temperature": cfg.mixing_temperature,
+          "rate_cap": cfg.rate_cap, "train_steps": cfg.train_steps, "model": cfg.model,
+          "init_checkpoint": cfg.init_checkpoint}
+
+
 def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run)."""
   _require_medi_path(cfg)
@@ -167,6 +215,10 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
+class _StoppedBeforeStart(Exception):
+  """A stop signal arrived while the model was being built or loaded."""
+
+
 class _StopFlag:
   """SIGTERM/SIGINT -> stop at the next step boundary with a checkpoint (single process).
 
@@ -176,6 +228,7 @@ class _StopFlag:
 
   def __init__(self):
     self.signal: int | None = None
+    self.started = False  # before the loop a signal stops at once: there is no step boundary to wait for
     self._previous = {}
     if jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,6 +238,8 @@ class _StopFlag:
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     self.signal = signum
+    if not self.started:
+      raise _StoppedBeforeStart(signal.Signals(signum).name)
 
   def restore(self) -> None:
     for sig, handler in self._previous.items():
@@ -209,6 +264,22 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
   mesh = shd.make_mesh(mesh_config)
   check_before_building(cfg, mesh)
   tx, schedule = make_optimizer(optim, cfg.train_steps)
+  # Installed before the model is built or loaded (minutes for gtr-xxl), so that a SIGTERM then
+  # also ends the run with EXIT_STOPPED_EARLY ("run again") rather than the signal's default.
+  stop = _StopFlag()
+  try:
+    return _train(cfg, tx, schedule, mesh, workdir, gin_text, stop)
+  except _StoppedBeforeStart as e:
+    print(f"stopping on {e.args[0]} before the first step; nothing new to save. Run the same command to "
+          f"resume (exit status {EXIT_STOPPED_EARLY}).", flush=True)
+    records = RunRecords()
+    records.stopped_early = e.args[0]
+    return records
+  finally:
+    stop.restore()
+
+
+def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   try:
     model, state, origin = build_state(cfg, tx, mesh, ckpt)
@@ -225,8 +296,11 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
       return RunRecords()
     if jax.process_index() == 0:  # the config of the run that writes the next checkpoints, not of a no-op
       from etils import epath
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / "config.gin").write_text(gin_text)
+      path = epath.Path(workdir) / "config.gin"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if start and path.exists() and path.read_text() != gin_text:  # a resume with other settings: keep both
+        (epath.Path(workdir) / f"config-until-step{start}.gin").write_text(path.read_text())
+      path.write_text(gin_text)
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
                               compiler_options=train_compiler_options(cfg.xla_options))
@@ -234,7 +308,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     evaluator = _sts_eval(cfg, model, mesh, state_shardings(model, tx, mesh).params) if cfg.eval_sts_path else None
     try:
       return _loop(cfg, model, mesh, step_fn, state, ckpt, _Logger(writer, cfg.log_every, start), start, end,
-                   evaluator)
+                   stop, evaluator)
     finally:
       writer.close()
   finally:
@@ -299,12 +373,14 @@ def _evaluate(evaluator, state: TrainState, values: dict[str, float]):
 
 
 def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
-          log: "_Logger", start: int, end: int, evaluator=None) -> RunRecords:
+          log: "_Logger", start: int, end: int, stop: "_StopFlag", evaluator=None) -> RunRecords:
   """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states;
   `evaluator` (train_eval.StsEval) scores the parameters of every checkpoint but a preemption's."""
-  meta = {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "train_steps": cfg.train_steps}
-  stop = _StopFlag()
+  meta = run_meta(cfg)
   pending = None
+  stop.started = True
+  if stop.signal is not None:
+    raise _StoppedBeforeStart(signal.Signals(stop.signal).name)
   try:
     for step, task, local in batches(cfg, start, end - start):
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
@@ -335,8 +411,6 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
     where = "none" if good is None else f"{ckpt.directory}/{good}"
     raise NonFiniteLossError(f"{e}. Training stopped; the last good checkpoint is {where} (untouched). Lower "
                              "the learning rate, raise the temperature, or check this task's data.") from None
-  finally:
-    stop.restore()
   return log.records
 
 
@@ -366,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
   maybe_initialize_distributed(flags)
   parse_gin(flags.gin_file, flags.gin_bindings)
   cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
+  check_macros_used(flags.gin_bindings, gin.operative_config_str())
   try:
     records = train(cfg, optim, mesh_config, flags.workdir, gin.operative_config_str())
   except NonFiniteLossError as e:

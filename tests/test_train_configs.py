@@ -54,3 +54,27 @@ def test_missing_gin_file_and_missing_medi_path_are_clear(tmp_path):
     train.parse_gin([str(tmp_path / "no_such.gin")], [])
   with pytest.raises(ValueError, match="MEDI_PATH"):
     next(iter(train.batches(train.TrainConfig(), 0, 1)))
+
+
+def test_a_mistyped_macro_binding_is_refused():
+  """gin ignores a macro nobody reads: TRAIN_STEP=5 would silently train the file's 300 steps."""
+  load([GIN / "runs" / "quickstart_cpu.gin"], ["TRAIN_STEP = 5", "BATCH_SIZE = 32"])
+  operative = gin.operative_config_str()
+  train.check_macros_used(["BATCH_SIZE = 32", "TrainConfig.log_every = 3"], operative)  # read: fine
+  with pytest.raises(SystemExit, match=r"'TRAIN_STEP = 5': no configuration reads the macro TRAIN_STEP .*TRAIN_STEPS"):
+    train.check_macros_used(["TRAIN_STEP = 5"], operative)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_JOB_ID": "1"}, False),  # a bare salloc shell: one process, no job step
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, False),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False), ({"OMPI_COMM_WORLD_SIZE": "4"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234"}, True), ({}, False)])
+def test_multiprocess_launch_detection(monkeypatch, env, expected):
+  for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+               "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert train._in_multiprocess_launch() is expected

@@ -171,3 +171,35 @@ def test_a_finished_workdir_is_left_alone(uninterrupted, capsys):
   assert "warning: resuming" in out and "TRAIN_STEPS 4 (checkpoint: 6)" in out
   assert "nothing to do: " in out and "is at step 6 and TRAIN_STEPS is 4" in out
   assert (pathlib.Path(workdir) / "config.gin").read_text() == before
+
+
+def test_sigterm_while_the_model_is_built_exits_as_stopped_early(tmp_path, monkeypatch):
+  """Loading INIT_CHECKPOINT can take minutes: a SIGTERM then must still mean "run again" (75), not 143."""
+  import os
+  from instructor_jax import train as train_module
+  real_build = train_module.build_state
+
+  def build_and_get_terminated(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_build(*args)
+
+  monkeypatch.setattr(train_module, "build_state", build_and_get_terminated)
+  before = signal.getsignal(signal.SIGTERM)
+  records = train(CONFIG, OPTIM, MESH, str(tmp_path / "w"))
+  assert records == [] and records.stopped_early == "SIGTERM"
+  assert orbax_io.latest_step(str(tmp_path / "w")) is None
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is handed back
+
+
+def test_resuming_with_other_settings_warns_and_keeps_the_old_config(tmp_path, capsys):
+  workdir = str(tmp_path / "w")
+  first = TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 2})
+  train(first, OPTIM, MESH, workdir, gin_text="first")
+  changed = TrainConfig(**{**CONFIG.__dict__, "mixing_temperature": 3.0, "model": "gtr-base", "stop_after_steps": 1})
+  capsys.readouterr()
+  train(changed, OPTIM, MESH, workdir, gin_text="second")
+  out = capsys.readouterr().out
+  assert "mixing_temperature 3.0 (checkpoint: 1.0); the data stream will differ" in out
+  assert "which was started with model 'tiny'; the checkpoint's model is what trains on" in out
+  assert (tmp_path / "w" / "config-until-step2.gin").read_text() == "first"
+  assert (tmp_path / "w" / "config.gin").read_text() == "second"
