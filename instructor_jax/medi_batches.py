@@ -326,6 +326,36 @@ def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = N
   return tasks
 
 
+def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: int) -> str | None:
+  """How much truncation to query_len / doc_len cuts, and which texts keep nothing but their
+  instruction (only EOS is pooled then, as in 1.0.1: a degenerate example that still trains)."""
+  cut = {"query": [0, 0], "doc": [0, 0]}  # [truncated, total]
+  eos_only: dict[str, int] = {}
+  for name, task in tasks.items():
+    for field, arrays in task.fields.items():
+      max_len = query_len if field == "query" else doc_len
+      lengths = np.diff(arrays.offsets)  # with EOS
+      kept = np.minimum(lengths, max_len)
+      n = np.minimum(arrays.n_instr, max_len - 1)
+      n = np.where(n <= 1, 0, n)  # tokenization.instruction_length, vectorised
+      kind = "query" if field == "query" else "doc"
+      cut[kind][0] += int(np.sum(lengths > max_len))
+      cut[kind][1] += len(lengths)
+      bad = int(np.sum((n > 0) & (n >= kept - 1)))
+      if bad:
+        eos_only[name] = eos_only.get(name, 0) + bad
+  if not cut["query"][0] and not cut["doc"][0]:
+    return None
+  share = {k: 100 * a / max(b, 1) for k, (a, b) in cut.items()}
+  out = (f"truncation: {share['query']:.1f}% of queries exceed query_len {query_len}, {share['doc']:.1f}% of "
+         f"documents exceed doc_len {doc_len}")
+  if eos_only:
+    worst = sorted(eos_only.items(), key=lambda kv: -kv[1])[:3]
+    out += (f"; {sum(eos_only.values())} texts keep only their instruction (pooling sees EOS alone), most in "
+            + ", ".join(f"{t} ({c})" for t, c in worst) + ": raise the lengths if that is not intended")
+  return out + "."
+
+
 def global_batches(path_or_builder: Any, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, seed: int = 0, start_step: int = 0, query_len: int = 512,
                    doc_len: int = 512, temperature: float = 1.0, rate_cap: int | None = None,
@@ -349,6 +379,8 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
     raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of process_count "
                      f"{process_count} (every host takes an equal slice).")
   tasks = tasks if tasks is not None else load_tasks(path_or_builder, encode_fn, log_fn, cache_dir)
+  if process_index == 0 and (report := truncation_report(tasks, query_len, doc_len)):
+    log_fn(report)
   sizes = {name: len(t) for name, t in tasks.items()}
   plan = BatchPlan(sizes, global_batch_size, seed, task_rates(
       {t: n for t, n in sizes.items() if n >= global_batch_size} or sizes, temperature, rate_cap))

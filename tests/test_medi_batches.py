@@ -175,3 +175,25 @@ def test_tokenised_cache_round_trip_gives_identical_batches(tmp_path):
   list(medi_batches.global_batches(str(tmp_path), log_fn=logs[2].append, **kw))
   assert not any("tokenised cache" in line for line in logs[2])
   assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_truncation_report_counts_what_padding_does(tasks):
+  """The start-up note on truncation agrees with FieldArrays.pad, example by example."""
+  query_len, doc_len = 8, 12
+  truncated = {"query": 0, "doc": 0}
+  total = {"query": 0, "doc": 0}
+  eos_only = 0
+  for task in tasks.values():
+    for field, arrays in task.fields.items():
+      max_len = query_len if field == "query" else doc_len
+      kind = "query" if field == "query" else "doc"
+      rows = np.arange(len(arrays))
+      _, mask, n_instr = arrays.pad(rows, max_len)
+      truncated[kind] += int(np.sum(np.diff(arrays.offsets) > max_len))
+      total[kind] += len(rows)
+      eos_only += int(np.sum((n_instr > 0) & (n_instr >= mask.sum(1) - 1)))
+  report = medi_batches.truncation_report(tasks, query_len, doc_len)
+  assert f"{100 * truncated['query'] / total['query']:.1f}% of queries exceed query_len 8" in report
+  assert f"{100 * truncated['doc'] / total['doc']:.1f}% of documents exceed doc_len 12" in report
+  assert eos_only > 0 and f"; {eos_only} texts keep only their instruction" in report
+  assert medi_batches.truncation_report(tasks, 512, 512) is None
