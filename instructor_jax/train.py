@@ -279,8 +279,34 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     stop.restore()
 
 
+def _lock_workdir(workdir: str):
+  """An exclusive lock on a local workdir, held for the run: a second trainer started on it would
+  interleave metrics.jsonl and race for checkpoint steps. (gs:// has no locks; not checked there.)"""
+  if "://" in workdir:
+    return None
+  try:
+    import fcntl
+  except ImportError:  # not POSIX
+    return None
+  f = open(os.path.join(workdir, ".train.lock"), "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "?"
+    f.close()
+    raise RuntimeError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
+                       "stop it, or use another --workdir.") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+  f.flush()
+  return f
+
+
 def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
+  lock = None
   try:
     model, state, origin = build_state(cfg, tx, mesh, ckpt)
     start = int(jax.device_get(state.step))
@@ -298,6 +324,7 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
       from etils import epath
       path = epath.Path(workdir) / "config.gin"
       path.parent.mkdir(parents=True, exist_ok=True)
+      lock = _lock_workdir(workdir)
       if start and path.exists() and path.read_text() != gin_text:  # a resume with other settings: keep both
         (epath.Path(workdir) / f"config-until-step{start}.gin").write_text(path.read_text())
       path.write_text(gin_text)
@@ -312,7 +339,9 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
     finally:
       writer.close()
   finally:
-    ckpt.close()
+    ckpt.close()  # waits for the last checkpoint write before the lock goes
+    if lock is not None:
+      lock.close()
 
 
 def check_before_building(cfg: TrainConfig, mesh: Mesh) -> None:

@@ -203,3 +203,17 @@ def test_resuming_with_other_settings_warns_and_keeps_the_old_config(tmp_path, c
   assert "which was started with model 'tiny'; the checkpoint's model is what trains on" in out
   assert (tmp_path / "w" / "config-until-step2.gin").read_text() == "first"
   assert (tmp_path / "w" / "config.gin").read_text() == "second"
+
+
+def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
+  from instructor_jax import train as train_module
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  held = train_module._lock_workdir(str(workdir))  # as a running trainer holds it
+  try:
+    with pytest.raises(RuntimeError, match=r"is in use by another training process \(pid \d+ on "):
+      train(CONFIG, OPTIM, MESH, str(workdir))
+  finally:
+    held.close()
+  assert [r["step"] for r in train(TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 1}), OPTIM, MESH,
+                                   str(workdir))] == [1]
