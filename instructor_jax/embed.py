@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "bytes of sentence-transformers' quantize_embeddings (default: float32)")
   p.add_argument("--int8-ranges", default=None, help=".npy [2, E] per-dimension min/max for int8/uint8")
   p.add_argument("--calibration-rows", type=int, default=10_000, help="rows (first valid rows of the input) "
-                 "used for int8/uint8 ranges when --int8-ranges is not given")
+                 "used for int8/uint8 ranges when --int8-ranges is not given (default: %(default)s)")
   p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                  help="compute dtype (default bfloat16 on accelerators, float32 on CPU; float16 is for GPUs without bf16)")
   p.add_argument("--max-seq-length", type=int, default=None, help="tokens per text, instruction and </s> "
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths of texts "
                  "longer than --pack-length, comma-separated (default: %(default)s)")
   p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
-                 "window for length sorting and packing)")
+                 "window for length sorting and packing; default: %(default)s)")
   p.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="a bad row stops the job with its "
                  "file and line, or is skipped and counted by reason (default: fail)")
   p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")

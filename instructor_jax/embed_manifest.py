@@ -57,8 +57,16 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, f"{prefix}{key}.")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+      # Per entry: with many input files, the one that changed must show (an edited file's size).
+      for i, (x, y) in enumerate(zip(a, b)):
+        if isinstance(x, dict) and isinstance(y, dict):
+          out += _diff(x, y, f"{prefix}{key}[{i}].")
+        elif x != y:
+          out.append(f"{prefix}{key}[{i}]: existing {json.dumps(x)[:120]} vs now {json.dumps(y)[:120]}")
     elif a != b:
-      out.append(f"{prefix}{key}: existing {json.dumps(a)[:120]} vs now {json.dumps(b)[:120]}")
+      out.append(f"{prefix}{key}: existing {json.dumps(a, sort_keys=True)[:120]} vs now "
+                 f"{json.dumps(b, sort_keys=True)[:120]}")
   return out
 
 

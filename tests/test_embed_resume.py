@@ -123,7 +123,8 @@ def test_changed_input_is_refused(tmp_path, model, job):
   embed.main(base_args([local], out), model=model)
   with open(local, "a") as f:
     f.write(json.dumps({"text": "one more row"}) + "\n")
-  with pytest.raises(OutputMismatchError, match="inputs"):
+  # The entry that changed is named, with its old and new size and rows.
+  with pytest.raises(OutputMismatchError, match=r"inputs\[0\]\.rows: existing 20 vs now 21"):
     embed.main(base_args([local], out), model=model)
 
 
