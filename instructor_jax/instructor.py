@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -128,6 +129,11 @@ class Instructor:
       raise ValueError(f"encode(batch_size={batch_size!r}): expected a positive int (texts per batch).")
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
+    if (len(items) == 2 and all(isinstance(x, str) for x in items) and items[0].lstrip().startswith("Represent")
+        and items[0].rstrip().endswith(":")):
+      warnings.warn("encode() got two plain strings, the first of which looks like an instruction: they are "
+                    "embedded as two texts without instruction (as InstructorEmbedding does). For one "
+                    "instructed text pass [[instruction, text]].", stacklevel=2)
     max_len = self.max_seq_length if max_seq_length is None else max_seq_length
     ids, n_instr = self.tokenizer.tokenize(items, max_len)
     out = np.zeros((len(items), self.config.embedding_dim), np.float32)

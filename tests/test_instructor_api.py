@@ -3,6 +3,7 @@
 import json
 import pathlib
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -191,6 +192,15 @@ def test_output_shape_order_and_norm(model):
 def test_bad_input_is_a_clear_error(model, bad):
   with pytest.raises(InputError, match="input 0"):
     model.encode(bad)
+
+
+def test_an_unwrapped_pair_warns_but_embeds_two_texts_as_instructor_embedding_does(model):
+  with pytest.warns(UserWarning, match=r"pass \[\[instruction, text\]\]"):
+    out = model.encode(["Represent the title: ", "a cat"])
+  np.testing.assert_allclose(out, np.stack([model.encode("Represent the title: "), model.encode("a cat")]), atol=1e-6)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    model.encode(["a cat", "a dog"])  # two plain texts: no warning
 
 
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_size": -1}, {"batch_size": 2.5}, {"batch_size": True}])
