@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
   """Runs (or resumes) training; returns the metric records this run logged (`.stopped_early` set if a
   signal or preemption notice ended it before its last step, with a checkpoint)."""
   mesh = shd.make_mesh(mesh_config)
-  check_before_building(cfg, mesh)
+  check_before_building(cfg, mesh, workdir)
   tx, schedule = make_optimizer(optim, cfg.train_steps)
   # Installed before the model is built or loaded (minutes for gtr-xxl), so that a SIGTERM then
   # also ends the run with EXIT_STOPPED_EARLY ("run again") rather than the signal's default.
@@ -344,7 +344,7 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
       lock.close()
 
 
-def check_before_building(cfg: TrainConfig, mesh: Mesh) -> None:
+def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = None) -> None:
   """What can be checked before the model is built (gtr-large may first be downloaded) and MEDI read."""
   shards = shd.batch_size_multiple(mesh)
   if cfg.batch_size % (shards * cfg.grad_cache_chunks):
@@ -358,6 +358,13 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh) -> None:
   if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
     from instructor_jax.evaluate import read_sts
     read_sts(cfg.eval_sts_path)
+  train_compiler_options(cfg.xla_options)  # an unknown option name fails now, not after the model is built
+  init = cfg.init_checkpoint
+  resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read
+  if (init and not resuming and "://" not in init and init.startswith((".", "/", "~"))
+      and not os.path.exists(os.path.expanduser(init))):
+    raise FileNotFoundError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
+                            "owner/name).")
 
 
 def _require_medi_path(cfg: TrainConfig) -> None:

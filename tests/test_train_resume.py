@@ -159,6 +159,12 @@ def test_run_errors_come_before_the_model_is_built_or_the_workdir_is_written(tmp
   missing = TrainConfig(**{**CONFIG.__dict__, "medi_path": "no/such/medi.json"})
   with pytest.raises(FileNotFoundError, match="relative path, read from the current directory"):
     train(missing, OPTIM, MESH, str(tmp_path / "w"))
+  no_init = TrainConfig(**{**CONFIG.__dict__, "init_checkpoint": str(tmp_path / "no_such_model")})
+  with pytest.raises(FileNotFoundError, match=r"INIT_CHECKPOINT .*no_such_model: no such directory"):
+    train(no_init, OPTIM, MESH, str(tmp_path / "w"))
+  bad_xla = TrainConfig(**{**CONFIG.__dict__, "xla_options": {"xla_no_such_option": True}})
+  with pytest.raises(ValueError, match="no compiler option 'xla_no_such_option'"):
+    train(bad_xla, OPTIM, MESH, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
