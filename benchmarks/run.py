@@ -211,7 +211,7 @@ def embed_section(name, model, export_dir, items, batch_size, max_len, repeats, 
   tokens = _count_tokens(model, items, max_len)
   st_run = st_runner(export_dir, items, batch_size, max_len, dtype)
   runners = {"ours": ours_runner(model, items, batch_size, max_len)}
-  if packed:  # rows of 128 tokens, as many per batch as the embed job takes: the two share compiled shapes
+  if packed:  # rows of 128 tokens, as many per batch as the embed job takes: the two share the full-batch shape
     from instructor_jax.embed import default_batch_tokens
     rows = max(1, default_batch_tokens() // PACK_LENGTH) * len(jax.local_devices())
     runners["ours_packed"] = ours_runner(model, items, rows, max_len, True)

@@ -290,9 +290,10 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
                      "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
   total = sum(f.rows for f in files)
   if total == 0:  # nothing to embed is a mistake (an empty export, a CSV without data rows), not success
-    what = ", ".join(f.path for f in files[:3]) or "no readable input"
-    raise InputError(f"{what}: no data rows to embed (CSV/TSV inputs need a header row, then one row per "
-                     "text).")
+    if not files and unreadable:
+      raise InputError(f"no readable input: {unreadable[0].message()}")
+    raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed (CSV/TSV inputs need a "
+                     "header row, then one row per text).")
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
@@ -358,8 +359,22 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   finally:
     stop.set()
     progress.bar.close()
+  if len(done) == plan.num_parts and not progress.rows:  # the whole job, here, and not one row embedded
+    _refuse_all_skipped(args, embed_report.summary(done, plan, progress, shapes, None, t0)["skipped"])
   manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers)
   return embed_report.summary(done, plan, progress, shapes, manifest, t0)
+
+
+def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int]) -> None:
+  """Almost always a mistyped --text-field or --instruction-field under --on-error skip. No manifest is
+  written (a pipeline waiting for it must not take this for done), and the job identity is removed,
+  so that the corrected command is not refused as a different job."""
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(args.output, embed_manifest.JOB_FILE))
+  reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
+  raise InputError(f"no row was embedded: every row was skipped ({reasons}); check --text-field "
+                   f"{args.text_field!r} and the other field options against the input. {args.output} holds no "
+                   "results; rerun with the corrected options.")
 
 
 def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | None = None) -> dict[str, Any]:
@@ -384,21 +399,6 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
   embed_report.print_summary(summary)
-  whole_job = summary["parts_written"] == summary["parts_total"]  # one process, nothing done before
-  if whole_job and summary["parts_written"] and not summary["rows"] and summary["skipped"]:
-    # Almost always a mistyped --text-field or --instruction-field under --on-error skip.
-    reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
-    # Its manifest would pass for a finished job, and its identity would refuse the corrected command.
-    for name in (embed_manifest.MANIFEST_FILE, embed_manifest.JOB_FILE):
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(args.output, name))
-    message = (f"no row was embedded: every row was skipped ({reasons}); check --text-field "
-               f"{args.text_field!r} and the other field options against the input. {args.output} holds no "
-               "results (its manifest was removed); rerun with the corrected options.")
-    if model is not None:
-      raise InputError(message)
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
   return summary
 
 

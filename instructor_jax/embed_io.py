@@ -166,19 +166,29 @@ def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]
       reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
       reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
-    line = 1
+    hint = (" If quotes in this file are literal text rather than CSV quoting, pass --input-format "
+            "tsv-unquoted." if fmt == "tsv" else "")
     try:
       header = next(reader, None)
-      if header is None:
-        return
-      line = reader.line_num + 1
-      for row in reader:
-        yield line, header, row
-        line = reader.line_num + 1
     except csv.Error as e:
-      hint = (" If quotes in this file are literal text rather than CSV quoting, pass --input-format "
-              "tsv-unquoted." if fmt == "tsv" else "")
-      raise csv.Error(f"line {line}: {e} (a quote that does not open or close a quoted field).{hint}") from e
+      raise csv.Error(f"line 1 (the header): {e}.{hint}") from e
+    if header is None:
+      return
+    line = reader.line_num + 1
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:  # one bad row (the reader goes on with the next line), not a bad file
+        span = f"; lines {line}-{reader.line_num} were read as one quoted field" if reader.line_num > line else ""
+        row = Unparsable(f"{e} (a quote that does not open or close a quoted field{span}).{hint}")
+      yield line, header, row
+      line = reader.line_num + 1
+
+
+class Unparsable(str):
+  """A CSV/TSV row the csv module refused: the reason, in place of the row's fields."""
 
 
 def _parquet_rows(f: InputFile, columns: list[str],
@@ -261,6 +271,8 @@ def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow
     return rec
   if fmt in _DELIMITED:
     header, row = raw
+    if isinstance(row, Unparsable):
+      return _bad(slot, where, "malformed_row", str(row))
     if not row or (len(row) == 1 and not row[0].strip()):
       return _bad(slot, where, "blank_line", "blank line")
     if len(row) != len(header):

@@ -56,9 +56,10 @@ def resolve_hub_id(name: str, revision: str | None = None) -> str:
     return local
   except Exception as e:  # offline, unknown repo, no network: all end up here
     legacy = legacy_st_cache_dir(name)
-    if revision is None and os.path.isdir(legacy):
+    # modules.json is written last by sentence-transformers 2.x: without it the copy may be partial.
+    if revision is None and os.path.isfile(os.path.join(legacy, "modules.json")):
       warnings.warn(f"{name!r} could not be fetched from the Hugging Face Hub ({type(e).__name__}); using the copy "
-                    f"that sentence-transformers 2.x / InstructorEmbedding downloaded to {legacy}.", stacklevel=3)
+                    f"that sentence-transformers 2.x / InstructorEmbedding downloaded to {legacy}.", stacklevel=4)
       return legacy
     raise CheckpointError(
         f"{name!r} is not a local path (no directory {os.path.abspath(name)}) and could not be fetched from "

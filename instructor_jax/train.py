@@ -10,6 +10,7 @@ step) -> compiled step -> loop (metrics, async checkpoints, preemption, non-fini
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
 import os
@@ -160,7 +161,7 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
     model = _checked(with_compute_options(orbax_io.config_from_dict(ckpt.model_config(latest)), cfg), mesh)
     state, _, meta = ckpt.restore(latest, abstract_state(model, tx, mesh))
     now = run_meta(cfg)
-    changed = [k for k in _STREAM_KEYS if meta.get(k) not in (None, now[k])]
+    changed = [k for k in _STREAM_KEYS if k in meta and meta[k] != now[k]]  # older checkpoints lack some keys
     if changed:
       print(f"warning: resuming {ckpt.directory}/{latest} with " + ", ".join(
           f"{k} {now[k]!r} (checkpoint: {meta[k]!r})" for k in changed) + "; the data stream will differ.")
@@ -215,8 +216,9 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
-class _StoppedBeforeStart(Exception):
-  """A stop signal arrived while the model was being built or loaded."""
+class _StoppedBeforeStart(BaseException):
+  """A stop signal arrived while the model was being built or loaded (a BaseException, like
+  KeyboardInterrupt, so that library code catching Exception, e.g. around a Hub download, lets it by)."""
 
 
 class _StopFlag:
@@ -291,7 +293,11 @@ def _lock_workdir(workdir: str):
   f = open(os.path.join(workdir, ".train.lock"), "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+      print(f"warning: cannot lock {workdir} ({e}); make sure no other trainer uses it.", file=sys.stderr)
+      f.close()
+      return None
     f.seek(0)
     holder = f.read().strip() or "?"
     f.close()
@@ -305,8 +311,19 @@ def _lock_workdir(workdir: str):
 
 
 def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
-  ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   lock = None
+  if jax.process_index() == 0 and "://" not in workdir:  # before restoring: a refused trainer loads nothing
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir)
+  try:
+    return _train_locked(cfg, tx, schedule, mesh, workdir, gin_text, stop)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train_locked(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
+  ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   try:
     model, state, origin = build_state(cfg, tx, mesh, ckpt)
     start = int(jax.device_get(state.step))
@@ -324,7 +341,6 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
       from etils import epath
       path = epath.Path(workdir) / "config.gin"
       path.parent.mkdir(parents=True, exist_ok=True)
-      lock = _lock_workdir(workdir)
       if start and path.exists() and path.read_text() != gin_text:  # a resume with other settings: keep both
         (epath.Path(workdir) / f"config-until-step{start}.gin").write_text(path.read_text())
       path.write_text(gin_text)
@@ -339,9 +355,7 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
     finally:
       writer.close()
   finally:
-    ckpt.close()  # waits for the last checkpoint write before the lock goes
-    if lock is not None:
-      lock.close()
+    ckpt.close()  # waits for the last checkpoint write, before the caller lets the lock go
 
 
 def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = None) -> None:

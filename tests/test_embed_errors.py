@@ -158,8 +158,17 @@ def test_tsv_quotes_are_csv_quoting_strictly_or_literal_text_on_request(tmp_path
   texts = ['"Hello" he said, twice', 'plain text', '"an opening quote only', 'a "quoted" middle']
   path = tmp_path / "in.tsv"
   path.write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
-  with pytest.raises(InputError, match=r"in.tsv.*line 2: .*expected after '\"'.*--input-format tsv-unquoted"):
+  with pytest.raises(InputError, match=r"in.tsv:2: .*expected after '\"'.*--input-format tsv-unquoted"):
     embed.main(base_args([str(path)], str(tmp_path / "o1")), model=model)
+  # Under --on-error skip a bad row is a malformed row and reading goes on; the unclosed quote of line 4
+  # swallows line 5 into the same bad row (said in its message), so one good row is left.
+  skipped = embed.main(base_args([str(path)], str(tmp_path / "o3"), "--on-error", "skip"), model=model)
+  assert skipped["skipped"] == {"malformed_row": 2} and skipped["rows"] == 1
+  assert read_output(str(tmp_path / "o3"))[0] == [1]
+  from instructor_jax import embed_io
+  rows = list(embed_io._csv_rows(str(path), "tsv"))
+  assert [line for line, _, _ in rows] == [2, 3, 4]
+  assert isinstance(rows[2][2], embed_io.Unparsable) and "lines 4-5 were read as one quoted field" in rows[2][2]
   out = str(tmp_path / "o2")
   summary = embed.main(base_args([str(path)], out, "--input-format", "tsv-unquoted"), model=model)
   assert summary["rows"] == 4

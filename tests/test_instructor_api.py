@@ -241,8 +241,12 @@ def test_offline_hub_id_falls_back_to_instructor_embeddings_cache(model, monkeyp
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("SENTENCE_TRANSFORMERS_HOME", str(tmp_path))
   shutil.copytree(FIXTURE, tmp_path / "hkunlp_instructor-tiny")
-  with pytest.warns(UserWarning, match="hkunlp_instructor-tiny"):
+  with pytest.warns(UserWarning, match="hkunlp_instructor-tiny") as caught:
     cached = Instructor.from_pretrained("hkunlp/instructor-tiny")
+  assert caught[0].filename == __file__  # the warning points at the caller's line
+  (tmp_path / "hkunlp_instructor-partial").mkdir()  # no modules.json: an interrupted download, not used
+  with pytest.raises(CheckpointError, match="could not be fetched"):
+    Instructor.from_pretrained("hkunlp/instructor-partial")
   pairs = [["Represent the title: ", "a cat"], "a plain sentence"]
   np.testing.assert_array_equal(cached.encode(pairs), model.encode(pairs))
 
