@@ -245,8 +245,11 @@ def _write_parts(writes: queue.Queue, out_dir: str, fmt: str, precision: str, ra
 
 
 def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], model_source: str | None,
-              process_index: int, distributed: bool, wait_s: float) -> str | None:
-  """Process 0 writes _manifest.json once all parts are committed; returns its path or None."""
+              process_index: int, distributed: bool, wait_s: float, args: argparse.Namespace) -> str | None:
+  """Process 0 writes _manifest.json once all parts are committed; returns its path or None.
+
+  A job whose every part is there and that embedded no row at all gets no manifest (see
+  `_refuse_all_skipped`); decided here, from all parts, after every process has finished."""
   if distributed:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("instructor_jax.embed:parts_done")
@@ -261,6 +264,8 @@ def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], mode
     if time.monotonic() >= deadline:
       return None
     time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+  if not manifest["rows"]["embedded"]:
+    _refuse_all_skipped(args, manifest["rows"]["skipped"])
   manifest["model"] = dict(manifest["model"], source=model_source)
   return embed_manifest.write_manifest(out_dir, manifest)
 
@@ -359,9 +364,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   finally:
     stop.set()
     progress.bar.close()
-  if len(done) == plan.num_parts and not progress.rows:  # the whole job, here, and not one row embedded
-    _refuse_all_skipped(args, embed_report.summary(done, plan, progress, shapes, None, t0)["skipped"])
-  manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers)
+  manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers,
+                       args)
   return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 

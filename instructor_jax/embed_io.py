@@ -162,10 +162,11 @@ def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]
   # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise become part of
   # the first header name (and the text field would be "missing" on every row).
   with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    lines = _Lines(f)
     if fmt == "tsv-unquoted":
-      reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+      reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
-      reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
+      reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", strict=True)
     hint = (" If quotes in this file are literal text rather than CSV quoting, pass --input-format "
             "tsv-unquoted." if fmt == "tsv" else "")
     try:
@@ -174,17 +175,37 @@ def _csv_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str], list[str]]]
       raise csv.Error(f"line 1 (the header): {e}.{hint}") from e
     if header is None:
       return
-    line = reader.line_num + 1
     while True:
+      line, lines.record = lines.count + 1, []
       try:
         row = next(reader)
       except StopIteration:
         return
-      except csv.Error as e:  # one bad row (the reader goes on with the next line), not a bad file
-        span = f"; lines {line}-{reader.line_num} were read as one quoted field" if reader.line_num > line else ""
+      except csv.Error as e:  # one bad row, not a bad file: reading goes on after it
+        # The reader resumes at the next line; if the bad row left a quoted field open, the lines up to
+        # the quote that closes it are still that field, not rows of their own.
+        text = "".join(lines.record)
+        while text.count('"') % 2 and (more := next(lines, None)) is not None:
+          text += more
+        span = f"; lines {line}-{lines.count} belong to it" if lines.count > line else ""
         row = Unparsable(f"{e} (a quote that does not open or close a quoted field{span}).{hint}")
       yield line, header, row
-      line = reader.line_num + 1
+
+
+class _Lines:
+  """The file's physical lines, counted, with those read since `record` was last reset."""
+
+  def __init__(self, f):
+    self.f, self.count, self.record = f, 0, []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> str:
+    line = next(self.f)
+    self.count += 1
+    self.record.append(line)
+    return line
 
 
 class Unparsable(str):

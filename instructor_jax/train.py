@@ -263,6 +263,8 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
           gin_text: str = "") -> RunRecords:
   """Runs (or resumes) training; returns the metric records this run logged (`.stopped_early` set if a
   signal or preemption notice ended it before its last step, with a checkpoint)."""
+  if "://" not in workdir:  # `--workdir=~/w` reaches us unexpanded (the shell expands ~ only at a word start)
+    workdir = os.path.expanduser(workdir)
   mesh = shd.make_mesh(mesh_config)
   check_before_building(cfg, mesh, workdir)
   tx, schedule = make_optimizer(optim, cfg.train_steps)

@@ -139,6 +139,10 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
     embed.main(base_args([_input(tmp_path, [])], str(out), "--text-field", "body", "--on-error", "skip"),
                model=model)
   assert not (out / "_manifest.json").exists()  # a pipeline waiting for it must not take this for done
+  with pytest.raises(InputError, match=r"no row was embedded"):  # the same mistake again: refused again
+    embed.main(base_args([_input(tmp_path, [])], str(out), "--text-field", "body", "--on-error", "skip"),
+               model=model)
+  assert not (out / "_manifest.json").exists()
   summary = embed.main(base_args([_input(tmp_path, [])], str(out), "--on-error", "skip"), model=model)
   assert summary["rows"] == 6 and (out / "_manifest.json").exists()
 
@@ -168,7 +172,12 @@ def test_tsv_quotes_are_csv_quoting_strictly_or_literal_text_on_request(tmp_path
   from instructor_jax import embed_io
   rows = list(embed_io._csv_rows(str(path), "tsv"))
   assert [line for line, _, _ in rows] == [2, 3, 4]
-  assert isinstance(rows[2][2], embed_io.Unparsable) and "lines 4-5 were read as one quoted field" in rows[2][2]
+  assert isinstance(rows[2][2], embed_io.Unparsable) and "lines 4-5 belong to it" in rows[2][2]
+  # A bad line inside a quoted field: the field's next lines belong to the bad row, not to new rows.
+  mid = tmp_path / "mid.csv"
+  mid.write_bytes(b'id,text\r\n10,"he said "hi" to me\r\nsecond line",x\r\n20,ok\r\n')
+  assert [(line, list(row) if not isinstance(row, str) else "bad") for line, _, row in
+          embed_io._csv_rows(str(mid), "csv")] == [(2, "bad"), (4, ["20", "ok"])]
   out = str(tmp_path / "o2")
   summary = embed.main(base_args([str(path)], out, "--input-format", "tsv-unquoted"), model=model)
   assert summary["rows"] == 4

@@ -185,17 +185,20 @@ def test_sigterm_while_the_model_is_built_exits_as_stopped_early(tmp_path, monke
   from instructor_jax import train as train_module
   real_build = train_module.build_state
 
+  reached = []
+
   def build_and_get_terminated(*args):
     try:  # as library code around a download does: the stop must get through `except Exception`
       os.kill(os.getpid(), signal.SIGTERM)
     except Exception:  # noqa: BLE001
       pass
+    reached.append(True)  # not reached: loading stops at once
     return real_build(*args)
 
   monkeypatch.setattr(train_module, "build_state", build_and_get_terminated)
   before = signal.getsignal(signal.SIGTERM)
   records = train(CONFIG, OPTIM, MESH, str(tmp_path / "w"))
-  assert records == [] and records.stopped_early == "SIGTERM"
+  assert records == [] and records.stopped_early == "SIGTERM" and not reached
   assert orbax_io.latest_step(str(tmp_path / "w")) is None
   assert signal.getsignal(signal.SIGTERM) == before  # the handler is handed back
 
@@ -240,3 +243,11 @@ def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch, caps
   monkeypatch.setattr(fcntl, "flock", no_locks)
   assert train_module._lock_workdir(str(tmp_path)) is None
   assert "warning: cannot lock" in capsys.readouterr().err
+
+
+def test_a_workdir_given_with_tilde_is_the_home_one(tmp_path, monkeypatch):
+  """`--workdir=~/w` reaches train() unexpanded; it must not become a directory named "~"."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  train(TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 1}), OPTIM, MESH, "~/w")
+  assert orbax_io.latest_step(str(tmp_path / "w")) == 1 and not (tmp_path / "~").exists()
