@@ -104,7 +104,9 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       self._jsonl = _JsonlSink(f"{workdir.rstrip('/')}/metrics.jsonl", start_step)
-      self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard")
+      # A resume from step s (after a kill, the old event files may hold later steps): TensorBoard
+      # hides earlier files' events from step s + 1 on, so a curve shows the resumed run only.
+      self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard", purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None,
             real_tokens: float | None = None) -> dict[str, Any]:

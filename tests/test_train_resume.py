@@ -128,6 +128,18 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     writer.write(step, "task", {"loss": 0.5}, None)
   writer.close()
   assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+  # TensorBoard: the resumed run's event file tells it to hide other files' events from step 4 on.
+  from tensorboardX.proto import event_pb2
+  starts = []
+  for events in (tmp_path / "tensorboard").iterdir():
+    data = events.read_bytes()
+    while data:  # TFRecord: length (8 bytes), its CRC (4), the record, its CRC (4)
+      n = int.from_bytes(data[:8], "little")
+      event = event_pb2.Event.FromString(data[12:12 + n])
+      data = data[16 + n:]
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        starts.append(event.step)
+  assert starts == [4]
 
 
 @pytest.mark.parametrize("field,value,message", [
