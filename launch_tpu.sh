@@ -88,6 +88,7 @@ show() {
 
 # Dry-run-only remarks between the commands ("only if ...").
 remark() { if ((DRY_RUN)); then printf '# %s\n' "$*"; fi; }
+warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
 
 run() {
   show "$(shjoin "$@")"
@@ -150,6 +151,20 @@ check_gin_files() {
   done
 }
 
+# Each worker has its own disk: a local MEDI_PATH must exist on every one of them (a gs:// one is
+# fetched by each worker). Only a warning: the file may well have been copied there already.
+check_medi_path() {
+  local b path medi_re="^[[:space:]]*MEDI_PATH[[:space:]]*=[[:space:]]*[\"']?([^\"']*)"
+  for b in ${GIN_BINDINGS[@]+"${GIN_BINDINGS[@]}"}; do
+    if [[ $b =~ $medi_re ]]; then
+      path=${BASH_REMATCH[1]}
+      if [[ $path != gs://* ]]; then
+        warn "MEDI_PATH '$path' is not on GCS: every worker needs that file at that path (each has its own disk); a gs:// MEDI_PATH is fetched by every worker"
+      fi
+    fi
+  done
+}
+
 validate() {
   [[ -n $NAME ]] || die "--name is required (the TPU to create or reuse); see --help"
   [[ -n $ZONE ]] || die "--zone is required (e.g. us-central2-b); see --help"
@@ -165,6 +180,7 @@ validate() {
   ((!(DETACH && DELETE_AFTER))) || die "--delete-after needs the launcher to wait for the end; drop --detach"
   [[ -z $REPO_REF || -n $REPO_URL ]] || die "--repo-ref needs --repo-url (the local copy is sent as it is)"
   check_gin_files
+  check_medi_path
   LOC=(--zone="$ZONE")
   if [[ -n $PROJECT ]]; then LOC+=(--project="$PROJECT"); fi
   if ((!DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then

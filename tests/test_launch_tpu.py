@@ -269,3 +269,11 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   finally:
     live.kill()
     live.wait()
+
+
+@pytest.mark.parametrize("binding, warned", [("MEDI_PATH='/data/medi.json'", True), ('MEDI_PATH = "medi.json"', True),
+                                             ("MEDI_PATH='gs://b/medi.json'", False), ("TRAIN_STEPS = 10", False)])
+def test_a_local_medi_path_is_warned_about(binding, warned):
+  res = launch("--dry-run", *BASE, "--gin-file", GINS[0], "--gin-binding", binding)
+  assert res.returncode == 0, res.stderr
+  assert ("warning: MEDI_PATH" in res.stderr) == warned, res.stderr
