@@ -90,7 +90,7 @@ class FieldArrays:
       ids[r, n] = tokenization.EOS_ID
       lengths[r] = n + 1
     mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.int32)
-    n_instr = np.array([tokenization.instruction_length(int(k), max_len) for k in self.n_instr[rows]], np.int32)
+    n_instr = tokenization.instruction_lengths(self.n_instr[rows], max_len)
     return ids, mask, n_instr
 
 
@@ -336,8 +336,7 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
       max_len = query_len if field == "query" else doc_len
       lengths = np.diff(arrays.offsets)  # with EOS
       kept = np.minimum(lengths, max_len)
-      n = np.minimum(arrays.n_instr, max_len - 1)
-      n = np.where(n <= 1, 0, n)  # tokenization.instruction_length, vectorised
+      n = tokenization.instruction_lengths(arrays.n_instr, max_len)
       kind = "query" if field == "query" else "doc"
       cut[kind][0] += int(np.sum(lengths > max_len))
       cut[kind][1] += len(lengths)

@@ -68,6 +68,11 @@ def resolve_hub_id(name: str, revision: str | None = None) -> str:
         "local directory.") from e
 
 
+def looks_like_hub_id(name: str) -> bool:
+  """'owner/name' (what is not a local directory and has this form is fetched from the Hub)."""
+  return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def legacy_st_cache_dir(name: str) -> str:
   """Where sentence-transformers 2.x (and so InstructorEmbedding 1.0.1) kept a Hub model: users moving
   from it have hkunlp/instructor-* there rather than in the Hub cache."""
@@ -155,7 +160,7 @@ def load_source(name_or_path: str, revision: str | None = None, *, step: int | N
     return _load_orbax(path, step)
   if os.path.exists(path):
     raise CheckpointError(f"{path} is a file; pass the model directory that contains it.")
-  if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+  if looks_like_hub_id(name_or_path):
     if step is not None or max_distance is not None:
       raise CheckpointError(f"{name_or_path}: step / max_distance do not apply to Hugging Face Hub models.")
     local = resolve_hub_id(name_or_path, revision)

@@ -72,6 +72,12 @@ def instruction_length(num_pieces: int, max_len: int) -> int:
   return 0 if n <= 1 else n  # InstructorEmbedding 1.0.1 pools one-token instructions.
 
 
+def instruction_lengths(num_pieces: np.ndarray, max_len: int) -> np.ndarray:
+  """`instruction_length` over an array of piece counts (int32)."""
+  n = np.minimum(num_pieces, max_len - 1)
+  return np.where(n <= 1, 0, n).astype(np.int32)
+
+
 def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
                  instruction_cache: dict[str, int] | None = None,
                  truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:

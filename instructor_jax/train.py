@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from instructor_jax import orbax_io, sharding as shd, train_outputs
 from instructor_jax.config import InstructorConfig, preset
 from instructor_jax.optim import OptimConfig, make_optimizer
+from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_config import TrainConfig
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
@@ -271,7 +272,10 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
   # Installed before the model is built or loaded (minutes for gtr-xxl), so that a SIGTERM then
   # also ends the run with EXIT_STOPPED_EARLY ("run again") rather than the signal's default.
   stop = _StopFlag()
+  lock = None
   try:
+    # Before restoring anything: a refused second trainer loads nothing.
+    lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
     return _train(cfg, tx, schedule, mesh, workdir, gin_text, stop)
   except _StoppedBeforeStart as e:
     print(f"stopping on {e.args[0]} before the first step; nothing new to save. Run the same command to "
@@ -281,6 +285,8 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
     return records
   finally:
     stop.restore()
+    if lock is not None:
+      lock.close()  # after _train has waited for the last checkpoint write
 
 
 def _lock_workdir(workdir: str):
@@ -292,6 +298,7 @@ def _lock_workdir(workdir: str):
     import fcntl
   except ImportError:  # not POSIX
     return None
+  os.makedirs(workdir, exist_ok=True)
   f = open(os.path.join(workdir, ".train.lock"), "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -313,18 +320,6 @@ def _lock_workdir(workdir: str):
 
 
 def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
-  lock = None
-  if jax.process_index() == 0 and "://" not in workdir:  # before restoring: a refused trainer loads nothing
-    os.makedirs(workdir, exist_ok=True)
-    lock = _lock_workdir(workdir)
-  try:
-    return _train_locked(cfg, tx, schedule, mesh, workdir, gin_text, stop)
-  finally:
-    if lock is not None:
-      lock.close()
-
-
-def _train_locked(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   try:
     model, state, origin = build_state(cfg, tx, mesh, ckpt)
@@ -357,7 +352,7 @@ def _train_locked(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: 
     finally:
       writer.close()
   finally:
-    ckpt.close()  # waits for the last checkpoint write, before the caller lets the lock go
+    ckpt.close()  # waits for the last checkpoint write
 
 
 def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = None) -> None:
@@ -377,7 +372,7 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   train_compiler_options(cfg.xla_options)  # an unknown option name fails now, not after the model is built
   init = cfg.init_checkpoint
   resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read
-  if (init and not resuming and "://" not in init and init.startswith((".", "/", "~"))
+  if (init and not resuming and "://" not in init and not looks_like_hub_id(init)
       and not os.path.exists(os.path.expanduser(init))):
     raise FileNotFoundError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
                             "owner/name).")

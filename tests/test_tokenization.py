@@ -66,6 +66,13 @@ def test_instruction_rule(tok):
   assert n == [0, 2, 0, 0]
 
 
+def test_array_instruction_rule_equals_the_scalar_one():
+  counts = np.arange(0, 40)
+  for max_len in (2, 3, 16, 512):
+    want = [tokenization.instruction_length(int(k), max_len) for k in counts]
+    assert tokenization.instruction_lengths(counts, max_len).tolist() == want
+
+
 def test_truncation_cuts_into_the_instruction(tok):
   instr = "Represent the Wikipedia question for retrieving supporting documents: "
   ids, n = tok.tokenize([[instr, "what is the capital of France?"]], max_len=8)
