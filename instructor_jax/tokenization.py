@@ -18,7 +18,9 @@ data pipeline).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -78,14 +80,57 @@ def instruction_lengths(num_pieces: np.ndarray, max_len: int) -> np.ndarray:
   return np.where(n <= 1, 0, n).astype(np.int32)
 
 
+# An ASCII space between two printable ASCII characters. The characters either side of it are
+# normalised on their own (no NFKC composition, grapheme cluster or added token reaches across it),
+# so a tokeniser that splits words on whitespace before segmenting them gives the text before such
+# a space exactly the leading pieces it has in the whole text.
+_SAFE_CUT = re.compile(r"(?<=[!-~]) (?=[!-~])")
+# Characters kept per wanted piece before cutting: English prose runs at ~4 characters per T5
+# piece, so the cut text almost always holds enough pieces; when it does not, it is cut further on.
+CUT_CHARS_PER_PIECE = 6
+
+
+def encode_leading(encode_fn: EncodeFn, texts: Sequence[str], keep: int) -> list[Sequence[int]]:
+  """Pieces of each text, exact in their first `keep` entries and longer than `keep` exactly when
+  the whole text's are, which is all `build_inputs` reads; `encode_fn` must split words on
+  whitespace before segmenting them (`whitespace_separable`).
+
+  Encoding a long text whole only to drop all but its first `keep` pieces made the embed job's
+  tokeniser, not the accelerator, the bottleneck on long documents (14k-piece texts: 29k kept
+  tokens/s on two cores). Each text longer than `CUT_CHARS_PER_PIECE * (keep + 1)` characters is
+  cut at the first safe space after that; a cut text that yields no more than `keep` pieces is cut
+  again four times further on, up to the whole text, so the result never depends on the cut.
+  """
+  budget = CUT_CHARS_PER_PIECE * (keep + 1)
+  pieces: list[Sequence[int]] = [()] * len(texts)
+  pending = list(range(len(texts)))
+  while pending:
+    cuts = [_SAFE_CUT.search(texts[i], budget) if len(texts[i]) > budget else None for i in pending]
+    encoded = encode_fn([texts[i] if m is None else texts[i][:m.start()] for i, m in zip(pending, cuts)])
+    again = []
+    for i, m, p in zip(pending, cuts, encoded):
+      if m is None or len(p) > keep:
+        pieces[i] = p
+      else:
+        again.append(i)
+    pending, budget = again, budget * 4
+  return pieces
+
+
 def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
                  instruction_cache: dict[str, int] | None = None,
-                 truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
-  """Token ids (with EOS, unpadded) and instruction lengths; `truncated` (if given) gets one flag per item."""
+                 truncated: list[bool] | None = None,
+                 whitespace_separable: bool = False) -> tuple[list[list[int]], list[int]]:
+  """Token ids (with EOS, unpadded) and instruction lengths; `truncated` (if given) gets one flag per item.
+
+  With `whitespace_separable` (an `encode_fn` that splits words on whitespace first), long inputs
+  are encoded only as far as truncation keeps them (`encode_leading`); the result is the same.
+  """
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2 (one piece + EOS), got {max_len}.")
   split = [split_item(item, i) for i, item in enumerate(items)]
-  pieces = encode_fn([model_input_text(ins, text) for ins, text in split])
+  inputs = [model_input_text(ins, text) for ins, text in split]
+  pieces = encode_leading(encode_fn, inputs, max_len - 1) if whitespace_separable else encode_fn(inputs)
   cache = instruction_cache if instruction_cache is not None else {}
   new = sorted({ins for ins, _ in split if ins is not None and ins not in cache})
   if new:
@@ -142,7 +187,19 @@ class Tokenizer:
   def __init__(self, hf_tokenizer: Any, max_seq_length: int = 512):
     self.hf_tokenizer = hf_tokenizer
     self.max_seq_length = max_seq_length
-    self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    self._backend = None
+    self.whitespace_separable = False
+    if backend is not None:
+      import tokenizers
+      spec = backend.to_str()
+      # A private copy without truncation or padding: both are state of the Rust tokenizer, so a
+      # tokenizer.json saved with either, or a user's hf_tokenizer(..., truncation=True, padding=True)
+      # on the shared object, would otherwise cut or pad the pieces `encode_pieces` returns.
+      self._backend = tokenizers.Tokenizer.from_str(spec)
+      self._backend.no_truncation()
+      self._backend.no_padding()
+      self.whitespace_separable = splits_words_first(json.loads(spec))
     self._instruction_cache: dict[str, int] = {}
 
   @classmethod
@@ -167,14 +224,18 @@ class Tokenizer:
   def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """SentencePiece ids without EOS."""
     if self._backend is not None:
-      return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+      # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: 20-40%
+      # faster on short texts.
+      encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+      return [e.ids for e in encode(list(texts), add_special_tokens=False)]
     return [self.hf_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
   def tokenize(self, items: Sequence[Any], max_len: int | None = None,
                truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
     """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
     max_len = self.max_seq_length if max_len is None else max_len
-    return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated)
+    return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated,
+                        self.whitespace_separable)
 
   def __call__(self, items: Sequence[Any], max_len: int | None = None,
                buckets: Sequence[int] | None = DEFAULT_BUCKETS, rows: int | None = None) -> Batch:
@@ -184,6 +245,35 @@ class Tokenizer:
     longest = max((len(x) for x in ids), default=1)
     length = bucket_length(longest, buckets, max_len) if buckets else longest
     return pad_batch(ids, n_instr, length, rows)
+
+
+# Normalisers that act on single characters or grapheme clusters (or on the whole string's ends),
+# and pre-tokenisers that only split; anything else (a user's regex Replace, a byte-level
+# pre-tokeniser that keeps spaces inside pieces) turns `encode_leading` off.
+_LOCAL_NORMALIZERS = {"Precompiled", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents", "Prepend"}
+_SPLITTING_PRE_TOKENIZERS = {"WhitespaceSplit", "Whitespace", "BertPreTokenizer", "Metaspace"}
+
+
+def splits_words_first(spec: dict[str, Any]) -> bool:
+  """Whether a `tokenizers` JSON spec segments each whitespace-separated word on its own, so that a
+  text cut at a `_SAFE_CUT` space keeps the leading pieces of the whole (T5's converted tokenizer).
+  """
+  def local(n: dict[str, Any] | None) -> bool:
+    if n is None:
+      return True
+    if n["type"] == "Sequence":
+      return all(local(x) for x in n["normalizers"])
+    # Older T5 conversions collapse runs of spaces; a run never reaches across a safe cut.
+    if n["type"] == "Replace":
+      return n.get("pattern") in ({"Regex": " {2,}"}, {"String": "  "}) and n.get("content") == " "
+    return n["type"] in _LOCAL_NORMALIZERS
+
+  pre = spec.get("pre_tokenizer")
+  steps = [] if pre is None else pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+  splits = [p for p in steps if p["type"] != "Metaspace" or p.get("split", True)]
+  return (local(spec.get("normalizer")) and bool(splits)
+          and all(p["type"] in _SPLITTING_PRE_TOKENIZERS for p in steps)
+          and not any(re.search(r"\s", t["content"]) for t in spec.get("added_tokens", [])))
 
 
 def texts_per_row(pack_length: int) -> int:

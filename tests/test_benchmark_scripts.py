@@ -47,6 +47,18 @@ def test_gemm_forms_times_every_form(tmp_path):
   assert all(r > 0 for r in rates.values()) and "x float32" in stdout
 
 
+def test_tokenize_bench_compares_leading_and_whole_encoding(tmp_path):
+  out = tmp_path / "tok.json"
+  stdout = _run(["benchmarks/tokenize_bench.py", "--docs", "3", "--short", "20", "--repeats", "1", "--out", str(out)],
+                tmp_path)
+  cases = json.loads(out.read_text())["cases"]
+  assert len(cases) == 4 and "leading / before" in stdout
+  # The script exits non-zero if the two encodings' ids differ; here the long documents must be cut.
+  long = cases["documents of ~10000 words"]
+  assert long["whole_pieces_per_text"] > 10000 and long["kept_tokens"] == 3 * 512
+  assert set(long["kept_tokens_per_s"]) == {"leading", "whole", "before", "hf"}
+
+
 def test_bench_runs_both_sides_in_bf16_on_request(tmp_path):
   pytest.importorskip("sentence_transformers")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")

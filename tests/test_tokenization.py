@@ -2,7 +2,9 @@
 
 import csv
 import importlib
+import json
 import pathlib
+import random
 import sys
 
 import numpy as np
@@ -118,3 +120,106 @@ def test_bundled_vocabulary_loads_without_converting_spiece_model(monkeypatch):
   monkeypatch.setitem(sys.modules, "sentencepiece", None)
   tok = Tokenizer.from_pretrained(None)
   assert tok.tokenize([["Represent the title: ", "hello world"]]) == ([[419, 12640, 8, 2233, 10, 21820, 296, 1]], [5])
+
+
+# Characters that normalisation, grapheme clustering or added-token matching could carry across a
+# cut: combining marks, compatibility forms (NFKC expands them), unusual spaces, controls, CR LF,
+# emoji sequences, prepended marks and T5's own special tokens written as text.
+TRICKY = ["e\u0301", "\u0301", "\ufb01", "\u2460", "\u00a0", "\u3000", "\u200b", "\u200d", "\t", "\n", "\r\n", "\x00",
+          "\U0001f468\u200d\U0001f469", "\U0001f1eb\U0001f1f7", "\u0600", "\u1100\u1161", "</s>", "<extra_id_0>",
+          "<unk>", "\uff21\uff22", "\u00bd", "...", "-", "'", "a", "the", "Zoë", "naïve", "\u2028", "\ufeff"]
+
+
+def _cut_cases(rng, n):
+  """Real text glued into paragraphs, and random strings of TRICKY pieces, words and separators."""
+  real = real_sentences()
+  cases = [" ".join(rng.sample(real, 12)) for _ in range(n)]
+  for _ in range(n):
+    parts = [rng.choice(TRICKY + ["word", "x", "information", "3.14"]) for _ in range(rng.randint(5, 40))]
+    cases.append("".join(p + rng.choice(["", " ", " ", "  ", "\t", "\u00a0"]) for p in parts))
+  return cases
+
+
+def test_text_before_a_safe_cut_keeps_the_leading_pieces_of_the_whole(tok):
+  """The property `encode_leading` rests on, over every safe cut of real and adversarial texts."""
+  rng = random.Random(0)
+  checked = 0
+  for text in _cut_cases(rng, 150):
+    whole = tok.encode_pieces([text])[0]
+    cuts = [m.start() for m in tokenization._SAFE_CUT.finditer(text)]
+    for cut, got in zip(cuts, tok.encode_pieces([text[:c] for c in cuts])):
+      assert got == whole[:len(got)], (text, cut)
+      checked += 1
+  assert checked > 3000
+
+
+def test_leading_encoding_gives_the_same_inputs_as_whole_encoding(tok):
+  rng = random.Random(1)
+  real = real_sentences()
+  instr = "Represent the Wikipedia document for retrieval: "
+  items = [" ".join(rng.sample(real, k)) for k in (1, 5, 20, 60, 200)]
+  items += [" ".join(["information"] * 2000),  # ~12 characters per piece: the first cut is too short
+            "x" * 20000 + " tail",  # one long word: the only safe cut is past everything that matters
+            "\u3000".join(real[:100]),  # no ASCII space at all
+            "word " * 5000, "I"]
+  items += [[instr, t] for t in items] + [["", items[3]], [instr * 50, items[2]]]
+  for max_len in (2, 3, 8, 64, 512):
+    whole_flags, leading_flags = [], []
+    whole = tokenization.build_inputs(tok.encode_pieces, items, max_len, {}, whole_flags, False)
+    leading = tokenization.build_inputs(tok.encode_pieces, items, max_len, {}, leading_flags, True)
+    assert leading == whole, max_len
+    assert leading_flags == whole_flags and any(whole_flags) and not all(whole_flags)
+
+
+def test_leading_encoding_cuts_again_when_a_cut_is_too_short(tok):
+  seen = []
+
+  def encode(texts):
+    seen.append([len(t) for t in texts])
+    return tok.encode_pieces(texts)
+
+  text = " ".join(["information"] * 2000)  # ~12 characters per piece
+  got = tokenization.encode_leading(encode, [text, "short"], 300)
+  assert got[0] == tok.encode_pieces([text])[0][:len(got[0])] and len(got[0]) > 300
+  assert got[1] == tok.encode_pieces(["short"])[0]
+  budget = tokenization.CUT_CHARS_PER_PIECE * 301
+  assert len(seen) == 2 and budget <= seen[0][0] < budget + 12 and 4 * budget <= seen[1][0] < len(text)
+
+
+def _spec(tok):
+  return json.loads(tok._backend.to_str())
+
+
+def test_leading_encoding_is_on_only_for_tokenizers_that_split_words_first(tok):
+  assert tok.whitespace_separable
+  fixture = pathlib.Path(__file__).parent / "fixtures" / "tiny_instructor"
+  assert Tokenizer.from_pretrained(str(fixture)).whitespace_separable
+  spec = _spec(tok)
+  assert tokenization.splits_words_first(spec)
+  older = dict(spec, normalizer={"type": "Sequence", "normalizers": [
+      spec["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]})
+  assert tokenization.splits_words_first(older)
+  metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": False}
+  for broken in (dict(spec, pre_tokenizer=None),
+                 dict(spec, pre_tokenizer=metaspace),
+                 dict(spec, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}),
+                 dict(spec, normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}),
+                 dict(spec, added_tokens=spec["added_tokens"] + [dict(spec["added_tokens"][0], id=32100,
+                                                                      content="new york")])):
+    assert not tokenization.splits_words_first(broken)
+
+
+def test_truncation_or_padding_left_on_the_hf_tokenizer_does_not_reach_our_pieces(tmp_path):
+  """Both are state of the Rust tokenizer: set by a saved tokenizer.json or by any padded call."""
+  items = [["Represent the title: ", "a fairly long sentence about nothing much at all"], "short", "x " * 900]
+  want = Tokenizer.from_pretrained(None).tokenize(items, 1024)
+  shared = Tokenizer.from_pretrained(None)
+  shared.hf_tokenizer(["hello world", "hi"], truncation=True, max_length=4, padding=True)
+  assert shared.tokenize(items, 1024) == want
+  spec = json.loads((pathlib.Path(tokenization.VOCAB_DIR) / "tokenizer.json").read_text())
+  spec["truncation"] = {"direction": "Right", "max_length": 6, "strategy": "LongestFirst", "stride": 0}
+  spec["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                     "pad_type_id": 0, "pad_token": "<pad>"}
+  (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+  (tmp_path / "tokenizer_config.json").write_text((pathlib.Path(tokenization.VOCAB_DIR) / "tokenizer_config.json").read_text())
+  assert Tokenizer.from_pretrained(str(tmp_path)).tokenize(items, 1024) == want
