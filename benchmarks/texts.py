@@ -75,8 +75,10 @@ def documents(n: int, words: int = 420, seed: int = 1) -> list[str]:
   out, i = [], 0
   for _ in range(n):
     doc: list[str] = []
-    while sum(len(s.split()) for s in doc) < words:
+    count = 0
+    while count < words:
       doc.append(pool[i % len(pool)])
+      count += len(doc[-1].split())
       i += 1
     out.append(" ".join(doc))
   return out
