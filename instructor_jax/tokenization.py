@@ -96,24 +96,24 @@ def encode_leading(encode_fn: EncodeFn, texts: Sequence[str], keep: int) -> list
   whitespace before segmenting them (`whitespace_separable`).
 
   Encoding a long text whole only to drop all but its first `keep` pieces made the embed job's
-  tokeniser, not the accelerator, the bottleneck on long documents (14k-piece texts: 29k kept
+  tokeniser, not the accelerator, the bottleneck on long documents (14k-piece texts: 34k kept
   tokens/s on two cores). Each text longer than `CUT_CHARS_PER_PIECE * (keep + 1)` characters is
   cut at the first safe space after that; a cut text that yields no more than `keep` pieces is cut
-  again four times further on, up to the whole text, so the result never depends on the cut.
+  again at the first safe space past both four times that point and the last cut, up to the whole
+  text, so the result never depends on the cut.
   """
-  budget = CUT_CHARS_PER_PIECE * (keep + 1)
   pieces: list[Sequence[int]] = [()] * len(texts)
-  pending = list(range(len(texts)))
+  pending = [(i, CUT_CHARS_PER_PIECE * (keep + 1)) for i in range(len(texts))]  # (text, cut at or after)
   while pending:
-    cuts = [_SAFE_CUT.search(texts[i], budget) if len(texts[i]) > budget else None for i in pending]
-    encoded = encode_fn([texts[i] if m is None else texts[i][:m.start()] for i, m in zip(pending, cuts)])
+    cuts = [_SAFE_CUT.search(texts[i], start) if len(texts[i]) > start else None for i, start in pending]
+    encoded = encode_fn([texts[i] if m is None else texts[i][:m.start()] for (i, _), m in zip(pending, cuts)])
     again = []
-    for i, m, p in zip(pending, cuts, encoded):
+    for (i, start), m, p in zip(pending, cuts, encoded):
       if m is None or len(p) > keep:
         pieces[i] = p
-      else:
-        again.append(i)
-    pending, budget = again, budget * 4
+      else:  # past this cut, so a text whose next safe space is far off is not encoded to it twice
+        again.append((i, max(4 * start, m.end())))
+    pending = again
   return pieces
 
 
@@ -187,20 +187,34 @@ class Tokenizer:
   def __init__(self, hf_tokenizer: Any, max_seq_length: int = 512):
     self.hf_tokenizer = hf_tokenizer
     self.max_seq_length = max_seq_length
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    self._shared = getattr(hf_tokenizer, "backend_tokenizer", None)
     self._backend = None
+    self._synced_size = -1
     self.whitespace_separable = False
-    if backend is not None:
-      import tokenizers
-      spec = backend.to_str()
-      # A private copy without truncation or padding: both are state of the Rust tokenizer, so a
-      # tokenizer.json saved with either, or a user's hf_tokenizer(..., truncation=True, padding=True)
-      # on the shared object, would otherwise cut or pad the pieces `encode_pieces` returns.
-      self._backend = tokenizers.Tokenizer.from_str(spec)
-      self._backend.no_truncation()
-      self._backend.no_padding()
-      self.whitespace_separable = splits_words_first(json.loads(spec))
     self._instruction_cache: dict[str, int] = {}
+    self._sync()
+
+  def _sync(self) -> None:
+    """(Re)takes a private copy of the Rust tokenizer when the shared one gained tokens.
+
+    A copy, without truncation or padding: both are state of the Rust tokenizer, so a
+    tokenizer.json saved with either, or a user's hf_tokenizer(..., truncation=True, padding=True)
+    on the shared object, would otherwise cut or pad the pieces `encode_pieces` returns. Tokens
+    added to `hf_tokenizer` later (`add_tokens`) change its size, and are picked up here.
+    """
+    if self._shared is None:
+      return
+    size = self._shared.get_vocab_size(with_added_tokens=True)
+    if size == self._synced_size:
+      return
+    import tokenizers
+    spec = self._shared.to_str()
+    backend = tokenizers.Tokenizer.from_str(spec)
+    backend.no_truncation()
+    backend.no_padding()
+    self._backend, self._synced_size = backend, size
+    self.whitespace_separable = splits_words_first(json.loads(spec), backend.normalizer)
+    self._instruction_cache.clear()
 
   @classmethod
   def from_pretrained(cls, directory: str | None = None, max_seq_length: int = 512) -> "Tokenizer":
@@ -223,6 +237,7 @@ class Tokenizer:
 
   def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """SentencePiece ids without EOS."""
+    self._sync()
     if self._backend is not None:
       # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: 20-40%
       # faster on short texts.
@@ -234,6 +249,7 @@ class Tokenizer:
                truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
     """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
     max_len = self.max_seq_length if max_len is None else max_len
+    self._sync()
     return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated,
                         self.whitespace_separable)
 
@@ -254,26 +270,34 @@ _LOCAL_NORMALIZERS = {"Precompiled", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", 
 _SPLITTING_PRE_TOKENIZERS = {"WhitespaceSplit", "Whitespace", "BertPreTokenizer", "Metaspace"}
 
 
-def splits_words_first(spec: dict[str, Any]) -> bool:
+def splits_words_first(spec: dict[str, Any], normalizer: Any = None) -> bool:
   """Whether a `tokenizers` JSON spec segments each whitespace-separated word on its own, so that a
   text cut at a `_SAFE_CUT` space keeps the leading pieces of the whole (T5's converted tokenizer).
+  `normalizer` (the spec's, built), when given, must keep an ASCII space between two printable
+  ASCII characters (a normalizer is trusted on its type alone otherwise).
   """
   def local(n: dict[str, Any] | None) -> bool:
     if n is None:
       return True
     if n["type"] == "Sequence":
       return all(local(x) for x in n["normalizers"])
-    # Older T5 conversions collapse runs of spaces; a run never reaches across a safe cut.
+    # T5 conversions collapse runs of two or more spaces; such a run never reaches a safe cut.
     if n["type"] == "Replace":
-      return n.get("pattern") in ({"Regex": " {2,}"}, {"String": "  "}) and n.get("content") == " "
+      return n.get("pattern") in ({"Regex": " {2,}"}, {"String": "  "}) and n.get("content") in (" ", "\u2581")
     return n["type"] in _LOCAL_NORMALIZERS
+
+  def splits(p: dict[str, Any]) -> bool:
+    return p["type"] != "Metaspace" or p.get("split", True)
 
   pre = spec.get("pre_tokenizer")
   steps = [] if pre is None else pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
-  splits = [p for p in steps if p["type"] != "Metaspace" or p.get("split", True)]
-  return (local(spec.get("normalizer")) and bool(splits)
+  # The first step must split on whitespace: a Metaspace(split=False) before it would turn spaces
+  # into "▁" and make the whole text one word. Added tokens are matched before splitting, so
+  # their text must not be able to reach across a space (T5's are "</s>", "<extra_id_0>", ...).
+  return (local(spec.get("normalizer")) and bool(steps) and splits(steps[0])
           and all(p["type"] in _SPLITTING_PRE_TOKENIZERS for p in steps)
-          and not any(re.search(r"\s", t["content"]) for t in spec.get("added_tokens", [])))
+          and all(re.fullmatch(r"[!-~]+", t["content"]) for t in spec.get("added_tokens", []))
+          and (normalizer is None or "! ~" in normalizer.normalize_str("a! ~b")))
 
 
 def texts_per_row(pack_length: int) -> int:

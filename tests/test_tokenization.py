@@ -186,6 +186,19 @@ def test_leading_encoding_cuts_again_when_a_cut_is_too_short(tok):
   assert len(seen) == 2 and budget <= seen[0][0] < budget + 12 and 4 * budget <= seen[1][0] < len(text)
 
 
+def test_a_cut_with_too_few_pieces_is_not_encoded_again(tok):
+  """The next cut is searched past the last one: one far-off safe space costs one encode, not log4(n)."""
+  seen = []
+
+  def encode(texts):
+    seen.append([len(t) for t in texts])
+    return tok.encode_pieces(texts)
+
+  text = "a" + "\x01" * 50_000 + "b c"  # control characters normalise away: few pieces before the only cut
+  assert tokenization.encode_leading(encode, [text], 300) == tok.encode_pieces([text])
+  assert seen == [[len(text) - 2], [len(text)]]
+
+
 def _spec(tok):
   return json.loads(tok._backend.to_str())
 
@@ -204,9 +217,28 @@ def test_leading_encoding_is_on_only_for_tokenizers_that_split_words_first(tok):
                  dict(spec, pre_tokenizer=metaspace),
                  dict(spec, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}),
                  dict(spec, normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}),
+                 # Metaspace(split=False) first makes the whole text one word before anything splits it.
+                 dict(spec, pre_tokenizer={"type": "Sequence", "pretokenizers": [metaspace, {"type": "WhitespaceSplit"}]}),
                  dict(spec, added_tokens=spec["added_tokens"] + [dict(spec["added_tokens"][0], id=32100,
                                                                       content="new york")])):
     assert not tokenization.splits_words_first(broken)
+  tokenizers = pytest.importorskip("tokenizers")
+  assert not tokenization.splits_words_first(spec, tokenizers.normalizers.Replace(" ", ""))
+
+
+def test_added_tokens_that_normalise_to_a_space_turn_leading_encoding_off():
+  """T5's normaliser maps "\u2581" (and zero-width characters) to a space: such a token, matched on
+  normalised text, can span the ASCII space of a cut."""
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.AutoTokenizer.from_pretrained(tokenization.VOCAB_DIR)
+  word = "zqxjkvwzqxjkvwzqxjkvwzqxjkvw"
+  tok = Tokenizer(hf)
+  assert tok.whitespace_separable
+  hf.add_tokens([word + "\u2581y"])  # after construction: picked up on the next call
+  flags = []
+  got = tok.tokenize([word + " y tail"], 4, flags)
+  assert not tok.whitespace_separable
+  assert got == ([[32100, 9891, EOS_ID]], [0]) and flags == [False]
 
 
 def test_truncation_or_padding_left_on_the_hf_tokenizer_does_not_reach_our_pieces(tmp_path):
