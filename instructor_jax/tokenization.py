@@ -102,18 +102,25 @@ def encode_leading(encode_fn: EncodeFn, texts: Sequence[str], keep: int) -> list
   again at the first safe space past both four times that point and the last cut, up to the whole
   text, so the result never depends on the cut.
   """
-  pieces: list[Sequence[int]] = [()] * len(texts)
-  pending = [(i, CUT_CHARS_PER_PIECE * (keep + 1)) for i in range(len(texts))]  # (text, cut at or after)
+  first = CUT_CHARS_PER_PIECE * (keep + 1)
+  inputs = list(texts)
+  pending = []  # (text, where its cut was searched from, the cut)
+  for i, text in enumerate(texts):
+    if len(text) > first and (m := _SAFE_CUT.search(text, first)) is not None:
+      inputs[i] = text[:m.start()]
+      pending.append((i, first, m))
+  pieces = list(encode_fn(inputs))
   while pending:
-    cuts = [_SAFE_CUT.search(texts[i], start) if len(texts[i]) > start else None for i, start in pending]
-    encoded = encode_fn([texts[i] if m is None else texts[i][:m.start()] for (i, _), m in zip(pending, cuts)])
-    again = []
-    for (i, start), m, p in zip(pending, cuts, encoded):
-      if m is None or len(p) > keep:
-        pieces[i] = p
-      else:  # past this cut, so a text whose next safe space is far off is not encoded to it twice
-        again.append((i, max(4 * start, m.end())))
-    pending = again
+    # Past both four times the last start and the last cut, so a text whose next safe space is far
+    # off is not encoded up to it twice.
+    again = [(i, max(4 * start, m.end())) for i, start, m in pending if len(pieces[i]) <= keep]
+    if not again:
+      break
+    cuts = [_SAFE_CUT.search(texts[i], start) if len(texts[i]) > start else None for i, start in again]
+    encoded = encode_fn([texts[i] if m is None else texts[i][:m.start()] for (i, _), m in zip(again, cuts)])
+    for (i, _), p in zip(again, encoded):
+      pieces[i] = p
+    pending = [(i, start, m) for (i, start), m in zip(again, cuts) if m is not None]
   return pieces
 
 
@@ -189,32 +196,40 @@ class Tokenizer:
     self.max_seq_length = max_seq_length
     self._shared = getattr(hf_tokenizer, "backend_tokenizer", None)
     self._backend = None
-    self._synced_size = -1
+    self._synced_key: tuple[int, int] | None = None
     self.whitespace_separable = False
     self._instruction_cache: dict[str, int] = {}
     self._sync()
 
   def _sync(self) -> None:
-    """(Re)takes a private copy of the Rust tokenizer when the shared one gained tokens.
+    """(Re)takes a private copy of the Rust tokenizer when tokens were added to the shared one.
 
     A copy, without truncation or padding: both are state of the Rust tokenizer, so a
     tokenizer.json saved with either, or a user's hf_tokenizer(..., truncation=True, padding=True)
     on the shared object, would otherwise cut or pad the pieces `encode_pieces` returns. Tokens
-    added to `hf_tokenizer` later (`add_tokens`) change its size, and are picked up here.
+    added later (`add_tokens`, even of a piece already in the vocabulary) change the count of added
+    tokens and are picked up here; other edits of the Rust tokenizer need a new `Tokenizer`.
     """
     if self._shared is None:
       return
-    size = self._shared.get_vocab_size(with_added_tokens=True)
-    if size == self._synced_size:
+    key = (self._shared.get_vocab_size(with_added_tokens=True), len(self._shared.get_added_tokens_decoder()))
+    if key == self._synced_key:
       return
-    import tokenizers
-    spec = self._shared.to_str()
-    backend = tokenizers.Tokenizer.from_str(spec)
-    backend.no_truncation()
-    backend.no_padding()
-    self._backend, self._synced_size = backend, size
-    self.whitespace_separable = splits_words_first(json.loads(spec), backend.normalizer)
-    self._instruction_cache.clear()
+    import tokenizers  # a dependency of transformers; imported here, where a Rust tokenizer exists
+    try:
+      spec = self._shared.to_str()
+    except Exception:  # noqa: BLE001 - e.g. "Custom PreTokenizer cannot be serialized"
+      # A Python pre-tokenizer cannot be copied: encode with the shared object, whole texts only.
+      self._backend, self.whitespace_separable = self._shared, False
+    else:
+      backend = tokenizers.Tokenizer.from_str(spec)
+      backend.no_truncation()
+      backend.no_padding()
+      self._backend = backend
+      self.whitespace_separable = splits_words_first(json.loads(spec), backend.normalizer)
+    self._synced_key = key
+    # A new dict, not clear(): a build_inputs running in another thread keeps the one it started with.
+    self._instruction_cache = {}
 
   @classmethod
   def from_pretrained(cls, directory: str | None = None, max_seq_length: int = 512) -> "Tokenizer":
@@ -239,8 +254,8 @@ class Tokenizer:
     """SentencePiece ids without EOS."""
     self._sync()
     if self._backend is not None:
-      # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: 20-40%
-      # faster on short texts.
+      # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: 1.2-1.5x
+      # on short texts (benchmarks/tokenize_bench.py).
       encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
       return [e.ids for e in encode(list(texts), add_special_tokens=False)]
     return [self.hf_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -249,7 +264,7 @@ class Tokenizer:
                truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
     """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
     max_len = self.max_seq_length if max_len is None else max_len
-    self._sync()
+    self._sync()  # before reading whitespace_separable and the cache (encode_pieces syncs for direct callers)
     return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated,
                         self.whitespace_separable)
 

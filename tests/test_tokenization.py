@@ -255,3 +255,33 @@ def test_truncation_or_padding_left_on_the_hf_tokenizer_does_not_reach_our_piece
   (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
   (tmp_path / "tokenizer_config.json").write_text((pathlib.Path(tokenization.VOCAB_DIR) / "tokenizer_config.json").read_text())
   assert Tokenizer.from_pretrained(str(tmp_path)).tokenize(items, 1024) == want
+
+
+def test_tokens_added_after_construction_reach_ids_and_instruction_lengths():
+  """Even a piece already in the vocabulary: it does not change the vocabulary's size."""
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.AutoTokenizer.from_pretrained(tokenization.VOCAB_DIR)
+  tok = Tokenizer(hf)
+  items = [["Represent the running title: ", "running and singing"]]
+  before = tok.tokenize(items)
+  hf.add_tokens(["ing"])
+  after = tok.tokenize(items)
+  assert tok.encode_pieces(["running and singing"])[0] == hf("running and singing", add_special_tokens=False)["input_ids"]
+  assert after == Tokenizer(hf).tokenize(items) and after[1] != before[1]  # the cached instruction length too
+
+
+def test_a_tokenizer_that_cannot_be_copied_is_used_as_it_is():
+  """A Python pre-tokenizer cannot be serialised: the shared Rust tokenizer is used, texts encoded whole."""
+  transformers = pytest.importorskip("transformers")
+  from tokenizers import pre_tokenizers
+  hf = transformers.AutoTokenizer.from_pretrained(tokenization.VOCAB_DIR)
+  want = Tokenizer(hf).tokenize(["hello world, " * 400], 16)
+
+  class SplitOnSpaces:
+    def pre_tokenize(self, pretok):
+      pretok.split(lambda i, s: s.split(" ", "removed"))
+
+  hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.PreTokenizer.custom(SplitOnSpaces()), hf.backend_tokenizer.pre_tokenizer])
+  tok = Tokenizer(hf)
+  assert not tok.whitespace_separable and tok.tokenize(["hello world, " * 400], 16) == want
