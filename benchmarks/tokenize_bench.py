@@ -12,7 +12,7 @@ interleaved (the order rotating), best of --repeats:
              project before 2026-11-27; `encode_batch_fast` skips them);
   hf         the Hugging Face tokenizer call sentence-transformers makes (`truncation=True`,
              `max_length=512`; it too encodes whole texts), on the same model input strings.
-The first two must give identical ids (checked). The Rust tokenizer uses every core
+All four must give the same ids (checked). The Rust tokenizer uses every core
 (TOKENIZERS_PARALLELISM); the embed job tokenises in a reader thread beside the device loop, so
 the accelerator waits on the host when the device's tokens/s exceed these.
 """

@@ -171,13 +171,19 @@ def test_leading_encoding_gives_the_same_inputs_as_whole_encoding(tok):
     assert leading_flags == whole_flags and any(whole_flags) and not all(whole_flags)
 
 
-def test_leading_encoding_cuts_again_when_a_cut_is_too_short(tok):
+def _recording(tok):
+  """tok.encode_pieces, recording the character length of every text of every call."""
   seen = []
 
   def encode(texts):
     seen.append([len(t) for t in texts])
     return tok.encode_pieces(texts)
 
+  return seen, encode
+
+
+def test_leading_encoding_cuts_again_when_a_cut_is_too_short(tok):
+  seen, encode = _recording(tok)
   text = " ".join(["information"] * 2000)  # ~12 characters per piece
   got = tokenization.encode_leading(encode, [text, "short"], 300)
   assert got[0] == tok.encode_pieces([text])[0][:len(got[0])] and len(got[0]) > 300
@@ -188,12 +194,7 @@ def test_leading_encoding_cuts_again_when_a_cut_is_too_short(tok):
 
 def test_a_cut_with_too_few_pieces_is_not_encoded_again(tok):
   """The next cut is searched past the last one: one far-off safe space costs one encode, not log4(n)."""
-  seen = []
-
-  def encode(texts):
-    seen.append([len(t) for t in texts])
-    return tok.encode_pieces(texts)
-
+  seen, encode = _recording(tok)
   text = "a" + "\x01" * 50_000 + "b c"  # control characters normalise away: few pieces before the only cut
   assert tokenization.encode_leading(encode, [text], 300) == tok.encode_pieces([text])
   assert seen == [[len(text) - 2], [len(text)]]
