@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instructor_jax.config import InstructorConfig, canonical_dtype
+from instructor_jax.encode_batches import BatchSpec, PlannedBatch, planned_batches
 from instructor_jax.model import InstructorModel, with_compute_dtype_weights
-from instructor_jax.tokenization import (DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer, bucket_length, pack_rows,
-                                         pad_batch, pad_packed, texts_per_row)
+from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer
 
 def local_data_mesh() -> Mesh:
   """A 1-D mesh over this host's devices; embedding batches are split along it."""
@@ -135,48 +135,41 @@ class Instructor:
                     "embedded as two texts without instruction (as InstructorEmbedding does). For one "
                     "instructed text pass [[instruction, text]].", stacklevel=2)
     max_len = self.max_seq_length if max_seq_length is None else max_seq_length
-    ids, n_instr = self.tokenizer.tokenize(items, max_len)
-    out = np.zeros((len(items), self.config.embedding_dim), np.float32)
     ndev = self.mesh.devices.size
-    rows = -(-batch_size // ndev) * ndev
-    batches = []  # (row -> item indices, dispatch function) in dispatch order
-    padded = list(range(len(items)))
-    if pack:
-      pack_length = min(pack_length, max_len)
-      short = [i for i in padded if len(ids[i]) <= pack_length]
-      padded = [i for i in padded if len(ids[i]) > pack_length]
-      max_texts = texts_per_row(pack_length)
-      packed = [[short[j] for j in row] for row in pack_rows([len(ids[i]) for i in short], pack_length, max_texts)]
-      for start in range(0, len(packed), rows):
-        chunk = packed[start:start + rows]
-        batches.append((chunk, lambda c=chunk: self.embed_packed_async(
-            pad_packed(c, ids, n_instr, pack_length, max_texts, rows))))
-    # Longest first, like sentence-transformers: batches of similar length waste little padding.
-    padded.sort(key=lambda i: -len(ids[i]))
-    for start in range(0, len(padded), batch_size):
-      idx = padded[start:start + batch_size]
-      length = bucket_length(max(len(ids[i]) for i in idx), buckets, max_len)
-      batches.append(([[i] for i in idx], lambda idx=idx, length=length: self.embed_batch_async(
-          pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, rows))))
-    _run_pipelined(batches, out, show_progress_bar)
+    spec = BatchSpec(rows=-(-batch_size // ndev) * ndev, batch_size=batch_size,
+                     pack_length=min(pack_length, max_len) if pack else 0, buckets=tuple(buckets), max_len=max_len)
+    out = np.zeros((len(items), self.config.embedding_dim), np.float32)
+    batches = planned_batches(lambda chunk: self.tokenizer.tokenize(chunk, max_len), items, spec)
+    self._run_pipelined(batches, out, show_progress_bar)
     if normalize_embeddings and not self.config.normalize:
       out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out[0] if single else out
 
+  def _run_pipelined(self, batches: Iterator[PlannedBatch], out: np.ndarray, show_progress_bar: bool) -> None:
+    """Dispatches batch k + 1 before fetching batch k, so host work overlaps device work."""
+    progress = None
+    if show_progress_bar:
+      from tqdm.auto import tqdm
+      progress = tqdm(total=len(out), desc="Texts", unit="text")
+    pending = None
+    try:
+      for rows, batch in batches:
+        result = (self.embed_packed_async(batch) if isinstance(batch, PackedBatch)
+                  else self.embed_batch_async(batch))
+        if pending is not None:
+          self._fetch(*pending, out, progress)
+        pending = (rows, result)
+      if pending is not None:
+        self._fetch(*pending, out, progress)
+    finally:
+      if progress is not None:
+        progress.close()
 
-def _run_pipelined(batches: list, out: np.ndarray, show_progress_bar: bool) -> None:
-  """Dispatches batch k + 1 before fetching batch k, so host work overlaps device work."""
-  if show_progress_bar:
-    from tqdm.auto import tqdm
-    batches = tqdm(batches, desc="Batches")
-  pending = None
-  for rows, dispatch in batches:
-    dispatched = (rows, dispatch())
-    if pending is not None:
-      scatter_embeddings(*pending, out)
-    pending = dispatched
-  if pending is not None:
-    scatter_embeddings(*pending, out)
+  @staticmethod
+  def _fetch(rows: list[list[int]], result: jax.Array, out: np.ndarray, progress: Any) -> None:
+    scatter_embeddings(rows, result, out)
+    if progress is not None:
+      progress.update(sum(len(r) for r in rows))
 
 
 def scatter_embeddings(rows: list[list[int]], result: jax.Array, out: np.ndarray) -> None:

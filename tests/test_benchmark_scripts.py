@@ -204,3 +204,17 @@ def test_train_variant_falls_back_to_the_smaller_batch_only_when_out_of_memory(m
   oom = {"impl": "jax-full", "batch": 256, "length": 256, "error": "RESOURCE_EXHAUSTED: Out of memory",
          "temp_gib": 90.0, "argument_gib": 4.0}
   assert "XLA temp 90.0 GiB + arguments 4.0 GiB" in "\n".join(report.train_rows({"train": [oom], "backend": "gpu"}))
+
+
+def test_encode_overlap_times_whole_and_chunked_preparation(tmp_path):
+  out = tmp_path / "overlap.json"
+  stdout = _run(["benchmarks/encode_overlap.py", "--short", "300", "--docs", "12", "--rates", "350000,0",
+                 "--repeats", "1", "--first-chunk", "2000", "--out", str(out)], tmp_path)
+  result = json.loads(out.read_text())
+  assert result["first_chunk_chars"] == 2000 and len(result["cases"]) == 2
+  for case in result["cases"].values():
+    simulated = case["device 350,000 tok/s"]
+    # The simulated device is busy for padded tokens / rate, and no call can beat that.
+    assert simulated["device_s"] > 0 and min(simulated["whole_s"], simulated["chunked_s"]) >= simulated["device_s"]
+    assert case["real tiny model"]["whole_s"] > 0 and case["host_only_s"] > 0
+  assert "chunked" in stdout

@@ -1,0 +1,150 @@
+"""`Instructor.encode`'s chunked host side: tokenised on a worker thread a chunk ahead, same embeddings."""
+
+import pathlib
+import threading
+
+import numpy as np
+import pytest
+
+from instructor_jax import Instructor, encode_batches
+from instructor_jax.encode_batches import BatchSpec, _Batcher as Batcher, chunk_stop, planned_batches
+from instructor_jax.tokenization import InputError, PackedBatch, build_inputs
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_instructor"
+DATA = pathlib.Path(__file__).parent / "data" / "sentences.tsv"
+
+
+def worker_threads():
+  return [t for t in threading.enumerate() if t.name.startswith("instructor-encode")]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Instructor.from_pretrained(str(FIXTURE))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+  monkeypatch.setattr(encode_batches, "FIRST_CHUNK", 300)  # characters
+  monkeypatch.setattr(encode_batches, "LARGEST_CHUNK", 1000)
+
+
+def mixed_items(n=61):
+  """Short instructed sentences, plain ones and long documents (past a pack length of 32)."""
+  lines = [line.split("\t", 1)[1] for line in DATA.read_text().splitlines()[1:]]
+  out = []
+  for i in range(n):
+    text = lines[i % len(lines)]
+    if i % 7 == 3:
+      out.append(" ".join(lines[i % len(lines):i % len(lines) + 6]))  # ~60-100 pieces
+    elif i % 2:
+      out.append(["Represent the sentence: ", text])
+    else:
+      out.append(text)
+  return out
+
+
+def fake_tokenize(calls):
+  """Pieces 10 + position in the text (lengths from the words), recording the calling thread."""
+  def tokenize(chunk):
+    calls.append((threading.current_thread().name, len(chunk)))
+    return build_inputs(lambda texts: [[10 + k for k in range(len(t.split()))] for t in texts], chunk, 64)
+  return tokenize
+
+
+def test_a_chunk_ends_once_its_characters_are_spent_each_text_capped_at_8_per_token():
+  items = ["abcd", ["Represent: ", "xyz"], ("ab", "cd", "ignored third"), "x" * 1000, 7, "tail"]
+  assert chunk_stop(items, 0, 1, 512) == 1  # at least one item
+  assert chunk_stop(items, 0, 5, 512) == 2  # 4 < 5 chars, then 4 + 14
+  assert chunk_stop(items, 1, 18, 512) == 3  # 14, then 14 + 4
+  assert chunk_stop(items, 3, 100, 512) == 4 and chunk_stop(items, 3, 10 ** 6, 64) == 6  # 1000 counts 512
+  assert chunk_stop(items, 4, 10 ** 6, 512) == 6  # a non-item counts nothing; split_item reports it
+
+
+@pytest.mark.parametrize("pack_length", [0, 16])
+def test_every_text_once_full_batches_but_the_last_and_ids_as_tokenised(small_chunks, monkeypatch, pack_length):
+  items = mixed_items()
+  spec = BatchSpec(rows=4, batch_size=3, pack_length=pack_length, buckets=(8, 16, 32, 64), max_len=64)
+  calls, batchers = [], []
+  monkeypatch.setattr(encode_batches, "_Batcher", lambda *a: batchers.append(Batcher(*a)) or batchers[-1])
+  batches = list(planned_batches(fake_tokenize(calls), items, spec))
+  assert batchers[0].ids == [None] * len(items)  # ids are dropped once padded
+  want_ids, want_n = fake_tokenize([])(items)
+  seen = []
+  packed = [(r, b) for r, b in batches if isinstance(b, PackedBatch)]
+  bucketed = [(r, b) for r, b in batches if not isinstance(b, PackedBatch)]
+  assert bool(packed) == bool(pack_length)
+  for k, (rows, batch) in enumerate(packed):
+    assert len(rows) == 4 or k == len(packed) - 1  # rows carried across chunks: filler only at the end
+    for r, row in enumerate(rows):
+      got = batch.ids[r][batch.mask[r] == 1]
+      assert got.tolist() == [t for i in row for t in want_ids[i]]
+      assert batch.n_instr[r, :len(row)].tolist() == [want_n[i] for i in row]
+      seen += row
+  for k, (rows, batch) in enumerate(bucketed):
+    assert len(rows) == 3 or k == len(bucketed) - 1
+    assert batch.ids.shape[0] == 4
+    for r, (i,) in enumerate(rows):
+      assert batch.ids[r, :batch.lengths[r]].tolist() == want_ids[i] and batch.n_instr[r] == want_n[i]
+      seen.append(i)
+  assert sorted(seen) == list(range(len(items)))
+  # Chunks of 300, 600, 1000, 1000, ... characters, all tokenised on the worker thread.
+  sizes = [n for _, n in calls]
+  assert len(sizes) >= 5 and sum(sizes) == len(items) and sizes[0] < sizes[1] < sizes[2], sizes
+  assert all(name.startswith("instructor-encode") for name, _ in calls)
+  assert not worker_threads()
+
+
+def test_chunked_encode_equals_one_chunk(model, small_chunks, monkeypatch):
+  items = mixed_items()
+  chunked = model.encode(items, batch_size=4, pack_length=32)
+  monkeypatch.setattr(encode_batches, "FIRST_CHUNK", 10 ** 6)
+  whole = model.encode(items, batch_size=4, pack_length=32)
+  np.testing.assert_allclose(chunked, whole, atol=2e-6)
+  unpacked = model.encode(items, batch_size=4, pack=False)
+  np.testing.assert_allclose(chunked, unpacked, atol=2e-6)
+
+
+def test_bad_item_in_a_later_chunk_fails_before_any_device_work(model, small_chunks, monkeypatch):
+  items = mixed_items(30)
+  items[23] = ["Represent the sentence: ", 7]
+  dispatched = []
+  monkeypatch.setattr(Instructor, "embed_packed_async", lambda self, b: dispatched.append(b))
+  monkeypatch.setattr(Instructor, "embed_batch_async", lambda self, b: dispatched.append(b))
+  with pytest.raises(InputError, match="input 23: expected"):
+    model.encode(items)
+  assert not dispatched
+
+
+def test_worker_error_reaches_the_caller_and_the_thread_ends(small_chunks):
+  spec = BatchSpec(rows=2, batch_size=2, pack_length=16, buckets=(64,), max_len=64)
+  calls = []
+  ok = fake_tokenize(calls)
+
+  def tokenize(chunk):
+    if len(calls) == 2:
+      raise RuntimeError("tokenizer broke on chunk 3")
+    return ok(chunk)
+
+  with pytest.raises(RuntimeError, match="chunk 3"):
+    list(planned_batches(tokenize, mixed_items(), spec))
+  assert not worker_threads()
+
+
+def test_caller_error_stops_the_worker(model, small_chunks, monkeypatch):
+  def broken(self, batch):
+    raise RuntimeError("device lost")
+
+  monkeypatch.setattr(Instructor, "embed_packed_async", broken)
+  with pytest.raises(RuntimeError, match="device lost"):
+    model.encode(mixed_items())
+  assert not worker_threads()
+
+
+def test_progress_bar_counts_texts(model, small_chunks, monkeypatch):
+  tqdm = pytest.importorskip("tqdm.auto")
+  counted = []
+  original = tqdm.tqdm.update
+  monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: (counted.append(n), original(self, n))[1])
+  model.encode(mixed_items(), batch_size=4, pack_length=32, show_progress_bar=True)
+  assert sum(counted) == 61
