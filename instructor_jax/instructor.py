@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 import jax
 import numpy as np
@@ -139,13 +139,14 @@ class Instructor:
     spec = BatchSpec(rows=-(-batch_size // ndev) * ndev, batch_size=batch_size,
                      pack_length=min(pack_length, max_len) if pack else 0, buckets=tuple(buckets), max_len=max_len)
     out = np.zeros((len(items), self.config.embedding_dim), np.float32)
-    batches = planned_batches(lambda chunk: self.tokenizer.tokenize(chunk, max_len), items, spec)
+    batches = planned_batches(lambda chunk: self.tokenizer.tokenize(chunk, max_len), items, spec,
+                              self.mesh.devices.flat[0].platform)
     self._run_pipelined(batches, out, show_progress_bar)
     if normalize_embeddings and not self.config.normalize:
       out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out[0] if single else out
 
-  def _run_pipelined(self, batches: Iterator[PlannedBatch], out: np.ndarray, show_progress_bar: bool) -> None:
+  def _run_pipelined(self, batches: Generator[PlannedBatch, None, None], out: np.ndarray, show_progress_bar: bool) -> None:
     """Dispatches batch k + 1 before fetching batch k, so host work overlaps device work."""
     progress = None
     if show_progress_bar:
@@ -162,6 +163,7 @@ class Instructor:
       if pending is not None:
         self._fetch(*pending, out, progress)
     finally:
+      batches.close()  # stops its worker now, not when a kept traceback lets go of the generator
       if progress is not None:
         progress.close()
 

@@ -40,16 +40,31 @@ class InputError(TypeError):
 def split_item(item: Any, index: int) -> tuple[str | None, str]:
   """(instruction or None, text) for one input item; `index` is used in the error message."""
   if isinstance(item, str):
-    return None, item
+    return None, _encodable(item, index)
   if isinstance(item, (list, tuple)):
     # 1.0.1 also takes [instruction, text, anything] (an early README form) and drops the third item.
     if len(item) in (2, 3) and isinstance(item[0], str) and isinstance(item[1], str):
-      return item[0], item[1]
+      return _encodable(item[0], index), _encodable(item[1], index)
     kinds = [type(x).__name__ for x in item]
     raise InputError(f"input {index}: expected [instruction, text] with two strings, got a "
                      f"{type(item).__name__} of {len(item)} items of types {kinds}.")
   raise InputError(f"input {index}: expected a string or an [instruction, text] pair, "
                    f"got {type(item).__name__}: {item!r:.80}.")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str, index: int) -> str:
+  """`text`, unless it holds a lone surrogate, which the Rust tokenizer rejects without saying where."""
+  # isascii() is O(1) in CPython, so only non-ASCII strings are scanned.
+  found = None if text.isascii() else _LONE_SURROGATE.search(text)
+  if found:
+    at = found.start()
+    raise InputError(f"input {index}: holds a lone surrogate {text[at]!r} at character {at} (a bad \\u escape in "
+                     "JSON, or bytes decoded with errors='surrogateescape'); such text cannot be UTF-8 encoded. "
+                     "Fix or drop it.")
+  return text
 
 
 def model_input_text(instruction: str | None, text: str) -> str:

@@ -2,6 +2,7 @@
 
 import pathlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ def model():
 def small_chunks(monkeypatch):
   monkeypatch.setattr(encode_batches, "FIRST_CHUNK", 300)  # characters
   monkeypatch.setattr(encode_batches, "LARGEST_CHUNK", 1000)
+  monkeypatch.setattr(encode_batches, "AHEAD_ON_CPU", True)  # the tests' devices are CPUs
 
 
 def mixed_items(n=61):
@@ -135,9 +137,9 @@ def test_caller_error_stops_the_worker(model, small_chunks, monkeypatch):
   def broken(self, batch):
     raise RuntimeError("device lost")
 
-  monkeypatch.setattr(Instructor, "embed_packed_async", broken)
+  monkeypatch.setattr(Instructor, "embed_batch_async", broken)
   with pytest.raises(RuntimeError, match="device lost"):
-    model.encode(mixed_items())
+    model.encode(mixed_items(), batch_size=1, pack=False)  # a batch per text: the first chunk has some
   assert not worker_threads()
 
 
@@ -148,3 +150,91 @@ def test_progress_bar_counts_texts(model, small_chunks, monkeypatch):
   monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: (counted.append(n), original(self, n))[1])
   model.encode(mixed_items(), batch_size=4, pack_length=32, show_progress_bar=True)
   assert sum(counted) == 61
+
+
+def test_text_the_tokenizer_cannot_encode_fails_before_any_device_work(model, small_chunks, monkeypatch):
+  items = mixed_items(30)
+  items[21] = ["Represent the sentence: ", "a JSON \ud83d escape"]
+  dispatched = []
+  monkeypatch.setattr(Instructor, "embed_packed_async", lambda self, b: dispatched.append(b))
+  monkeypatch.setattr(Instructor, "embed_batch_async", lambda self, b: dispatched.append(b))
+  with pytest.raises(InputError, match=r"input 21: holds a lone surrogate '\\ud83d' at character 7"):
+    model.encode(items)
+  assert not dispatched
+  with pytest.raises(InputError, match="input 0: holds a lone surrogate"):  # one chunk: before, an unnamed TypeError
+    model.encode(["bad \udc80 byte"])
+
+
+def test_a_kept_error_does_not_keep_the_worker_alive(model, small_chunks, monkeypatch):
+  def broken(self, batch):  # the next chunk is being prepared when the first batch fails
+    raise RuntimeError("device lost")
+
+  tokenize, calls = model.tokenizer.tokenize, []
+
+  def slow_second_chunk(*args):
+    calls.append(1)
+    if len(calls) == 2:
+      time.sleep(1.0)  # still running when the first batch fails
+    return tokenize(*args)
+
+  monkeypatch.setattr(Instructor, "embed_packed_async", broken)
+  monkeypatch.setattr(Instructor, "embed_batch_async", broken)
+  monkeypatch.setattr(model.tokenizer, "tokenize", slow_second_chunk)
+  try:
+    model.encode(mixed_items(), batch_size=1, pack=False)  # a batch per text: the first chunk has some
+  except RuntimeError as e:
+    kept = e  # a notebook keeps the last traceback, and with it the generator's frame
+  assert kept.__traceback__ is not None and not worker_threads()
+  assert len(calls) == 2  # the call stopped at its first batch
+
+
+def test_one_chunk_pads_each_batch_just_before_it_is_dispatched(monkeypatch):
+  padded = []
+  monkeypatch.setattr(encode_batches, "pad_packed", lambda *a: padded.append(a) or "batch")
+  spec = BatchSpec(rows=2, batch_size=2, pack_length=16, buckets=(64,), max_len=64)
+  batches = planned_batches(fake_tokenize([]), mixed_items(40), spec)
+  next(batches)
+  assert len(padded) == 1  # the next batch is padded while the devices run this one
+  rest = list(batches)
+  assert len(padded) == 1 + sum(b == "batch" for _, b in rest)
+
+
+def test_encode_after_the_main_thread_ended_and_at_exit(tmp_path):
+  """concurrent.futures refuses work once interpreter shutdown began; encode must not."""
+  script = tmp_path / "late.py"
+  script.write_text(f"""
+import atexit, threading
+from instructor_jax import Instructor, encode_batches
+encode_batches.FIRST_CHUNK, encode_batches.LARGEST_CHUNK, encode_batches.AHEAD_ON_CPU = 300, 1000, True
+model = Instructor.from_pretrained({str(FIXTURE)!r})
+texts = ["sentence number %d with a few words" % i for i in range(200)]
+atexit.register(lambda: print("atexit", model.encode(texts).shape, flush=True))
+def late():
+  import time; time.sleep(1)
+  print("thread", model.encode(texts).shape, flush=True)
+threading.Thread(target=late).start()
+""")
+  import os
+  import subprocess
+  import sys
+  root = str(pathlib.Path(__file__).parents[1])  # importable whether or not the package is installed
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "thread (200, 24)" in done.stdout and "atexit (200, 24)" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_on_cpu_devices_chunks_are_prepared_in_turn_on_the_calling_thread(model, small_chunks, monkeypatch):
+  monkeypatch.setattr(encode_batches, "AHEAD_ON_CPU", False)
+  tokenize, threads = model.tokenizer.tokenize, []
+  monkeypatch.setattr(model.tokenizer, "tokenize", lambda *a: threads.append(threading.current_thread()) or tokenize(*a))
+  items = mixed_items()
+  got = model.encode(items, batch_size=4, pack_length=32)
+  assert len(threads) >= 5 and set(threads) == {threading.main_thread()}
+  calls = len(threads)
+  with pytest.raises(InputError, match="input 40"):
+    model.encode(items[:40] + [None] + items[41:])
+  assert len(threads) == calls  # refused before tokenising (and so before any device work)
+  monkeypatch.setattr(encode_batches, "AHEAD_ON_CPU", True)
+  np.testing.assert_allclose(got, model.encode(items, batch_size=4, pack_length=32), atol=2e-6)
