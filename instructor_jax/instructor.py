@@ -118,7 +118,8 @@ class Instructor:
     Texts of up to `pack_length` tokens are packed several to a row (`pack=True`, the default):
     attention and pooling stay within each text and T5 has no absolute positions, so the results
     equal unpacked ones to float rounding while padding almost vanishes. A packed batch is
-    `batch_size` rows of `pack_length` tokens; longer texts go through length buckets.
+    `batch_size` rows of `pack_length` tokens; longer texts go through length buckets. On an
+    accelerator the input is tokenised and padded a chunk ahead on a worker thread (`encode_batches`).
     """
     # InstructorEmbedding.INSTRUCTOR.encode's arguments: `device` is ignored (all local devices are
     # used), `convert_to_numpy` is always true; anything we cannot honour is an error, not a no-op.
