@@ -24,16 +24,15 @@ import functools
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from instructor_jax.tokenization import (Batch, PackedBatch, bucket_length, pack_rows, pad_batch, pad_packed,
-                                         split_item, texts_per_row)
+from instructor_jax.tokenization import (CUT_CHARS_PER_PIECE, Batch, PackedBatch, bucket_length, pack_rows,
+                                         pad_batch, pad_packed, split_item, texts_per_row)
 
-# Chunks are measured in characters (capped per text at CHARS_PER_TOKEN_CAP * max_len, as tokenisation
-# stops near there: tokenization.encode_leading), so a chunk of documents costs about what a chunk of
+# Chunks are measured in characters, each text counting at most CUT_CHARS_PER_PIECE * max_len (about
+# where tokenization.encode_leading cuts it), so a chunk of documents costs about what a chunk of
 # short sentences does. 128k characters: ~1,200 short instructed sentences or ~50 512-token documents.
 # Texts encoded whole (no ASCII space past the cut point, e.g. CJK) cost more than their capped count.
 FIRST_CHUNK = 1 << 17  # characters tokenised before the devices start
 LARGEST_CHUNK = 1 << 21
-CHARS_PER_TOKEN_CAP = 8
 # On a CPU backend the "device" is the host's own cores: a worker tokenising beside XLA only takes
 # cores from its matmuls (1,000 512-token documents, tiny model, two cores: 0.93-0.95x in three of
 # four runs), so chunks are prepared in turn there, each when the previous one has been dispatched.
@@ -58,7 +57,7 @@ class BatchSpec:
 
 def chunk_stop(items: Sequence[Any], start: int, budget: int, max_len: int) -> int:
   """End of the chunk that starts at `start`: at least one item, then items while `budget` characters last."""
-  cap, stop, used = CHARS_PER_TOKEN_CAP * max_len, start, 0
+  cap, stop, used = CUT_CHARS_PER_PIECE * max_len, start, 0
   while stop < len(items) and (stop == start or used < budget):
     used += min(cap, _chars(items[stop]))
     stop += 1

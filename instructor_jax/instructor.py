@@ -147,7 +147,8 @@ class Instructor:
       out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out[0] if single else out
 
-  def _run_pipelined(self, batches: Generator[PlannedBatch, None, None], out: np.ndarray, show_progress_bar: bool) -> None:
+  def _run_pipelined(self, batches: Generator[PlannedBatch, None, None], out: np.ndarray,
+                     show_progress_bar: bool) -> None:
     """Dispatches batch k + 1 before fetching batch k, so host work overlaps device work."""
     progress = None
     if show_progress_bar:

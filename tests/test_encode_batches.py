@@ -54,12 +54,12 @@ def fake_tokenize(calls):
   return tokenize
 
 
-def test_a_chunk_ends_once_its_characters_are_spent_each_text_capped_at_8_per_token():
+def test_a_chunk_ends_once_its_characters_are_spent_each_text_capped_where_tokenising_stops():
   items = ["abcd", ["Represent: ", "xyz"], ("ab", "cd", "ignored third"), "x" * 1000, 7, "tail"]
   assert chunk_stop(items, 0, 1, 512) == 1  # at least one item
   assert chunk_stop(items, 0, 5, 512) == 2  # 4 < 5 chars, then 4 + 14
   assert chunk_stop(items, 1, 18, 512) == 3  # 14, then 14 + 4
-  assert chunk_stop(items, 3, 100, 512) == 4 and chunk_stop(items, 3, 10 ** 6, 64) == 6  # 1000 counts 512
+  assert chunk_stop(items, 3, 100, 512) == 4 and chunk_stop(items, 3, 10 ** 6, 64) == 6  # 1000 counts 6 * 64
   assert chunk_stop(items, 4, 10 ** 6, 512) == 6  # a non-item counts nothing; split_item reports it
 
 
@@ -228,7 +228,12 @@ threading.Thread(target=late).start()
 def test_on_cpu_devices_chunks_are_prepared_in_turn_on_the_calling_thread(model, small_chunks, monkeypatch):
   monkeypatch.setattr(encode_batches, "AHEAD_ON_CPU", False)
   tokenize, threads = model.tokenizer.tokenize, []
-  monkeypatch.setattr(model.tokenizer, "tokenize", lambda *a: threads.append(threading.current_thread()) or tokenize(*a))
+
+  def recording(*args):
+    threads.append(threading.current_thread())
+    return tokenize(*args)
+
+  monkeypatch.setattr(model.tokenizer, "tokenize", recording)
   items = mixed_items()
   got = model.encode(items, batch_size=4, pack_length=32)
   assert len(threads) >= 5 and set(threads) == {threading.main_thread()}
