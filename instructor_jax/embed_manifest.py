@@ -1,7 +1,7 @@
 """The embed job's identity (`_job.json`) and its final `_manifest.json`.
 
 The job spec holds everything that decides the stored numbers: model fingerprint, compute dtype,
-maximum length, instruction(s), fields, inputs (paths, sizes, row counts), part size, precision,
+maximum length, instruction(s), fields, inputs (paths, sizes, row counts, checksums), part size, precision,
 calibration ranges. Its hash is stored in every part sidecar; an output directory whose spec
 differs from the current command is refused (unless --overwrite), so results never mix.
 
@@ -81,7 +81,8 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
                 "normalize": cfg.normalize, "max_seq_length": max_len},
       "instruction": {"fixed": fields.fixed_instruction, "field": fields.instruction},
       "fields": {"text": fields.text, "id": fields.id, "id_type": fields.id_type},
-      "inputs": [{"path": f.path, "format": f.format, "size": f.size, "rows": f.rows} for f in files],
+      "inputs": [{"path": f.path, "format": f.format, "size": f.size, "rows": f.rows, "checksum": f.checksum}
+                 for f in files],
       "unreadable_inputs": [b.where for b in unreadable],
       "rows_per_part": args.rows_per_part,
       "num_parts": -(-sum(f.rows for f in files) // args.rows_per_part),

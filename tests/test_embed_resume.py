@@ -128,6 +128,36 @@ def test_changed_input_is_refused(tmp_path, model, job):
     embed.main(base_args([local], out), model=model)
 
 
+def _same_size_edit(fmt: str, path: str, texts: list[str]) -> None:
+  """Writes `texts` in `fmt`; the caller edits one character and writes again."""
+  if fmt == "parquet":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    # Uncompressed: a same-length edit keeps every size and every footer statistic.
+    pq.write_table(pa.table({"text": texts}), path, compression="none")
+  elif fmt == "csv":
+    with open(path, "w") as f:
+      f.write("text\n" + "".join(f'"{t}"\n' for t in texts))
+  else:
+    write_jsonl(path, [{"text": t} for t in texts])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_edit_keeping_size_and_rows_is_refused(tmp_path, model, fmt):
+  texts = sentences(12, seed=13)
+  local, out = str(tmp_path / f"in.{fmt}"), str(tmp_path / "out")
+  _same_size_edit(fmt, local, texts)
+  embed.main(base_args([local], out), model=model)
+  size = os.path.getsize(local)
+  os.utime(local, (0, 0))  # a copy's new modification time alone is not a change
+  embed.main(base_args([local], out), model=model)
+  edited = texts[:5] + [texts[5][:-1] + ("x" if texts[5][-1] != "x" else "y")] + texts[6:]
+  _same_size_edit(fmt, local, edited)
+  assert os.path.getsize(local) == size
+  with pytest.raises(OutputMismatchError, match=r"inputs\[0\]\.checksum: existing \"crc32:[0-9a-f]{8}\" vs now"):
+    embed.main(base_args([local], out), model=model)
+
+
 def test_cli_reports_refusal_without_traceback(tmp_path, model, job, capsys, monkeypatch):
   path, _ = job
   out = str(tmp_path / "out")
