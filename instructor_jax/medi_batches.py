@@ -5,12 +5,15 @@ Public API (what the trainer consumes):
   for step, task, batch in global_batches(path_or_builder, global_batch_size=1024,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count(), seed=0,
-                                          start_step=restored_step, query_len=512, doc_len=512):
+                                          start_step=restored_step, query_len=512, doc_len=512,
+                                          length_buckets=(64, 128, 256)):
     ...
 
 `batch` is this host's slice (global_batch_size // process_count rows) of step `step`'s global
-batch, a dict of int32 numpy arrays, right-padded with 0:
-  query_ids, query_mask [b, query_len]   pos_ids, pos_mask, neg_ids, neg_mask [b, doc_len]
+batch, a dict of int32 numpy arrays, right-padded with 0 to lengths Lq <= query_len, Ld <= doc_len
+(the smallest of `length_buckets` holding the global batch's longest query / document, else the
+maximum; the same on every host):
+  query_ids, query_mask [b, Lq]   pos_ids, pos_mask, neg_ids, neg_mask [b, Ld]
   query_n_instr, pos_n_instr, neg_n_instr [b]   (positions excluded from pooling)
 Ids, masks and instruction lengths follow `tokenization.build_inputs` (the inference rule).
 
@@ -205,6 +208,33 @@ def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> n
   return indices[process_index * local:(process_index + 1) * local]
 
 
+def bucket_length(need: int, max_len: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket below max_len that holds `need` tokens, else max_len."""
+  return min((b for b in buckets if need <= b < max_len), default=max_len)
+
+
+def padded_lengths(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: int,
+                   buckets: Sequence[int]) -> tuple[int, int]:
+  """(query, document) lengths to pad the global batch `rows` to: the smallest bucket that holds
+  its longest query, and its longest positive or negative (after truncation to query_len/doc_len).
+
+  Padding is masked everywhere, so the loss is that of padding to query_len/doc_len up to float
+  rounding; every host computes the lengths from the same global rows, so all hosts' slices have
+  the same shapes. A row also needs room for its instruction plus EOS: `instruction_lengths` caps
+  n_instr at the padded length, and an instruction that tokenises longer than the whole input must
+  keep the n_instr it gets at query_len/doc_len (then nothing of that row is pooled either way).
+  """
+  out = []
+  for fields, max_len in ((("query",), query_len), (("pos", "neg"), doc_len)):
+    need = 1
+    for field in fields:
+      a = task.fields[field]
+      lengths = a.offsets[rows + 1] - a.offsets[rows]  # with EOS
+      need = max(need, int(np.max(np.maximum(lengths, a.n_instr[rows] + 1), initial=1)))
+    out.append(bucket_length(min(need, max_len), max_len, buckets))
+  return out[0], out[1]
+
+
 def make_batch(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: int) -> dict[str, np.ndarray]:
   """The trainer's dict for the given example rows of one task."""
   out = {}
@@ -215,18 +245,22 @@ def make_batch(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: int)
 
 
 def iterate(tasks: Mapping[str, TaskArrays], plan: BatchPlan, *, process_index: int, process_count: int,
-            start_step: int, query_len: int, doc_len: int,
-            num_steps: int | None = None) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
-  """(step, task name, this host's batch) from start_step on, forever or for num_steps."""
+            start_step: int, query_len: int, doc_len: int, num_steps: int | None = None,
+            length_buckets: Sequence[int] = ()) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+  """(step, task name, this host's batch) from start_step on, forever or for num_steps.
+
+  Each global batch is padded to `padded_lengths` over `length_buckets` (none: always query_len /
+  doc_len)."""
   draws = plan.draws_before(start_step)
   step, stop = start_step, None if num_steps is None else start_step + num_steps
   while stop is None or step < stop:
     chunk_stop = step + 4096 if stop is None else min(stop, step + 4096)
     for t in plan.task_ids(step, chunk_stop):
-      rows = host_slice(plan.global_indices(int(t), int(draws[t])), process_index, process_count)
-      draws[t] += 1
       name = plan.tasks[int(t)]
-      yield step, name, make_batch(tasks[name], rows, query_len, doc_len)
+      rows = plan.global_indices(int(t), int(draws[t]))
+      draws[t] += 1
+      lengths = padded_lengths(tasks[name], rows, query_len, doc_len, length_buckets)
+      yield step, name, make_batch(tasks[name], host_slice(rows, process_index, process_count), *lengths)
       step += 1
 
 
@@ -360,13 +394,16 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
                    doc_len: int = 512, temperature: float = 1.0, rate_cap: int | None = None,
                    num_steps: int | None = None, tasks: Mapping[str, TaskArrays] | None = None,
                    encode_fn: tokenization.EncodeFn | None = None, cache_dir: str | None = None,
-                   log_fn: Callable[[str], None] = print) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+                   log_fn: Callable[[str], None] = print,
+                   length_buckets: Sequence[int] = ()) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """(step, task name, this host's slice of the step's single-task global batch), from start_step.
 
   `path_or_builder`: a MEDI .json/.jsonl file, a directory holding one (the TFDS manual dir), or
   a MEDI TFDS builder (read per task through the seqio tasks). `tasks` skips loading (reuse
   `load_tasks` output across calls); `cache_dir` keeps the tokenised corpus between runs (see
-  `load_tasks`). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature).
+  `load_tasks`). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature). `length_buckets`: pad each
+  global batch only to the smallest of these lengths that holds its longest text (`padded_lengths`),
+  instead of always to query_len / doc_len.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
@@ -384,4 +421,5 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
   plan = BatchPlan(sizes, global_batch_size, seed, task_rates(
       {t: n for t, n in sizes.items() if n >= global_batch_size} or sizes, temperature, rate_cap))
   return iterate(tasks, plan, process_index=process_index, process_count=process_count,
-                 start_step=start_step, query_len=query_len, doc_len=doc_len, num_steps=num_steps)
+                 start_step=start_step, query_len=query_len, doc_len=doc_len, num_steps=num_steps,
+                 length_buckets=length_buckets)

@@ -82,6 +82,11 @@ class ValidationReport:
     return "\n".join(lines)
 
 
+
+def cache_root() -> str:
+  """Per-host cache of this package (MEDI copies, token caches, compiled steps): $INSTRUCTOR_JAX_CACHE."""
+  return os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax"))
+
 def _localize_remote(path: str) -> str:
   """A local copy of a remote (gs://, s3://) MEDI file or folder, made once per host.
 
@@ -97,8 +102,7 @@ def _localize_remote(path: str) -> str:
     if not names:
       raise FileNotFoundError(f"{path}: no MEDI file ({MEDI_FILENAMES} or a .json/.jsonl) in this folder.")
     remote = remote / names[0]
-  cache = os.path.join(os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax")),
-                       "medi", path.split("://", 1)[1].replace("/", "_"))
+  cache = os.path.join(cache_root(), "medi", path.split("://", 1)[1].replace("/", "_"))
   try:
     st = remote.stat()
     source = {"remote": os.fspath(remote), "length": st.length, "mtime": st.mtime}

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from instructor_jax import orbax_io, sharding as shd, train_outputs
 from instructor_jax.config import InstructorConfig, preset
+from instructor_jax.medi_records import cache_root
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
@@ -207,12 +208,12 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple
   from instructor_jax.medi_batches import global_batches
   # The tokenised corpus is kept per host, so a restart (preemption) memory-maps it instead of
   # re-reading and re-tokenising all of MEDI (~1.4M triples, minutes per host).
-  cache_dir = os.path.join(os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax")),
-                           "medi_tokens")
+  cache_dir = os.path.join(cache_root(), "medi_tokens")
   return global_batches(cfg.medi_path, global_batch_size=cfg.batch_size, process_index=jax.process_index(),
                         process_count=jax.process_count(), seed=cfg.data_seed, start_step=start_step,
                         query_len=cfg.query_len, doc_len=cfg.doc_len, temperature=cfg.mixing_temperature,
-                        rate_cap=cfg.rate_cap, num_steps=num_steps, cache_dir=cache_dir)
+                        rate_cap=cfg.rate_cap, num_steps=num_steps, cache_dir=cache_dir,
+                        length_buckets=cfg.length_buckets)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -249,9 +250,9 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _fetch(pending: tuple[int, str, Any]) -> tuple[int, str, dict[str, float]]:
-  step, task, metrics = pending
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _fetch(pending: tuple[int, str, Any, dict[str, float]]) -> tuple[int, str, dict[str, float]]:
+  step, task, metrics, cost = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()} | cost
   # loss and grad norm come from the state before the update, param norm from the one after it
   # (the one a checkpoint would save): all three must be finite.
   if not all(np.isfinite(values[k]) for k in ("loss", "grad_norm", "param_norm")):
@@ -394,8 +395,6 @@ def _metrics_writer(cfg: TrainConfig, model: InstructorConfig, workdir: str,
                     start: int) -> train_outputs.MetricsWriter:
   return train_outputs.MetricsWriter(
       workdir, chief=jax.process_index() == 0, start_step=start, total_steps=cfg.train_steps, batch_size=cfg.batch_size,
-      tokens_per_step=cfg.batch_size * (cfg.query_len + 2 * cfg.doc_len),
-      flops_per_step=train_outputs.train_step_flops(model, cfg.batch_size, cfg.query_len, cfg.doc_len),
       num_devices=jax.device_count(), device_peak_flops=train_outputs.peak_flops(jax.devices()[0].device_kind))
 
 
@@ -425,16 +424,26 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
   `evaluator` (train_eval.StsEval) scores the parameters of every checkpoint but a preemption's."""
   meta = run_meta(cfg)
   pending = None
+  compiled: set[tuple[int, int]] = set()  # (query, document) lengths the step has run at
   stop.started = True
   if stop.signal is not None:
     raise _StoppedBeforeStart(signal.Signals(stop.signal).name)
   try:
     for step, task, local in batches(cfg, start, end - start):
+      lengths = (local["query_ids"].shape[1], local["pos_ids"].shape[1])
+      if lengths not in compiled and jax.process_index() == 0:
+        print(f"step {step + 1}: compiling the step for query length {lengths[0]}, document length {lengths[1]} "
+              "(a new pair of TrainConfig.length_buckets; read from the compilation cache if compiled before)",
+              flush=True)
+      compiled.add(lengths)
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
       if pending is not None:
         log(*_fetch(pending))
       done = step + 1
-      pending = (done, task, metrics)
+      # What the matmuls see this step (its lengths are the batch's buckets), for tokens/s and MFU.
+      cost = {"padded_tokens": cfg.batch_size * (lengths[0] + 2 * lengths[1]),
+              "flops": train_outputs.train_step_flops(model, cfg.batch_size, *lengths)}
+      pending = (done, task, metrics, cost)
       # A signal during the last step is no early stop: the run ends there anyway, finished.
       notice = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
       preempted = notice and done < end
@@ -467,23 +476,36 @@ class _Logger:
   def __init__(self, writer: train_outputs.MetricsWriter, every: int, start: int):
     self.writer, self.every = writer, every
     self.last_step, self.last_time = start, None
-    self.real_tokens = 0.0
+    self.sums = dict.fromkeys(self.SUMMED, 0.0)
     self.records = RunRecords()
 
+  SUMMED = ("real_tokens", "padded_tokens", "flops")  # per step, averaged over the steps of a record
+
   def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
-    self.real_tokens += values.pop("real_tokens", 0.0)
+    for k in self.SUMMED:
+      self.sums[k] += values.pop(k, 0.0)
     if not force and step % self.every and self.records:
       return
     now = time.time()
     # The first record of a run includes compilation, so it reports no throughput.
-    seconds = None if self.last_time is None else (now - self.last_time) / max(step - self.last_step, 1)
-    record = self.writer.write(step, task, values, seconds, self.real_tokens / max(step - self.last_step, 1))
+    steps = max(step - self.last_step, 1)
+    seconds = None if self.last_time is None else (now - self.last_time) / steps
+    record = self.writer.write(step, task, values, seconds, **{k: v / steps for k, v in self.sums.items()})
     self.records.append(record)
-    self.last_step, self.last_time, self.real_tokens = step, now, 0.0
+    self.last_step, self.last_time, self.sums = step, now, dict.fromkeys(self.SUMMED, 0.0)
+
+
+def use_persistent_compilation_cache() -> None:
+  """Keeps compiled steps on disk, so that a restart (a preemption) does not compile them again: with
+  length buckets a run compiles one step per (query, document) length pair it meets. A cache the
+  user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax_compilation_cache"))
 
 
 def main(argv: list[str] | None = None) -> int:
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  use_persistent_compilation_cache()
   maybe_initialize_distributed(flags)
   parse_gin(flags.gin_file, flags.gin_bindings)
   cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()

@@ -24,6 +24,11 @@ class TrainConfig:
   batch_size: int = 4  # global: all hosts, all devices
   query_len: int = 512
   doc_len: int = 512
+  # Each step pads its queries / documents only to the smallest of these lengths that holds the
+  # global batch's longest one (query_len / doc_len when none does): same loss up to float rounding,
+  # a fraction of the compute on short texts, one compiled step per length pair met. (): always pad
+  # to query_len / doc_len.
+  length_buckets: tuple[int, ...] = (64, 128, 256, 384)
   loss: str = "instructor"  # or "gtr"
   temperature: float = 0.01
   dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
@@ -78,6 +83,15 @@ class TrainConfig:
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
+    if (isinstance(self.length_buckets, (str, bytes)) or not isinstance(self.length_buckets, (tuple, list))
+        or not all(_is_integer(b) and b >= 2 for b in self.length_buckets)):
+      raise ValueError(f"TrainConfig.length_buckets={self.length_buckets!r}; expected a tuple of integers >= 2 "
+                       "(e.g. (64, 128, 256)), or () to pad every batch to query_len / doc_len.")
+    object.__setattr__(self, "length_buckets", tuple(sorted(set(int(b) for b in self.length_buckets))))
+    if self.attention_impl == "tpu_flash" and any(b % 128 for b in self.length_buckets
+                                                  if b < max(self.query_len, self.doc_len)):
+      raise ValueError(f"TrainConfig.attention_impl='tpu_flash' needs length_buckets that are multiples of 128 (its "
+                       f"key blocks); got {self.length_buckets}. Use e.g. (128, 256, 384), or ().")
     if self.attention_impl == "tpu_flash" and (self.dropout_rate or self.query_len % 128 or self.doc_len % 128):
       # Otherwise the step would silently never use the kernel.
       raise ValueError(f"TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0 (the kernel has no attention "

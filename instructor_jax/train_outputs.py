@@ -90,13 +90,11 @@ class _JsonlSink:
 class MetricsWriter:
   """Writes one record per logged step; only the chief process (index 0) writes files."""
 
-  def __init__(self, workdir: str, *, chief: bool, total_steps: int, batch_size: int, tokens_per_step: int,
-               flops_per_step: float, num_devices: int, device_peak_flops: float | None, start_step: int = 0):
+  def __init__(self, workdir: str, *, chief: bool, total_steps: int, batch_size: int, num_devices: int,
+               device_peak_flops: float | None, start_step: int = 0):
     self.chief = chief
     self.total_steps = total_steps
     self.batch_size = batch_size
-    self.tokens_per_step = tokens_per_step
-    self.flops_per_step = flops_per_step
     self.peak = None if device_peak_flops is None else device_peak_flops * num_devices
     self._jsonl = self._tb = None
     if chief:
@@ -109,22 +107,21 @@ class MetricsWriter:
       self._tb = SummaryWriter(f"{workdir.rstrip('/')}/tensorboard", purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, task: str, metrics: Mapping[str, float], seconds: float | None,
-            real_tokens: float | None = None) -> dict[str, Any]:
+            real_tokens: float = 0.0, padded_tokens: float = 0.0, flops: float = 0.0) -> dict[str, Any]:
     """Records the metrics of `step` (1-based count of updates done).
 
-    `seconds` is the wall time per step and `real_tokens` the non-padding tokens per step, both
-    averaged since the previous record. tokens_per_s counts padded positions (what the matmuls
-    see); real_tokens_per_s only the text.
+    `seconds` is the wall time per step; `real_tokens` (text), `padded_tokens` (the positions the
+    matmuls see, at the step's padded lengths) and model `flops` are per step, all averaged since
+    the previous record. tokens_per_s counts padded positions, real_tokens_per_s only the text.
     """
     record: dict[str, Any] = {"step": step, "task": task, **{k: float(v) for k, v in metrics.items()}}
     if seconds:
       record["step_seconds"] = seconds
       record["triples_per_s"] = self.batch_size / seconds
-      record["tokens_per_s"] = self.tokens_per_step / seconds
-      if real_tokens is not None:
-        record["real_tokens_per_s"] = real_tokens / seconds
+      record["tokens_per_s"] = padded_tokens / seconds
+      record["real_tokens_per_s"] = real_tokens / seconds
       if self.peak:
-        record["mfu"] = self.flops_per_step / seconds / self.peak
+        record["mfu"] = flops / seconds / self.peak
     record["time"] = time.time()
     if self.chief:
       self._jsonl.write(json.dumps(record) + "\n")

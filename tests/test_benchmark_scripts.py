@@ -218,3 +218,14 @@ def test_encode_overlap_times_whole_and_chunked_preparation(tmp_path):
     assert simulated["device_s"] > 0 and min(simulated["whole_s"], simulated["chunked_s"]) >= simulated["device_s"]
     assert case["real tiny model"]["whole_s"] > 0 and case["host_only_s"] > 0
   assert "chunked" in stdout
+
+
+def test_train_padding_counts_and_times_both_settings(tmp_path):
+  out = tmp_path / "padding.json"
+  stdout = _run(["benchmarks/train_padding.py", "--steps", "20", "--query-len", "128", "--doc-len", "128",
+                 "--time-steps", "2", "--time-shape", "tiny", "--out", str(out)], tmp_path)
+  padded, bucketed = json.loads(out.read_text())["rows"].values()
+  assert padded["length_buckets"] == [] and padded["shapes"] == 1 and bucketed["length_buckets"]
+  # The sample's texts are short: bucketing must pad less and count fewer FLOPs, with the same text.
+  assert bucketed["text_share"] > padded["text_share"] and bucketed["flops_saved"] > 1.5
+  assert padded["seconds"] > 0 and bucketed["seconds"] > 0 and "fewer" in stdout

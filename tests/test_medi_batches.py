@@ -97,6 +97,60 @@ def test_two_hosts_get_disjoint_slices_that_form_the_global_batch(tasks):
     np.testing.assert_array_equal(b0["query_ids"], medi_batches.make_batch(tasks[name], halves[0], 24, 48)["query_ids"])
 
 
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_bucketed_batches_are_the_padded_ones_cut_to_their_bucket(tasks, process_count):
+  """Only padding columns go; every host gets the same lengths (the global batch's buckets)."""
+  buckets = (16, 32, 48)
+  seen = set()
+  for p in range(process_count):
+    kw = dict(process_index=p, process_count=process_count, query_len=64, doc_len=96)
+    padded, bucketed = _run(tasks, 40, **kw), _run(tasks, 40, length_buckets=buckets, **kw)
+    lengths = []
+    for (s, name, full), (s2, name2, cut) in zip(padded, bucketed):
+      assert (s, name) == (s2, name2)
+      for key in KEYS:
+        if key.endswith("n_instr"):
+          np.testing.assert_array_equal(cut[key], full[key])
+          continue
+        width = cut[key].shape[1]
+        np.testing.assert_array_equal(cut[key], full[key][:, :width])
+        assert not full[key][:, width:].any()
+      lq, ld = cut["query_ids"].shape[1], cut["pos_ids"].shape[1]
+      assert cut["neg_ids"].shape[1] == ld
+      # The smallest bucket (or the maximum) holding the global batch's longest text.
+      g = plan_rows(tasks, s)
+      for fields, got, max_len in ((("query",), lq, 64), (("pos", "neg"), ld, 96)):
+        longest = max(int(np.max(np.diff(tasks[name].fields[f].offsets)[g])) for f in fields)
+        assert got == min([b for b in buckets if min(longest, max_len) <= b < max_len] or [max_len])
+      lengths.append((lq, ld))
+      seen.add((lq, ld))
+    if p == 0:
+      first_host = lengths
+    assert lengths == first_host
+  assert len(seen) > 1  # the sample's batches do land in different buckets
+
+
+def plan_rows(tasks, step, batch=32, seed=7):
+  """The global rows of `step` in `_run`'s plan."""
+  plan = medi_batches.BatchPlan({n: len(t) for n, t in tasks.items()}, batch, seed)
+  t = int(plan.task_ids(step, step + 1)[0])
+  return plan.global_indices(t, int(plan.draws_before(step)[t]))
+
+
+def test_an_instruction_longer_than_its_input_keeps_its_n_instr(tokenizer):
+  # "hello wor" alone is 3 pieces, "hello world" 2 (+ EOS: 3 positions): the bucket must leave room for
+  # the instruction, or n_instr (capped at the padded length - 1) would change and pool the EOS.
+  triples = [(("hello wor", "ld"), ("a", "b"), ("a", "b")) for _ in range(2)]
+  task = medi_batches.tokenize_task("t", triples, tokenizer.encode_pieces)
+  rows = np.arange(2)
+  n, length = int(task.fields["query"].n_instr[0]), int(np.diff(task.fields["query"].offsets)[0])
+  assert n >= length  # the case this test is about
+  lq, _ = medi_batches.padded_lengths(task, rows, 512, 512, tuple(range(2, 512)))
+  assert lq == n + 1
+  np.testing.assert_array_equal(medi_batches.make_batch(task, rows, lq, 8)["query_n_instr"],
+                                medi_batches.make_batch(task, rows, 512, 8)["query_n_instr"])
+
+
 @pytest.mark.parametrize("process_count", [1, 4])
 def test_resume_at_step_k_is_byte_identical(tasks, process_count):
   full = _run(tasks, 70, process_index=process_count - 1, process_count=process_count)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -16,8 +17,13 @@ from instructor_jax.train import TrainConfig, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = "tests/fixtures/tiny_instructor"  # an HF/sentence-transformers dir: every host loads it, keeps its shards
-BINDINGS = [f"INIT_CHECKPOINT = '{FIXTURE}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8", "TrainConfig.query_len = 16", "TrainConfig.doc_len = 24",
-            "TrainConfig.dropout_rate = 0.1", "TrainConfig.log_every = 1", "MeshConfig.data = 2", "MeshConfig.fsdp = -1"]
+# Steps 1-4 pad to three (query, document) length pairs: both hosts must pick the same ones.
+BINDINGS = [f"INIT_CHECKPOINT = '{FIXTURE}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 8", "TrainConfig.query_len = 48",
+            "TrainConfig.doc_len = 64", "TrainConfig.length_buckets = (32,)", "TrainConfig.dropout_rate = 0.1",
+            "TrainConfig.log_every = 1", "MeshConfig.data = 2", "MeshConfig.fsdp = -1"]
+
+
+re_lengths = re.compile(r"compiling the step for query length (\d+), document length (\d+)")
 
 
 def _free_port() -> int:
@@ -82,14 +88,15 @@ def test_two_processes_match_one(tmp_path):
   outs = [p.communicate(timeout=240)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
+  assert len(set(re_lengths.findall(outs[0]))) == 3
   assert "initialised from hf:" in outs[0] and "2 process(es), 4 cpu device(s)" in outs[0] and "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[0]
   two = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
   # The same run in this (8-device) process: one host feeding the whole global batch.
   cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), init_checkpoint=str(REPO / FIXTURE),
                     train_steps=4, batch_size=8,
-                    query_len=16, doc_len=24, temperature=0.05, dtype="float32", dropout_rate=0.1, log_every=1,
-                    eval_sts_path=str(sts))
+                    query_len=48, doc_len=64, length_buckets=(32,), temperature=0.05, dtype="float32",
+                    dropout_rate=0.1, log_every=1, eval_sts_path=str(sts))
   one = train(cfg, OptimConfig(learning_rate=1e-3), MeshConfig(data=2, fsdp=-1), str(tmp_path / "one"))
   assert [r["step"] for r in two] == [1, 2, 3, 4]
   assert [r["task"] for r in two] == [r["task"] for r in one]

@@ -1,6 +1,7 @@
 """Resume == uninterrupted, a non-finite loss keeps the last good checkpoint, SIGTERM saves and exits 75."""
 
 import json
+import os
 import pathlib
 import re
 import signal
@@ -18,9 +19,11 @@ from instructor_jax.train import NonFiniteLossError, TrainConfig, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = str(REPO / "data" / "medi_sample.jsonl")
-# Dropout on, on purpose: the per-step rng (fold_in(seed, step)) must resume too.
-CONFIG = TrainConfig(medi_path=SAMPLE, model="tiny", train_steps=6, batch_size=8, query_len=16, doc_len=24,
-                     temperature=0.05, dtype="float32", dropout_rate=0.1, checkpoint_every=100, log_every=1)
+# Dropout on, on purpose: the per-step rng (fold_in(seed, step)) must resume too; and so must the
+# steps' padded lengths (length buckets below query_len / doc_len: the sample's batches vary).
+CONFIG = TrainConfig(medi_path=SAMPLE, model="tiny", train_steps=6, batch_size=8, query_len=48, doc_len=64,
+                     temperature=0.05, dtype="float32", dropout_rate=0.1, checkpoint_every=100, log_every=1,
+                     length_buckets=(32,))
 OPTIM = OptimConfig(learning_rate=1e-3)
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)
 
@@ -48,6 +51,18 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
     np.testing.assert_allclose(flat_b[k], flat_a[k], atol=1e-6, err_msg=k)
   lines = (pathlib.Path(workdir_b) / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_steps_pad_to_their_buckets_and_report_what_they_compute(tmp_path, capsys):
+  records = train(TrainConfig(**{**CONFIG.__dict__, "train_steps": 4}), OPTIM, MESH, str(tmp_path / "w"))
+  compiled = re.findall(r"compiling the step for query length (\d+), document length (\d+)", capsys.readouterr().out)
+  assert len(compiled) == len(set(compiled)) >= 2  # steps 1-4 of this sample: 3 length pairs
+  lengths = {(int(q), int(d)) for q, d in compiled}
+  assert all(q in (32, 48) and d in (32, 64) for q, d in lengths)
+  for r in records[1:]:  # the first record has no throughput (it includes compiling)
+    padded = r["tokens_per_s"] * r["step_seconds"]
+    assert any(abs(padded - 8 * (q + 2 * d)) < 1e-6 * padded for q, d in lengths), (padded, lengths)
+    assert r["real_tokens_per_s"] <= r["tokens_per_s"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted):
@@ -122,8 +137,8 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
   from instructor_jax.train_outputs import MetricsWriter
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
-  writer = MetricsWriter(str(tmp_path), chief=True, total_steps=6, batch_size=8, tokens_per_step=10,
-                         flops_per_step=1.0, num_devices=1, device_peak_flops=None, start_step=3)
+  writer = MetricsWriter(str(tmp_path), chief=True, total_steps=6, batch_size=8, num_devices=1,
+                         device_peak_flops=None, start_step=3)
   for step in (4, 5):
     writer.write(step, "task", {"loss": 0.5}, None)
   writer.close()
@@ -152,11 +167,20 @@ def test_metrics_past_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     ("loss", "foo", "loss='foo'; expected one of ['gtr', 'instructor']"),
     ("dropout_rate", 1.0, "dropout_rate=1.0; expected 0 <= rate < 1"),
     ("remat_policy", "all", "remat_policy='all'; expected one of"),
-    ("attention_impl", "tpu_flash", "attention_impl='tpu_flash' needs dropout_rate 0"),
+    ("attention_impl", "tpu_flash", "attention_impl='tpu_flash' needs length_buckets that are multiples of 128"),
+    ("length_buckets", "64", "length_buckets='64'; expected a tuple of integers >= 2"),
+    ("length_buckets", (64, 1), "length_buckets=(64, 1); expected a tuple of integers >= 2"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{message}")):
     TrainConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_tpu_flash_needs_dropout_0_and_lengths_of_128s():
+  flash = {**CONFIG.__dict__, "attention_impl": "tpu_flash", "length_buckets": (), "query_len": 128, "doc_len": 256}
+  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0")):
+    TrainConfig(**flash)
+  assert TrainConfig(**{**flash, "dropout_rate": 0.0, "length_buckets": [256, 128, 128]}).length_buckets == (128, 256)
 
 
 def test_numpy_numbers_from_config_code_are_accepted():
@@ -263,3 +287,14 @@ def test_a_workdir_given_with_tilde_is_the_home_one(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   train(TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 1}), OPTIM, MESH, "~/w")
   assert orbax_io.latest_step(str(tmp_path / "w")) == 1 and not (tmp_path / "~").exists()
+
+
+def test_the_trainer_keeps_compiled_steps_on_disk_unless_told_where(tmp_path):
+  probe = ("import jax; from instructor_jax import train; train.use_persistent_compilation_cache(); "
+           "print(jax.config.jax_compilation_cache_dir)")
+  base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  for extra, want in (({}, tmp_path / "jax_compilation_cache"), ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, "/elsewhere")):
+    env = dict(base, INSTRUCTOR_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", **extra)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(want)
