@@ -8,7 +8,7 @@ For the first --steps global batches of the trainer's own stream (`global_batche
 reports, per setting of `TrainConfig.length_buckets`: the share of padded positions that are
 text, the model FLOPs per step (train_outputs.train_step_flops, the MFU numerator), the number of
 distinct (query, document) lengths, i.e. compiled steps, and with --time-steps the wall time of
-that many train steps on this machine, each shape compiled before timing. The FLOPs ratio is what
+that many train steps (from step 1 on) on this machine, each shape compiled before timing. The FLOPs ratio is what
 bucketing saves on a compute-bound accelerator; the timed ratio is what it saved here.
 """
 
@@ -32,9 +32,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def stream(tasks, args, buckets):
-  return list(medi_batches.global_batches(None, tasks=tasks, global_batch_size=args.batch, num_steps=args.steps,
-                                          query_len=args.query_len, doc_len=args.doc_len, length_buckets=buckets,
-                                          log_fn=lambda _: None))
+  """The trainer's batches: step 0 always at query_len / doc_len (train._loop), the rest bucketed."""
+  from instructor_jax.train import pad_batch_to
+  out = list(medi_batches.global_batches(None, tasks=tasks, global_batch_size=args.batch, num_steps=args.steps,
+                                         query_len=args.query_len, doc_len=args.doc_len, length_buckets=buckets,
+                                         log_fn=lambda _: None))
+  step, task, first = out[0]
+  out[0] = (step, task, pad_batch_to(first, args.query_len, args.doc_len))
+  return out
 
 
 def counts(batches, model, batch_size):
@@ -97,7 +102,8 @@ def main(argv=None):
     rows[name] = {"length_buckets": list(buckets), **counts(batches, model, args.batch)}
     if args.time_steps:
       from run import SHAPES
-      rows[name]["seconds"] = time_steps(batches[:args.time_steps], SHAPES[args.time_shape], args)
+      # Steps 1.. (step 0 is the same full-length step both ways).
+      rows[name]["seconds"] = time_steps(batches[1:1 + args.time_steps], SHAPES[args.time_shape], args)
   base = rows["pad to query_len/doc_len"]
   for name, r in rows.items():
     r["flops_saved"] = base["flops_per_step"] / r["flops_per_step"]

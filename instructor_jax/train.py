@@ -430,13 +430,23 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
     raise _StoppedBeforeStart(signal.Signals(stop.signal).name)
   try:
     for step, task, local in batches(cfg, start, end - start):
+      if step == 0:
+        # The largest shape first, so that a batch that does not fit in memory fails now rather than
+        # at the first batch whose texts reach query_len / doc_len (hours in, and again on every
+        # resume). Padding further changes nothing but float rounding and the dropout masks, and
+        # depends on the step alone, so a resumed run still equals an unbroken one.
+        local = pad_batch_to(local, cfg.query_len, cfg.doc_len)
       lengths = (local["query_ids"].shape[1], local["pos_ids"].shape[1])
-      if lengths not in compiled and jax.process_index() == 0:
+      new_shape = lengths not in compiled
+      if new_shape and jax.process_index() == 0:
         print(f"step {step + 1}: compiling the step for query length {lengths[0]}, document length {lengths[1]} "
               "(a new pair of TrainConfig.length_buckets; read from the compilation cache if compiled before)",
               flush=True)
       compiled.add(lengths)
+      began = time.time()
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
+      if new_shape:  # the call returns once compiled and dispatched: its time is compiling, not training
+        log.exclude(time.time() - began)
       if pending is not None:
         log(*_fetch(pending))
       done = step + 1
@@ -477,9 +487,14 @@ class _Logger:
     self.writer, self.every = writer, every
     self.last_step, self.last_time = start, None
     self.sums = dict.fromkeys(self.SUMMED, 0.0)
+    self.excluded = 0.0  # seconds spent compiling since the last record
     self.records = RunRecords()
 
   SUMMED = ("real_tokens", "padded_tokens", "flops")  # per step, averaged over the steps of a record
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (compiling a new shape) out of the current record's step time."""
+    self.excluded += seconds
 
   def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
     for k in self.SUMMED:
@@ -487,12 +502,26 @@ class _Logger:
     if not force and step % self.every and self.records:
       return
     now = time.time()
-    # The first record of a run includes compilation, so it reports no throughput.
+    # The first record of a run includes the first compilation, so it reports no throughput.
     steps = max(step - self.last_step, 1)
-    seconds = None if self.last_time is None else (now - self.last_time) / steps
+    seconds = None if self.last_time is None else max(now - self.last_time - self.excluded, 1e-9) / steps
+    if self.excluded and self.last_time is not None:
+      values["compile_seconds"] = self.excluded
     record = self.writer.write(step, task, values, seconds, **{k: v / steps for k, v in self.sums.items()})
     self.records.append(record)
-    self.last_step, self.last_time, self.sums = step, now, dict.fromkeys(self.SUMMED, 0.0)
+    self.last_step, self.last_time, self.sums, self.excluded = step, now, dict.fromkeys(self.SUMMED, 0.0), 0.0
+
+
+COMPILATION_CACHE_BYTES = 8 << 30  # least recently used entries go first
+
+
+def pad_batch_to(batch: dict[str, np.ndarray], query_len: int, doc_len: int) -> dict[str, np.ndarray]:
+  """`batch` with its ids and masks right-padded with 0 to query_len / doc_len (the same batch)."""
+  out = {}
+  for key, x in batch.items():
+    width = query_len if key.startswith("query") else doc_len
+    out[key] = x if x.ndim == 1 else np.pad(x, ((0, 0), (0, width - x.shape[1])))
+  return out
 
 
 def use_persistent_compilation_cache() -> None:
@@ -501,6 +530,8 @@ def use_persistent_compilation_cache() -> None:
   user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is."""
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax_compilation_cache"))
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default, no limit: sweeps would fill the disk
+      jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
 
 
 def main(argv: list[str] | None = None) -> int:

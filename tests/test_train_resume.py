@@ -56,13 +56,16 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
 def test_steps_pad_to_their_buckets_and_report_what_they_compute(tmp_path, capsys):
   records = train(TrainConfig(**{**CONFIG.__dict__, "train_steps": 4}), OPTIM, MESH, str(tmp_path / "w"))
   compiled = re.findall(r"compiling the step for query length (\d+), document length (\d+)", capsys.readouterr().out)
-  assert len(compiled) == len(set(compiled)) >= 2  # steps 1-4 of this sample: 3 length pairs
+  # Step 1 runs at the largest shape (a batch too large fails at once); steps 2-4 at their buckets.
+  assert compiled[0] == ("48", "64") and len(compiled) == len(set(compiled)) == 2
   lengths = {(int(q), int(d)) for q, d in compiled}
   assert all(q in (32, 48) and d in (32, 64) for q, d in lengths)
   for r in records[1:]:  # the first record has no throughput (it includes compiling)
     padded = r["tokens_per_s"] * r["step_seconds"]
     assert any(abs(padded - 8 * (q + 2 * d)) < 1e-6 * padded for q, d in lengths), (padded, lengths)
     assert r["real_tokens_per_s"] <= r["tokens_per_s"]
+  # Compiling a new shape is reported on its own, not counted as step time.
+  assert [r for r in records[1:] if r.get("compile_seconds", 0) > 0]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted):
@@ -291,10 +294,29 @@ def test_a_workdir_given_with_tilde_is_the_home_one(tmp_path, monkeypatch):
 
 def test_the_trainer_keeps_compiled_steps_on_disk_unless_told_where(tmp_path):
   probe = ("import jax; from instructor_jax import train; train.use_persistent_compilation_cache(); "
-           "print(jax.config.jax_compilation_cache_dir)")
+           "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
   base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  for extra, want in (({}, tmp_path / "jax_compilation_cache"), ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, "/elsewhere")):
+  for extra, want in (({}, f"{tmp_path / 'jax_compilation_cache'} {8 << 30}"),
+                      ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, "/elsewhere -1")):  # the user's, as they set it
     env = dict(base, INSTRUCTOR_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", **extra)
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(want)
+    assert done.stdout.strip() == want
+
+
+def test_compiling_a_new_shape_is_left_out_of_the_step_time(monkeypatch):
+  from instructor_jax import train as train_module
+  clock = iter([100.0, 110.0])
+  monkeypatch.setattr(train_module.time, "time", lambda: next(clock))
+  written = []
+
+  class Writer:
+    def write(self, step, task, values, seconds, **per_step):
+      written.append((step, seconds, dict(values)))
+      return {}
+
+  log = train_module._Logger(Writer(), every=1, start=0)
+  log(1, "t", {"loss": 1.0})  # t = 100: the run's first record, no throughput
+  log.exclude(8.0)
+  log(3, "t", {"loss": 1.0})  # t = 110: 2 steps in 10 s, 8 s of them compiling
+  assert written[0][1] is None and written[1][1] == 1.0 and written[1][2]["compile_seconds"] == 8.0

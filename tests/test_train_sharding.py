@@ -16,6 +16,7 @@ from instructor_jax.config import preset
 from instructor_jax.losses import instructor_loss
 from instructor_jax.model import InstructorModel
 from instructor_jax.optim import OptimConfig, make_optimizer
+from instructor_jax.train import pad_batch_to
 
 CONFIG = preset("tiny").with_encoder(dropout_rate=0.0)
 QUERY_LEN, DOC_LEN = 8, 12  # different lengths: exercises the two-pass path
@@ -152,18 +153,10 @@ def test_grad_cache_gives_the_plain_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gc_params, reference_params)
 
 
-def _pad_to(batch, query_len, doc_len):
-  out = {}
-  for key, x in batch.items():
-    width = query_len if key.startswith("query") else doc_len
-    out[key] = x if key.endswith("n_instr") else np.pad(x, ((0, 0), (0, width - x.shape[1])))
-  return out
-
-
 def test_padding_beyond_the_longest_text_changes_nothing():
   """Why TrainConfig.length_buckets may pad a batch to its bucket instead of query_len/doc_len."""
   reference_params, reference_metrics = reference_run()
-  padded = [_pad_to(random_batch(1), 16, 32), _pad_to(random_batch(2), 32, 16)]
+  padded = [pad_batch_to(random_batch(1), 16, 32), pad_batch_to(random_batch(2), 32, 16)]
   params, metrics, _ = run_steps(mesh_of(2, 2, 2), padded)
   for m, r in zip(metrics, reference_metrics):
     np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-6)
