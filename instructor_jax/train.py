@@ -439,9 +439,10 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
       lengths = (local["query_ids"].shape[1], local["pos_ids"].shape[1])
       new_shape = lengths not in compiled
       if new_shape and jax.process_index() == 0:
+        why = ("step 1 runs at query_len / doc_len, so that a batch too large for memory fails now" if step == 0
+               else "a new pair of TrainConfig.length_buckets")
         print(f"step {step + 1}: compiling the step for query length {lengths[0]}, document length {lengths[1]} "
-              "(a new pair of TrainConfig.length_buckets; read from the compilation cache if compiled before)",
-              flush=True)
+              f"({why}; read from the compilation cache if compiled before)", flush=True)
       compiled.add(lengths)
       began = time.time()
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
