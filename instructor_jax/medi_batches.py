@@ -218,9 +218,9 @@ def padded_lengths(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: 
   """(query, document) lengths to pad the global batch `rows` to: the smallest bucket that holds
   its longest query, and its longest positive or negative (after truncation to query_len/doc_len).
 
-  Padding is masked everywhere, so the loss is that of padding to query_len/doc_len up to float
-  rounding; every host computes the lengths from the same global rows, so all hosts' slices have
-  the same shapes. A row also needs room for its instruction plus EOS: `instruction_lengths` caps
+  Padding is masked everywhere, so without dropout the loss is that of padding to query_len/doc_len
+  up to float rounding (dropout masks are drawn per padded shape); every host computes the lengths
+  from the same global rows, so all hosts' slices have the same shapes. A row also needs room for its instruction plus EOS: `instruction_lengths` caps
   n_instr at the padded length, and an instruction that tokenises longer than the whole input must
   keep the n_instr it gets at query_len/doc_len (then nothing of that row is pooled either way).
   """

@@ -85,7 +85,7 @@ class TrainConfig:
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")
-    if (isinstance(self.length_buckets, (str, bytes)) or not isinstance(self.length_buckets, (tuple, list))
+    if (not isinstance(self.length_buckets, (tuple, list))
         or not all(_is_integer(b) and b >= 2 for b in self.length_buckets)):
       raise ValueError(f"TrainConfig.length_buckets={self.length_buckets!r}; expected a tuple of integers >= 2 "
                        "(e.g. (64, 128, 256)), or () to pad every batch to query_len / doc_len.")
