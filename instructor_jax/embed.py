@@ -332,7 +332,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   batch_tokens = args.batch_tokens or default_batch_tokens()
   pack_length = min(args.pack_length, max_len)
   ndev = model.mesh.devices.size
-  runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens}
+  runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens,
+             "attention": model.attention_kernel}
   plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
   job_hash = embed_manifest.spec_hash(plan.spec)
 

@@ -127,7 +127,9 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
   path = os.path.join(out_dir, RUNTIME_FILE)
   if os.path.exists(path):
     with open(path) as f:
-      changed = _diff(json.load(f), runtime)
+      old = json.load(f)
+    # Keys a run of an older release did not record are news, not changes.
+    changed = _diff(old, {k: v for k, v in runtime.items() if k in old})
     if changed:
       print(f"warning: resuming {out_dir} with " + "; ".join(changed) + ". Parts written now differ from the "
             f"existing ones by the float rounding of {compute_dtype} computation, not bit for bit; the same "

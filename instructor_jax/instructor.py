@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from instructor_jax.config import InstructorConfig, canonical_dtype
 from instructor_jax.encode_batches import BatchSpec, PlannedBatch, planned_batches
 from instructor_jax.model import InstructorModel, with_compute_dtype_weights
+from instructor_jax.t5 import attention_kernel
 from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer
 
 def local_data_mesh() -> Mesh:
@@ -33,6 +34,9 @@ class Instructor:
       # The model picks its CPU float16 form (matmuls widened to float32) from the default backend.
       raise ValueError(f"dtype float16 on a CPU mesh while JAX's default backend is {jax.default_backend()}: "
                        "use the accelerator's devices, or float32/bfloat16 on the CPU.")
+    if self.config.encoder.attention_impl == "auto" and platform != jax.default_backend():
+      # The model resolves "auto" from the default backend while tracing; other devices get XLA's kernel.
+      self.config = self.config.with_encoder(attention_impl="dot_product_attention")
     self.tokenizer = tokenizer
     self.source = source
     self._replicated = NamedSharding(self.mesh, P())
@@ -85,6 +89,12 @@ class Instructor:
       # The leaves are kept with the key, so their ids cannot be reused while the key lives.
       self._forward_params = (key, cast(self.params), leaves)
     return self._forward_params[1]
+
+  @property
+  def attention_kernel(self) -> str:
+    """The attention kernel inference runs: the config's `attention_impl`, "auto" resolved for these devices."""
+    enc = self.config.encoder
+    return attention_kernel(enc.attention_impl, enc.dtype, self.mesh.devices.flat[0].platform)
 
   @property
   def max_seq_length(self) -> int:

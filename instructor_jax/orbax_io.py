@@ -200,8 +200,10 @@ def restore_params(path: str, step: int | None = None, shardings: Any = None) ->
         item=None, restore_args=_restore_args(tree, shardings)))
   finally:
     handler.close()
-  config = ocp.JsonCheckpointHandler().restore(step_dir / CONFIG_ITEM, args=ocp.args.JsonRestore())
-  return config_from_dict(config), _plain_dicts(params)
+  config = config_from_dict(ocp.JsonCheckpointHandler().restore(step_dir / CONFIG_ITEM, args=ocp.args.JsonRestore()))
+  # The attention kernel is the reader's choice, not the checkpoint's: workdirs written before
+  # "auto" existed store "xla" (the training einsums), which would deny inference the fused kernels.
+  return config.with_encoder(attention_impl=T5Config().attention_impl), _plain_dicts(params)
 
 
 def _plain_dicts(tree: Any) -> Any:

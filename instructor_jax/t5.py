@@ -18,6 +18,7 @@ Parameter tree (kernels are [in, out], as in t5x):
 from __future__ import annotations
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -154,6 +155,46 @@ class Dropout(nn.Module):
     return jnp.where(draws >= drop, kept, jnp.zeros((), x.dtype))
 
 
+def attention_kernel(impl: str, dtype: jnp.dtype, platform: str) -> str:
+  """What `T5Config.attention_impl` runs at inference on `platform`: "auto" resolved.
+
+  "auto" is cuDNN's fused attention on a GPU in bfloat16/float16 (one H200, instructor-large:
+  1.78x XLA's on 512-token documents, 1.15x on packed short rows; BENCHMARKS.md) and XLA's
+  `dot_product_attention` elsewhere (cuDNN has no float32 kernel, TPUs and CPUs have no cuDNN).
+  """
+  if impl != "auto":
+    return impl
+  return "cudnn" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "dot_product_attention"
+
+
+def _fused_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, bias_1HLL: jax.Array,
+                     mask_B1QL: jax.Array, kernel: str, fall_back: bool) -> jax.Array:
+  """`jax.nn.dot_product_attention`, through cuDNN where `kernel` says so, else XLA's implementation.
+
+  The [1, H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for packed
+  rows) stay separate: broadcasting them inside the fused softmax avoids materialising (and
+  re-reading in every layer) a [B, H, L, L] bias. With `fall_back` ("auto"), a call cuDNN refuses
+  while tracing (no cuDNN, too old a version, a shape it lacks a kernel for) runs on XLA's kernel
+  instead of failing; an explicit "cudnn" raises.
+  """
+  if kernel == "cudnn":
+    try:
+      if mask_B1QL.shape[2] == 1:
+        # Padding as key lengths: cuDNN masks it inside the kernel, whereas a boolean mask would be
+        # folded into a materialised [B, H, L, L] bias. Filler rows (length 0) attend to one key.
+        lengths_B = jnp.maximum(jnp.sum(mask_B1QL[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
+        return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, bias=bias_1HLL, scale=1.0,
+                                            key_value_seq_lengths=lengths_B, implementation="cudnn")
+      return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, bias=bias_1HLL, mask=mask_B1QL, scale=1.0,
+                                          implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+      if not fall_back:
+        raise
+      warnings.warn(f"attention_impl='auto': cuDNN's fused attention refused q {q_BLHK.shape} {q_BLHK.dtype} "
+                    f"({type(e).__name__}: {e}); using XLA's dot_product_attention for it.", stacklevel=2)
+  return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, bias=bias_1HLL, mask=mask_B1QL, scale=1.0)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention without 1/sqrt(K) logit scaling (T5 folds it into the init)."""
 
@@ -172,25 +213,14 @@ class Attention(nn.Module):
     k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
-    # The [H, L, L] position bias and the boolean mask ([B, 1, 1, L] keys, or [B, 1, L, L] for
-    # packed rows) stay separate: broadcasting them inside the softmax fusion avoids
-    # materialising (and re-reading in every layer) a [B, H, L, L] bias.
     # XLA:CPU cannot compile jax.nn.dot_product_attention's float16 logits (a float32-result dot).
     fused = deterministic and not (dtype == jnp.float16 and jax.default_backend() == "cpu")
     if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
       out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
-    elif cfg.attention_impl == "cudnn" and fused and mask_B1QL.shape[2] == 1:
-      # Padding as key lengths: cuDNN masks it inside the kernel, whereas a boolean mask would be
-      # folded into a materialised [B, H, L, L] bias. Filler rows (length 0) attend to one key.
-      lengths_B = jnp.maximum(jnp.sum(mask_B1QL[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
-      out_BLHK = jax.nn.dot_product_attention(
-          q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype), scale=1.0,
-          key_value_seq_lengths=lengths_B, implementation="cudnn")
-    elif cfg.attention_impl in ("dot_product_attention", "cudnn", "tpu_flash") and fused:
-      out_BLHK = jax.nn.dot_product_attention(
-          q_BLHK, k_BLHK, v_BLHK, bias=position_bias_HLL[None].astype(dtype),
-          mask=mask_B1QL, scale=1.0,
-          implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+    elif cfg.attention_impl != "xla" and fused:
+      out_BLHK = _fused_attention(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL[None].astype(dtype), mask_B1QL,
+                                  attention_kernel(cfg.attention_impl, dtype, jax.default_backend()),
+                                  cfg.attention_impl == "auto")
     else:
       logits_BHLL = matmul("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, dtype, jnp.float32)
       # Padding keys get the most negative float32, like the reference, so that fully padded
