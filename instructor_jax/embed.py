@@ -303,7 +303,9 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
-  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges)
+  recorded = None if args.overwrite else embed_manifest.recorded_fingerprint_scheme(out_dir)
+  spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges,
+                                 recorded if recorded in ("sha256", "sha256-leaves") else "sha256-leaves")
   embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
   embed_manifest.note_runtime(out_dir, runtime, model.config.encoder.dtype)
   if ranges is not None:

@@ -94,6 +94,29 @@ def test_corrupted_part_is_recomputed(tmp_path, model, job):
   np.testing.assert_array_equal(emb, ref_emb)
 
 
+def test_resumes_a_job_recorded_with_the_single_stream_fingerprint(tmp_path, model, job, monkeypatch):
+  """Jobs written before the per-leaf fingerprint recorded `sha256:` over all weights in one stream:
+  a resume recomputes that form, so their parts still count, and another model is still refused."""
+  from instructor_jax import embed_manifest
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, *JOB)
+  with monkeypatch.context() as m:  # the first run writes what an older release wrote
+    m.setattr(embed_manifest, "recorded_fingerprint_scheme", lambda _: "sha256")
+    with pytest.raises(Killed):
+      embed.main(args, model=model, fault=_kill_at("renamed", 2))
+  recorded = json.load(open(os.path.join(out, "_job.json")))["model"]["fingerprint"]
+  assert recorded == embed_manifest.params_fingerprint(model.params, "sha256") and recorded.startswith("sha256:")
+  summary = embed.main(args, model=model)
+  assert summary["parts_already_complete"] == 2 and summary["parts_written"] == 3
+  np.testing.assert_array_equal(read_output(out)[1], ref_emb)
+  with pytest.raises(OutputMismatchError, match="model.fingerprint"):
+    embed.main(args, model=tiny_model(seed=1))
+  new = embed_manifest.params_fingerprint(model.params)  # what a new job records
+  assert new.startswith("sha256-leaves:") and new != embed_manifest.params_fingerprint(tiny_model(seed=1).params)
+  assert json.load(open(os.path.join(os.path.dirname(path), "reference", "_job.json")))["model"]["fingerprint"] == new
+
+
 def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, model, job):
   path, (ref_ids, ref_emb) = job
   out = str(tmp_path / "out")
@@ -181,3 +204,36 @@ def test_resuming_on_another_batch_budget_warns_and_keeps_the_parts(tmp_path, mo
   summary = embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
   assert summary["parts_already_complete"] == 5 and summary["parts_written"] == 0
   assert "batch_tokens: existing 256 vs now 512" in capsys.readouterr().err
+  assert json.load(open(os.path.join(out, "_runtime.json")))["attention"] == "dot_product_attention"
+  # An older release recorded no attention kernel: not a change, no warning.
+  runtime = json.load(open(os.path.join(out, "_runtime.json")))
+  del runtime["attention"]
+  with open(os.path.join(out, "_runtime.json"), "w") as f:
+    json.dump(runtime, f)
+  embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
+  assert "warning: resuming" not in capsys.readouterr().err
+
+
+def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model):
+  """One hash per loaded model across jobs in a process, recomputed when any weight changes."""
+  import jax
+  from instructor_jax import embed_manifest
+  m = tiny_model(seed=2)
+  first = embed_manifest.model_fingerprint(m)
+  assert first == embed_manifest.params_fingerprint(m.params)
+  calls = []
+  real = embed_manifest.params_fingerprint
+  try:
+    embed_manifest.params_fingerprint = lambda *a, **k: calls.append(1) or real(*a, **k)
+    assert embed_manifest.model_fingerprint(m) == first and not calls  # cached
+    leaves, tree = jax.tree.flatten(m.params)
+    m.params = jax.tree.unflatten(tree, [leaves[0] + 1] + leaves[1:])  # a new array for one weight
+    changed = embed_manifest.model_fingerprint(m)
+    assert changed != first and len(calls) == 1
+    host = jax.tree.map(np.array, m.params)  # NumPy leaves can be edited in place: never cached
+    m.params = host
+    assert embed_manifest.model_fingerprint(m) == changed
+    jax.tree.leaves(host)[0][...] += 1
+    assert embed_manifest.model_fingerprint(m) != changed and len(calls) == 3
+  finally:
+    embed_manifest.params_fingerprint = real
