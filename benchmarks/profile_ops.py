@@ -185,8 +185,8 @@ def main(argv=None) -> int:
   p.add_argument("--iterations", type=int, default=2)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
-  p.add_argument("--attention-impl", choices=("dot_product_attention", "cudnn", "xla", "tpu_flash"),
-                 default="dot_product_attention",
+  p.add_argument("--attention-impl", choices=("auto", "dot_product_attention", "cudnn", "xla", "tpu_flash"),
+                 default="auto",
                  help="attention (T5Config); training uses the einsums, except tpu_flash with --dropout 0")
   p.add_argument("--out", required=True, help="directory for the trace, the HLO and the summary")
   p.add_argument("--summary-only", action="store_true", help="re-summarise an existing --out without running")

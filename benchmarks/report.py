@@ -24,9 +24,14 @@ def _verdict(ok: bool) -> str:
   return "**met**" if ok else "not met"
 
 
+def _attention(r: dict) -> str:
+  impl, kernel = r.get("attention_impl", "?"), r.get("attention_kernel")
+  return impl if kernel in (None, impl) else f"{impl} ({kernel})"
+
+
 def header(r: dict) -> list[str]:
   return [f"### {r['device']} ({r['backend']}), {r['date']}, shape {r['shape']}, {r['dtype']}, "
-          f"attention {r.get('attention_impl', '?')}", "",
+          f"attention {_attention(r)}", "",
           f"`{r.get('command', 'python benchmarks/run.py')}` — JAX {r['jax']}, torch {r.get('torch', '?')}, "
           f"transformers {r.get('transformers', '?')}, sentence-transformers {r.get('sentence_transformers', '?')}", ""]
 
@@ -57,6 +62,13 @@ def embed_rows(r: dict) -> list[str]:
   return out
 
 
+def _memory(t: dict) -> str:
+  """XLA's temp buffers of our compiled step (activations and the like), or PyTorch's peak allocation."""
+  if "temp_gib" in t:
+    return f"XLA temp {t['temp_gib']:.1f} GiB"
+  return f"peak {t['peak_gib']:.1f} GiB" if "peak_gib" in t else ""
+
+
 def train_rows(r: dict) -> list[str]:
   rows = r.get("train", [])
   torch_at: dict[int, dict] = {}  # the strongest PyTorch row at each batch is the baseline
@@ -64,14 +76,14 @@ def train_rows(r: dict) -> list[str]:
     if t["impl"].startswith("pytorch") and "tok_s" in t and t["tok_s"] > torch_at.get(t["batch"], {}).get("tok_s", 0):
       torch_at[t["batch"]] = t
   out = ["| train step | triples × tokens | tok/s | MFU (measured peak) | MFU (data sheet) | "
-         "vs fastest PyTorch at that batch | max batch ≥ | note |",
-         "|---|---|---|---|---|---|---|---|"]
+         "vs fastest PyTorch at that batch | max batch ≥ | memory | note |",
+         "|---|---|---|---|---|---|---|---|---|"]
   for t in rows:
     if "error" in t or t.get("status") == "running":
       why = t["error"][:80] if "error" in t else f"cut short by the time limit (started {t.get('started', '?')})"
       if "temp_gib" in t:  # XLA's compiled estimate: how far over the card an out-of-memory row was
         why += f" (XLA temp {t['temp_gib']:.1f} GiB + arguments {t.get('argument_gib', 0):.1f} GiB)"
-      out.append(f"| {t['impl']} | {t['batch']} × {t['length']} | – | – | – | – | – | {why} |")
+      out.append(f"| {t['impl']} | {t['batch']} × {t['length']} | – | – | – | – | – | – | {why} |")
       continue
     base = torch_at.get(t["batch"])
     ratio = f"{t['tok_s'] / base['tok_s']:.2f}× ({base['impl']})" if base and t["impl"].startswith("jax") else ""
@@ -84,7 +96,7 @@ def train_rows(r: dict) -> list[str]:
       note += " MFU > 100%: the peak measurement was disturbed (machine load); re-measure"
     out.append(f"| {t['impl']} | {t['batch']} × {t['length']} | {t['tok_s']:,.0f} | "
                f"{'' if mfu is None else f'{mfu:.1%}'} | {'' if spec is None else f'{spec:.1%}'} | {ratio} | "
-               f"{t.get('max_batch_at_least', '')} | {note} |")
+               f"{t.get('max_batch_at_least', '')} | {_memory(t)} | {note} |")
   return out
 
 

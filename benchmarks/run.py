@@ -31,6 +31,7 @@ import jax  # noqa: E402
 
 import texts  # noqa: E402
 from instructor_jax.config import InstructorConfig, T5Config, preset  # noqa: E402
+from instructor_jax.t5 import attention_kernel  # noqa: E402
 
 SHAPES = {
     # t5-small-shaped encoder: big enough that matmuls dominate on a CPU, small enough for 2 cores.
@@ -261,13 +262,13 @@ def main(argv=None) -> int:
   parser.add_argument("--train-batch", type=int, default=None, help="triples per train step")
   parser.add_argument("--train-length", type=int, default=256)
   parser.add_argument("--train-variants", default=None,
-                      help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-gc4, each "
+                      help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-full-nolhs, jax-gc4, each "
                            "optionally @BATCH, or @B1|B2 to try B2 if B1 runs out of memory (default: "
                            "pytorch,jax,jax-save_dots at --train-batch)")
   parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")
   parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
-  parser.add_argument("--attention-impl", default="dot_product_attention",
-                      choices=("dot_product_attention", "cudnn", "xla", "tpu_flash"), help="inference attention (T5Config)")
+  parser.add_argument("--attention-impl", default="auto", choices=("auto", "dot_product_attention", "cudnn", "xla", "tpu_flash"),
+                      help="inference attention (T5Config; auto: cuDNN on a GPU in bf16/fp16, else XLA's fused kernel)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="compute dtype of both sides in the matmul and embed sections (default: bfloat16 on a "
                            "GPU, float32 on a CPU; the train section always uses that default). float16: "
@@ -284,6 +285,8 @@ def main(argv=None) -> int:
   cfg = SHAPES[args.shape].with_encoder(dtype=dtype, attention_impl=args.attention_impl)
   results: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "dtype": dtype,
                    "attention_impl": args.attention_impl,
+                   # What the embed rows ran ("auto" resolved for this backend and dtype).
+                   "attention_kernel": attention_kernel(args.attention_impl, dtype, jax.default_backend()),
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                    "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                    "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),

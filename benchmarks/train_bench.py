@@ -66,8 +66,11 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int,
   return step, sync
 
 
-def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1):
-  """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time)."""
+def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1,
+              xla_options: dict | None = None):
+  """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time).
+
+  `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options)."""
   import jax
   from instructor_jax import sharding as shd
   from instructor_jax import train_step as ts
@@ -78,7 +81,7 @@ def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str
   tx, schedule = make_optimizer(OptimConfig(learning_rate=2e-5, warmup_fraction=0.0), total_steps=1000)
   state = ts.init_state(cfg, tx, mesh, params=params)
   step_fn = ts.make_train_step(cfg, tx, schedule, mesh, loss="instructor", temperature=0.01,
-                               grad_cache_chunks=grad_cache_chunks, compiler_options=train_compiler_options())
+                               grad_cache_chunks=grad_cache_chunks, compiler_options=train_compiler_options(xla_options))
   data = shd.global_batch(_random_triples(batch, length, cfg.encoder.vocab_size), mesh)
   compiled = step_fn.lower(state, data).compile()
   holder = {"state": state, "memory": _memory(compiled, batch)}
@@ -138,6 +141,10 @@ VARIANTS = {
     "jax": ("jax", {}),
     "jax-save_dots": ("jax", {"remat": "save_dots"}),
     "jax-full": ("jax", {"remat": "full"}),
+    # On one H200 the full-remat step's XLA temp was 94.8 GiB at 256 triples, far above what full
+    # remat should keep (BENCHMARKS.md): is the latency-hiding scheduler (on for GPU training,
+    # xla_options.py) moving recomputation early? Same step with it off; on a CPU it changes nothing.
+    "jax-full-nolhs": ("jax", {"remat": "full", "xla_options": {"xla_gpu_enable_latency_hiding_scheduler": False}}),
     "jax-gc4": ("jax", {"remat": "save_dots", "grad_cache_chunks": 4}),
 }
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"

@@ -110,18 +110,20 @@ def test_report_marks_gpu_targets_against_the_same_run():
                     "job_speedup": s, "job_max_abs_diff": 1e-6}
                    for c, s in (("short+instruction", 3.2), ("512-token docs", 3.9))],
          "train": [{"impl": "pytorch", "batch": 64, "length": 256, "status": "running", "started": "11:59:00"},
-                   {"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0},
+                   {"impl": "pytorch-ckpt", "batch": 256, "length": 256, "tok_s": 5e4, "mfu": 0.12, "step_s": 4.0,
+                    "peak_gib": 45.1},
                    {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "mfu_spec": 0.364,
-                    "step_s": 1.0, "max_batch_at_least": 1024},
+                    "step_s": 1.0, "max_batch_at_least": 1024, "temp_gib": 94.81},
                    {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"},
                    {"impl": "jax-gc4", "batch": 256, "length": 256, "status": "running", "started": "12:00:00"}]}
   text = report.section([run])
   assert "| short+instruction, `encode(pack=False)` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
   assert "| 512-token docs, `encode(pack=False)` | 10 | 400,000 | 100,000 | 3.90× | 0.99950 | not met (≥ 4×) |" in text
-  assert ("| jax-full | 256 × 256 | 200,000 | 45.0% | 36.4% | 4.00× (pytorch-ckpt) | 1024 | MFU target **met** (≥ 40%) |"
-          in text)
+  assert ("| jax-full | 256 × 256 | 200,000 | 45.0% | 36.4% | 4.00× (pytorch-ckpt) | 1024 | XLA temp 94.8 GiB | "
+          "MFU target **met** (≥ 40%) |" in text)
+  assert "| pytorch-ckpt | 256 × 256 | 50,000 | 12.0% |  |  |  | peak 45.1 GiB |  |" in text
   assert "OutOfMemoryError" in text
-  assert "| jax-gc4 | 256 × 256 | – | – | – | – | – | cut short by the time limit (started 12:00:00) |" in text
+  assert "| jax-gc4 | 256 × 256 | – | – | – | – | – | – | cut short by the time limit (started 12:00:00) |" in text
 
 
 def test_report_verdicts_need_matching_embeddings_and_the_target_shape():
@@ -229,3 +231,20 @@ def test_train_padding_counts_and_times_both_settings(tmp_path):
   # The sample's texts are short: bucketing must pad less and count fewer FLOPs, with the same text.
   assert bucketed["text_share"] > padded["text_share"] and bucketed["flops_saved"] > 1.5
   assert padded["seconds"] > 0 and bucketed["seconds"] > 0 and "fewer" in stdout
+
+
+def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
+  """`gpu_all.sh train` (the rows aimed at the MFU target, then a profile), tiny shapes on this CPU."""
+  pytest.importorskip("torch")
+  out = tmp_path / "gpu"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
+  done = subprocess.run(["bash", "benchmarks/gpu_all.sh", "train"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  status = (out / "status.txt").read_text()
+  assert "train rc=0" in status and "profile_train rc=0" in status, status
+  train = json.loads((out / "train.json").read_text())
+  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-full-nolhs", "jax-gc4"]
+  assert all("error" not in r and r["tok_s"] > 0 for r in train["train"]), train["train"]
+  assert "| jax-full-nolhs | 8 × 32 |" in (out / "report_train.md").read_text()
+  assert (out / "profile_train" / "summary.txt").exists()
