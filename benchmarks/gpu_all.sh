@@ -6,8 +6,9 @@
 #   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (one H200: embed 260 s, train
 #                                                    # cut short at 258 s with BUDGET=560, 2026-11-27)
 #   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline, full remat
-#                                                    # with and without the latency-hiding scheduler, GradCache), then
-#                                                    # a profile of the full-remat step
+#                                                    # with and without the latency-hiding scheduler, full remat at
+#                                                    # dropout 0 on cuDNN attention, GradCache), then a profile of
+#                                                    # the full-remat step
 #   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, XLA attention, profiles, float16, tokeniser (its step
 #                                                    # limits add up to more than BUDGET: the last are skipped
 #                                                    # when the first use theirs)
@@ -38,7 +39,7 @@ END=$((SECONDS + ${BUDGET:-570}))
 if [[ -n "${QUICK:-}" ]]; then
   SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); SIZES_FP16=("${SIZES[@]}"); TRAIN=(--train-batch 8 --train-length 32)
   VARIANTS="pytorch,pytorch-ckpt,jax,jax-full,jax-gc4"; PROF=(--batch 4 --length 32)
-  TRAIN_VARIANTS="pytorch-ckpt,jax-full,jax-full-nolhs,jax-gc4"
+  TRAIN_VARIANTS="pytorch-ckpt,jax-full,jax-full-nolhs,jax-full-fused-nodrop,jax-gc4"
 else
   SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); SIZES_FP16=(--short 2000 --docs 200); TRAIN=(--train-batch 256 --train-length 256)
   # PyTorch first: JAX's allocator never hands memory back within the process, so a PyTorch row
@@ -49,8 +50,9 @@ else
   # jax-full falls back to 128 triples only if 256 runs out of memory (XLA:CPU cannot predict it).
   VARIANTS="pytorch-ckpt,pytorch@32,jax-full@256|128,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
   # The `train` phase: the rows that can reach the 40% MFU target at 256 triples, beside the PyTorch
-  # baseline at that batch (each JAX compile of gtr-large took 60-90 s on an H200).
-  TRAIN_VARIANTS="pytorch-ckpt,jax-full@256|128,jax-full-nolhs@256|128,jax-gc4"
+  # baseline at that batch; each JAX compile of gtr-large took 60-90 s on an H200, so GradCache, last,
+  # may be cut short.
+  TRAIN_VARIANTS="pytorch-ckpt,jax-full@256|128,jax-full-nolhs@256|128,jax-full-fused-nodrop@256|128,jax-gc4"
 fi
 
 FAILED=0
@@ -107,10 +109,10 @@ if [[ $PHASE == core ]]; then
   report "$OUT/report.md" "$OUT"/embed.json "$OUT"/train.json
 elif [[ $PHASE == train ]]; then
   check_devices
-  step train 330 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
+  step train 390 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
     --sections matmul,train "${TRAIN[@]}" --train-variants "$TRAIN_VARIANTS" --out "$OUT/train.json"
   report "$OUT/report_train.md" "$OUT"/train.json
-  step profile_train 200 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
+  step profile_train 140 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
     --out "$OUT/profile_train"
   head -n 20 "$OUT"/profile_train/summary.txt
 elif [[ $PHASE == extra ]]; then

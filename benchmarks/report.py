@@ -88,12 +88,16 @@ def train_rows(r: dict) -> list[str]:
     base = torch_at.get(t["batch"])
     ratio = f"{t['tok_s'] / base['tok_s']:.2f}× ({base['impl']})" if base and t["impl"].startswith("jax") else ""
     mfu, spec = t.get("mfu"), t.get("mfu_spec")
-    note = ""
+    notes = []
+    if t["impl"].endswith("-nodrop"):  # another recipe: no ratio to the PyTorch rows, which use dropout 0.1
+      ratio = ""
+      notes.append("dropout 0 (the other rows 0.1)")
     if (r["backend"] == "gpu" and t["impl"].startswith("jax") and t["batch"] >= MFU_MIN_BATCH
         and t["length"] >= MFU_MIN_LENGTH and mfu is not None):
-      note = f"MFU target {_verdict(mfu >= MFU_TARGET)} (≥ {MFU_TARGET:.0%})"
+      notes.append(f"MFU target {_verdict(mfu >= MFU_TARGET)} (≥ {MFU_TARGET:.0%})")
     if mfu is not None and mfu > 1:
-      note += " MFU > 100%: the peak measurement was disturbed (machine load); re-measure"
+      notes.append("MFU > 100%: the peak measurement was disturbed (machine load); re-measure")
+    note = "; ".join(notes)
     out.append(f"| {t['impl']} | {t['batch']} × {t['length']} | {t['tok_s']:,.0f} | "
                f"{'' if mfu is None else f'{mfu:.1%}'} | {'' if spec is None else f'{spec:.1%}'} | {ratio} | "
                f"{t.get('max_batch_at_least', '')} | {_memory(t)} | {note} |")

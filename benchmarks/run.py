@@ -262,12 +262,14 @@ def main(argv=None) -> int:
   parser.add_argument("--train-batch", type=int, default=None, help="triples per train step")
   parser.add_argument("--train-length", type=int, default=256)
   parser.add_argument("--train-variants", default=None,
-                      help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-full-nolhs, jax-gc4, each "
+                      help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-full-nolhs, "
+                           "jax-full-fused-nodrop, jax-gc4, each "
                            "optionally @BATCH, or @B1|B2 to try B2 if B1 runs out of memory (default: "
                            "pytorch,jax,jax-save_dots at --train-batch)")
   parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")
   parser.add_argument("--docs", type=int, default=None, help="512-token documents to embed")
-  parser.add_argument("--attention-impl", default="auto", choices=("auto", "dot_product_attention", "cudnn", "xla", "tpu_flash"),
+  parser.add_argument("--attention-impl", default="auto",
+                      choices=("auto", "dot_product_attention", "cudnn", "xla", "tpu_flash"),
                       help="inference attention (T5Config; auto: cuDNN on a GPU in bf16/fp16, else XLA's fused kernel)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="compute dtype of both sides in the matmul and embed sections (default: bfloat16 on a "

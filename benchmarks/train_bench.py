@@ -67,16 +67,21 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int,
 
 
 def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1,
-              xla_options: dict | None = None):
+              xla_options: dict | None = None, fused_attention_no_dropout: bool = False):
   """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time).
 
-  `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options)."""
+  `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options).
+  `fused_attention_no_dropout`: dropout 0, so attention runs on a fused kernel, forward and backward
+  (cuDNN's on a GPU, XLA's elsewhere); another recipe than the other rows' dropout 0.1."""
   import jax
   from instructor_jax import sharding as shd
   from instructor_jax import train_step as ts
   from instructor_jax.optim import OptimConfig, make_optimizer
   from instructor_jax.xla_options import train_compiler_options
   cfg = cfg.with_encoder(remat_policy=remat)
+  if fused_attention_no_dropout:
+    cfg = cfg.with_encoder(dropout_rate=0.0, attention_impl="cudnn" if jax.default_backend() == "gpu"
+                           else "dot_product_attention")
   mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=1, tensor=1))
   tx, schedule = make_optimizer(OptimConfig(learning_rate=2e-5, warmup_fraction=0.0), total_steps=1000)
   state = ts.init_state(cfg, tx, mesh, params=params)
@@ -145,6 +150,9 @@ VARIANTS = {
     # remat should keep (BENCHMARKS.md): is the latency-hiding scheduler (on for GPU training,
     # xla_options.py) moving recomputation early? Same step with it off; on a CPU it changes nothing.
     "jax-full-nolhs": ("jax", {"remat": "full", "xla_options": {"xla_gpu_enable_latency_hiding_scheduler": False}}),
+    # Full remat at dropout 0, attention on cuDNN's fused kernel (forward and backward; XLA's on a
+    # CPU): what the einsums' [B, H, L, L] float32 tensors cost. A different recipe from the others.
+    "jax-full-fused-nodrop": ("jax", {"remat": "full", "fused_attention_no_dropout": True}),
     "jax-gc4": ("jax", {"remat": "save_dots", "grad_cache_chunks": 4}),
 }
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"

@@ -39,15 +39,16 @@ class T5Config:
   # Compute dtype; parameters are always stored in float32.
   dtype: str = "float32"
   remat_policy: str = "none"
-  # "auto" (default): "cudnn" on a GPU in bfloat16/float16, falling back to "dot_product_attention"
-  # where cuDNN refuses a call; "dot_product_attention" elsewhere (t5.attention_kernel).
-  # "dot_product_attention": jax.nn.dot_product_attention for inference, XLA's implementation (on
-  # CPU XLA keeps its logits matmul a library call, 1.15x faster than the einsums at 512 tokens).
-  # "xla": explicit einsums everywhere. Training with dropout always uses the einsums
-  # (dot_product_attention has no attention dropout). "cudnn": the same call with
-  # implementation="cudnn" (cuDNN flash attention; GPU, bf16/fp16 only; JAX never picks it by
-  # itself; an error where cuDNN refuses). It takes the padding as per-row key lengths, so masks
-  # must be trailing padding, as every batch built by this package is. "tpu_flash": the Pallas TPU
+  # "auto" (default): at inference "cudnn" on a GPU in bfloat16/float16, falling back to
+  # "dot_product_attention" where cuDNN refuses a call, and "dot_product_attention" elsewhere
+  # (t5.attention_kernel); in training without dropout "dot_product_attention".
+  # "dot_product_attention": jax.nn.dot_product_attention, XLA's implementation, at inference and
+  # in training without dropout (on CPU XLA keeps its logits matmul a library call, 1.15x faster
+  # than the einsums at 512 tokens). "xla": explicit einsums everywhere. Training with dropout
+  # always uses the einsums (the fused kernels have no attention dropout). "cudnn": the same call
+  # with implementation="cudnn" (cuDNN flash attention, forward and backward; GPU, bf16/fp16 only;
+  # JAX never picks it by itself; an error where cuDNN refuses). It takes the padding as per-row key
+  # lengths, so masks must be trailing padding, as every batch built by this package is. "tpu_flash": the Pallas TPU
   # flash-attention kernel, bias and segment ids inside it, at inference and in training without
   # dropout, where the length is a multiple of 128 (tpu_attention.py); other lengths, and training
   # with dropout, use the paths above.

@@ -213,14 +213,18 @@ class Attention(nn.Module):
     k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
+    # The fused kernels have no attention dropout: they serve inference, and training at dropout 0.
     # XLA:CPU cannot compile jax.nn.dot_product_attention's float16 logits (a float32-result dot).
-    fused = deterministic and not (dtype == jnp.float16 and jax.default_backend() == "cpu")
+    fused = (deterministic or cfg.dropout_rate == 0.0) and not (dtype == jnp.float16 and jax.default_backend() == "cpu")
     if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
       out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
     elif cfg.attention_impl != "xla" and fused:
+      # "auto" picks cuDNN at inference only: its fallback covers what cuDNN refuses while tracing the
+      # forward pass, not the backward pass, which is traced later. Training asks for "cudnn" by name.
+      kernel = (attention_kernel(cfg.attention_impl, dtype, jax.default_backend()) if deterministic
+                else "dot_product_attention" if cfg.attention_impl == "auto" else cfg.attention_impl)
       out_BLHK = _fused_attention(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL[None].astype(dtype), mask_B1QL,
-                                  attention_kernel(cfg.attention_impl, dtype, jax.default_backend()),
-                                  cfg.attention_impl == "auto")
+                                  kernel, cfg.attention_impl == "auto")
     else:
       logits_BHLL = matmul("bqhk,bmhk->bhqm", q_BLHK, k_BLHK, dtype, jnp.float32)
       # Padding keys get the most negative float32, like the reference, so that fully padded

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (tiny shapes) and their summaries say something true."""
 
 import json
+import re
 import os
 import pathlib
 import shutil
@@ -244,7 +245,11 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   status = (out / "status.txt").read_text()
   assert "train rc=0" in status and "profile_train rc=0" in status, status
   train = json.loads((out / "train.json").read_text())
-  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-full-nolhs", "jax-gc4"]
+  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-full-nolhs", "jax-full-fused-nodrop",
+                                                 "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 for r in train["train"]), train["train"]
-  assert "| jax-full-nolhs | 8 × 32 |" in (out / "report_train.md").read_text()
+  report = (out / "report_train.md").read_text()
+  assert "| jax-full-nolhs | 8 × 32 |" in report
+  assert re.search(r"\| jax-full-fused-nodrop \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
+                   r"dropout 0 \(the other rows 0.1\) \|", report), report
   assert (out / "profile_train" / "summary.txt").exists()
