@@ -141,7 +141,10 @@ def job_format() -> str:
 
 
 def job_runner(model, items, max_len: int, workdir: str):
-  """The `python -m instructor_jax.embed` job (in-process) on the same rows: JSONL in, Parquet (or .npy) out."""
+  """The `python -m instructor_jax.embed` job (in-process) on the same rows: JSONL in, Parquet (or .npy) out.
+
+  The model's weight fingerprint is cached after the warm-up run (embed_manifest.model_fingerprint),
+  so timed runs leave it out; a one-off CLI job computes it once."""
   from instructor_jax import embed
   fmt = job_format()
   src = os.path.join(workdir, f"job_{len(items)}.jsonl")
