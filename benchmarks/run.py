@@ -291,7 +291,7 @@ def main(argv=None) -> int:
   results: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "dtype": dtype,
                    "attention_impl": args.attention_impl,
                    # What the embed rows ran ("auto" resolved for this backend and dtype).
-                   "attention_kernel": attention_kernel(args.attention_impl, dtype, jax.default_backend()),
+                   "attention_kernel": attention_kernel(args.attention_impl, dtype),
                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                    "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                    "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),

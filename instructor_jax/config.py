@@ -39,7 +39,7 @@ class T5Config:
   # Compute dtype; parameters are always stored in float32.
   dtype: str = "float32"
   remat_policy: str = "none"
-  # "auto" (default): at inference "cudnn" on a GPU in bfloat16/float16, falling back to
+  # "auto" (default): at inference "cudnn" on a GPU of compute capability >= 8.0 in bfloat16/float16, falling back to
   # "dot_product_attention" where cuDNN refuses a call, and "dot_product_attention" elsewhere
   # (t5.attention_kernel); in training without dropout "dot_product_attention".
   # "dot_product_attention": jax.nn.dot_product_attention, XLA's implementation, at inference and

@@ -79,17 +79,17 @@ def model_fingerprint(model: Any, scheme: str = "sha256-leaves") -> str:
   """`params_fingerprint(model.params)`, computed once per model and set of parameter arrays.
 
   Jobs run in one process on one loaded model (a notebook, benchmarks/run.py) hash its weights
-  once. Only JAX arrays are cached (immutable: a NumPy leaf could be edited in place); replacing
-  any of them computes it again.
+  once. Only JAX arrays are cached (immutable: a NumPy leaf could be edited in place), by tree
+  structure and array identity, held by weak references so that replaced weights are freed.
   """
-  leaves = jax.tree_util.tree_leaves(model.params)
+  leaves, treedef = jax.tree_util.tree_flatten(model.params)
   if not all(isinstance(x, jax.Array) for x in leaves):
     return params_fingerprint(model.params, scheme)
-  key = (scheme, tuple(id(x) for x in leaves))
+  key = (scheme, treedef, tuple(id(x) for x in leaves))
   entry = _FINGERPRINTS.get(model)
-  if entry is None or entry[0] != key:
-    # The leaves are kept with the key, so their ids cannot be reused while the key lives.
-    entry = _FINGERPRINTS[model] = (key, leaves, params_fingerprint(model.params, scheme))
+  # A live weak reference to the very array rules out an id reused by a new array.
+  if entry is None or entry[0] != key or any(ref() is not x for ref, x in zip(entry[1], leaves)):
+    entry = _FINGERPRINTS[model] = (key, [weakref.ref(x) for x in leaves], params_fingerprint(model.params, scheme))
   return entry[2]
 
 
@@ -185,12 +185,16 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    # Keys a run of an older release did not record are news, not changes.
+    if "attention" not in old and runtime.get("attention") != "dot_product_attention":
+      # Releases before 2026-11-27 recorded no kernel; their inference default was XLA's fused one.
+      old["attention"] = "not recorded (an earlier release: dot_product_attention unless set otherwise)"
+    # Other keys an older release did not record are news, not changes.
     changed = _diff(old, {k: v for k, v in runtime.items() if k in old})
     if changed:
       print(f"warning: resuming {out_dir} with " + "; ".join(changed) + ". Parts written now differ from the "
             f"existing ones by the float rounding of {compute_dtype} computation, not bit for bit; the same "
-            "--batch-tokens on the same kind and number of devices gives identical bits.", file=sys.stderr)
+            "--batch-tokens and attention kernel on the same kind and number of devices give identical bits.",
+            file=sys.stderr)
   atomic_json(path, runtime)
 
 

@@ -92,9 +92,15 @@ class Instructor:
 
   @property
   def attention_kernel(self) -> str:
-    """The attention kernel inference runs: the config's `attention_impl`, "auto" resolved for these devices."""
+    """The attention kernel inference asks for: the config's `attention_impl`, "auto" resolved for these devices.
+
+    "xla" (the einsums) where a fused kernel cannot run (float16 on a CPU). A cuDNN refusal under
+    "auto", rare on the GPUs "auto" picks it for, is warned about when the model is compiled."""
     enc = self.config.encoder
-    return attention_kernel(enc.attention_impl, enc.dtype, self.mesh.devices.flat[0].platform)
+    device = self.mesh.devices.flat[0]
+    if enc.dtype == "float16" and device.platform == "cpu" and enc.attention_impl != "tpu_flash":
+      return "xla"
+    return attention_kernel(enc.attention_impl, enc.dtype, device)
 
   @property
   def max_seq_length(self) -> int:

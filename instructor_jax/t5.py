@@ -155,16 +155,33 @@ class Dropout(nn.Module):
     return jnp.where(draws >= drop, kept, jnp.zeros((), x.dtype))
 
 
-def attention_kernel(impl: str, dtype: jnp.dtype, platform: str) -> str:
-  """What `T5Config.attention_impl` runs at inference on `platform`: "auto" resolved.
+def attention_kernel(impl: str, dtype: jnp.dtype, device: jax.Device | None = None) -> str:
+  """What `T5Config.attention_impl` runs at inference on `device` (default: JAX's first): "auto" resolved.
 
-  "auto" is cuDNN's fused attention on a GPU in bfloat16/float16 (one H200, instructor-large:
-  1.78x XLA's on 512-token documents, 1.15x on packed short rows; BENCHMARKS.md) and XLA's
-  `dot_product_attention` elsewhere (cuDNN has no float32 kernel, TPUs and CPUs have no cuDNN).
+  "auto" is cuDNN's fused attention on an NVIDIA GPU of compute capability 8.0 or more (Ampere and
+  later: cuDNN's flash attention needs it) in bfloat16/float16 (one H200, instructor-large: 740k
+  tokens/s against 416k for XLA's kernel on 512-token documents; BENCHMARKS.md), and XLA's
+  `dot_product_attention` elsewhere (cuDNN has no float32 kernel; TPUs, CPUs and ROCm have no cuDNN).
   """
   if impl != "auto":
     return impl
-  return "cudnn" if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "dot_product_attention"
+  device = device or _default_device()
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  cudnn = half and device.platform == "gpu" and _compute_capability(device) >= 8.0
+  return "cudnn" if cudnn else "dot_product_attention"
+
+
+def _default_device() -> jax.Device:
+  """The device "auto" is resolved for while tracing: the default backend's first."""
+  return jax.devices()[0]
+
+
+def _compute_capability(device: jax.Device) -> float:
+  """The CUDA compute capability ("9.0" on Hopper); 0 where the device has none (ROCm, CPU)."""
+  try:
+    return float(getattr(device, "compute_capability", 0) or 0)
+  except (TypeError, ValueError):  # e.g. a ROCm "gfx90a"
+    return 0.0
 
 
 def _fused_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, bias_1HLL: jax.Array,
@@ -191,7 +208,8 @@ def _fused_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, bi
       if not fall_back:
         raise
       warnings.warn(f"attention_impl='auto': cuDNN's fused attention refused q {q_BLHK.shape} {q_BLHK.dtype} "
-                    f"({type(e).__name__}: {e}); using XLA's dot_product_attention for it.", stacklevel=2)
+                    f"({type(e).__name__}: {e}); using XLA's dot_product_attention for it. Set "
+                    "attention_impl='dot_product_attention' to choose it without this warning.", stacklevel=2)
   return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, bias=bias_1HLL, mask=mask_B1QL, scale=1.0)
 
 
@@ -221,7 +239,7 @@ class Attention(nn.Module):
     elif cfg.attention_impl != "xla" and fused:
       # "auto" picks cuDNN at inference only: its fallback covers what cuDNN refuses while tracing the
       # forward pass, not the backward pass, which is traced later. Training asks for "cudnn" by name.
-      kernel = (attention_kernel(cfg.attention_impl, dtype, jax.default_backend()) if deterministic
+      kernel = (attention_kernel(cfg.attention_impl, dtype) if deterministic
                 else "dot_product_attention" if cfg.attention_impl == "auto" else cfg.attention_impl)
       out_BLHK = _fused_attention(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL[None].astype(dtype), mask_B1QL,
                                   kernel, cfg.attention_impl == "auto")

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from instructor_jax import orbax_io, sharding as shd, train_outputs
-from instructor_jax.config import InstructorConfig, T5Config, preset
+from instructor_jax.config import InstructorConfig, preset
 from instructor_jax.medi_records import cache_root
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
@@ -145,9 +145,11 @@ def with_compute_options(model: InstructorConfig, cfg: TrainConfig) -> Instructo
 
 
 def architecture(model: InstructorConfig) -> dict[str, Any]:
-  """The saved model_config: compute-only options reset, so inference readers get a clean config."""
-  return orbax_io.config_to_dict(model.with_encoder(dtype="float32", remat_policy="none",
-                                                    attention_impl=T5Config().attention_impl))
+  """The saved model_config: compute-only options reset, so inference readers get a clean config.
+
+  attention_impl is stored as "xla", which every release reads ("auto" is newer); readers choose
+  their own kernel (orbax_io.load_checkpoint resets it)."""
+  return orbax_io.config_to_dict(model.with_encoder(dtype="float32", remat_policy="none", attention_impl="xla"))
 
 
 def _checked(model: InstructorConfig, mesh) -> InstructorConfig:

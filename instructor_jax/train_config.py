@@ -99,6 +99,15 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0 (the kernel has no attention "
                        f"dropout) and query_len/doc_len multiples of 128 (its key blocks); got dropout_rate "
                        f"{self.dropout_rate}, query_len {self.query_len}, doc_len {self.doc_len}.")
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise ValueError("TrainConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused attention "
+                       "has no float32 kernel); got dtype 'float32'. Use attention_impl='dot_product_attention' "
+                       "for XLA's fused kernel, or 'xla'.")
+    if self.attention_impl == "cudnn" and self.dropout_rate:
+      # Otherwise the step would silently never use the kernel (it has no attention dropout).
+      raise ValueError(f"TrainConfig.attention_impl='cudnn' needs dropout_rate 0 (cuDNN's fused attention has no "
+                       f"attention dropout, so with dropout the step runs the einsums); got {self.dropout_rate}. "
+                       "Set dropout_rate = 0, or attention_impl = 'xla'.")
 
 
 def _is_integer(value) -> bool:

@@ -222,6 +222,10 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
 
   `compiler_options` go to XLA for this step only (xla_options.train_compiler_options()).
   """
+  if config.encoder.attention_impl == "auto":
+    # "auto" may pick cuDNN for a deterministic forward pass, and its fallback would not cover the
+    # backward pass (traced later); training asks for cuDNN by name.
+    config = config.with_encoder(attention_impl="dot_product_attention")
   model = InstructorModel(config)
   loss_fn = functools.partial(get_loss(loss), temperature=temperature)
   embed = functools.partial(embed_triples, model, deterministic=deterministic)

@@ -9,6 +9,7 @@ tests themselves.
 
 import dataclasses
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -50,6 +51,54 @@ def test_cudnn_attention_equals_xla_attention(pack):
   ref = _model(dtype="bfloat16", attention_impl="dot_product_attention").encode(texts, pack=pack)
   got = _model(dtype="bfloat16", attention_impl="cudnn").encode(texts, pack=pack)
   assert _min_cosine(got, ref) >= 0.999
+
+
+@gpu_only
+def test_auto_picks_cudnn_on_this_gpu():
+  """The default (attention_impl="auto") runs cuDNN's kernel on an Ampere-or-later GPU in bf16."""
+  from instructor_jax.t5 import _compute_capability
+  if _compute_capability(jax.devices()[0]) < 8.0:
+    pytest.skip("cuDNN's flash attention needs compute capability 8.0")
+  auto = _model(dtype="bfloat16")
+  assert auto.config.encoder.attention_impl == "auto" and auto.attention_kernel == "cudnn"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no fallback warning: cuDNN took every call
+    got = auto.encode(_texts())
+  np.testing.assert_array_equal(got, _model(dtype="bfloat16", attention_impl="cudnn").encode(_texts()))
+
+
+@gpu_only
+def test_cudnn_attention_in_float16_equals_xla_attention():
+  texts = _texts()
+  ref = _model(dtype="float16", attention_impl="dot_product_attention").encode(texts)
+  assert _min_cosine(_model(dtype="float16", attention_impl="cudnn").encode(texts), ref) >= 0.999
+
+
+@gpu_only
+def test_cudnn_training_gradients_match_the_einsums():
+  """Training at dropout 0 with attention_impl="cudnn": cuDNN's backward pass, the bias gradient included."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from instructor_jax.model import InstructorModel
+  base = tiny_model()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(2, 300, size=(8, 64)).astype(np.int32)
+  mask = (np.arange(64)[None, :] < rng.integers(3, 65, size=(8, 1))).astype(np.int32)
+  ids, n_instr = ids * mask, np.minimum(mask.sum(1) - 1, 3).astype(np.int32)
+  weights = jax.random.normal(jax.random.key(1), (8, base.config.embedding_dim))
+
+  def loss_and_grads(impl):
+    model = InstructorModel(base.config.with_encoder(dtype="bfloat16", dropout_rate=0.0, attention_impl=impl))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, ids, mask, n_instr, deterministic=False,
+                                         rngs={"dropout": jax.random.key(2)}) * weights)
+    return jax.jit(jax.value_and_grad(loss))(nn.unbox(base.params))
+
+  (loss_c, g_c), (loss_x, g_x) = loss_and_grads("cudnn"), loss_and_grads("xla")
+  np.testing.assert_allclose(float(loss_c), float(loss_x), rtol=2e-2, atol=1e-2)
+  flat_c, flat_x = (np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(g)]) for g in (g_c, g_x))
+  assert _min_cosine(flat_c[None], flat_x[None]) >= 0.99
+  table = lambda g: np.asarray(g["encoder"]["relpos_bias"]["rel_embedding"], np.float32).ravel()[None]
+  assert _min_cosine(table(g_c), table(g_x)) >= 0.99  # the bias gradient reaches the position table
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -8,6 +8,7 @@ warning, where cuDNN refuses the call while tracing.
 
 import json
 import os
+import types
 import warnings
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from embed_support import sentences, tiny_model
 
-from instructor_jax import embed
+from instructor_jax import embed, t5
 from instructor_jax.config import T5Config
 from instructor_jax.instructor import Instructor
 from instructor_jax.t5 import attention_kernel
@@ -32,19 +33,26 @@ def _with(model, **encoder):
   return Instructor(model.config.with_encoder(**encoder), model.params, model.tokenizer)
 
 
-def test_auto_is_the_default_and_resolves_per_platform_and_dtype():
+HOPPER = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+
+
+def test_auto_is_the_default_and_resolves_per_device_and_dtype():
   assert T5Config().attention_impl == "auto"
-  assert attention_kernel("auto", "bfloat16", "gpu") == "cudnn"
-  assert attention_kernel("auto", "float16", "gpu") == "cudnn"
-  assert attention_kernel("auto", "float32", "gpu") == "dot_product_attention"  # cuDNN has no float32 kernel
-  for platform in ("cpu", "tpu"):
-    assert attention_kernel("auto", "bfloat16", platform) == "dot_product_attention"
+  assert attention_kernel("auto", "bfloat16", HOPPER) == "cudnn"
+  assert attention_kernel("auto", "float16", HOPPER) == "cudnn"
+  assert attention_kernel("auto", "float32", HOPPER) == "dot_product_attention"  # cuDNN has no float32 kernel
+  for other in (types.SimpleNamespace(platform="gpu", compute_capability="7.0"),  # V100: no cuDNN flash attention
+                types.SimpleNamespace(platform="gpu", compute_capability="gfx90a"),  # ROCm
+                types.SimpleNamespace(platform="gpu"), types.SimpleNamespace(platform="tpu"), jax.devices()[0]):
+    assert attention_kernel("auto", "bfloat16", other) == "dot_product_attention", other
+  assert attention_kernel("auto", "bfloat16") == "dot_product_attention"  # JAX's first device: a CPU here
   for impl in ("xla", "dot_product_attention", "cudnn", "tpu_flash"):
-    assert attention_kernel(impl, "bfloat16", "gpu") == impl
+    assert attention_kernel(impl, "bfloat16", HOPPER) == impl
 
 
 def test_auto_on_cpu_is_xla_fused_attention_bit_for_bit(model):
   assert model.config.encoder.attention_impl == "auto" and model.attention_kernel == "dot_product_attention"
+  assert _with(model, dtype="float16").attention_kernel == "xla"  # XLA:CPU cannot fuse float16 attention
   for dtype in ("float32", "bfloat16"):
     for pack in (False, True):
       want = _with(model, dtype=dtype, attention_impl="dot_product_attention").encode(TEXTS, batch_size=8, pack=pack)
@@ -53,11 +61,9 @@ def test_auto_on_cpu_is_xla_fused_attention_bit_for_bit(model):
 
 @pytest.fixture
 def as_if_on_gpu(monkeypatch):
-  """`start()` reports the backend as a GPU from then on (jit caches cleared around it) and routes
-  every `implementation="cudnn"` call to XLA's kernel, recording it; `refuse` makes them raise instead.
-
-  Models are built before `start()`: on a CPU mesh beside a "GPU" backend, Instructor resolves
-  "auto" to XLA's kernel (test_a_mesh_off_the_default_backend_resolves_auto_to_xla)."""
+  """`start()` makes the model trace as if on a Hopper GPU from then on (jit caches cleared around
+  it) and routes every `implementation="cudnn"` call to XLA's kernel, recording it; `refuse` makes
+  them raise instead."""
   real = jax.nn.dot_product_attention
   calls, refuse = [], []
 
@@ -70,7 +76,7 @@ def as_if_on_gpu(monkeypatch):
   def start():
     jax.clear_caches()
     monkeypatch.setattr(jax.nn, "dot_product_attention", routed)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(t5, "_default_device", lambda: HOPPER)
 
   yield start, calls, refuse
   jax.clear_caches()  # no program traced under the pretence outlives the test

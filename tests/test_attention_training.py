@@ -90,3 +90,30 @@ def test_training_with_dropout_keeps_the_einsums(params, attention_calls, impl):
   got = _loss_and_grads(params, impl, 0.1)
   assert not attention_calls
   jax.tree.map(np.testing.assert_array_equal, got, _loss_and_grads(params, "xla", 0.1))
+
+
+def test_a_train_step_never_resolves_auto_to_cudnn(monkeypatch, attention_calls):
+  """Even a deterministic step (no dropout masks) trains "auto" on XLA's kernel: cuDNN's fallback
+  covers the forward pass only."""
+  import types
+
+  from instructor_jax import sharding as shd
+  from instructor_jax import t5, train_step as ts
+  from instructor_jax.optim import OptimConfig, make_optimizer
+  monkeypatch.setattr(t5, "_default_device", lambda: types.SimpleNamespace(platform="gpu", compute_capability="9.0"))
+  jax.clear_caches()
+  cfg = CFG.with_encoder(dtype="bfloat16")  # "auto" at inference on that device: cuDNN
+  assert t5.attention_kernel("auto", "bfloat16") == "cudnn"
+  mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=1, tensor=1))
+  tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_fraction=0.0), total_steps=10)
+  step = ts.make_train_step(cfg, tx, schedule, mesh, deterministic=True)
+  ids, mask, n_instr = _batch()
+  n = 8  # a multiple of the 8 test devices
+  rows = {f"{role}_{field}": np.resize(np.asarray(x), (n,) + x.shape[1:]) for role in ("query", "pos", "neg")
+          for field, x in (("ids", ids), ("mask", mask), ("n_instr", n_instr))}
+  state = ts.init_state(cfg, tx, mesh, seed=0)  # its init runs the model's inference forward pass
+  attention_calls.clear()
+  _, metrics = step(state, shd.global_batch(rows, mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  assert attention_calls and {c[0] for c in attention_calls} == {None}
+  jax.clear_caches()

@@ -212,6 +212,14 @@ def test_resuming_on_another_batch_budget_warns_and_keeps_the_parts(tmp_path, mo
     json.dump(runtime, f)
   embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
   assert "warning: resuming" not in capsys.readouterr().err
+  # ... unless this run's kernel is not that release's default (cuDNN's, on a GPU).
+  with open(os.path.join(out, "_runtime.json"), "w") as f:
+    json.dump(runtime, f)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(type(model), "attention_kernel", property(lambda self: "cudnn"))
+    embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
+  err = capsys.readouterr().err
+  assert "warning: resuming" in err and "attention: existing \"not recorded" in err and "vs now \"cudnn\"" in err
 
 
 def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model):
@@ -230,6 +238,12 @@ def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model
     m.params = jax.tree.unflatten(tree, [leaves[0] + 1] + leaves[1:])  # a new array for one weight
     changed = embed_manifest.model_fingerprint(m)
     assert changed != first and len(calls) == 1
+    import gc
+    import weakref
+    old = weakref.ref(leaves[0])
+    del leaves, tree
+    gc.collect()
+    assert old() is None  # the cache does not keep replaced weights alive
     host = jax.tree.map(np.array, m.params)  # NumPy leaves can be edited in place: never cached
     m.params = host
     assert embed_manifest.model_fingerprint(m) == changed

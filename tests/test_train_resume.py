@@ -186,6 +186,15 @@ def test_tpu_flash_needs_dropout_0_and_lengths_of_128s():
   assert TrainConfig(**{**flash, "dropout_rate": 0.0, "length_buckets": [256, 128, 128]}).length_buckets == (128, 256)
 
 
+def test_cudnn_needs_half_precision_and_dropout_0():
+  cudnn = {**CONFIG.__dict__, "attention_impl": "cudnn"}  # CONFIG: float32, dropout 0.1
+  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='cudnn' needs dtype bfloat16 or float16")):
+    TrainConfig(**cudnn)
+  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='cudnn' needs dropout_rate 0")):
+    TrainConfig(**{**cudnn, "dtype": "bfloat16"})
+  assert TrainConfig(**{**cudnn, "dtype": "bfloat16", "dropout_rate": 0.0}).attention_impl == "cudnn"
+
+
 def test_numpy_numbers_from_config_code_are_accepted():
   cfg = TrainConfig(**{**CONFIG.__dict__, "batch_size": np.int64(8), "temperature": np.float32(0.05), "seed": 0})
   assert cfg.batch_size == 8
