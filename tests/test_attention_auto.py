@@ -127,6 +127,6 @@ def test_embed_job_records_the_attention_kernel(model, tmp_path):
   src = tmp_path / "in.jsonl"
   src.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(5)))
   out = str(tmp_path / "out")
-  embed.main(["--input", str(src), "--output", out, "--no-progress"], model=model)
+  embed.main(["--input", str(src), "--output", out, "--no-progress", "--format", "npy"], model=model)
   runtime = json.load(open(os.path.join(out, "_runtime.json")))
   assert runtime["attention"] == "dot_product_attention"
