@@ -305,7 +305,7 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
   recorded = None if args.overwrite else embed_manifest.recorded_fingerprint_scheme(out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges,
-                                 recorded if recorded in ("sha256", "sha256-leaves") else "sha256-leaves")
+                                 recorded or embed_manifest.FINGERPRINT_SCHEMES[0])
   embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
   embed_manifest.note_runtime(out_dir, runtime, model.config.encoder.dtype)
   if ranges is not None:

@@ -38,6 +38,9 @@ class OutputMismatchError(RuntimeError):
   """The output directory holds results of a different job."""
 
 
+FINGERPRINT_SCHEMES = ("sha256-leaves", "sha256")  # the first for new jobs
+
+
 def params_fingerprint(params: Any, scheme: str = "sha256-leaves") -> str:
   """`scheme:hex` identifying the weights: every parameter's path, dtype, shape and bytes (as stored: float32).
 
@@ -59,8 +62,8 @@ def params_fingerprint(params: Any, scheme: str = "sha256-leaves") -> str:
       h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
       h.update(value.tobytes())
     return "sha256:" + h.hexdigest()
-  if scheme != "sha256-leaves":
-    raise ValueError(f"unknown parameter fingerprint scheme {scheme!r}; expected sha256-leaves or sha256.")
+  if scheme not in FINGERPRINT_SCHEMES:
+    raise ValueError(f"unknown parameter fingerprint scheme {scheme!r}; expected one of {FINGERPRINT_SCHEMES}.")
 
   def line(path_leaf: tuple[Any, Any]) -> str:
     value = host(path_leaf[1])
@@ -94,13 +97,15 @@ def model_fingerprint(model: Any, scheme: str = "sha256-leaves") -> str:
 
 
 def recorded_fingerprint_scheme(out_dir: str) -> str | None:
-  """The fingerprint scheme of the job recorded in `out_dir` (None if none), so a resume compares like with like."""
+  """The fingerprint scheme of the job recorded in `out_dir` (None if none or unknown), so a resume
+  compares like with like."""
   path = os.path.join(out_dir, JOB_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     recorded = json.load(f).get("model", {}).get("fingerprint")
-  return recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
+  scheme = recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
+  return scheme if scheme in FINGERPRINT_SCHEMES else None
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from instructor_jax.config import InstructorConfig, canonical_dtype
 from instructor_jax.encode_batches import BatchSpec, PlannedBatch, planned_batches
 from instructor_jax.model import InstructorModel, with_compute_dtype_weights
-from instructor_jax.t5 import attention_kernel
+from instructor_jax.t5 import attention_kernel, fused_attention_compiles
 from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer
 
 def local_data_mesh() -> Mesh:
@@ -98,7 +98,7 @@ class Instructor:
     "auto", rare on the GPUs "auto" picks it for, is warned about when the model is compiled."""
     enc = self.config.encoder
     device = self.mesh.devices.flat[0]
-    if enc.dtype == "float16" and device.platform == "cpu" and enc.attention_impl != "tpu_flash":
+    if enc.attention_impl != "tpu_flash" and not fused_attention_compiles(enc.dtype, device.platform):
       return "xla"
     return attention_kernel(enc.attention_impl, enc.dtype, device)
 

@@ -171,6 +171,12 @@ def attention_kernel(impl: str, dtype: jnp.dtype, device: jax.Device | None = No
   return "cudnn" if cudnn else "dot_product_attention"
 
 
+def fused_attention_compiles(dtype: jnp.dtype, platform: str) -> bool:
+  """False where the fused kernels cannot run: XLA:CPU cannot compile jax.nn.dot_product_attention's
+  float16 logits (a float32-result dot), so float16 on a CPU keeps the einsums."""
+  return not (jnp.dtype(dtype) == jnp.float16 and platform == "cpu")
+
+
 def _default_device() -> jax.Device:
   """The device "auto" is resolved for while tracing: the default backend's first."""
   return jax.devices()[0]
@@ -232,8 +238,7 @@ class Attention(nn.Module):
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
     # The fused kernels have no attention dropout: they serve inference, and training at dropout 0.
-    # XLA:CPU cannot compile jax.nn.dot_product_attention's float16 logits (a float32-result dot).
-    fused = (deterministic or cfg.dropout_rate == 0.0) and not (dtype == jnp.float16 and jax.default_backend() == "cpu")
+    fused = (deterministic or cfg.dropout_rate == 0.0) and fused_attention_compiles(dtype, jax.default_backend())
     if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
       out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
     elif cfg.attention_impl != "xla" and fused:
