@@ -12,6 +12,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, XLA attention, profiles, float16, tokeniser (its step
 #                                                    # limits add up to more than BUDGET: the last are skipped
 #                                                    # when the first use theirs)
+#   OUT=/some/dir bash benchmarks/gpu_all.sh packing # training on the MEDI sample's real lengths: length buckets
+#                                                    # against packed rows (TrainConfig.pack_length), same steps
 #   QUICK=1 OUT=/tmp/g bash benchmarks/gpu_all.sh core   # the same flow on a CPU, tiny shapes (a dry run)
 #
 # One phase per device lease: with 15 minutes of device time, start-up included, `core` leaves too
@@ -116,6 +118,18 @@ elif [[ $PHASE == train ]]; then
   step profile_train 140 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
     --out "$OUT/profile_train"
   head -n 20 "$OUT"/profile_train/summary.txt
+elif [[ $PHASE == packing ]]; then
+  # Real training texts (the MEDI sample's lengths): the same steps padded to length buckets and
+  # packed into 512-token rows (TrainConfig.pack_length), gtr-large, bf16, full remat. Each shape
+  # compiles once (60-90 s each on an H200), so few steps.
+  check_devices
+  if [[ -n "${QUICK:-}" ]]; then
+    PACKING=(--batch 8 --steps 20 --time-steps 2 --query-len 128 --doc-len 128 --pack-length 128)
+  else
+    PACKING=(--batch 256 --steps 200 --time-steps 6)
+  fi
+  step packing 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/train_padding.py "${PACKING[@]}" \
+    --time-shape "$SHAPE" --time-dtype bfloat16 --time-remat full --no-full-padding-time --out "$OUT/packing.json"
 elif [[ $PHASE == extra ]]; then
   check_devices
   # Correctness on the card first: cuDNN attention against XLA's, bf16/float16 against float32, a
@@ -146,7 +160,7 @@ elif [[ $PHASE == extra ]]; then
   if [[ -n "${QUICK:-}" ]]; then TOK=(--docs 4 --short 50); else TOK=(--docs 200); fi
   step tokenize 90 "$PY" benchmarks/tokenize_bench.py "${TOK[@]}" --repeats 1 --out "$OUT/tokenize.json"
 else
-  echo "usage: OUT=DIR bash benchmarks/gpu_all.sh core|train|extra" >&2
+  echo "usage: OUT=DIR bash benchmarks/gpu_all.sh core|train|extra|packing" >&2
   exit 2
 fi
 # Non-zero when any step failed, was cut short or was skipped (report.md says which).

@@ -1,13 +1,15 @@
-"""Training on MEDI: padding every batch to query_len/doc_len vs to its length bucket.
+"""Training on MEDI: padding every batch to query_len/doc_len vs to its length bucket vs packing it.
 
     python benchmarks/train_padding.py                      # the shipped sample, counts only
     python benchmarks/train_padding.py --medi /data/medi-data.json --steps 2000 --batch 1024
     python benchmarks/train_padding.py --time-steps 4       # also times train steps (t5-small shape)
+    python benchmarks/train_padding.py --batch 32 --time-steps 4 --no-full-padding-time
 
 For the first --steps global batches of the trainer's own stream (`global_batches`, seed 0) it
-reports, per setting of `TrainConfig.length_buckets`: the share of padded positions that are
+reports, per setting of `TrainConfig.length_buckets` and for `TrainConfig.pack_length`
+(--pack-length): the share of padded positions that are
 text, the model FLOPs per step (train_outputs.train_step_flops, the MFU numerator), the number of
-distinct (query, document) lengths, i.e. compiled steps, and with --time-steps the wall time of
+distinct (query, document) lengths or packed row counts, i.e. compiled steps, and with --time-steps the wall time of
 that many train steps (from step 1 on) on this machine, each shape compiled before timing. The FLOPs ratio is what
 bucketing saves on a compute-bound accelerator; the timed ratio is what it saved here.
 """
@@ -22,38 +24,58 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from instructor_jax import medi_batches, train_outputs  # noqa: E402
+from instructor_jax import medi_batches, medi_packing, train_outputs  # noqa: E402
 from instructor_jax.train_config import TrainConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def stream(tasks, args, buckets):
-  """The trainer's batches: step 0 always at query_len / doc_len (train._loop), the rest bucketed."""
-  from instructor_jax.train import pad_batch_to
+def stream(tasks, args, buckets, pack_length=0):
+  """The trainer's batches (one batch shard): step 0 always at its largest shape (train._loop), the rest
+  bucketed, or packed into rows of `pack_length`."""
   out = list(medi_batches.global_batches(None, tasks=tasks, global_batch_size=args.batch, num_steps=args.steps,
                                          query_len=args.query_len, doc_len=args.doc_len, length_buckets=buckets,
-                                         log_fn=lambda _: None))
+                                         pack_length=pack_length, log_fn=lambda _: None))
   step, task, first = out[0]
-  out[0] = (step, task, pad_batch_to(first, args.query_len, args.doc_len))
+  out[0] = (step, task, medi_packing.pad_rows(first, medi_packing.max_rows(args.batch), 1) if pack_length
+            else medi_batches.pad_batch_to(first, args.query_len, args.doc_len))
   return out
+
+
+def shape_of(b):
+  """(rows, pack length) of a packed batch, (query, document length) otherwise: one compiled step each."""
+  if "packed_ids" in b:
+    return ("packed",) + b["packed_ids"].shape
+  return b["query_ids"].shape[1], b["pos_ids"].shape[1]
 
 
 def counts(batches, model, batch_size):
   real = padded = flops = 0.0
   shapes = collections.Counter()
   for _, _, b in batches:
+    shapes[shape_of(b)] += 1
+    if "packed_ids" in b:
+      rows, length = b["packed_ids"].shape
+      real += float(np.count_nonzero(b["packed_segments"]))
+      padded += rows * length
+      flops += train_outputs.packed_step_flops(model, rows, length, texts=3 * batch_size)
+      continue
     lq, ld = b["query_ids"].shape[1], b["pos_ids"].shape[1]
-    shapes[(lq, ld)] += 1
     real += sum(float(b[f"{r}_mask"].sum()) for r in ("query", "pos", "neg"))
     padded += batch_size * (lq + 2 * ld)
     flops += train_outputs.train_step_flops(model, batch_size, lq, ld)
   n = max(len(batches), 1)
   return {"text_share": real / max(padded, 1), "flops_per_step": flops / n, "shapes": len(shapes),
-          "commonest_shapes": [f"{q}x{d}: {c}" for (q, d), c in shapes.most_common(4)]}
+          "commonest_shapes": [f"{_shape_name(k)}: {c}" for k, c in shapes.most_common(4)]}
+
+
+def _shape_name(key) -> str:
+  return f"{key[1]}x{key[2]} packed" if key[0] == "packed" else f"{key[0]}x{key[1]}"
 
 
 def time_steps(batches, model, args):
@@ -65,10 +87,10 @@ def time_steps(batches, model, args):
   mesh = shd.make_mesh(shd.MeshConfig(), jax.devices()[:1])
   tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-5), 1000)
   state = ts.init_state(model, tx, mesh)
-  step = ts.make_train_step(model, tx, schedule, mesh)
+  step = ts.make_train_step(model, tx, schedule, mesh, packed="packed_ids" in batches[0][2])
   done = set()
   for _, _, b in batches:  # compile every shape first
-    key = (b["query_ids"].shape[1], b["pos_ids"].shape[1])
+    key = shape_of(b)
     if key not in done:
       state, metrics = step(state, shd.global_batch(b, mesh))
       jax.block_until_ready(metrics)
@@ -80,6 +102,17 @@ def time_steps(batches, model, args):
   return time.perf_counter() - start
 
 
+def _encode_fn():
+  """SentencePiece (the trainer's), else the inference tokenizer, which gives the same ids (tested in
+  test_medi_batches) more slowly: the GPU machine's image has no sentencepiece."""
+  try:
+    import sentencepiece  # noqa: F401
+    return None
+  except ImportError:
+    from instructor_jax import tokenization
+    return tokenization.Tokenizer.from_pretrained(None).encode_pieces
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--medi", default=str(REPO / "data" / "medi_sample.jsonl"))
@@ -88,31 +121,39 @@ def main(argv=None):
   p.add_argument("--query-len", type=int, default=512)
   p.add_argument("--doc-len", type=int, default=512)
   p.add_argument("--model", default="gtr-large", help="preset whose FLOPs are counted")
-  p.add_argument("--time-steps", type=int, default=0, help="also time this many train steps, both ways")
+  p.add_argument("--pack-length", type=int, default=512, help="TrainConfig.pack_length of the packed row")
+  p.add_argument("--time-steps", type=int, default=0, help="also time this many train steps, every way")
   p.add_argument("--time-shape", default="small", help="the model timed (benchmarks/run.py's SHAPES)")
+  p.add_argument("--time-dtype", default="float32", help="compute dtype of the timed steps (bfloat16 on a GPU)")
+  p.add_argument("--time-remat", default="none", help="TrainConfig.remat_policy of the timed steps")
+  p.add_argument("--no-full-padding-time", action="store_true",
+                 help="time buckets and packing only (speed-ups then against buckets): 512/512 steps are slow")
   p.add_argument("--out")
   args = p.parse_args(argv)
   from instructor_jax.config import preset
   model = preset(args.model)
-  tasks = medi_batches.load_tasks(args.medi, log_fn=lambda _: None)
+  tasks = medi_batches.load_tasks(args.medi, encode_fn=_encode_fn(), log_fn=lambda _: None)
   rows = {}
-  settings = {"pad to query_len/doc_len": (), "TrainConfig default": TrainConfig().length_buckets}
-  for name, buckets in settings.items():
-    batches = stream(tasks, args, buckets)
-    rows[name] = {"length_buckets": list(buckets), **counts(batches, model, args.batch)}
-    if args.time_steps:
+  settings = {"pad to query_len/doc_len": ((), 0), "TrainConfig default": (TrainConfig().length_buckets, 0),
+              f"packed, rows of {args.pack_length}": ((), args.pack_length)}
+  for name, (buckets, pack_length) in settings.items():
+    batches = stream(tasks, args, buckets, pack_length)
+    rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, **counts(batches, model, args.batch)}
+    if args.time_steps and not (args.no_full_padding_time and not buckets and not pack_length):
       from run import SHAPES
       # Steps 1.. (step 0 is the same full-length step both ways).
-      rows[name]["seconds"] = time_steps(batches[1:1 + args.time_steps], SHAPES[args.time_shape], args)
+      timed = SHAPES[args.time_shape].with_encoder(dtype=args.time_dtype, remat_policy=args.time_remat)
+      rows[name]["seconds"] = time_steps(batches[1:1 + args.time_steps], timed, args)
   base = rows["pad to query_len/doc_len"]
   for name, r in rows.items():
     r["flops_saved"] = base["flops_per_step"] / r["flops_per_step"]
-    if args.time_steps:
-      r["speedup"] = base["seconds"] / r["seconds"]
-    print(f"{name:28s} buckets {str(r['length_buckets']):16s} text {100 * r['text_share']:5.1f}% of positions | "
+    timed_base = rows["TrainConfig default"] if args.no_full_padding_time else base
+    if "seconds" in r:
+      r["speedup"] = timed_base["seconds"] / r["seconds"]
+    print(f"{name:28s} buckets {str(r['length_buckets']):20s} text {100 * r['text_share']:5.1f}% of positions | "
           f"{r['flops_per_step'] / 1e12:8.3f} TFLOP/step ({args.model}), {r['flops_saved']:.2f}x fewer | "
           f"{r['shapes']} shapes ({', '.join(r['commonest_shapes'])})"
-          + (f" | {args.time_steps} steps of {args.time_shape} {r['seconds']:.2f} s, {r['speedup']:.2f}x" if args.time_steps
+          + (f" | {args.time_steps} steps of {args.time_shape} {r['seconds']:.2f} s, {r['speedup']:.2f}x" if "seconds" in r
              else ""))
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -16,6 +16,7 @@ maximum; the same on every host):
   query_ids, query_mask [b, Lq]   pos_ids, pos_mask, neg_ids, neg_mask [b, Ld]
   query_n_instr, pos_n_instr, neg_n_instr [b]   (positions excluded from pooling)
 Ids, masks and instruction lengths follow `tokenization.build_inputs` (the inference rule).
+With `pack_length` the same triples come packed several texts to a row instead (`medi_packing`).
 
 How a step is made, with no communication and no state but the step number:
   * task(s) = the task whose cumulative mixing rate brackets u(seed, s), a counter-based hash
@@ -50,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from instructor_jax import tokenization
+from instructor_jax import medi_packing, tokenization
 
 FIELDS = ("query", "pos", "neg")
 _NO_TRUNCATION = 1 << 30
@@ -95,6 +96,15 @@ class FieldArrays:
     mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.int32)
     n_instr = tokenization.instruction_lengths(self.n_instr[rows], max_len)
     return ids, mask, n_instr
+
+  def truncated(self, rows: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """The ids of `rows` (int32, unpadded) truncated as `pad` truncates them: for packing."""
+    out = []
+    for i in rows:
+      start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+      n = min(stop - start - 1, max_len - 1)
+      out.append(np.append(self.tokens[start:start + n].astype(np.int32), np.int32(tokenization.EOS_ID)))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,13 +254,24 @@ def make_batch(task: TaskArrays, rows: np.ndarray, query_len: int, doc_len: int)
   return out
 
 
+def pad_batch_to(batch: dict[str, np.ndarray], query_len: int, doc_len: int) -> dict[str, np.ndarray]:
+  """`batch` with its ids and masks right-padded with 0 to query_len / doc_len (the same batch)."""
+  out = {}
+  for key, x in batch.items():
+    width = query_len if key.startswith("query") else doc_len
+    out[key] = x if x.ndim == 1 else np.pad(x, ((0, 0), (0, width - x.shape[1])))
+  return out
+
+
 def iterate(tasks: Mapping[str, TaskArrays], plan: BatchPlan, *, process_index: int, process_count: int,
             start_step: int, query_len: int, doc_len: int, num_steps: int | None = None,
-            length_buckets: Sequence[int] = ()) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+            length_buckets: Sequence[int] = (), pack_length: int = 0, shards: int = 1,
+            chunks: int = 1) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """(step, task name, this host's batch) from start_step on, forever or for num_steps.
 
   Each global batch is padded to `padded_lengths` over `length_buckets` (none: always query_len /
-  doc_len)."""
+  doc_len), or with `pack_length` packed into rows of that many tokens over `shards` batch shards
+  and `chunks` GradCache chunks (`medi_packing`; the same triples either way)."""
   draws = plan.draws_before(start_step)
   step, stop = start_step, None if num_steps is None else start_step + num_steps
   while stop is None or step < stop:
@@ -259,8 +280,13 @@ def iterate(tasks: Mapping[str, TaskArrays], plan: BatchPlan, *, process_index: 
       name = plan.tasks[int(t)]
       rows = plan.global_indices(int(t), int(draws[t]))
       draws[t] += 1
-      lengths = padded_lengths(tasks[name], rows, query_len, doc_len, length_buckets)
-      yield step, name, make_batch(tasks[name], host_slice(rows, process_index, process_count), *lengths)
+      if pack_length:
+        yield step, name, medi_packing.make_packed_batch(
+            tasks[name], rows, shards=shards, process_index=process_index, process_count=process_count,
+            query_len=query_len, doc_len=doc_len, pack_length=pack_length, chunks=chunks)
+      else:
+        lengths = padded_lengths(tasks[name], rows, query_len, doc_len, length_buckets)
+        yield step, name, make_batch(tasks[name], host_slice(rows, process_index, process_count), *lengths)
       step += 1
 
 
@@ -395,7 +421,8 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
                    num_steps: int | None = None, tasks: Mapping[str, TaskArrays] | None = None,
                    encode_fn: tokenization.EncodeFn | None = None, cache_dir: str | None = None,
                    log_fn: Callable[[str], None] = print,
-                   length_buckets: Sequence[int] = ()) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+                   length_buckets: Sequence[int] = (), pack_length: int = 0, shards: int = 1,
+                   chunks: int = 1) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """(step, task name, this host's slice of the step's single-task global batch), from start_step.
 
   `path_or_builder`: a MEDI .json/.jsonl file, a directory holding one (the TFDS manual dir), or
@@ -403,7 +430,9 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
   `load_tasks` output across calls); `cache_dir` keeps the tokenised corpus between runs (see
   `load_tasks`). Mixing: rates ∝ min(n, rate_cap) ** (1 / temperature). `length_buckets`: pad each
   global batch only to the smallest of these lengths that holds its longest text (`padded_lengths`),
-  instead of always to query_len / doc_len.
+  instead of always to query_len / doc_len. `pack_length` > 0: pack each global batch's texts into
+  rows of that many tokens instead (>= query_len and doc_len), per block of triples of each of the
+  `shards` batch shards (data x fsdp), for `chunks` GradCache chunks, in the layout of `medi_packing`.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
@@ -414,6 +443,11 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of process_count "
                      f"{process_count} (every host takes an equal slice).")
+  if pack_length and (pack_length < max(query_len, doc_len) or global_batch_size % (shards * chunks)
+                      or shards % process_count):
+    raise ValueError(f"global_batches(pack_length={pack_length}): needs pack_length >= query_len ({query_len}) and "
+                     f"doc_len ({doc_len}), global_batch_size ({global_batch_size}) a multiple of shards ({shards}) "
+                     f"x chunks ({chunks}), and shards a multiple of process_count ({process_count}).")
   tasks = tasks if tasks is not None else load_tasks(path_or_builder, encode_fn, log_fn, cache_dir)
   if process_index == 0 and (report := truncation_report(tasks, query_len, doc_len)):
     log_fn(report)
@@ -422,4 +456,4 @@ def global_batches(path_or_builder: Any, *, global_batch_size: int, process_inde
       {t: n for t, n in sizes.items() if n >= global_batch_size} or sizes, temperature, rate_cap))
   return iterate(tasks, plan, process_index=process_index, process_count=process_count,
                  start_step=start_step, query_len=query_len, doc_len=doc_len, num_steps=num_steps,
-                 length_buckets=length_buckets)
+                 length_buckets=length_buckets, pack_length=pack_length, shards=shards, chunks=chunks)

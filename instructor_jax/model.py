@@ -39,9 +39,13 @@ def masked_mean(hidden_BLD: jax.Array, weights_BL: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x_BE: jax.Array) -> jax.Array:
-  """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
-  norm_B1 = jnp.sqrt(jnp.sum(x_BE * x_BE, axis=-1, keepdims=True))
-  return x_BE / jnp.maximum(norm_B1, 1e-12)
+  """x / max(||x||, 1e-12), as torch.nn.functional.normalize.
+
+  The floor is taken under the square root (the same value): sqrt's gradient at an all-zero row is
+  0/0, and a zero row (an empty text slot of a packed training batch) must not turn the gradients NaN.
+  """
+  norm_B1 = jnp.sqrt(jnp.maximum(jnp.sum(x_BE * x_BE, axis=-1, keepdims=True), 1e-24))
+  return x_BE / norm_B1
 
 
 class InstructorModel(nn.Module):

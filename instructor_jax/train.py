@@ -25,8 +25,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from instructor_jax import orbax_io, sharding as shd, train_outputs
+from instructor_jax import medi_packing, orbax_io, sharding as shd, train_outputs
 from instructor_jax.config import InstructorConfig, preset
+from instructor_jax.medi_batches import pad_batch_to
 from instructor_jax.medi_records import cache_root
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
@@ -205,8 +206,10 @@ def run_meta(cfg: TrainConfig) -> dict[str, Any]:
           "init_checkpoint": cfg.init_checkpoint}
 
 
-def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
-  """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run)."""
+def batches(cfg: TrainConfig, start_step: int, num_steps: int,
+            shards: int = 1) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+  """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run);
+  packed per block of each of the `shards` batch shards with TrainConfig.pack_length."""
   _require_medi_path(cfg)
   from instructor_jax.medi_batches import global_batches
   # The tokenised corpus is kept per host, so a restart (preemption) memory-maps it instead of
@@ -216,7 +219,8 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int) -> Iterator[tuple
                         process_count=jax.process_count(), seed=cfg.data_seed, start_step=start_step,
                         query_len=cfg.query_len, doc_len=cfg.doc_len, temperature=cfg.mixing_temperature,
                         rate_cap=cfg.rate_cap, num_steps=num_steps, cache_dir=cache_dir,
-                        length_buckets=cfg.length_buckets)
+                        length_buckets=cfg.length_buckets, pack_length=cfg.pack_length, shards=shards,
+                        chunks=cfg.grad_cache_chunks)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -347,7 +351,8 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
       path.write_text(gin_text)
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
-                              compiler_options=train_compiler_options(cfg.xla_options))
+                              compiler_options=train_compiler_options(cfg.xla_options),
+                              packed=cfg.pack_length > 0)
     writer = _metrics_writer(cfg, model, workdir, start)
     evaluator = _sts_eval(cfg, model, mesh, state_shardings(model, tx, mesh).params) if cfg.eval_sts_path else None
     try:
@@ -427,25 +432,36 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
   `evaluator` (train_eval.StsEval) scores the parameters of every checkpoint but a preemption's."""
   meta = run_meta(cfg)
   pending = None
-  compiled: set[tuple[int, int]] = set()  # (query, document) lengths the step has run at
+  compiled: set[tuple[int, int]] = set()  # (query, document) lengths, or (packed rows, pack_length), run at
+  shards = shd.batch_size_multiple(mesh)
+  local_blocks = shards // jax.process_count()
   stop.started = True
   if stop.signal is not None:
     raise _StoppedBeforeStart(signal.Signals(stop.signal).name)
   try:
-    for step, task, local in batches(cfg, start, end - start):
+    for step, task, local in batches(cfg, start, end - start, shards):
       if step == 0:
         # The largest shape first, so that a batch that does not fit in memory fails now rather than
         # at the first batch whose texts reach query_len / doc_len (hours in, and again on every
         # resume). Padding further changes nothing but float rounding and the dropout masks, and
         # depends on the step alone, so a resumed run still equals an unbroken one.
-        local = pad_batch_to(local, cfg.query_len, cfg.doc_len)
-      lengths = (local["query_ids"].shape[1], local["pos_ids"].shape[1])
-      new_shape = lengths not in compiled
-      if new_shape and jax.process_index() == 0:
+        chunks = cfg.grad_cache_chunks
+        local = (medi_packing.pad_rows(local, medi_packing.max_rows(cfg.batch_size // shards, chunks), local_blocks,
+                                       chunks) if cfg.pack_length else pad_batch_to(local, cfg.query_len, cfg.doc_len))
+      if cfg.pack_length:
+        lengths = (local["packed_ids"].shape[0] * jax.process_count(), cfg.pack_length)
+        what = f"{lengths[0]} packed rows of {lengths[1]} tokens"
+        why = ("step 1 runs with one row per text, so that a batch too large for memory fails now" if step == 0
+               else "a new row count")
+      else:
+        lengths = (local["query_ids"].shape[1], local["pos_ids"].shape[1])
+        what = f"query length {lengths[0]}, document length {lengths[1]}"
         why = ("step 1 runs at query_len / doc_len, so that a batch too large for memory fails now" if step == 0
                else "a new pair of TrainConfig.length_buckets")
-        print(f"step {step + 1}: compiling the step for query length {lengths[0]}, document length {lengths[1]} "
-              f"({why}; read from the compilation cache if compiled before)", flush=True)
+      new_shape = lengths not in compiled
+      if new_shape and jax.process_index() == 0:
+        print(f"step {step + 1}: compiling the step for {what} ({why}; read from the compilation cache if "
+              "compiled before)", flush=True)
       compiled.add(lengths)
       began = time.time()
       state, metrics = step_fn(state, shd.global_batch(local, mesh))
@@ -455,8 +471,12 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
         log(*_fetch(pending))
       done = step + 1
       # What the matmuls see this step (its lengths are the batch's buckets), for tokens/s and MFU.
-      cost = {"padded_tokens": cfg.batch_size * (lengths[0] + 2 * lengths[1]),
-              "flops": train_outputs.train_step_flops(model, cfg.batch_size, *lengths)}
+      if cfg.pack_length:
+        cost = {"padded_tokens": lengths[0] * lengths[1],
+                "flops": train_outputs.packed_step_flops(model, *lengths, texts=3 * cfg.batch_size)}
+      else:
+        cost = {"padded_tokens": cfg.batch_size * (lengths[0] + 2 * lengths[1]),
+                "flops": train_outputs.train_step_flops(model, cfg.batch_size, *lengths)}
       pending = (done, task, metrics, cost)
       # A signal during the last step is no early stop: the run ends there anyway, finished.
       notice = stop.signal is not None or (jax.process_count() > 1 and ckpt.reached_preemption(done))
@@ -517,15 +537,6 @@ class _Logger:
 
 
 COMPILATION_CACHE_BYTES = 8 << 30  # least recently used entries go first
-
-
-def pad_batch_to(batch: dict[str, np.ndarray], query_len: int, doc_len: int) -> dict[str, np.ndarray]:
-  """`batch` with its ids and masks right-padded with 0 to query_len / doc_len (the same batch)."""
-  out = {}
-  for key, x in batch.items():
-    width = query_len if key.startswith("query") else doc_len
-    out[key] = x if x.ndim == 1 else np.pad(x, ((0, 0), (0, width - x.shape[1])))
-  return out
 
 
 def use_persistent_compilation_cache() -> None:

@@ -48,6 +48,14 @@ def train_step_flops(config: InstructorConfig, batch_size: int, query_len: int, 
   return 3 * (encoder_flops(config, batch_size, query_len) + encoder_flops(config, 2 * batch_size, doc_len))
 
 
+def packed_step_flops(config: InstructorConfig, rows: int, length: int, texts: int) -> float:
+  """Model FLOPs of one step over `rows` packed rows of `length` tokens holding `texts` texts: every
+  position's matmuls, attention over the whole row (masked pairs are computed too), one projection
+  per text."""
+  projection = 2 * config.encoder.d_model * (config.projection_dim or 0) * texts
+  return 3 * (encoder_flops(config.replace(projection_dim=None), rows, length) + projection)
+
+
 def _step_of(line: str) -> int | None:
   try:
     return int(json.loads(line)["step"])

@@ -1,6 +1,7 @@
 """The train state, its sharded creation, and the jitted contrastive train step (plain or GradCache).
 
-Shape key: B global batch, L length, E embedding dim, C GradCache chunks, R roles per pass.
+Shape key: B global batch, L length, E embedding dim, C GradCache chunks, R roles per pass; packed
+batches: N rows, S text slots per row.
 
 The step is one pure function `(state, batch) -> (state, metrics)`, jitted once with explicit
 in/out shardings and the state donated. The loss is computed on *global* embeddings: XLA
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from instructor_jax import sharding as shd
 from instructor_jax.config import InstructorConfig
 from instructor_jax.losses import get_loss
+from instructor_jax.medi_packing import PACKED_KEYS
 from instructor_jax.model import InstructorModel
 
 ROLES = ("query", "pos", "neg")
@@ -137,7 +139,10 @@ def _check_params(params: Any, config: InstructorConfig) -> None:
                      f"{extra[:5]}, wrong shapes {wrong[:5]}. Check INIT_CHECKPOINT and its config.")
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, packed: bool = False) -> dict[str, NamedSharding]:
+  """Rows over the batch axes: of the unpacked batch's keys, or of the packed one's (medi_packing)."""
+  if packed:
+    return {k: shd.batch_sharding(mesh, 2) for k in PACKED_KEYS}
   return {k: shd.batch_sharding(mesh, 1 if k.endswith("n_instr") else 2) for k in BATCH_KEYS}
 
 
@@ -166,6 +171,24 @@ def embed_triples(model: InstructorModel, params: Any, batch: Batch, rng: jax.Ar
     for j, role in enumerate(roles):
       out[role] = emb_BRE[:, j]
   return out["query"], out["pos"], out["neg"]
+
+
+def embed_packed_triples(model: InstructorModel, params: Any, batch: Batch, rng: jax.Array, deterministic: bool,
+                         shards: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Query, positive and negative embeddings [B, E] of a packed batch (medi_packing's layout): one
+  encoder pass over the packed rows, pooled per text slot, then each triple's three slots gathered
+  from its own block of rows."""
+  segments_NL = batch["packed_segments"]
+  emb_NSE = model.apply({"params": params}, batch["packed_ids"], (segments_NL > 0).astype(jnp.int32),
+                        batch["packed_n_instr"], deterministic=deterministic, segments_BL=segments_NL,
+                        offsets_BL=batch["packed_offsets"], rngs=None if deterministic else {"dropout": rng})
+  rows, slots, dim = emb_NSE.shape
+  slots_B3 = batch["text_slots"]
+  triples = slots_B3.shape[0]
+  # text_slots count within the block's own rows: block k of the triples owns block k of the rows.
+  first_B1 = (jnp.arange(triples, dtype=jnp.int32) // (triples // shards) * (rows // shards * slots))[:, None]
+  emb_B3E = jnp.take(emb_NSE.reshape(rows * slots, dim), first_B1 + slots_B3, axis=0)
+  return emb_B3E[:, 0], emb_B3E[:, 1], emb_B3E[:, 2]
 
 
 def _split_rows(x: jax.Array, chunks: int) -> jax.Array:
@@ -216,11 +239,13 @@ def grad_cache_grads(embed: Callable, loss_fn: Callable, params: Any, batch: Bat
 def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, *, loss: str = "instructor", temperature: float = 0.01,
                     grad_cache_chunks: int = 1, seed: int = 0, deterministic: bool = False,
-                    compiler_options: dict[str, Any] | None = None,
+                    compiler_options: dict[str, Any] | None = None, packed: bool = False,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The jitted step; `grad_cache_chunks > 1` switches on GradCache with that many chunks.
 
   `compiler_options` go to XLA for this step only (xla_options.train_compiler_options()).
+  `packed`: batches in medi_packing's layout (TrainConfig.pack_length), packed for
+  `grad_cache_chunks` (medi_packing.make_packed_batch(chunks=...)).
   """
   if config.encoder.attention_impl == "auto":
     # "auto" may pick cuDNN for a deterministic forward pass, and its fallback would not cover the
@@ -228,14 +253,18 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
     config = config.with_encoder(attention_impl="dot_product_attention")
   model = InstructorModel(config)
   loss_fn = functools.partial(get_loss(loss), temperature=temperature)
-  embed = functools.partial(embed_triples, model, deterministic=deterministic)
   shards = shd.batch_size_multiple(mesh)
+  embed = (functools.partial(embed_packed_triples, model, deterministic=deterministic, shards=shards) if packed
+           else functools.partial(embed_triples, model, deterministic=deterministic))
 
   def plain(params, batch, rng):
     return loss_fn(*embed(params, batch, rng))
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    batch_size = batch["query_ids"].shape[0]
+    batch_size = batch["text_slots" if packed else "query_ids"].shape[0]
+    if packed and batch["packed_ids"].shape[0] % (shards * grad_cache_chunks):
+      raise ValueError(f"{batch['packed_ids'].shape[0]} packed rows do not split over the {shards} batch shards x "
+                       f"{grad_cache_chunks} GradCache chunks: pack with medi_packing.make_packed_batch(chunks=...).")
     if batch_size % (shards * grad_cache_chunks):
       raise ValueError(f"global batch {batch_size} must be a multiple of data*fsdp ({shards}) x "
                        f"grad_cache_chunks ({grad_cache_chunks}); change BATCH_SIZE or the mesh.")
@@ -248,13 +277,20 @@ def make_train_step(config: InstructorConfig, tx: optax.GradientTransformation, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss_value, grad_norm=global_norm(grads), param_norm=global_norm(params),
-                   lr=schedule(state.step), real_tokens=sum(jnp.sum(batch[f"{r}_mask"]) for r in ROLES))
+                   lr=schedule(state.step), real_tokens=real_tokens(batch))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   state_sh = state_shardings(config, tx, mesh)
-  return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh)),
+  return jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh, packed)),
                  out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,),
                  compiler_options=compiler_options or None)
+
+
+def real_tokens(batch: Batch) -> jax.Array:
+  """Text tokens (not padding) in the batch, packed or not."""
+  if "packed_segments" in batch:
+    return jnp.sum(batch["packed_segments"] > 0)
+  return sum(jnp.sum(batch[f"{r}_mask"]) for r in ROLES)
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -223,15 +223,19 @@ def test_encode_overlap_times_whole_and_chunked_preparation(tmp_path):
   assert "chunked" in stdout
 
 
-def test_train_padding_counts_and_times_both_settings(tmp_path):
+def test_train_padding_counts_and_times_every_setting(tmp_path):
   out = tmp_path / "padding.json"
   stdout = _run(["benchmarks/train_padding.py", "--steps", "20", "--query-len", "128", "--doc-len", "128",
-                 "--time-steps", "2", "--time-shape", "tiny", "--out", str(out)], tmp_path)
-  padded, bucketed = json.loads(out.read_text())["rows"].values()
+                 "--pack-length", "128", "--batch", "16", "--time-steps", "2", "--time-shape", "tiny",
+                 "--out", str(out)], tmp_path)
+  padded, bucketed, packed = json.loads(out.read_text())["rows"].values()
   assert padded["length_buckets"] == [] and padded["shapes"] == 1 and bucketed["length_buckets"]
-  # The sample's texts are short: bucketing must pad less and count fewer FLOPs, with the same text.
+  assert packed["pack_length"] == 128 and any("packed" in s for s in packed["commonest_shapes"])
+  # The sample's texts are short: bucketing must pad less and count fewer FLOPs, with the same text,
+  # and packing less again.
   assert bucketed["text_share"] > padded["text_share"] and bucketed["flops_saved"] > 1.5
-  assert padded["seconds"] > 0 and bucketed["seconds"] > 0 and "fewer" in stdout
+  assert packed["text_share"] > bucketed["text_share"] and packed["flops_saved"] > bucketed["flops_saved"]
+  assert all(r["seconds"] > 0 for r in (padded, bucketed, packed)) and "fewer" in stdout
 
 
 def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
@@ -253,3 +257,18 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   assert re.search(r"\| jax-full-fused-nodrop \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
                    r"dropout 0 \(the other rows 0.1\) \|", report), report
   assert (out / "profile_train" / "summary.txt").exists()
+
+
+def test_gpu_script_packing_phase_dry_run_on_cpu(tmp_path):
+  """`gpu_all.sh packing`: buckets against packed rows on the MEDI sample, tiny shapes on this CPU."""
+  pytest.importorskip("torch")  # check_devices imports torch and sentence-transformers
+  pytest.importorskip("sentence_transformers")
+  out = tmp_path / "gpu"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", QUICK="1", OUT=str(out), PYTHON=sys.executable)
+  done = subprocess.run(["bash", "benchmarks/gpu_all.sh", "packing"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+  assert "packing rc=0" in (out / "status.txt").read_text()
+  rows = json.loads((out / "packing.json").read_text())["rows"]
+  packed = rows["packed, rows of 128"]
+  assert packed["seconds"] > 0 and packed["speedup"] > 0 and "seconds" not in rows["pad to query_len/doc_len"]

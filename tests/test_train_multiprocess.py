@@ -107,3 +107,29 @@ def test_two_processes_match_one(tmp_path):
   assert orbax_io.latest_step(str(workdir)) == 4
   _, params = orbax_io.restore_params(str(workdir))
   assert params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"].shape == (16, 32)
+
+
+def test_two_processes_pack_as_one(tmp_path):
+  """Packed batches (TrainConfig.pack_length): each host packs its own batch shards' texts into their
+  rows, and all hosts agree on the row counts; without dropout the losses are one process's."""
+  workdir = tmp_path / "two"
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  bindings = BINDINGS + ["TrainConfig.pack_length = 64", "TrainConfig.dropout_rate = 0.0"]
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "instructor_jax.train", "--gin_file=gin_configs/runs/quickstart_cpu.gin",
+           *[f"--gin_bindings={b}" for b in bindings], f"--workdir={workdir}",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert re.search(r"compiling the step for 24 packed rows of 64 tokens", outs[0]), outs[0]
+  two = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), init_checkpoint=str(REPO / FIXTURE),
+                    train_steps=4, batch_size=8, query_len=48, doc_len=64, pack_length=64, temperature=0.05,
+                    dtype="float32", dropout_rate=0.0, log_every=1)
+  one = train(cfg, OptimConfig(learning_rate=1e-3), MeshConfig(data=2, fsdp=-1), str(tmp_path / "one"))
+  assert [r["task"] for r in two] == [r["task"] for r in one]
+  np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
