@@ -137,8 +137,11 @@ def main(argv=None):
   settings = {"pad to query_len/doc_len": ((), 0), "TrainConfig default": (TrainConfig().length_buckets, 0),
               f"packed, rows of {args.pack_length}": ((), args.pack_length)}
   for name, (buckets, pack_length) in settings.items():
+    began = time.perf_counter()
     batches = stream(tasks, args, buckets, pack_length)
-    rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, **counts(batches, model, args.batch)}
+    host_ms = 1e3 * (time.perf_counter() - began) / max(len(batches), 1)  # building the batches, per step
+    rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, "host_ms_per_step": host_ms,
+                  **counts(batches, model, args.batch)}
     if args.time_steps and not (args.no_full_padding_time and not buckets and not pack_length):
       from run import SHAPES
       # Steps 1.. (step 0 is the same full-length step both ways).
@@ -152,7 +155,7 @@ def main(argv=None):
       r["speedup"] = timed_base["seconds"] / r["seconds"]
     print(f"{name:28s} buckets {str(r['length_buckets']):20s} text {100 * r['text_share']:5.1f}% of positions | "
           f"{r['flops_per_step'] / 1e12:8.3f} TFLOP/step ({args.model}), {r['flops_saved']:.2f}x fewer | "
-          f"{r['shapes']} shapes ({', '.join(r['commonest_shapes'])})"
+          f"{r['shapes']} shapes ({', '.join(r['commonest_shapes'])}) | host {r['host_ms_per_step']:.1f} ms/step"
           + (f" | {args.time_steps} steps of {args.time_shape} {r['seconds']:.2f} s, {r['speedup']:.2f}x" if "seconds" in r
              else ""))
   if args.out:
