@@ -139,7 +139,8 @@ def main(argv=None):
   for name, (buckets, pack_length) in settings.items():
     began = time.perf_counter()
     batches = stream(tasks, args, buckets, pack_length)
-    host_ms = 1e3 * (time.perf_counter() - began) / max(len(batches), 1)  # building the batches, per step
+    # Building the batches, per step (the stream's set-up and step 0's padding included, spread over the steps).
+    host_ms = 1e3 * (time.perf_counter() - began) / max(len(batches), 1)
     rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, "host_ms_per_step": host_ms,
                   **counts(batches, model, args.batch)}
     if args.time_steps and not (args.no_full_padding_time and not buckets and not pack_length):

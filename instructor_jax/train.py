@@ -207,7 +207,7 @@ def run_meta(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def batches(cfg: TrainConfig, start_step: int, num_steps: int,
-            shards: int = 1) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+            shards: int) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
   """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run);
   packed per block of each of the `shards` batch shards with TrainConfig.pack_length."""
   _require_medi_path(cfg)

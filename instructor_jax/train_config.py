@@ -33,7 +33,7 @@ class TrainConfig:
   length_buckets: tuple[int, ...] = (64, 128, 256, 384)
   # > 0: pack each global batch's texts several to a row of this many tokens (>= query_len and
   # doc_len; medi_packing) instead of padding them to buckets, which are then unused. On the MEDI
-  # sample at 256 triples: 91% of positions are text at 512, against 40% with buckets (BENCHMARKS.md).
+  # sample at 256 triples: 88% of positions are text at 512, against 39% with buckets (BENCHMARKS.md).
   # One compiled step per row count met (rounded up by eighths).
   pack_length: int = 0
   loss: str = "instructor"  # or "gtr"

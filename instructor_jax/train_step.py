@@ -1,7 +1,7 @@
 """The train state, its sharded creation, and the jitted contrastive train step (plain or GradCache).
 
 Shape key: B global batch, L length, E embedding dim, C GradCache chunks, R roles per pass; packed
-batches: N rows, S text slots per row.
+batches: N rows, S text slots per row, K batch shards (blocks), M slots and T texts per block.
 
 The step is one pure function `(state, batch) -> (state, metrics)`, jitted once with explicit
 in/out shardings and the state donated. The loss is computed on *global* embeddings: XLA
@@ -183,11 +183,14 @@ def embed_packed_triples(model: InstructorModel, params: Any, batch: Batch, rng:
                         batch["packed_n_instr"], deterministic=deterministic, segments_BL=segments_NL,
                         offsets_BL=batch["packed_offsets"], rngs=None if deterministic else {"dropout": rng})
   rows, slots, dim = emb_NSE.shape
-  slots_B3 = batch["text_slots"]
-  triples = slots_B3.shape[0]
+  triples = batch["text_slots"].shape[0]
   # text_slots count within the block's own rows: block k of the triples owns block k of the rows.
-  first_B1 = (jnp.arange(triples, dtype=jnp.int32) // (triples // shards) * (rows // shards * slots))[:, None]
-  emb_B3E = jnp.take(emb_NSE.reshape(rows * slots, dim), first_B1 + slots_B3, axis=0)
+  # Gathered block by block, each block on the devices of its shard: a gather over the flattened
+  # rows would all-gather every slot's embedding (and all-reduce its gradient) across the devices.
+  block = P(shd.BATCH_AXES, None, None)
+  emb_KME = jax.lax.with_sharding_constraint(emb_NSE.reshape(shards, rows // shards * slots, dim), block)
+  slots_KT1 = jax.lax.with_sharding_constraint(batch["text_slots"].reshape(shards, triples // shards * 3, 1), block)
+  emb_B3E = jnp.take_along_axis(emb_KME, slots_KT1, axis=1).reshape(triples, 3, dim)
   return emb_B3E[:, 0], emb_B3E[:, 1], emb_B3E[:, 2]
 
 
