@@ -102,6 +102,23 @@ def time_steps(batches, model, args):
   return time.perf_counter() - start
 
 
+def _ratios(rows, args) -> None:
+  """FLOPs against padding to query_len/doc_len; time against it, or buckets with --no-full-padding-time."""
+  base = rows["pad to query_len/doc_len"]
+  timed_base = rows["TrainConfig default"] if args.no_full_padding_time else base
+  for r in rows.values():
+    r["flops_saved"] = base["flops_per_step"] / r["flops_per_step"]
+    if "seconds" in r and "seconds" in timed_base:
+      r["speedup"] = timed_base["seconds"] / r["seconds"]
+
+
+def _write(args, rows) -> None:
+  if args.out:
+    tmp = pathlib.Path(args.out + ".tmp")
+    tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    tmp.replace(args.out)
+
+
 def _encode_fn():
   """SentencePiece (the trainer's), else the inference tokenizer, which gives the same ids (tested in
   test_medi_batches) more slowly: the GPU machine's image has no sentencepiece."""
@@ -136,31 +153,32 @@ def main(argv=None):
   rows = {}
   settings = {"pad to query_len/doc_len": ((), 0), "TrainConfig default": (TrainConfig().length_buckets, 0),
               f"packed, rows of {args.pack_length}": ((), args.pack_length)}
+  streams = {}
   for name, (buckets, pack_length) in settings.items():
     began = time.perf_counter()
-    batches = stream(tasks, args, buckets, pack_length)
+    streams[name] = stream(tasks, args, buckets, pack_length)
     # Building the batches, per step (the stream's set-up and step 0's padding included, spread over the steps).
-    host_ms = 1e3 * (time.perf_counter() - began) / max(len(batches), 1)
+    host_ms = 1e3 * (time.perf_counter() - began) / max(len(streams[name]), 1)
     rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, "host_ms_per_step": host_ms,
-                  **counts(batches, model, args.batch)}
+                  **counts(streams[name], model, args.batch)}
+  _ratios(rows, args)
+  # Written after the counts and after every timed setting: a run cut short (a device lease's time
+  # limit) keeps what it measured.
+  _write(args, rows)
+  for name, (buckets, pack_length) in settings.items():
     if args.time_steps and not (args.no_full_padding_time and not buckets and not pack_length):
       from run import SHAPES
       # Steps 1.. (step 0 is the same full-length step both ways).
       timed = SHAPES[args.time_shape].with_encoder(dtype=args.time_dtype, remat_policy=args.time_remat)
-      rows[name]["seconds"] = time_steps(batches[1:1 + args.time_steps], timed, args)
-  base = rows["pad to query_len/doc_len"]
+      rows[name]["seconds"] = time_steps(streams[name][1:1 + args.time_steps], timed, args)
+      _ratios(rows, args)
+      _write(args, rows)
   for name, r in rows.items():
-    r["flops_saved"] = base["flops_per_step"] / r["flops_per_step"]
-    timed_base = rows["TrainConfig default"] if args.no_full_padding_time else base
-    if "seconds" in r:
-      r["speedup"] = timed_base["seconds"] / r["seconds"]
     print(f"{name:28s} buckets {str(r['length_buckets']):20s} text {100 * r['text_share']:5.1f}% of positions | "
           f"{r['flops_per_step'] / 1e12:8.3f} TFLOP/step ({args.model}), {r['flops_saved']:.2f}x fewer | "
           f"{r['shapes']} shapes ({', '.join(r['commonest_shapes'])}) | host {r['host_ms_per_step']:.1f} ms/step"
-          + (f" | {args.time_steps} steps of {args.time_shape} {r['seconds']:.2f} s, {r['speedup']:.2f}x" if "seconds" in r
-             else ""))
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+          + (f" | {args.time_steps} steps of {args.time_shape} {r['seconds']:.2f} s, {r['speedup']:.2f}x"
+             if "speedup" in r else ""))
   return rows
 
 
