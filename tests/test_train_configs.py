@@ -53,7 +53,7 @@ def test_missing_gin_file_and_missing_medi_path_are_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="no_such.gin"):
     train.parse_gin([str(tmp_path / "no_such.gin")], [])
   with pytest.raises(ValueError, match="MEDI_PATH"):
-    next(iter(train.batches(train.TrainConfig(), 0, 1)))
+    next(iter(train.batches(train.TrainConfig(), 0, 1, shards=1)))
 
 
 def test_a_mistyped_macro_binding_is_refused():

@@ -126,9 +126,9 @@ def test_restart_reuses_the_tokenised_medi_cache(tmp_path, monkeypatch, capsys):
   """A restarted run memory-maps the tokenised corpus instead of re-tokenising MEDI, with identical batches."""
   from instructor_jax.train import batches
   monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path))
-  first = list(batches(CONFIG, 2, 3))
+  first = list(batches(CONFIG, 2, 3, shards=1))
   assert "using the tokenised cache" not in capsys.readouterr().out
-  second = list(batches(CONFIG, 2, 3))
+  second = list(batches(CONFIG, 2, 3, shards=1))
   assert "using the tokenised cache" in capsys.readouterr().out
   assert [(s, t) for s, t, _ in first] == [(s, t) for s, t, _ in second]
   for (_, _, a), (_, _, b) in zip(first, second):
