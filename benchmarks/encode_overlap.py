@@ -64,6 +64,20 @@ class _Pending:
     return np.zeros(self.shape, dtype or np.float32)
 
 
+def tiny_instructor() -> Instructor:
+  """The `tiny` shape with random weights, 512-token inputs, the repository's T5 vocabulary."""
+  import jax
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from instructor_jax.model import InstructorModel
+  from instructor_jax.tokenization import Tokenizer
+  cfg = preset("tiny").replace(max_seq_length=512)
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = jax.device_get(nn.unbox(InstructorModel(cfg).init(jax.random.PRNGKey(0), ids, ids,
+                                                              jnp.zeros((1,), jnp.int32))["params"]))
+  return Instructor(cfg, params, Tokenizer.from_pretrained(None, 512))
+
+
 def timed(model: Instructor, items: list, first_chunk: int, repeats: int) -> list[float]:
   encode_batches.FIRST_CHUNK = first_chunk
   times = []
@@ -85,15 +99,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=None, help="JSON results")
   args = parser.parse_args(argv)
   import jax
-  import flax.linen as nn
-  import jax.numpy as jnp
-  from instructor_jax.model import InstructorModel
-  from instructor_jax.tokenization import Tokenizer
-  cfg = preset("tiny").replace(max_seq_length=512)
-  ids = jnp.ones((1, 8), jnp.int32)
-  params = jax.device_get(nn.unbox(InstructorModel(cfg).init(jax.random.PRNGKey(0), ids, ids,
-                                                              jnp.zeros((1,), jnp.int32))["params"]))
-  real = Instructor(cfg, params, Tokenizer.from_pretrained(None, 512))
+  real = tiny_instructor()
+  cfg, params = real.config, real.params
   default_first, default_ahead = encode_batches.FIRST_CHUNK, encode_batches.AHEAD_ON_CPU
   chunk = args.first_chunk
   inputs = {f"{args.short} short instructed sentences": [list(x) for x in texts.instructed_sentences(args.short)],

@@ -3,7 +3,7 @@
 One process runs three stages that overlap:
   reader thread : reads rows in input order, validates them, and for each of this process's pending
                   parts tokenises, packs short texts several to a row and pads longer ones to
-                  length buckets (embed_batches.py);
+                  length buckets, a chunk of rows at a time (embed_batches.py);
   main thread   : dispatches batches to all local devices without waiting and fetches each result
                   two batches later (the only host sync, and one that is needed);
   writer thread : quantises and commits finished parts (temp file -> rename -> sidecar).
@@ -28,9 +28,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from instructor_jax import embed_io, embed_manifest, embed_output, embed_report
+from instructor_jax import embed_batches, embed_io, embed_manifest, embed_output, embed_report
 from instructor_jax.config import DTYPES
-from instructor_jax.embed_batches import build_part, read_parts
+from instructor_jax.embed_batches import BatchPlan, read_parts
 from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
 from instructor_jax.instructor import scatter_embeddings
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "the maximum sequence length; 0 disables packing (default 128)")
   p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="padded lengths of texts "
                  "longer than --pack-length, comma-separated (default: %(default)s)")
-  p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (also the "
-                 "window for length sorting and packing; default: %(default)s)")
+  p.add_argument("--rows-per-part", type=int, default=100_000, help="input rows per output part (default: "
+                 "%(default)s); a part is tokenised and packed a chunk of rows at a time, its batches leaving as "
+                 "they fill")
   p.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="a bad row stops the job with its "
                  "file and line, or is skipped and counted by reason (default: fail)")
   p.add_argument("--overwrite", action="store_true", help="discard existing results in --output")
@@ -184,42 +185,51 @@ def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Q
   """
   shapes: set[tuple[int, ...]] = set()
   inflight: collections.deque = collections.deque()
+  # Part index -> [embeddings (a row per slot, trimmed to the valid rows when written), batches in
+  # flight, the part's PartWork once its last piece has come].
+  open_parts: dict[int, list[Any]] = {}
 
   def drain_one():
-    work, out_NE, rows, result, last = inflight.popleft()
-    scatter_embeddings(rows, result, out_NE)
+    index, rows, result = inflight.popleft()
+    state = open_parts[index]
+    scatter_embeddings(rows, result, state[0])
+    state[1] -= 1
     texts = sum(len(r) for r in rows)
     progress.update(texts, 0, 0, texts)
-    if last:
-      _finish_part(work, out_NE)
+    settle(index)
 
-  def _finish_part(work, out_NE):
+  def settle(index: int) -> None:
+    out_NE, in_flight, work = open_parts[index]
+    if work is None or in_flight:
+      return
+    del open_parts[index]
     progress.update(0, 0, 0, work.slots - len(work.ids))
     writer.check()
-    _put(writes, (work, out_NE), stop, writer)
+    _put(writes, (work, out_NE[:len(work.ids)]), stop, writer)
 
   while True:
     try:
-      work = parts.get(timeout=0.2)
+      piece = parts.get(timeout=0.2)
     except queue.Empty:
       reader.check()
       continue
-    if work is None:
+    if piece is None:
       break
-    out_NE = np.zeros((len(work.ids), model.config.embedding_dim), np.float32)
-    if not work.batches:
-      while inflight:
-        drain_one()
-      _finish_part(work, out_NE)
-    for b, (rows, batch) in enumerate(work.batches):
+    if piece.index not in open_parts:
+      open_parts[piece.index] = [np.zeros((piece.slots, model.config.embedding_dim), np.float32), 0, None]
+    for rows, batch in piece.batches:
       packed = isinstance(batch, PackedBatch)
       shapes.add(batch.ids.shape + batch.n_instr.shape[1:] if packed else batch.ids.shape)
       # The mask counts real tokens for both kinds; ids.size is what the devices compute on.
       progress.update(0, int(batch.mask.sum()), batch.ids.size, 0)
       result = model.embed_packed_async(batch) if packed else model.embed_batch_async(batch)
-      inflight.append((work, out_NE, rows, result, b == len(work.batches) - 1))
+      open_parts[piece.index][1] += 1
+      inflight.append((piece.index, rows, result))
       while len(inflight) > FETCH_LAG:
         drain_one()
+    if piece.work is not None:
+      open_parts[piece.index][2] = piece.work
+      settle(piece.index)
   while inflight:
     drain_one()
   reader.check()
@@ -335,22 +345,22 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   pack_length = min(args.pack_length, max_len)
   ndev = model.mesh.devices.size
   runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens,
-             "attention": model.attention_kernel}
+             "attention": model.attention_kernel,
+             "chunk_chars": f"{embed_batches.FIRST_CHUNK} doubling to {embed_batches.LARGEST_CHUNK}"}
   plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
   job_hash = embed_manifest.spec_hash(plan.spec)
 
   stop = threading.Event()
-  parts_q: queue.Queue = queue.Queue(maxsize=2)
+  # Pieces (a chunk's batches) the reader may run ahead of the devices: up to 4 x 2M characters.
+  parts_q: queue.Queue = queue.Queue(maxsize=4)
   writes_q: queue.Queue = queue.Queue(maxsize=2)
   done: list[dict[str, Any]] = []
 
-  def make_part(k, first, slots, rows, skipped):
-    return build_part(k, first, slots, rows, skipped, model.tokenizer, max_len, buckets, batch_tokens, ndev,
-                      pack_length)
+  batching = BatchPlan(model.tokenizer, max_len, buckets, batch_tokens, ndev, pack_length)
 
   def read():
-    read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), make_part,
-                lambda w: _put(parts_q, w, stop))
+    read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), batching,
+               lambda piece: _put(parts_q, piece, stop))
     _put(parts_q, None, stop)
 
   reader = _Stage(read, "embed-reader")

@@ -2,13 +2,20 @@
 
 Shape key: R rows per batch, L bucket (or packed row) length, S texts per packed row.
 
+A part is prepared chunk by chunk, as `Instructor.encode`'s input is (encode_batches.py): rows are
+tokenised as soon as they hold FIRST_CHUNK characters (then twice that, up to LARGEST_CHUNK), and
+every batch a chunk fills goes to the devices at once. Before, a whole part (100,000 rows by
+default) was read and tokenised before its first batch left, so on an accelerator the first part's
+host time added to the job's (BENCHMARKS.md, "Embedding job: host work behind the device").
+
 Texts of up to --pack-length tokens are packed several to a row of that length (tokenization.pack_rows
-over the whole part, best-fit decreasing; segment ids keep attention and pooling within each text),
-as Instructor.encode does. Longer texts are sorted by token count within the part (the sort window),
-grouped by length bucket, and padded to it. Either kind is cut into batches of R rows with
-R * L <= --batch-tokens per device. R comes from a fixed set per bucket or packed length (full, 1/2,
-1/4, 1/8, each a multiple of the local device count), so the number of compiled programs is at most
-4 per length however the data looks, and a part's tail wastes little padding.
+over each chunk, best-fit decreasing; segment ids keep attention and pooling within each text), as
+Instructor.encode does. Longer texts are grouped by length bucket and padded to it, longest first.
+Either kind is cut into batches of R rows with R * L <= --batch-tokens per device. Batches are full
+(the largest R) until the part's last chunk, whose remainders take R from a fixed set per bucket or
+packed length (full, 1/2, 1/4, 1/8, each a multiple of the local device count), so the number of
+compiled programs is at most 4 per length however the data looks, and a part's tail wastes little
+padding. Rows and texts that do not fill a batch wait for the next chunk of the same part.
 """
 
 from __future__ import annotations
@@ -18,12 +25,20 @@ import collections
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
                                      parse_row)
-from instructor_jax.tokenization import (Batch, PackedBatch, bucket_length, pack_rows, pad_batch, pad_packed,
-                                         texts_per_row)
+from instructor_jax.tokenization import (CUT_CHARS_PER_PIECE, Batch, PackedBatch, bucket_length, pack_rows,
+                                         pad_batch, pad_packed, texts_per_row)
+
+# Characters tokenised per chunk; each text counts at most CUT_CHARS_PER_PIECE * max_len of them
+# (about where tokenization.encode_leading stops). 128k characters: ~1,200 short instructed
+# sentences or ~50 512-token documents, the host work the devices wait for at the start of a part.
+FIRST_CHUNK = 1 << 17
+LARGEST_CHUNK = 1 << 21
+
+# (positions in the part's valid rows of each batch row's texts: one per bucketed row, up to S per
+# packed row; the batch)
+PlannedBatch = tuple[list[list[int]], Batch | PackedBatch]
 
 
 def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
@@ -46,73 +61,133 @@ def split_rows(n: int, choices: list[int]) -> list[int]:
 
 @dataclasses.dataclass
 class PartWork:
-  """One part ready for the devices: its batches and everything the sidecar needs."""
+  """What a finished part's sidecar records."""
 
   index: int
   first_slot: int
   slots: int
   ids: list[Any]  # of the valid rows, input order
-  # (positions in `ids` of each batch row's texts: one per bucketed row, up to S per packed row, batch)
-  batches: list[tuple[list[list[int]], Batch | PackedBatch]]
   skipped: dict[str, int]
   truncated: int
   tokens: int
   instructions: dict[str, int]
 
 
-def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped: dict[str, int],
-               tokenizer: Any, max_len: int, buckets: Sequence[int], batch_tokens: int,
-               num_devices: int, pack_length: int) -> PartWork:
-  """Tokenises (the INSTRUCTOR rule in tokenization.py), packs or sorts, and batches one part's rows.
+@dataclasses.dataclass
+class PartPiece:
+  """Batches of part `index` ready for the devices; the part's last piece also carries its `work`."""
 
-  `pack_length` (at most max_len; 0 packs nothing) is the packed row length.
-  """
-  items = [r.text if r.instruction is None else [r.instruction, r.text] for r in rows]
-  truncated: list[bool] = []
-  ids, n_instr = tokenizer.tokenize(items, max_len, truncated) if items else ([], [])
-  lengths = np.array([len(x) for x in ids], np.int64)
-  # Every text has its EOS, so pack_length 0 leaves nothing short.
-  short = lengths <= pack_length
-  # Long texts first: the expensive programs run (and compile) early, and the ETA errs on the safe side.
-  batches = (_bucketed_batches(np.flatnonzero(~short), ids, n_instr, max_len, buckets, batch_tokens, num_devices)
-             + _packed_batches(np.flatnonzero(short), ids, n_instr, pack_length, batch_tokens, num_devices))
-  counts = collections.Counter(r.instruction or "" for r in rows)
-  return PartWork(index, first_slot, slots, [r.id for r in rows], batches, skipped, sum(truncated),
-                  int(lengths.sum()), dict(counts))
+  index: int
+  slots: int
+  batches: list[PlannedBatch]
+  work: PartWork | None = None
 
 
-def _bucketed_batches(positions: np.ndarray, ids: list[list[int]], n_instr: list[int], max_len: int,
-                      buckets: Sequence[int], batch_tokens: int,
-                      num_devices: int) -> list[tuple[list[list[int]], Batch]]:
-  """One text per row, longest first, padded to its length bucket."""
-  order = sorted(positions.tolist(), key=lambda i: -len(ids[i]))
-  by_bucket: dict[int, list[int]] = collections.defaultdict(list)
-  for i in order:
-    by_bucket[bucket_length(len(ids[i]), buckets, max_len)].append(i)
-  batches = []
-  for length, members in by_bucket.items():
-    start = 0
-    for size in split_rows(len(members), row_choices(length, batch_tokens, num_devices)):
-      idx = members[start:start + size]
-      batches.append(([[i] for i in idx], pad_batch([ids[i] for i in idx], [n_instr[i] for i in idx], length, size)))
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How the job batches: `pack_length` (at most max_len; 0 packs nothing) is the packed row length."""
+
+  tokenizer: Any
+  max_len: int
+  buckets: Sequence[int]
+  batch_tokens: int
+  num_devices: int
+  pack_length: int
+
+
+class PartBuilder:
+  """Prepares one part: `add` takes its valid rows in input order and returns a piece whenever a chunk
+  has been tokenised; `finish` batches what is left and returns the part's last piece."""
+
+  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan):
+    self.index, self.first_slot, self.slots, self.plan = index, first_slot, slots, plan
+    self.rows: list[Row] = []  # read, not yet tokenised
+    self.chars, self.budget = 0, FIRST_CHUNK
+    self.row_ids: list[Any] = []
+    self.ids: list[list[int] | None] = []  # per valid row; None once padded into a batch
+    self.n_instr: list[int] = []
+    self.packed_rows: list[list[int]] = []  # packed rows not yet in a batch
+    self.long: dict[int, list[int]] = collections.defaultdict(list)  # bucket -> texts not yet in a batch
+    self.truncated, self.tokens = 0, 0
+    self.instructions: collections.Counter = collections.Counter()
+
+  def add(self, row: Row) -> PartPiece | None:
+    self.rows.append(row)
+    cap = CUT_CHARS_PER_PIECE * self.plan.max_len
+    self.chars += min(cap, len(row.text)) + min(cap, len(row.instruction or ""))
+    if self.chars < self.budget:
+      return None
+    self.budget = min(LARGEST_CHUNK, 2 * self.budget)
+    return PartPiece(self.index, self.slots, self._chunk(last=False))
+
+  def finish(self, skipped: dict[str, int]) -> PartPiece:
+    batches = self._chunk(last=True)
+    work = PartWork(self.index, self.first_slot, self.slots, self.row_ids, skipped, self.truncated, self.tokens,
+                    dict(self.instructions))
+    return PartPiece(self.index, self.slots, batches, work)
+
+  def _chunk(self, last: bool) -> list[PlannedBatch]:
+    """Tokenises the rows read since the last chunk and returns the batches they fill (all, if last)."""
+    plan, rows, start = self.plan, self.rows, len(self.ids)
+    self.rows, self.chars = [], 0
+    items = [r.text if r.instruction is None else [r.instruction, r.text] for r in rows]
+    truncated: list[bool] = []
+    ids, n_instr = plan.tokenizer.tokenize(items, plan.max_len, truncated) if items else ([], [])
+    self.row_ids += [r.id for r in rows]
+    self.ids += ids
+    self.n_instr += n_instr
+    self.truncated += sum(truncated)
+    self.tokens += sum(len(x) for x in ids)
+    self.instructions.update(r.instruction or "" for r in rows)
+    # Every text has its EOS, so pack_length 0 leaves nothing short.
+    short = [start + j for j, x in enumerate(ids) if len(x) <= plan.pack_length]
+    # Long texts first: the expensive programs run (and compile) early, and the ETA errs on the safe side.
+    for j in sorted((start + j for j, x in enumerate(ids) if len(x) > plan.pack_length), key=lambda i: -len(
+        self.ids[i])):
+      self.long[bucket_length(len(self.ids[j]), plan.buckets, plan.max_len)].append(j)
+    batches = []
+    for length in sorted(self.long, reverse=True):
+      batches += self._cut(self.long[length], length, last, self._pad_bucketed)
+    if short:
+      layout = pack_rows([len(self.ids[i]) for i in short], plan.pack_length, texts_per_row(plan.pack_length))
+      self.packed_rows += [[short[j] for j in row] for row in layout]
+    if self.packed_rows:
+      batches += self._cut(self.packed_rows, plan.pack_length, last, self._pad_packed)
+    return batches
+
+  def _cut(self, queue: list, length: int, last: bool, pad: Callable[[list, int, int], PlannedBatch]
+           ) -> list[PlannedBatch]:
+    """Full batches from the front of `queue` (and, if last, the remainder in smaller ones), removed from it."""
+    choices = row_choices(length, self.plan.batch_tokens, self.plan.num_devices)
+    sizes = split_rows(len(queue), choices) if last else [choices[0]] * (len(queue) // choices[0])
+    batches, start = [], 0
+    for size in sizes:
+      batches.append(pad(queue[start:start + size], length, size))
       start += size
-  return batches
+    del queue[:start]
+    return batches
+
+  def _pad_bucketed(self, idx: list[int], length: int, size: int) -> PlannedBatch:
+    batch = pad_batch([self.ids[i] for i in idx], [self.n_instr[i] for i in idx], length, size)
+    self._release(idx)
+    return [[i] for i in idx], batch
+
+  def _pad_packed(self, rows: list[list[int]], length: int, size: int) -> PlannedBatch:
+    batch = pad_packed(rows, self.ids, self.n_instr, length, texts_per_row(length), size)
+    self._release(i for row in rows for i in row)
+    return rows, batch
+
+  def _release(self, positions: Any) -> None:
+    for i in positions:
+      self.ids[i] = None
 
 
-def _packed_batches(positions: np.ndarray, ids: list[list[int]], n_instr: list[int], pack_length: int,
-                    batch_tokens: int, num_devices: int) -> list[tuple[list[list[int]], PackedBatch]]:
-  """Texts of at most pack_length tokens, several to a row (the layout Instructor.encode uses)."""
-  if not len(positions):
-    return []
-  max_texts = texts_per_row(pack_length)
-  layout = pack_rows([len(ids[i]) for i in positions], pack_length, max_texts)
-  packed = [[int(positions[j]) for j in row] for row in layout]
-  batches, start = [], 0
-  for size in split_rows(len(packed), row_choices(pack_length, batch_tokens, num_devices)):
-    chunk = packed[start:start + size]
-    batches.append((chunk, pad_packed(chunk, ids, n_instr, pack_length, max_texts, size)))
-    start += size
-  return batches
+def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped: dict[str, int],
+               plan: BatchPlan) -> list[PartPiece]:
+  """All pieces of one part, its rows given at once (the job streams them through `PartBuilder`)."""
+  builder = PartBuilder(index, first_slot, slots, plan)
+  pieces = [piece for piece in map(builder.add, rows) if piece is not None]
+  return pieces + [builder.finish(skipped)]
 
 
 def locate(files: list[InputFile], slot: int) -> str:
@@ -125,18 +200,16 @@ def locate(files: list[InputFile], slot: int) -> str:
 
 
 def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_part: int,
-                pending: set[int], make_part: Callable[..., PartWork], emit: Callable[[Any], None]) -> None:
-  """Streams all rows in input order, emitting a PartWork for every pending part."""
+                pending: set[int], plan: BatchPlan, emit: Callable[[PartPiece], None]) -> None:
+  """Streams all rows in input order, emitting the pieces of every pending part as they are ready."""
   # id -> first slot. Every process checks every row, so all agree on which occurrence is kept.
   seen: dict[Any, int] = {}
   last_pending = max(pending, default=-1)
-  current, rows, skipped = -1, [], collections.Counter()
+  current, builder, skipped = -1, None, collections.Counter()
 
   def finish():
-    if current in pending:
-      first = current * rows_per_part
-      slots = min(rows_per_part, total_slots - first)
-      emit(make_part(current, first, slots, rows, dict(skipped)))
+    if builder is not None:
+      emit(builder.finish(dict(skipped)))
 
   total_slots = sum(f.rows for f in files)
   pending_sorted = sorted(pending)
@@ -152,9 +225,12 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
     part = slot // rows_per_part
     if part != current:
       finish()
-      current, rows, skipped = part, [], collections.Counter()
+      current, builder, skipped = part, None, collections.Counter()
       if part > last_pending and fields.id is None:
         return
+      if part in pending:
+        first = part * rows_per_part
+        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan)
     mine = part in pending
     if not mine and fields.id is None:
       continue
@@ -166,7 +242,9 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
     if not mine:
       continue
     if isinstance(row, Row):
-      rows.append(row)
+      piece = builder.add(row)
+      if piece is not None:
+        emit(piece)
       continue
     if on_error == "fail" and row.reason != "blank_line":
       raise InputError(f"{row.message()}. Fix the input, or pass --on-error skip to skip such rows "

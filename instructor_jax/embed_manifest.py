@@ -193,6 +193,9 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
     if "attention" not in old and runtime.get("attention") != "dot_product_attention":
       # Releases before 2026-11-27 recorded no kernel; their inference default was XLA's fused one.
       old["attention"] = "not recorded (an earlier release: dot_product_attention unless set otherwise)"
+    if "chunk_chars" not in old:
+      # Releases before chunked parts (2026-11-27) batched each part whole: other texts shared batches.
+      old["chunk_chars"] = "not recorded (an earlier release: each part batched whole)"
     # Other keys an older release did not record are news, not changes.
     changed = _diff(old, {k: v for k, v in runtime.items() if k in old})
     if changed:

@@ -223,6 +223,20 @@ def test_encode_overlap_times_whole_and_chunked_preparation(tmp_path):
   assert "chunked" in stdout
 
 
+def test_embed_job_overlap_times_jobs_against_a_simulated_device(tmp_path):
+  out = tmp_path / "job_overlap.json"
+  stdout = _run(["benchmarks/embed_job_overlap.py", "--short", "400", "--docs", "12", "--parts", "1,2",
+                 "--rates", "350000", "--repeats", "1", "--out", str(out)], tmp_path)
+  cases = json.loads(out.read_text())["cases"]
+  assert len(cases) == 4 and "400 short instructed sentences, 2 parts" in cases
+  for case in cases.values():
+    simulated, host = case["device 350,000 tok/s"], case["host alone"]
+    # The simulated device is busy for padded tokens / rate, and no job can beat that.
+    assert 0 < simulated["device_s"] <= simulated["wall_s"] and host["wall_s"] > 0 and host["device_s"] == 0
+    assert simulated["tokens"] == host["tokens"] > 0 and 0 < simulated["padding_efficiency"] <= 1
+  assert "job / device" in stdout and not list((tmp_path / "scratch").iterdir())  # its files removed
+
+
 def test_train_padding_counts_and_times_every_setting(tmp_path):
   out = tmp_path / "padding.json"
   stdout = _run(["benchmarks/train_padding.py", "--steps", "20", "--query-len", "128", "--doc-len", "128",

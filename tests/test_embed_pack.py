@@ -8,7 +8,7 @@ import pytest
 
 from embed_support import base_args, read_output, sentences, tiny_model, write_jsonl
 from instructor_jax import embed
-from instructor_jax.embed_batches import build_part, row_choices
+from instructor_jax.embed_batches import BatchPlan, build_part, row_choices
 from instructor_jax.embed_io import Row
 from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, pack_rows, texts_per_row
 
@@ -53,14 +53,20 @@ def _rows(records, first=0):
   return [Row(first + i, first + i, r.get("task"), r["text"]) for i, r in enumerate(records)]
 
 
+def _batches(model, records, pack, first=0):
+  """Every batch of one part holding `records` (8 devices, 256 tokens per device batch, max_len 64)."""
+  plan = BatchPlan(model.tokenizer, 64, DEFAULT_BUCKETS, 256, 8, pack)
+  return [b for piece in build_part(0, first, len(records), _rows(records, first), {}, plan) for b in piece.batches]
+
+
 def test_build_part_packs_short_texts_and_buckets_the_rest(model):
   records = _records(model)
   lengths = [_num_tokens(model, r) for r in records]
-  work = build_part(0, 0, len(records), _rows(records), {}, model.tokenizer, 64, DEFAULT_BUCKETS, 256, 8, PACK)
-  placed = sorted(i for layout, _ in work.batches for row in layout for i in row)
+  batches = _batches(model, records, PACK)
+  placed = sorted(i for layout, _ in batches for row in layout for i in row)
   assert placed == list(range(len(records)))  # every text in exactly one batch slot
   kind = {}
-  for layout, batch in work.batches:
+  for layout, batch in batches:
     for row in layout:
       kind.update({i: type(batch) for i in row})
     if isinstance(batch, PackedBatch):
@@ -71,10 +77,9 @@ def test_build_part_packs_short_texts_and_buckets_the_rest(model):
       assert all(len(row) == 1 for row in layout) and batch.ids.shape[0] % 8 == 0
   assert {i for i, k in kind.items() if k is PackedBatch} == {i for i, n in enumerate(lengths) if n <= PACK}
   assert lengths[7] == lengths[8] == PACK and kind[7] is kind[8] is PackedBatch and kind[9] is Batch
-  packed_rows = sum(len(layout) for layout, b in work.batches if isinstance(b, PackedBatch))
+  packed_rows = sum(len(layout) for layout, b in batches if isinstance(b, PackedBatch))
   assert packed_rows < sum(n <= PACK for n in lengths)  # several texts share a row
-  unpacked = build_part(0, 0, len(records), _rows(records), {}, model.tokenizer, 64, DEFAULT_BUCKETS, 256, 8, 0)
-  assert all(isinstance(b, Batch) for _, b in unpacked.batches)
+  assert all(isinstance(b, Batch) for _, b in _batches(model, records, 0))
 
 
 def test_packed_job_equals_unpacked_job_and_encode(tmp_path, model):
@@ -102,8 +107,7 @@ def test_packed_job_equals_unpacked_job_and_encode(tmp_path, model):
   assert packed["tokens"] == plain["tokens"] == sum(lengths)
   for pack, summary in runs.items():
     computed = sum(b.ids.size for k in range(0, len(records), 16)
-                   for _, b in build_part(0, k, 16, _rows(records[k:k + 16], k), {}, model.tokenizer, 64,
-                                          DEFAULT_BUCKETS, 256, 8, pack).batches)
+                   for _, b in _batches(model, records[k:k + 16], pack, k))
     assert summary["padding_efficiency"] == pytest.approx(sum(lengths) / computed)
 
 

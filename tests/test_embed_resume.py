@@ -220,6 +220,13 @@ def test_resuming_on_another_batch_budget_warns_and_keeps_the_parts(tmp_path, mo
     embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
   err = capsys.readouterr().err
   assert "warning: resuming" in err and "attention: existing \"not recorded" in err and "vs now \"cudnn\"" in err
+  # Releases before chunked parts batched each part whole: other batches, so other float rounding.
+  del runtime["chunk_chars"]
+  with open(os.path.join(out, "_runtime.json"), "w") as f:
+    json.dump(runtime, f)
+  embed.main(base_args([path], out, *JOB, "--batch-tokens", "512"), model=model)
+  err = capsys.readouterr().err
+  assert "warning: resuming" in err and "chunk_chars: existing \"not recorded" in err and "attention:" not in err
 
 
 def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model):
