@@ -229,6 +229,11 @@ def _device_loop(model: Any, parts: queue.Queue, reader: _Stage, writes: queue.Q
         drain_one()
     if piece.work is not None:
       open_parts[piece.index][2] = piece.work
+      if not open_parts[piece.index][1]:
+        # Nothing of this part in flight: what is, is earlier parts', which are committed first (parts
+        # are written in order; this only waits where a part had no batch at all).
+        while inflight:
+          drain_one()
       settle(piece.index)
   while inflight:
     drain_one()
@@ -351,7 +356,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   job_hash = embed_manifest.spec_hash(plan.spec)
 
   stop = threading.Event()
-  # Pieces (a chunk's batches) the reader may run ahead of the devices: up to 4 x 2M characters.
+  # Pieces the reader may run ahead of the devices: 4 chunks' batches (~2M characters each, a part's
+  # last piece also with its leftovers), besides the chunk it is building.
   parts_q: queue.Queue = queue.Queue(maxsize=4)
   writes_q: queue.Queue = queue.Queue(maxsize=2)
   done: list[dict[str, Any]] = []

@@ -201,7 +201,7 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
     if changed:
       print(f"warning: resuming {out_dir} with " + "; ".join(changed) + ". Parts written now differ from the "
             f"existing ones by the float rounding of {compute_dtype} computation, not bit for bit; the same "
-            "--batch-tokens and attention kernel on the same kind and number of devices give identical bits.",
+            "--batch-tokens, attention kernel and chunking on the same kind and number of devices give identical bits.",
             file=sys.stderr)
   atomic_json(path, runtime)
 

@@ -118,3 +118,25 @@ def test_a_bad_row_in_a_later_chunk_fails_before_its_part_is_written(tmp_path, m
   with pytest.raises(InputError, match=rf"{path}:41: .*is an int, expected a string.*--on-error skip"):
     embed.main(base_args([str(path)], out, "--rows-per-part", "100"), model=model)
   assert not [n for n in os.listdir(os.path.join(out, PARTS_DIR)) if n.startswith("part-00000.")]
+
+
+def test_parts_are_committed_in_order_when_one_has_no_valid_row(tmp_path, model, monkeypatch):
+  """A part whose rows were all skipped has no batch; it still waits for the parts before it."""
+  from instructor_jax import embed_output
+  committed = []
+  commit = embed_output.commit_part
+
+  def spy(out, k, *args, **kwargs):
+    committed.append(k)
+    return commit(out, k, *args, **kwargs)
+
+  monkeypatch.setattr(embed_output, "commit_part", spy)
+  lines = [f'{{"text": "sentence {i} of the input"}}' if not 16 <= i < 32 else '{"text": 1}' for i in range(48)]
+  path = tmp_path / "in.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "out")
+  summary = embed.main(base_args([str(path)], out, "--on-error", "skip"), model=model)
+  assert committed == [0, 1, 2] and summary["skipped"] == {"non_string_text": 16}
+  ids, emb = read_output(out)
+  assert ids == list(range(16)) + list(range(32, 48))
+  np.testing.assert_allclose(emb, model.encode([f"sentence {i} of the input" for i in ids]), atol=2e-6)
