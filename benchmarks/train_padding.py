@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from instructor_jax import medi_batches, medi_packing, train_outputs  # noqa: E402
+from instructor_jax import medi_batches, medi_packing, tokenization, train_outputs  # noqa: E402
 from instructor_jax.train_config import TrainConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -72,6 +72,29 @@ def counts(batches, model, batch_size):
   n = max(len(batches), 1)
   return {"text_share": real / max(padded, 1), "flops_per_step": flops / n, "shapes": len(shapes),
           "commonest_shapes": [f"{_shape_name(k)}: {c}" for k, c in shapes.most_common(4)]}
+
+
+def row_ladder(batches, model, batch_size, ladder):
+  """What packing each step into shorter rows would save: per step (step 0, the memory check, left
+  out), the row length of `ladder` that holds the step's longest text with the fewest model FLOPs,
+  against rows of the packed stream's own length; the texts' lengths are read off its segments."""
+  fixed = best = real = fixed_pos = best_pos = 0.0
+  chosen = collections.Counter()
+  for _, _, b in batches[1:]:
+    lengths = [int(n) for row in b["packed_segments"] for n in np.bincount(row)[1:] if n]
+    options = []
+    for length in sorted(set(ladder) | {b["packed_ids"].shape[1]}):
+      if length >= max(lengths):
+        rows = medi_packing.row_count(len(tokenization.pack_rows(lengths, length, medi_packing.texts_per_row(length))))
+        options.append((train_outputs.packed_step_flops(model, rows, length, texts=3 * batch_size), rows, length))
+    flops, rows, length = min(options)
+    chosen[length] += 1
+    real += sum(lengths)
+    best, best_pos = best + flops, best_pos + rows * length
+    fixed += train_outputs.packed_step_flops(model, *b["packed_ids"].shape, texts=3 * batch_size)
+    fixed_pos += b["packed_ids"].size
+  return {"row_lengths_chosen": dict(sorted(chosen.items())), "flops_saved": fixed / best,
+          "text_share_fixed": real / fixed_pos, "text_share_best": real / best_pos}
 
 
 def _shape_name(key) -> str:
@@ -145,14 +168,17 @@ def main(argv=None):
   p.add_argument("--time-remat", default="none", help="TrainConfig.remat_policy of the timed steps")
   p.add_argument("--no-full-padding-time", action="store_true",
                  help="time buckets and packing only (speed-ups then against buckets): 512/512 steps are slow")
+  p.add_argument("--row-ladder", default="", help="also count packing each step into the shortest of these row "
+                 "lengths (comma-separated) that costs the fewest FLOPs, e.g. 64,128,256")
   p.add_argument("--out")
   args = p.parse_args(argv)
   from instructor_jax.config import preset
   model = preset(args.model)
   tasks = medi_batches.load_tasks(args.medi, encode_fn=_encode_fn(), log_fn=lambda _: None)
   rows = {}
+  packed_name = f"packed, rows of {args.pack_length}"
   settings = {"pad to query_len/doc_len": ((), 0), "TrainConfig default": (TrainConfig().length_buckets, 0),
-              f"packed, rows of {args.pack_length}": ((), args.pack_length)}
+              packed_name: ((), args.pack_length)}
   streams = {}
   for name, (buckets, pack_length) in settings.items():
     began = time.perf_counter()
@@ -162,6 +188,12 @@ def main(argv=None):
     rows[name] = {"length_buckets": list(buckets), "pack_length": pack_length, "host_ms_per_step": host_ms,
                   **counts(streams[name], model, args.batch)}
   _ratios(rows, args)
+  if args.row_ladder:
+    ladder = [int(x) for x in args.row_ladder.split(",")]
+    rows[packed_name]["row_ladder"] = ladder_row = row_ladder(streams[packed_name], model, args.batch, ladder)
+    print(f"packed rows per step from {ladder + [args.pack_length]}: {ladder_row['flops_saved']:.3f}x fewer FLOPs "
+          f"than rows of {args.pack_length} (steps 1..), text {100 * ladder_row['text_share_best']:.1f}% of positions "
+          f"against {100 * ladder_row['text_share_fixed']:.1f}%; lengths chosen {ladder_row['row_lengths_chosen']}")
   # Written after the counts and after every timed setting: a run cut short (a device lease's time
   # limit) keeps what it measured.
   _write(args, rows)

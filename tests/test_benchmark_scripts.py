@@ -241,7 +241,7 @@ def test_train_padding_counts_and_times_every_setting(tmp_path):
   out = tmp_path / "padding.json"
   stdout = _run(["benchmarks/train_padding.py", "--steps", "20", "--query-len", "128", "--doc-len", "128",
                  "--pack-length", "128", "--batch", "16", "--time-steps", "2", "--time-shape", "tiny",
-                 "--out", str(out)], tmp_path)
+                 "--row-ladder", "32,64", "--out", str(out)], tmp_path)
   padded, bucketed, packed = json.loads(out.read_text())["rows"].values()
   assert padded["length_buckets"] == [] and padded["shapes"] == 1 and bucketed["length_buckets"]
   assert packed["pack_length"] == 128 and any("packed" in s for s in packed["commonest_shapes"])
@@ -250,6 +250,10 @@ def test_train_padding_counts_and_times_every_setting(tmp_path):
   assert bucketed["text_share"] > padded["text_share"] and bucketed["flops_saved"] > 1.5
   assert packed["text_share"] > bucketed["text_share"] and packed["flops_saved"] > bucketed["flops_saved"]
   assert all(r["seconds"] > 0 for r in (padded, bucketed, packed)) and "fewer" in stdout
+  # Each step's best row length is one of the ladder's or the packed stream's own (never worse than it).
+  ladder = packed["row_ladder"]
+  assert set(ladder["row_lengths_chosen"]) <= {"32", "64", "128"} and sum(ladder["row_lengths_chosen"].values()) == 19
+  assert ladder["flops_saved"] >= 1 and 0 < ladder["text_share_fixed"] <= 1 and 0 < ladder["text_share_best"] <= 1
 
 
 def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
