@@ -41,7 +41,7 @@ END=$((SECONDS + ${BUDGET:-570}))
 if [[ -n "${QUICK:-}" ]]; then
   SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); SIZES_FP16=("${SIZES[@]}"); TRAIN=(--train-batch 8 --train-length 32)
   VARIANTS="pytorch,pytorch-ckpt,jax,jax-full,jax-gc4"; PROF=(--batch 4 --length 32)
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full,jax-full-nolhs,jax-full-fused-nodrop,jax-gc4"}
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full,jax-dotsnb-scan,jax-full-nolhs,jax-full-fused-nodrop,jax-gc4"}
 else
   SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); SIZES_FP16=(--short 2000 --docs 200); TRAIN=(--train-batch 256 --train-length 256)
   # PyTorch first: JAX's allocator never hands memory back within the process, so a PyTorch row
@@ -52,10 +52,13 @@ else
   # jax-full falls back to 128 triples only if 256 runs out of memory (XLA:CPU cannot predict it).
   VARIANTS="pytorch-ckpt,pytorch@32,jax-full@256|128,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
   # The `train` phase: the rows that can reach the 40% MFU target at 256 triples, beside the PyTorch
-  # baseline at that batch; each JAX compile of gtr-large took 60-90 s on an H200, so GradCache, last,
-  # may be cut short. On an 80 GB card full remat at 256 triples (94.8 GiB of XLA temp on the H200)
-  # will not fit: e.g. TRAIN_VARIANTS="pytorch-ckpt,jax-full-nolhs@256|128,jax-gc4,jax-full@128".
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full@256|128,jax-full-nolhs@256|128,jax-full-fused-nodrop@256|128,jax-gc4"}
+  # baseline at that batch; each JAX compile of gtr-large took 60-90 s on an H200 (the scanned
+  # layers compile faster), so the last rows may be cut short. jax-dotsnb-scan recomputes only
+  # attention (the way past full remat's 3/4 ceiling, if the projections' outputs fit); jax-full-scan
+  # and jax-full-nolhs test why full remat kept 94.8 GiB of XLA temp on the H200. On an 80 GB card full
+  # remat at 256 triples unrolled will not fit: e.g. TRAIN_VARIANTS="pytorch-ckpt,jax-full-scan@256|128,
+  # jax-dotsnb-scan@256|128,jax-full-nolhs@256|128,jax-gc4" (one line).
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full@256|128,jax-dotsnb-scan@256|128,jax-full-scan@256|128,jax-full-nolhs@256|128,jax-full-fused-nodrop@256|128,jax-gc4"}
 fi
 
 FAILED=0

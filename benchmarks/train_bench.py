@@ -67,7 +67,7 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int,
 
 
 def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1,
-              xla_options: dict | None = None, fused_attention_no_dropout: bool = False):
+              xla_options: dict | None = None, fused_attention_no_dropout: bool = False, scan_layers: bool = False):
   """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time).
 
   `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options).
@@ -78,7 +78,7 @@ def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str
   from instructor_jax import train_step as ts
   from instructor_jax.optim import OptimConfig, make_optimizer
   from instructor_jax.xla_options import train_compiler_options
-  cfg = cfg.with_encoder(remat_policy=remat)
+  cfg = cfg.with_encoder(remat_policy=remat, scan_layers=scan_layers)
   if fused_attention_no_dropout:
     cfg = cfg.with_encoder(dropout_rate=0.0, attention_impl="cudnn" if jax.default_backend() == "gpu"
                            else "dot_product_attention")
@@ -154,6 +154,11 @@ VARIANTS = {
     # CPU): what the einsums' [B, H, L, L] float32 tensors cost. A different recipe from the others.
     "jax-full-fused-nodrop": ("jax", {"remat": "full", "fused_attention_no_dropout": True}),
     "jax-gc4": ("jax", {"remat": "save_dots", "grad_cache_chunks": 4}),
+    # The layers as one scan (T5Config.scan_layers): remat recomputes one layer per backward
+    # iteration, whatever the scheduler does; with save_dots_no_batch only attention is recomputed,
+    # if the projections' outputs fit (the way past full remat's 3/4 ceiling at 256 triples).
+    "jax-full-scan": ("jax", {"remat": "full", "scan_layers": True}),
+    "jax-dotsnb-scan": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True}),
 }
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"
 

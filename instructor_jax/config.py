@@ -53,6 +53,10 @@ class T5Config:
   # dropout, where the length is a multiple of 128 (tpu_attention.py); other lengths, and training
   # with dropout, use the paths above.
   attention_impl: str = "auto"
+  # Run the layers as one lax.scan over their stacked parameters (t5.Encoder._scanned_layers):
+  # remat then recomputes one layer at a time, and the program compiles once per layer, not per
+  # stack. A compute option like remat_policy: the parameter layout and checkpoints are unchanged.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARD_KINDS:

@@ -39,8 +39,13 @@ def _abs(path: str) -> str:
 
 
 def config_to_dict(cfg: InstructorConfig) -> dict[str, Any]:
-  """JSON-able form of the model config (stored as the `model_config` item)."""
-  return dataclasses.asdict(cfg)
+  """JSON-able form of the model config (stored as the `model_config` item).
+
+  `scan_layers` is left out: how a run executes the layers, not what the model is, and releases
+  from before it would warn about an unknown field."""
+  d = dataclasses.asdict(cfg)
+  del d["encoder"]["scan_layers"]
+  return d
 
 
 def _known_fields(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:

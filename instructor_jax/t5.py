@@ -344,14 +344,46 @@ class Encoder(nn.Module):
     else:
       mask_B1QL = ((segments_BL[:, :, None] == segments_BL[:, None, :]) & (segments_BL[:, None, :] > 0))[:, None]
     x = Dropout(cfg.dropout_rate)(embedded_BLD, deterministic=deterministic)
-    layer_cls = EncoderLayer
-    if cfg.remat_policy != "none":
-      # static_argnums counts `self` as 0: (self, x, position_bias, mask, segments, deterministic).
-      layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(5,))
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, segments_BL, deterministic)
+    if cfg.scan_layers and not self.is_initializing():
+      x = self._scanned_layers(x, position_bias_HLL, mask_B1QL, segments_BL, deterministic)
+    else:
+      layer_cls = EncoderLayer
+      if cfg.remat_policy != "none":
+        # static_argnums counts `self` as 0: (self, x, position_bias, mask, segments, deterministic).
+        layer_cls = nn.remat(EncoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(5,))
+      for i in range(cfg.num_layers):
+        x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias_HLL, mask_B1QL, segments_BL, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+  def _scanned_layers(self, x_BLD: jax.Array, position_bias_HLL: jax.Array, mask_B1QL: jax.Array,
+                      segments_BL: jax.Array, deterministic: bool) -> jax.Array:
+    """The layers as one `lax.scan` over their parameters, stacked here from the per-layer
+    `layers_i` trees (the checkpoint layout stays per layer; the stack is a copy of the layers'
+    float32 weights per step).
+
+    Unrolled, XLA may schedule several layers' rematerialisation at once, or hoist it altogether
+    (XLA:CPU does: its full-remat step keeps what the plain step keeps); in a scan the backward pass
+    recomputes one layer per iteration. The program is also one layer long, so it compiles in a
+    fraction of the time. Layer i's dropout key is the encoder's folded with i, so the masks differ
+    from the unrolled layers' (same rate, other draws); without dropout the two agree to float rounding.
+    """
+    cfg = self.config
+    params = nn.unbox(self.variables["params"])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])
+    layer = EncoderLayer(cfg, parent=None)  # a free module, applied to each layer's parameters
+    dropout_key = None if deterministic or cfg.dropout_rate == 0.0 else self.make_rng("dropout")
+
+    def body(x, xs):
+      p, i = xs
+      rngs = {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
+      return layer.apply({"params": p}, x, position_bias_HLL, mask_B1QL, segments_BL, deterministic, rngs=rngs), None
+
+    if cfg.remat_policy != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    x_BLD, _ = jax.lax.scan(body, x_BLD, (stacked, jnp.arange(cfg.num_layers)))
+    return x_BLD
 
 
 class Embedder(nn.Module):

@@ -142,7 +142,7 @@ def _use_gloo_on_cpu() -> None:
 
 def with_compute_options(model: InstructorConfig, cfg: TrainConfig) -> InstructorConfig:
   return model.with_encoder(dtype=cfg.dtype, remat_policy=cfg.remat_policy, dropout_rate=cfg.dropout_rate,
-                            attention_impl=cfg.attention_impl)
+                            attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)
 
 
 def architecture(model: InstructorConfig) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class TrainConfig:
   temperature: float = 0.01
   dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
   remat_policy: str = "none"  # none | full | save_dots | save_dots_no_batch
+  # The layers as one lax.scan (T5Config.scan_layers): remat recomputes one layer at a time, and the
+  # step compiles in a fraction of the time; the dropout masks are other draws than unrolled layers'.
+  scan_layers: bool = False
   dropout_rate: float = 0.1
   attention_impl: str = "xla"
   grad_cache_chunks: int = 1  # > 1: GradCache with this many chunks (same gradients, less memory)
@@ -87,6 +90,8 @@ class TrainConfig:
     if self.dtype not in TRAIN_DTYPES:
       raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {TRAIN_DTYPES} (the compute dtype; "
                        "parameters and optimizer state stay float32).")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"TrainConfig.scan_layers={self.scan_layers!r}; expected True or False.")
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.")

@@ -237,6 +237,15 @@ def test_embed_job_overlap_times_jobs_against_a_simulated_device(tmp_path):
   assert "job / device" in stdout and not list((tmp_path / "scratch").iterdir())  # its files removed
 
 
+def test_remat_memory_compiles_every_setting(tmp_path):
+  out = tmp_path / "remat.json"
+  stdout = _run(["benchmarks/remat_memory.py", "--shape", "tiny", "--batch", "4", "--length", "16", "--dtype",
+                 "float32", "--settings", "plain,full-scan", "--out", str(out)], tmp_path)
+  rows = json.loads(out.read_text())["rows"]
+  assert set(rows) == {"plain", "full-scan"} and "XLA temp" in stdout
+  assert all(r["compile_s"] > 0 and r["temp_gib"] > 0 and r["argument_gib"] > 0 for r in rows.values())
+
+
 def test_train_padding_counts_and_times_every_setting(tmp_path):
   out = tmp_path / "padding.json"
   stdout = _run(["benchmarks/train_padding.py", "--steps", "20", "--query-len", "128", "--doc-len", "128",
@@ -267,8 +276,8 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   status = (out / "status.txt").read_text()
   assert "train rc=0" in status and "profile_train rc=0" in status, status
   train = json.loads((out / "train.json").read_text())
-  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-full-nolhs", "jax-full-fused-nodrop",
-                                                 "jax-gc4"]
+  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-dotsnb-scan", "jax-full-nolhs",
+                                                 "jax-full-fused-nodrop", "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 for r in train["train"]), train["train"]
   report = (out / "report_train.md").read_text()
   assert "| jax-full-nolhs | 8 × 32 |" in report
