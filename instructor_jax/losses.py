@@ -19,9 +19,13 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array, float], tuple[jax.Array, Met
 
 
 def _unit(x_BE: jax.Array) -> jax.Array:
-  """Float32 unit rows: the reference scores with cosine similarity, so unnormalised inputs work too."""
+  """Float32 unit rows: the reference scores with cosine similarity, so unnormalised inputs work too.
+
+  x / max(||x||, 1e-8), the floor taken under the square root: norm's gradient at an all-zero row
+  (what a text pools to when its instruction count covers it all) is NaN, and would turn every
+  parameter NaN."""
   x = x_BE.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-16))
 
 
 def _cross_entropy(logits_BC: jax.Array, target_B: jax.Array) -> jax.Array:

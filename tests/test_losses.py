@@ -1,5 +1,6 @@
 """Losses against plain NumPy transcriptions of INSTRUCTOR's train.py and t5x_retrieval's loss."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,6 +88,16 @@ def test_top1_accuracy():
   assert float(metrics["top1_q2d"]) == 1.0 and float(metrics["top1_d2q"]) == 1.0
   _, metrics = losses.instructor_loss(q, n, q.copy(), 0.01)  # every "negative" beats its positive
   assert float(metrics["top1_q2d"]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["instructor", "gtr"])
+def test_a_zero_embedding_has_finite_gradients(name):
+  """A text that is all instruction pools to a zero row; its gradient must not be NaN (it would
+  spread to every parameter)."""
+  q, p, n = _random_triples(4, B=4)
+  q[1] = 0.0
+  grads = jax.grad(lambda *e: losses.get_loss(name)(*e, temperature=0.05)[0], argnums=(0, 1, 2))(q, p, n)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def test_unknown_loss_name():
