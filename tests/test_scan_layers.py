@@ -84,23 +84,25 @@ def test_scanned_packed_step_equals_the_unrolled_one():
   assert medi_packing.PACKED_KEYS[0] in batches[0]
 
 
-def test_full_remat_in_a_scan_keeps_less_than_unrolled_on_xla_cpu():
-  """XLA:CPU hoists the recomputation of unrolled remat layers (their temp is the plain step's: 20.7
-  GiB against 20.6 for gtr-large, BENCHMARKS.md); in a scan each backward iteration recomputes its
-  own layer, so the step keeps far less."""
+def test_full_remat_in_a_scan_keeps_one_layer_at_a_time():
+  """XLA's temp grows per added triple by a fraction of the plain step's when the layers are scanned
+  under full remat (0.09 against 1.28 MiB here). Unrolled remat layers depend on the XLA version:
+  JAX 0.10's XLA:CPU hoists their recomputation (1.33 MiB), 0.11's keeps 0.13 here but 0.78 GiB per
+  triple at gtr-large against 0.18 scanned (BENCHMARKS.md), so they are not compared here."""
   config = CONFIG.with_encoder(num_layers=6, d_model=64, d_ff=256, num_heads=4, d_kv=16, dropout_rate=0.1)
   mesh = mesh_of(1, 1, 1)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-4), 10)
-  batch = shd.global_batch(random_batch(1, batch=24), mesh)
 
-  def temp_bytes(c):
+  def growth_per_triple(c):
     state = ts.init_state(c, tx, mesh)
     step = ts.make_train_step(c, tx, schedule, mesh)
-    return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    temp = [step.lower(state, shd.global_batch(random_batch(1, batch=b), mesh)).compile().memory_analysis()
+            .temp_size_in_bytes for b in (8, 32)]
+    return (temp[1] - temp[0]) / 24
 
-  unrolled = temp_bytes(config.with_encoder(remat_policy="full"))
-  scanned = temp_bytes(config.with_encoder(remat_policy="full", scan_layers=True))
-  assert scanned < 0.5 * unrolled, (unrolled, scanned)
+  plain = growth_per_triple(config)
+  scanned = growth_per_triple(config.with_encoder(remat_policy="full", scan_layers=True))
+  assert 0 < scanned < 0.25 * plain, (plain, scanned)
 
 
 def test_saved_configs_leave_scan_layers_out():
