@@ -31,6 +31,11 @@ def forms() -> dict:
   def f32_result(a, b, a8, b8):
     return jax.lax.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
+  def widened(a, b, a8, b8):
+    # bf16 operands widened back to float32: a float32 GEMM on bf16 values (exact products).
+    bf16_to_f32 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    return bf16_to_f32(a) @ bf16_to_f32(b)
+
   def int8(a, b, a8, b8):
     return jax.lax.dot(a8, b8, preferred_element_type=jnp.int32)
 
@@ -39,7 +44,8 @@ def forms() -> dict:
     q = jnp.round(a / scale).astype(jnp.int8)
     return jax.lax.dot(q, b8, preferred_element_type=jnp.int32).astype(jnp.float32) * scale
 
-  return {"float32": f32, "bf16 -> bf16": bf16_result, "bf16 -> float32": f32_result, "int8 -> int32": int8,
+  return {"float32": f32, "bf16 -> bf16": bf16_result, "bf16 -> float32": f32_result,
+          "bf16 widened to float32": widened, "int8 -> int32": int8,
           "float32 -> int8 GEMM -> float32": int8_quantised}
 
 

@@ -17,6 +17,7 @@ Parameter tree (kernels are [in, out], as in t5x):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -87,15 +88,41 @@ def residual_dtype(dtype: jnp.dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
+@functools.cache
+def cpu_has_bf16_dot(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+  """Whether this host's CPU has bf16 dot-product instructions, from the kernel's CPU flags.
+
+  x86 lists `avx512_bf16` / `amx_bf16` under "flags", Arm64 `bf16` under "Features". Where the flags
+  cannot be read (not Linux), the answer is True, which keeps the form measured fastest on CPUs that
+  have them."""
+  try:
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  except OSError:
+    return True
+  flags: set[str] = set()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      flags.update(value.split())
+  if not flags:
+    return True
+  return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype, result_dtype: jnp.dtype | None = None) -> jax.Array:
   """`einsum(spec, x, y)` with operands in the compute `dtype`, float32 accumulation, `result_dtype` out.
 
   `result_dtype` defaults to `dtype`. Two XLA:CPU forms (decided by the default backend at trace
   time; GPU/TPU get the plain dot, whose float32 accumulator never leaves the kernel):
-  - bfloat16: XLA:CPU (JAX 0.10) runs a bf16 x bf16 dot with a bf16 result on a kernel slower than
-    float32, and the same dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32
-    (BENCHMARKS.md). The float32 result is rounded at once, as a bf16 dot does after accumulating.
-    In a bf16 train step on CPU the backward matmuls see float32 cotangents and run in float32.
+  - bfloat16, on a CPU with bf16 dot instructions (AVX512-BF16, AMX-BF16, Arm BF16): XLA:CPU (JAX
+    0.10) runs a bf16 x bf16 dot with a bf16 result on a kernel slower than float32, and the same
+    dot with a float32 result on its AVX512-BF16 kernel, 1.6x float32 (BENCHMARKS.md). The float32
+    result is rounded at once, as a bf16 dot does after accumulating. In a bf16 train step on CPU
+    the backward matmuls see float32 cotangents and run in float32.
+  - bfloat16, on a CPU without them: both bf16 forms run slower than float32 (0.72x and 0.9x on an
+    AVX2 Zen 3), so the operands are widened to float32, exactly (bf16 is float32's upper half),
+    and the GEMM runs at float32's speed with a float32-accumulated bf16 GEMM's result.
   - float16: XLA:CPU compiles no float16 dot with a float32 result, so the float16 operands are
     widened to float32 first. That is exact (a product of two 11-bit significands fits float32's
     24), so the result is a float32-accumulated float16 GEMM's, up to summation order.
@@ -107,8 +134,10 @@ def matmul(spec: str, x: jax.Array, y: jax.Array, dtype: jnp.dtype, result_dtype
   if jax.default_backend() == "cpu":
     if dtype == jnp.float16:
       x, y, preferred = x.astype(jnp.float32), y.astype(jnp.float32), None
-    elif dtype == jnp.bfloat16:
+    elif dtype == jnp.bfloat16 and cpu_has_bf16_dot():
       preferred = jnp.float32
+    elif dtype == jnp.bfloat16:
+      x, y, preferred = x.astype(jnp.float32), y.astype(jnp.float32), None
   return jnp.einsum(spec, x, y, preferred_element_type=preferred).astype(result)
 
 

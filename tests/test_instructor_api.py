@@ -96,22 +96,42 @@ def test_float16_on_gpu_is_float16_gemms_feeding_a_float32_residual_stream(monke
   assert [result.strip()[-4:] for _, result in dots].count("f32>") == 3, dots  # logits, out, wo
 
 
-def test_bfloat16_matmuls_on_cpu_accumulate_to_float32_then_round():
-  """XLA:CPU's fast bf16 GEMM is the one with a float32 result (BENCHMARKS.md); Dense asks for it."""
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_bfloat16_matmuls_on_cpu_accumulate_to_float32_then_round(monkeypatch, bf16_dot):
+  """XLA:CPU's fast bf16 GEMM is the one with a float32 result where the CPU has bf16 dot instructions;
+  without them the operands are widened to float32 (BENCHMARKS.md). Both give the same numbers."""
   import jax
   import jax.numpy as jnp
-  from instructor_jax.t5 import Dense
-  dense = Dense(8, ("embed", "mlp"), jnp.bfloat16)
+  from instructor_jax import t5
+  monkeypatch.setattr(t5, "cpu_has_bf16_dot", lambda: bf16_dot)
+  dense = t5.Dense(8, ("embed", "mlp"), jnp.bfloat16)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)), jnp.float32)
   params = dense.init(jax.random.PRNGKey(0), x)
   hlo = jax.jit(dense.apply).lower(params, x).as_text()
   dots = [line for line in hlo.splitlines() if "dot_general" in line]
-  assert len(dots) == 1 and "bf16>" in dots[0] and "-> tensor<4x8xf32>" in dots[0], dots
+  operands = "bf16>" if bf16_dot else "tensor<4x16xf32>"
+  assert len(dots) == 1 and operands in dots[0] and "-> tensor<4x8xf32>" in dots[0], dots
   got = dense.apply(params, x)
   assert got.dtype == jnp.bfloat16
   kernel = params["params"]["kernel"].unbox()
   want = (x.astype(jnp.bfloat16).astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n", True),   # Zen 4, Sapphire Rapids
+    ("processor\t: 0\nflags\t\t: fpu avx2 fma vaes\n", False),                 # Zen 3: AVX2 only
+    ("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),             # Graviton 3
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n", False),        # Graviton 2
+    ("nothing that lists CPU features\n", True),
+])
+def test_cpu_bf16_dot_instructions_are_read_from_cpuinfo(tmp_path, text, expected):
+  from instructor_jax.t5 import cpu_has_bf16_dot
+  path = tmp_path / "cpuinfo"
+  path.write_text(text)
+  assert cpu_has_bf16_dot(str(path)) is expected
+  assert cpu_has_bf16_dot(str(tmp_path / "missing")) is True  # not Linux: the form measured on AVX512-BF16
 
 
 def test_bfloat16_weights_cast_once_give_bit_identical_embeddings(model):
