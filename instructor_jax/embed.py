@@ -156,6 +156,14 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InputError(f"--output {out_dir} is a file; pass a directory (new, or one this job wrote).")
+  # Parquet readers take every file not starting with "_" or "." as data: anything else there would
+  # make the directory unreadable as one dataset (and --overwrite discards results, not other files).
+  foreign = sorted(n for n in os.listdir(out_dir) if not n.startswith(("_", ".", "part-"))
+                   and n != embed_manifest.LEGACY_MANIFEST_FILE) if os.path.isdir(out_dir) else []
+  if foreign:
+    raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"
+                     f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory, or one an embed "
+                     "job wrote.")
   os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
   if not overwrite:
     return
@@ -280,7 +288,7 @@ def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], mode
       return None
     time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
   if not manifest["rows"]["embedded"]:
-    _refuse_all_skipped(args, manifest["rows"]["skipped"])
+    _refuse_all_skipped(args, manifest["rows"]["skipped"], spec["num_parts"])
   manifest["model"] = dict(manifest["model"], source=model_source)
   return embed_manifest.write_manifest(out_dir, manifest)
 
@@ -316,12 +324,15 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
                      "header row, then one row per text).")
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
+  # A directory without results (new, or left by a job that failed before its first part) takes this
+  # job whatever its `_job.json` says: nothing could mix.
+  fresh = args.overwrite or not embed_manifest.has_results(out_dir)
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
-  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
-  recorded = None if args.overwrite else embed_manifest.recorded_fingerprint_scheme(out_dir)
+  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir, fresh)
+  recorded = None if fresh else embed_manifest.recorded_fingerprint_scheme(out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges,
                                  recorded or embed_manifest.FINGERPRINT_SCHEMES[0])
-  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
+  embed_manifest.check_or_write_job(out_dir, spec, fresh)
   embed_manifest.note_runtime(out_dir, runtime, model.config.encoder.dtype)
   if ranges is not None:
     embed_output.save_ranges(out_dir, ranges)
@@ -388,10 +399,13 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 
-def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int]) -> None:
+def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_parts: int) -> None:
   """Almost always a mistyped --text-field or --instruction-field under --on-error skip. No manifest is
-  written (a pipeline waiting for it must not take this for done), and the job identity is removed,
-  so that the corrected command is not refused as a different job."""
+  written (a pipeline waiting for it must not take this for done), and the job identity and its parts
+  (all of them empty) are removed, so that the directory holds no results and the corrected command is
+  not refused as a different job."""
+  for k in range(num_parts):
+    embed_output.remove_part(args.output, k)
   with contextlib.suppress(FileNotFoundError):
     os.remove(os.path.join(args.output, embed_manifest.JOB_FILE))
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from instructor_jax.embed_io import BadRow, Fields, InputFile
-from instructor_jax.embed_output import RANGES_FILE, atomic_json, read_sidecar, stored_dim
+from instructor_jax.embed_output import PARTS_DIR, RANGES_FILE, atomic_json, read_sidecar, stored_dim
 
 JOB_FILE = "_job.json"
 RUNTIME_FILE = "_runtime.json"  # where the last run computed: informative, not part of the job's identity
@@ -160,6 +160,19 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
       # (a resumed job equals an uninterrupted one exactly), so a change is refused like --buckets.
       "pack_length": pack_length,
   }
+
+
+def has_results(out_dir: str) -> bool:
+  """Whether the directory holds a part's data file, a part's sidecar or a manifest: anything beyond
+  a job's identity. A job that failed before committing a part (a bad input row under --on-error
+  fail) leaves only `_job.json`; the corrected command must then run there, not be refused as a
+  different job."""
+  if not os.path.isdir(out_dir):
+    return False
+  if any(n.startswith("part-") or n in (MANIFEST_FILE, LEGACY_MANIFEST_FILE) for n in os.listdir(out_dir)):
+    return True
+  parts = os.path.join(out_dir, PARTS_DIR)
+  return os.path.isdir(parts) and any(n.endswith(".json") for n in os.listdir(parts))
 
 
 def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> None:

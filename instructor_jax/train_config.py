@@ -25,7 +25,7 @@ class TrainConfig:
   query_len: int = 512
   doc_len: int = 512
   # Each step pads its queries / documents only to the smallest of these lengths that holds the
-  # global batch's longest one (query_len / doc_len when none does; always for step 0, so that a
+  # global batch's longest one (query_len / doc_len when none does; always for the first step, so that a
   # batch too large for memory fails at once): a fraction of the compute on short texts, one
   # compiled step per length pair met. Without dropout the loss is that of full padding up to float
   # rounding; with dropout the masks, drawn per padded shape, differ. (): always pad to

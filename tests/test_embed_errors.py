@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from embed_support import base_args, read_output, tiny_model
-from instructor_jax import embed
+from embed_support import base_args, read_output, sentences, tiny_model
+from instructor_jax import embed, embed_manifest
 from instructor_jax.embed_io import InputError
 
 GOOD = [json.dumps({"id": f"r{i}", "text": f"a good sentence number {i}"}) for i in range(6)]
@@ -139,12 +139,46 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
     embed.main(base_args([_input(tmp_path, [])], str(out), "--text-field", "body", "--on-error", "skip"),
                model=model)
   assert not (out / "_manifest.json").exists()  # a pipeline waiting for it must not take this for done
+  assert not list(out.glob("part-*")) and not list((out / "_parts").iterdir())  # no empty parts to read
   with pytest.raises(InputError, match=r"no row was embedded"):  # the same mistake again: refused again
     embed.main(base_args([_input(tmp_path, [])], str(out), "--text-field", "body", "--on-error", "skip"),
                model=model)
   assert not (out / "_manifest.json").exists()
   summary = embed.main(base_args([_input(tmp_path, [])], str(out), "--on-error", "skip"), model=model)
   assert summary["rows"] == 6 and (out / "_manifest.json").exists()
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_job_that_failed_before_its_first_part_takes_the_corrected_command(tmp_path, model, capsys, precision):
+  """--on-error fail stops at a bad row after `_job.json` is written; the fixed input is another job's
+  identity, yet the directory holds no results, so the rerun the error message asks for must run there."""
+  good = [{"id": i, "text": s} for i, s in enumerate(sentences(6))]
+  path = tmp_path / "in.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in good[:3]) + "{not json\n" +
+                  "".join(json.dumps(r) + "\n" for r in good[3:]), encoding="utf-8")
+  out = tmp_path / "out"
+  args = base_args([str(path)], str(out), "--precision", precision)
+  with pytest.raises(InputError, match=r"in.jsonl:4"):
+    embed.main(args, model=model)
+  assert (out / "_job.json").exists() and not list(out.glob("part-*"))
+  path.write_text("".join(json.dumps(r) + "\n" for r in good), encoding="utf-8")  # fixed
+  summary = embed.main(args, model=model)
+  assert summary["rows"] == 6 and (out / "_manifest.json").exists()
+  # Once a part is committed, a different job is refused as before.
+  path.write_text("".join(json.dumps(r) + "\n" for r in good[:5]), encoding="utf-8")
+  with pytest.raises(embed_manifest.OutputMismatchError, match="different embedding job"):
+    embed.main(args, model=model)
+
+
+def test_an_output_directory_holding_other_files_is_refused(tmp_path, model):
+  """Writing parts beside unrelated files (here the job's own input) would leave a directory that no
+  Parquet reader can read as one dataset."""
+  path = tmp_path / "in.jsonl"
+  path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences(3)), encoding="utf-8")
+  for extra in ([], ["--overwrite"]):
+    with pytest.raises(InputError, match=r"holds files an embed job did not write \(in.jsonl\); pass a new"):
+      embed.main(base_args([str(path)], str(tmp_path), *extra), model=model)
+  assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
 @pytest.mark.parametrize("body", ["", "text,id\n"])

@@ -102,7 +102,7 @@ def test_resumes_a_job_recorded_with_the_single_stream_fingerprint(tmp_path, mod
   out = str(tmp_path / "out")
   args = base_args([path], out, *JOB)
   with monkeypatch.context() as m:  # the first run writes what an older release wrote
-    m.setattr(embed_manifest, "recorded_fingerprint_scheme", lambda _: "sha256")
+    m.setattr(embed_manifest, "FINGERPRINT_SCHEMES", ("sha256", "sha256-leaves"))
     with pytest.raises(Killed):
       embed.main(args, model=model, fault=_kill_at("renamed", 2))
   recorded = json.load(open(os.path.join(out, "_job.json")))["model"]["fingerprint"]
