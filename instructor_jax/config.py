@@ -13,10 +13,19 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+class ConfigError(ValueError):
+  """A setting (or combination) that cannot run; the message names it, what was expected and what to do.
+  The command-line tools print it in one line, without a traceback."""
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+  """A configured path that does not exist (a gin file, MEDI_PATH, INIT_CHECKPOINT, eval_sts_path)."""
+
+
 def canonical_dtype(dtype: str) -> str:
   """The compute dtype a name means ("bf16" -> "bfloat16")."""
   if str(dtype) not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(set(DTYPES.values()))}.")
+    raise ConfigError(f"dtype={dtype!r}; expected one of {sorted(set(DTYPES.values()))}.")
   return DTYPES[str(dtype)]
 
 
@@ -60,21 +69,21 @@ class T5Config:
 
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARD_KINDS:
-      raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_KINDS}.")
+      raise ConfigError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_KINDS}.")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
+      raise ConfigError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
+      raise ConfigError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     for name in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers"):
       if not getattr(self, name) >= 1:
-        raise ValueError(f"T5Config.{name}={getattr(self, name)!r}; expected an integer >= 1.")
+        raise ConfigError(f"T5Config.{name}={getattr(self, name)!r}; expected an integer >= 1.")
     if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
-      raise ValueError("T5Config.relative_attention_num_buckets must be even and >= 4 "
+      raise ConfigError("T5Config.relative_attention_num_buckets must be even and >= 4 "
                        f"(bidirectional buckets), got {self.relative_attention_num_buckets}.")
     # Distances below num_buckets // 4 get a bucket each; the rest are spread logarithmically up to
     # max_distance, which must therefore lie beyond them (T5 uses 128).
     if not self.relative_attention_max_distance > self.relative_attention_num_buckets // 4:
-      raise ValueError(f"T5Config.relative_attention_max_distance={self.relative_attention_max_distance}; expected "
+      raise ConfigError(f"T5Config.relative_attention_max_distance={self.relative_attention_max_distance}; expected "
                        f"> {self.relative_attention_num_buckets // 4} (num_buckets / 4) for "
                        f"{self.relative_attention_num_buckets} buckets. T5, GTR and INSTRUCTOR use 128.")
 
@@ -96,9 +105,9 @@ class InstructorConfig:
 
   def __post_init__(self):
     if not self.max_seq_length >= 2:
-      raise ValueError(f"max_seq_length={self.max_seq_length!r}; expected >= 2 (at least one token and </s>).")
+      raise ConfigError(f"max_seq_length={self.max_seq_length!r}; expected >= 2 (at least one token and </s>).")
     if self.projection_dim is not None and not self.projection_dim >= 1:
-      raise ValueError(f"projection_dim={self.projection_dim!r}; expected an integer >= 1, or None for no projection.")
+      raise ConfigError(f"projection_dim={self.projection_dim!r}; expected an integer >= 1, or None for no projection.")
 
   @property
   def embedding_dim(self) -> int:
@@ -125,5 +134,5 @@ def preset(name: str) -> InstructorConfig:
   """Returns the preset called `name` (gtr-base, gtr-large, gtr-xl, gtr-xxl, tiny)."""
   key = name.replace("_", "-").lower()
   if key not in PRESETS:
-    raise ValueError(f"Unknown model preset {name!r}; expected one of {sorted(PRESETS)}.")
+    raise ConfigError(f"Unknown model preset {name!r}; expected one of {sorted(PRESETS)}.")
   return PRESETS[key]

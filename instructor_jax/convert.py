@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from instructor_jax.config import DTYPES, canonical_dtype
+
 DESCRIPTION = """\
 Convert an INSTRUCTOR / GTR (T5 encoder) checkpoint between formats.
 
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "or orbax workdir / checkpoints dir.")
   p.add_argument("dst", metavar="DST", help="output directory.")
   p.add_argument("--to", choices=("st", "orbax"), default="st", help="destination format (default: st).")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+  p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                  help="weight dtype of an st export (default float32; orbax params are always float32).")
   p.add_argument("--step", type=int, default=None, help="step of an orbax workdir or t5x model dir (default: latest).")
   p.add_argument("--max-distance", type=int, default=None,
@@ -121,6 +123,7 @@ def _describe(config) -> str:
 
 
 def convert(args: argparse.Namespace) -> list[str]:
+  args.dtype = canonical_dtype(args.dtype)  # "bf16" -> "bfloat16", as embed and evaluate read it
   """Runs one conversion; returns the paths written."""
   from instructor_jax.sources import load_source
   if args.to == "orbax" and args.dtype != "float32":

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS,
                  help="default: from the extension. csv/tsv follow CSV quoting; tsv-unquoted is one row per "
                       "line split on tabs, quotes being literal text (GLUE/STS/MSRP files)")
-  p.add_argument("--text-field", default="text", help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
+  p.add_argument("--text-field", default=None, help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
                  "text (default: text)")
   p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
                  "--instruction-field)")
@@ -104,7 +104,7 @@ def _fields(args: argparse.Namespace) -> Fields:
   id_type = args.id_type or ("str" if args.id_field else "int")
   if args.id_field is None and id_type != "int":
     raise SystemExit("--id-type str needs --id-field (positional ids are integers).")
-  return Fields(args.text_field, args.instruction_field, args.id_field, id_type, args.instruction)
+  return Fields(args.text_field or "text", args.instruction_field, args.id_field, id_type, args.instruction)
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -313,15 +313,16 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
   text_files = [f.path for f in files if f.format == "text"]
-  if text_files and (fields.id or fields.instruction):
+  if text_files and (fields.id or fields.instruction or args.text_field is not None):
     raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
-                     "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
+                     "--text-field, --id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
   total = sum(f.rows for f in files)
   if total == 0:  # nothing to embed is a mistake (an empty export, a CSV without data rows), not success
     if not files and unreadable:
       raise InputError(f"no readable input: {unreadable[0].message()}")
-    raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed (CSV/TSV inputs need a "
-                     "header row, then one row per text).")
+    header = (" (CSV/TSV inputs need a header row, then one row per text)"
+              if any(f.format in embed_io.DELIMITED for f in files) else "")
+    raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed{header}.")
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   # A directory without results (new, or left by a job that failed before its first part) takes this
@@ -410,7 +411,7 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
     os.remove(os.path.join(args.output, embed_manifest.JOB_FILE))
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
   raise InputError(f"no row was embedded: every row was skipped ({reasons}); check --text-field "
-                   f"{args.text_field!r} and the other field options against the input. {args.output} holds no "
+                   f"{args.text_field or 'text'!r} and the other field options against the input. {args.output} holds no "
                    "results; rerun with the corrected options.")
 
 

@@ -18,7 +18,7 @@ import zlib
 from typing import Any, Callable, Iterator
 
 FORMATS = ("jsonl", "parquet", "csv", "tsv", "tsv-unquoted", "text")
-_DELIMITED = ("csv", "tsv", "tsv-unquoted")
+DELIMITED = ("csv", "tsv", "tsv-unquoted")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "text", ".text": "text"}
 # Reasons a row is skipped. `blank_line` (an empty line in a JSONL/CSV file) is always skipped and
@@ -129,7 +129,7 @@ def scan_file(path: str, fmt: str) -> tuple[int, str]:
   if fmt == "parquet":
     import pyarrow.parquet as pq
     return pq.ParquetFile(path).metadata.num_rows, checksum
-  if fmt in _DELIMITED:
+  if fmt in DELIMITED:
     return sum(1 for _ in _csv_rows(path, fmt)), checksum
   return lines + (last != b"\n"), checksum
 
@@ -257,7 +257,7 @@ def iter_raw(files: list[InputFile], columns: list[str], skip: Callable[[int, in
     if f.format == "parquet":
       yield from _parquet_rows(f, columns, skip)
       continue
-    if f.format in _DELIMITED:
+    if f.format in DELIMITED:
       for line, header, row in _csv_rows(f.path, f.format):
         yield f, slot, f"{f.path}:{line}", (header, row)
         slot += 1
@@ -300,7 +300,7 @@ def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow
       hint = _JSON_ARRAY_HINT if isinstance(rec, list) and rec and isinstance(rec[0], dict) else ""
       return _bad(slot, where, "malformed_json", f"expected a JSON object per line, got {type(rec).__name__}{hint}")
     return rec
-  if fmt in _DELIMITED:
+  if fmt in DELIMITED:
     header, row = raw
     if isinstance(row, Unparsable):
       return _bad(slot, where, "malformed_row", str(row))
@@ -321,6 +321,10 @@ def _absent(rec: dict, what: str, name: str) -> str:
   return f"{what} field {name!r} is null" if name in rec else f"no {what} field {name!r}"
 
 
+def _known_fields(rec: dict) -> list[str]:
+  return list(rec.get("__columns__") or sorted(rec))[:12]
+
+
 def _a_type(value: Any) -> str:
   """'an int', 'a list': the value's type with its article, for messages."""
   name = type(value).__name__
@@ -337,6 +341,8 @@ def _check_utf8(value: str) -> bool:
 
 def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
   present, value = _field(rec, fields.id)
+  if not present and fields.id not in rec:
+    return _bad(slot, where, "missing_id", f"no id field {fields.id!r} (fields: {_known_fields(rec)}); set --id-field")
   if not present:
     return _bad(slot, where, "missing_id", _absent(rec, "id", fields.id))
   if fields.id_type == "int":
@@ -368,9 +374,10 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   if not present and fields.text in rec:
     return _bad(slot, where, "missing_text", _absent(rec, "text", fields.text))
   if not present:
-    known = rec.get("__columns__") or sorted(rec)
-    return _bad(slot, where, "missing_text", f"no text field {fields.text!r} (fields: {list(known)[:12]}); "
-                "set --text-field")
+    header = ("; a CSV/TSV file's first line is its header: add one naming the columns if the file has none"
+              if fmt in DELIMITED else "")
+    return _bad(slot, where, "missing_text", f"no text field {fields.text!r} (fields: {_known_fields(rec)}); "
+                f"set --text-field{header}")
   if not isinstance(text, str):
     return _bad(slot, where, "non_string_text", f"text field {fields.text!r} is {_a_type(text)}, "
                 "expected a string")

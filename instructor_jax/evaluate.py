@@ -1,4 +1,4 @@
-"""Quick evaluation of an embedding model: STS (Spearman) and answer reranking (MRR, MAP, nDCG@10).
+r"""Quick evaluation of an embedding model: STS (Spearman) and answer reranking (MRR, MAP, nDCG@10).
 
     python -m instructor_jax.evaluate --model WORKDIR --step 20000 \
         --sts sts/2015.val.tsv --sts sick2014/SICK_test_annotated.txt --rerank trecqa/test.csv

@@ -319,7 +319,11 @@ def _find_dense_dir(directory: str) -> str | None:
   """The sentence-transformers Dense module directory named in modules.json, if any."""
   for module in _modules(directory):
     if module.get("type", "").endswith("Dense"):
-      return os.path.join(directory, module["path"])
+      dense_dir = os.path.join(directory, module["path"])
+      if not os.path.isdir(dense_dir):
+        raise CheckpointError(f"{directory}/modules.json lists the Dense module {module['path']!r}, but {dense_dir} "
+                              "does not exist (a partial copy?); copy the whole model directory again.")
+      return dense_dir
   return None
 
 

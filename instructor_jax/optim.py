@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from instructor_jax.config import ConfigError
+
 OPTIMIZERS = ("adamw", "adafactor")
 
 
@@ -27,9 +29,9 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
-      raise ValueError(f"OptimConfig.name={self.name!r}; expected one of {OPTIMIZERS}.")
+      raise ConfigError(f"OptimConfig.name={self.name!r}; expected one of {OPTIMIZERS}.")
     if not 0.0 <= self.warmup_fraction < 1.0:
-      raise ValueError(f"OptimConfig.warmup_fraction={self.warmup_fraction}; expected a value in [0, 1).")
+      raise ConfigError(f"OptimConfig.warmup_fraction={self.warmup_fraction}; expected a value in [0, 1).")
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

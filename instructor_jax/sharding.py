@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from instructor_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -54,14 +56,14 @@ class MeshConfig:
     """(data, fsdp, tensor) sizes with -1 resolved against `num_devices`."""
     sizes = [self.data, self.fsdp, self.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-      raise ValueError(f"MeshConfig{tuple(sizes)}: sizes must be positive, with at most one -1.")
+      raise ConfigError(f"MeshConfig{tuple(sizes)}: sizes must be positive, with at most one -1.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
       if num_devices % known:
-        raise ValueError(f"MeshConfig{tuple(sizes)}: {num_devices} devices do not divide by {known}.")
+        raise ConfigError(f"MeshConfig{tuple(sizes)}: {num_devices} devices do not divide by {known}.")
       sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-      raise ValueError(f"MeshConfig{tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} "
+      raise ConfigError(f"MeshConfig{tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} "
                        "are in use; set one axis to -1 or fix the sizes (gin: MeshConfig.data=...).")
     return tuple(sizes)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from typing import Any
@@ -89,18 +90,44 @@ def detect_kind(path: str) -> str:
   if path.startswith("gs://"):
     # The t5x reader reports an unreachable bucket or a missing 'checkpoint' with the real cause.
     return "orbax" if orbax_io.is_orbax_checkpoint(path) else "t5x"
+  _refuse_module_folder(path)
   if os.path.exists(os.path.join(transformer_dir(path), "config.json")):
     return "hf"
   if t5x_format.is_t5x_checkpoint(path):
     return "t5x"
   if orbax_io.is_orbax_checkpoint(path) or _orbax_step_dir(path) is not None:
     return "orbax"
+  if os.path.exists(os.path.join(path, ".train.lock")) or os.path.isdir(os.path.join(path, "checkpoints")):
+    raise CheckpointError(
+        f"{path} is a training workdir without a finished checkpoint yet (the trainer saves every "
+        "TrainConfig.checkpoint_every steps and at the last step; a run that failed before its first save "
+        "leaves none). Wait for the first checkpoint, or pass a model that has one.")
   listing = sorted(os.listdir(path))[:12]
   raise CheckpointError(
       f"{path}: unknown checkpoint layout (contains {listing}). Expected one of: a sentence-transformers / "
       "transformers directory (config.json + model.safetensors, sharded safetensors with an index, or "
       "pytorch_model.bin); a t5x checkpoint directory (a msgpack 'checkpoint' file + zarr arrays); an orbax "
       "checkpoint (a training workdir, its checkpoints/ directory, or one <step>/ directory).")
+
+
+def _refuse_module_folder(path: str) -> None:
+  """A module folder of a sentence-transformers directory (`2_Dense/`, `1_Pooling/`, an old layout's
+  `0_Transformer/`) is not a model: loaded alone it would lose the other modules, the projection included."""
+  folder = os.path.normpath(path)
+  parent, name = os.path.dirname(folder), os.path.basename(folder)
+  modules_path = os.path.join(parent, "modules.json")
+  if not os.path.isfile(modules_path):
+    return
+  try:
+    with open(modules_path) as f:
+      modules = json.load(f)
+    listed = {os.path.normpath(m.get("path") or ""): m.get("type", "") for m in modules}
+  except (OSError, ValueError, AttributeError, TypeError):  # not a modules.json we can read: not our concern here
+    return
+  if name in listed:
+    kind = listed[name].rsplit(".", 1)[-1] or "a"
+    raise CheckpointError(f"{path} is the {kind} module folder of the sentence-transformers directory {parent} "
+                          f"(its modules.json lists it); pass {parent}, the whole model.")
 
 
 def _orbax_step_dir(path: str) -> tuple[str, int] | None:

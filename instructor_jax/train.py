@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+import tokenize
 from typing import Any, Iterator, Optional
 
 import gin
@@ -26,9 +27,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from instructor_jax import medi_packing, orbax_io, sharding as shd, train_outputs
-from instructor_jax.config import InstructorConfig, preset
+from instructor_jax.config import ConfigError, InstructorConfig, MissingPathError, preset
 from instructor_jax.medi_batches import pad_batch_to
-from instructor_jax.medi_records import cache_root
+from instructor_jax.evaluate import EvalDataError
+from instructor_jax.hf_format import CheckpointError
+from instructor_jax.medi_records import MediFormatError, cache_root
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
@@ -41,6 +44,10 @@ from instructor_jax.xla_options import train_compiler_options
 # Exit status of a run that stopped early with a checkpoint (signal or preemption notice), so that
 # a scheduler or launch_tpu.sh can tell it from a finished run: EX_TEMPFAIL, "try again".
 EXIT_STOPPED_EARLY = 75
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another trainer holds the workdir's lock."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,7 +80,7 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
   """Parses gin files (includes resolve against each file's folder and its parent) and bindings."""
   for f in files:
     if not os.path.exists(f):
-      raise FileNotFoundError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
+      raise MissingPathError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
     for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
       gin.add_config_file_search_path(d)
   # gin's package-path reader logs an error for every search path an include is *not* under;
@@ -81,8 +88,22 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
   logging.disable(logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(files, bindings)
+  except (ValueError, SyntaxError, tokenize.TokenError) as e:  # gin names the file or binding and its line
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"gin: {e}") from e
   finally:
     logging.disable(logging.NOTSET)
+
+
+def gin_configs() -> tuple[TrainConfig, OptimConfig, shd.MeshConfig]:
+  """The run's configurations from the parsed gin; a bad value or an unbound macro is a ConfigError."""
+  try:
+    return GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
+  except ValueError as e:  # gin appends which configurable it was calling
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(str(e)) from e
 
 
 def check_macros_used(bindings: list[str], operative: str) -> None:
@@ -318,7 +339,7 @@ def _lock_workdir(workdir: str):
     f.seek(0)
     holder = f.read().strip() or "?"
     f.close()
-    raise RuntimeError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
+    raise WorkdirInUseError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
                        "stop it, or use another --workdir.") from None
   f.seek(0)
   f.truncate()
@@ -369,27 +390,30 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   shards = shd.batch_size_multiple(mesh)
   if cfg.batch_size % (shards * cfg.grad_cache_chunks):
     chunks = f" x grad_cache_chunks ({cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else ""
-    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp ({shards}, mesh "
+    raise ConfigError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp ({shards}, mesh "
                      f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
   _require_medi_path(cfg)
-  if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
-    from instructor_jax.medi_records import resolve_medi_file
-    resolve_medi_file(cfg.medi_path)
-  if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
-    from instructor_jax.evaluate import read_sts
-    read_sts(cfg.eval_sts_path)
+  try:
+    if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
+      from instructor_jax.medi_records import resolve_medi_file
+      resolve_medi_file(cfg.medi_path)
+    if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
+      from instructor_jax.evaluate import read_sts
+      read_sts(cfg.eval_sts_path)
+  except FileNotFoundError as e:
+    raise MissingPathError(str(e)) from None
   train_compiler_options(cfg.xla_options)  # an unknown option name fails now, not after the model is built
   init = cfg.init_checkpoint
   resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read
   if (init and not resuming and "://" not in init and not looks_like_hub_id(init)
       and not os.path.exists(os.path.expanduser(init))):
-    raise FileNotFoundError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
+    raise MissingPathError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
                             "owner/name).")
 
 
 def _require_medi_path(cfg: TrainConfig) -> None:
   if not cfg.medi_path:
-    raise ValueError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
+    raise ConfigError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
                      "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
 
 
@@ -549,18 +573,28 @@ def use_persistent_compilation_cache() -> None:
       jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
 
 
+# Mistakes in the run's settings or inputs. Their messages name the setting, file or record, what was
+# expected and what to do, so the command line prints them in one line (status 2), as embed, convert and
+# evaluate do; any other exception keeps its traceback.
+USER_ERRORS = (ConfigError, CheckpointError, orbax_io.OrbaxCheckpointError, MediFormatError, EvalDataError,
+               WorkdirInUseError)
+
+
 def main(argv: list[str] | None = None) -> int:
   flags = parse_flags(sys.argv[1:] if argv is None else argv)
   use_persistent_compilation_cache()
   maybe_initialize_distributed(flags)
-  parse_gin(flags.gin_file, flags.gin_bindings)
-  cfg, optim, mesh_config = GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
-  check_macros_used(flags.gin_bindings, gin.operative_config_str())
   try:
+    parse_gin(flags.gin_file, flags.gin_bindings)
+    cfg, optim, mesh_config = gin_configs()
+    check_macros_used(flags.gin_bindings, gin.operative_config_str())
     records = train(cfg, optim, mesh_config, flags.workdir, gin.operative_config_str())
   except NonFiniteLossError as e:
     print(f"error: non-finite loss at {e}", file=sys.stderr, flush=True)
     return 1
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
   return EXIT_STOPPED_EARLY if records.stopped_early else 0
 
 

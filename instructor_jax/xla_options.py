@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from instructor_jax.config import ConfigError
+
 # On GPU the latency-hiding scheduler overlaps the data-parallel gradient reduction and the FSDP
 # all-gathers with compute; CPU and TPU (on by default in libtpu) get nothing extra.
 GPU_DEFAULTS: dict[str, Any] = {"xla_gpu_enable_latency_hiding_scheduler": True}
@@ -41,7 +43,7 @@ def train_compiler_options(overrides: Mapping[str, Any] | None = None, backend: 
       del options[name]
   for name, value in (overrides or {}).items():
     if not _is_known(name, value):
-      raise ValueError(f"TrainConfig.xla_options: XLA in jax {jax.__version__} has no compiler option {name!r}; "
+      raise ConfigError(f"TrainConfig.xla_options: XLA in jax {jax.__version__} has no compiler option {name!r}; "
                        f"check the name against XLA's DebugOptions for this release or remove it.")
     options[name] = value
   return options

@@ -46,6 +46,14 @@ def test_cli_t5x_to_sharded_st_with_prompts(tmp_path, capsys):
   assert b.config.encoder == a.config.encoder and b.config.projection_dim == 768
 
 
+def test_dtype_names_as_embed_and_evaluate_take_them(tmp_path):
+  from safetensors import safe_open
+  dst = str(tmp_path / "bf16")
+  assert main([TINY, dst, "--dtype", "bf16"]) == 0
+  with safe_open(os.path.join(dst, "model.safetensors"), "np") as f:
+    assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+
+
 def test_cli_source_prompts_carry_over(tmp_path):
   first, second = str(tmp_path / "a"), str(tmp_path / "b")
   assert main([TINY, first, "--prompt", "sci=Represent the Science title:"]) == 0

@@ -272,3 +272,25 @@ def test_lowercasing_models_are_refused(tmp_path):
     json.dump(dict(cfg, do_lower_case=True), f)
   with pytest.raises(hf_format.CheckpointError, match="do_lower_case is true"):
     Instructor.from_pretrained(src)
+
+
+def test_a_partial_copy_or_a_module_folder_is_refused_with_what_to_pass(tmp_path):
+  """A copy without its Dense folder, or one module folder passed as the model, must say so (not fail
+  on a missing file, or read 2_Dense/config.json as a T5 config)."""
+  src = str(tmp_path / "copy")
+  shutil.copytree(TINY, src)
+  for module, kind in (("2_Dense", "Dense"), ("1_Pooling", "Pooling")):
+    with pytest.raises(hf_format.CheckpointError, match=rf"{module} is the {kind} module folder .*pass {src}"):
+      Instructor.from_pretrained(os.path.join(src, module))
+  shutil.rmtree(os.path.join(src, "2_Dense"))
+  with pytest.raises(hf_format.CheckpointError, match=r"modules.json lists the Dense module '2_Dense', but .* does "
+                                                      r"not exist \(a partial copy\?\)"):
+    Instructor.from_pretrained(src)
+
+
+def test_a_training_workdir_before_its_first_checkpoint_says_so(tmp_path):
+  workdir = tmp_path / "w"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / ".train.lock").write_text("")
+  with pytest.raises(hf_format.CheckpointError, match="is a training workdir without a finished checkpoint yet"):
+    Instructor.from_pretrained(str(workdir))

@@ -23,7 +23,8 @@ CASES = {
     "invalid_utf8": ([b'{"id": "x", "text": "caf\xe9"}'], "invalid_utf8", "invalid UTF-8"),
     "lone_surrogate": ([b'{"id": "x", "text": "bad \\ud800 escape"}'], "invalid_utf8", "not valid UTF-8"),
     "duplicate_id": ([b'{"id": "r0", "text": "same id as line 1"}'], "duplicate_id", "in.jsonl:1)"),
-    "missing_id": ([b'{"text": "no id"}'], "missing_id", "no id field 'id'"),
+    "missing_id": ([b'{"text": "no id"}'], "missing_id", "no id field 'id' (fields: ['text']); set --id-field"),
+    "null_id": ([b'{"id": null, "text": "null id"}'], "missing_id", "id field 'id' is null"),
 }
 
 
@@ -251,11 +252,30 @@ def test_csv_duplicate_id_names_the_first_data_row(tmp_path, model):
     embed.main(base_args([str(path)], str(tmp_path / "out"), "--id-field", "id"), model=model)
 
 
-def test_text_input_rejects_field_options(tmp_path, model):
+@pytest.mark.parametrize("option", [["--id-field", "id"], ["--text-field", "sentence"], ["--text-field", "text"],
+                                    ["--instruction-field", "instruction"]])
+def test_text_input_rejects_field_options(tmp_path, model, option):
+  """A field option on a plain-text input would otherwise be ignored silently."""
   path = tmp_path / "in.txt"
   path.write_text("a\nb\n")
-  with pytest.raises(InputError, match="plain-text inputs"):
-    embed.main(base_args([str(path)], str(tmp_path / "out"), "--id-field", "id"), model=model)
+  with pytest.raises(InputError, match=f"plain-text inputs .*{option[0]}"):
+    embed.main(base_args([str(path)], str(tmp_path / "out"), *option), model=model)
+
+
+def test_a_headerless_tsv_is_explained(tmp_path, model):
+  """SemEval STS files have no header: their first row is taken as one, which the error must say."""
+  path = tmp_path / "sts.tsv"
+  path.write_text("4.5\tA man is playing a guitar.\tA man plays the guitar.\n0.5\tA cat.\tA plane.\n")
+  with pytest.raises(InputError, match=r"no text field 'text' \(fields: \['4.5', .*set --text-field; a CSV/TSV "
+                                       r"file's first line is its header"):
+    embed.main(base_args([str(path)], str(tmp_path / "out"), "--input-format", "tsv-unquoted"), model=model)
+
+
+def test_an_empty_jsonl_is_not_told_about_csv_headers(tmp_path, model):
+  path = tmp_path / "in.jsonl"
+  path.write_text("")
+  with pytest.raises(InputError, match=r"in.jsonl: no data rows to embed\.$"):
+    embed.main(base_args([str(path)], str(tmp_path / "out")), model=model)
 
 
 def test_unknown_extension_is_explained(tmp_path, model):

@@ -78,3 +78,27 @@ def test_multiprocess_launch_detection(monkeypatch, env, expected):
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   assert train._in_multiprocess_launch() is expected
+
+
+QUICKSTART = str(GIN / "runs" / "quickstart_cpu.gin")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gin_file=gin_configs/runs/quickstart.gin"], "--gin_file gin_configs/runs/quickstart.gin: no such file"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.batchsize = 8"],
+     "gin: Configurable 'TrainConfig' doesn't have a parameter named 'batchsize'"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.loss = 'infonce'"], "TrainConfig.loss='infonce'; expected"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.model = 'gtr-medium'"],
+     "Unknown model preset 'gtr-medium'"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = '/no/such/medi.jsonl'"], "/no/such/medi.jsonl: no such"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.xla_options = {'xla_foo_bar': True}"],
+     "no compiler option 'xla_foo_bar'"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=INIT_CHECKPOINT = 'nobody/no-such-model'"],
+     "'nobody/no-such-model' is not a local path"),  # offline in tests: the Hub download fails
+])
+def test_cli_reports_setting_mistakes_in_one_line(tmp_path, capsys, args, message):
+  """As embed, convert and evaluate do: `error: ...` naming the setting, status 2, no traceback."""
+  gin.clear_config()
+  assert train.main([*args, f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and "Traceback" not in err, err

@@ -161,7 +161,10 @@ def test_padding_beyond_the_longest_text_changes_nothing():
   for m, r in zip(metrics, reference_metrics):
     np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-6)
     assert m["real_tokens"] == r["real_tokens"]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, reference_params)
+  # 1e-5 is a tenth of one step's largest update (lr 1e-4), as on the meshes above: padding changes
+  # the summation order, and on an AVX2-only CPU (no AVX-512 GEMM kernels) the two runs' parameters
+  # differed by up to 1.5e-6 after two AdamW steps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, reference_params)
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots_no_batch"])
