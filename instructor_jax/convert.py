@@ -123,8 +123,8 @@ def _describe(config) -> str:
 
 
 def convert(args: argparse.Namespace) -> list[str]:
-  args.dtype = canonical_dtype(args.dtype)  # "bf16" -> "bfloat16", as embed and evaluate read it
   """Runs one conversion; returns the paths written."""
+  args.dtype = canonical_dtype(args.dtype)  # "bf16" -> "bfloat16", as embed and evaluate read it
   from instructor_jax.sources import load_source
   if args.to == "orbax" and args.dtype != "float32":
     raise ValueError("--to orbax stores float32 parameters (training precision); drop --dtype.")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import os
 import queue
@@ -159,7 +158,7 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
   # Parquet readers take every file not starting with "_" or "." as data: anything else there would
   # make the directory unreadable as one dataset (and --overwrite discards results, not other files).
   foreign = sorted(n for n in os.listdir(out_dir) if not n.startswith(("_", ".", "part-"))
-                   and n != embed_manifest.LEGACY_MANIFEST_FILE) if os.path.isdir(out_dir) else []
+                   and not n.startswith(embed_manifest.LEGACY_MANIFEST_FILE)) if os.path.isdir(out_dir) else []
   if foreign:
     raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"
                      f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory, or one an embed "
@@ -313,9 +312,12 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
   text_files = [f.path for f in files if f.format == "text"]
-  if text_files and (fields.id or fields.instruction or args.text_field is not None):
+  if text_files and (fields.id or fields.instruction):
     raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and positional ids; "
-                     "--text-field, --id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
+                     "--id-field and --instruction-field need JSONL, CSV/TSV or Parquet inputs.")
+  if text_files and len(text_files) == len(files) and args.text_field is not None:
+    raise InputError(f"{text_files[0]}: plain-text inputs have one text per line and no fields; drop --text-field "
+                     "(it names a field of JSONL, CSV/TSV or Parquet inputs).")
   total = sum(f.rows for f in files)
   if total == 0:  # nothing to embed is a mistake (an empty export, a CSV without data rows), not success
     if not files and unreadable:
@@ -325,15 +327,12 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
     raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed{header}.")
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
-  # A directory without results (new, or left by a job that failed before its first part) takes this
-  # job whatever its `_job.json` says: nothing could mix.
-  fresh = args.overwrite or not embed_manifest.has_results(out_dir)
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
-  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir, fresh)
-  recorded = None if fresh else embed_manifest.recorded_fingerprint_scheme(out_dir)
+  ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
+  recorded = None if args.overwrite else embed_manifest.recorded_fingerprint_scheme(out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges,
                                  recorded or embed_manifest.FINGERPRINT_SCHEMES[0])
-  embed_manifest.check_or_write_job(out_dir, spec, fresh)
+  embed_manifest.check_or_write_job(out_dir, spec, args.overwrite)
   embed_manifest.note_runtime(out_dir, runtime, model.config.encoder.dtype)
   if ranges is not None:
     embed_output.save_ranges(out_dir, ranges)
@@ -392,6 +391,13 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
     _put(writes_q, None, stop, writer)
     writer.join()
     writer.check()
+  except InputError:
+    # A bad row under --on-error fail, before any part was committed: the directory holds no results,
+    # so forget the job, and the corrected command (what the message asks for) is not refused as a
+    # different job. One process only: with several, others may be running this job.
+    if count == 1 and not embed_manifest.has_results(out_dir):
+      embed_manifest.forget_job(out_dir)
+    raise
   finally:
     stop.set()
     progress.bar.close()
@@ -407,8 +413,7 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
   not refused as a different job."""
   for k in range(num_parts):
     embed_output.remove_part(args.output, k)
-  with contextlib.suppress(FileNotFoundError):
-    os.remove(os.path.join(args.output, embed_manifest.JOB_FILE))
+  embed_manifest.forget_job(args.output)
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
   raise InputError(f"no row was embedded: every row was skipped ({reasons}); check --text-field "
                    f"{args.text_field or 'text'!r} and the other field options against the input. {args.output} holds no "

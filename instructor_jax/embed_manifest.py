@@ -11,6 +11,7 @@ The manifest is written once, by process 0, when every part's sidecar exists (se
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
@@ -162,11 +163,17 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
   }
 
 
+def forget_job(out_dir: str) -> None:
+  """Removes the job's identity, runtime record and int8 ranges from a directory that holds no results,
+  so that the next command starts afresh there."""
+  for name in (JOB_FILE, RUNTIME_FILE, RANGES_FILE):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(out_dir, name))
+
+
 def has_results(out_dir: str) -> bool:
   """Whether the directory holds a part's data file, a part's sidecar or a manifest: anything beyond
-  a job's identity. A job that failed before committing a part (a bad input row under --on-error
-  fail) leaves only `_job.json`; the corrected command must then run there, not be refused as a
-  different job."""
+  a job's identity."""
   if not os.path.isdir(out_dir):
     return False
   if any(n.startswith("part-") or n in (MANIFEST_FILE, LEGACY_MANIFEST_FILE) for n in os.listdir(out_dir)):

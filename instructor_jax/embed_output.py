@@ -199,14 +199,13 @@ def calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: embe
 
 
 def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: embed_io.Fields, max_len: int,
-                out_dir: str, fresh: bool) -> np.ndarray | None:
-  """Ranges from --int8-ranges, from an earlier run of this job (unless the directory is `fresh`: new,
-  overwritten, or holding no results), or calibrated now (saved by `save_ranges` only once the job is
-  accepted, so a refused command never alters an existing job's ranges)."""
+                out_dir: str) -> np.ndarray | None:
+  """Ranges from --int8-ranges, from an earlier run of this job, or calibrated now (saved by `save_ranges`
+  only once the job is accepted, so a refused command never alters an existing job's ranges)."""
   if args.precision not in ("int8", "uint8"):
     return None
   saved = os.path.join(out_dir, RANGES_FILE)
-  source = args.int8_ranges or (saved if os.path.exists(saved) and not fresh else None)
+  source = args.int8_ranges or (saved if os.path.exists(saved) and not args.overwrite else None)
   if source:
     ranges = np.load(source, allow_pickle=False).astype(np.float32)
     if ranges.shape != (2, model.config.embedding_dim):

@@ -113,7 +113,7 @@ def detect_kind(path: str) -> str:
 def _refuse_module_folder(path: str) -> None:
   """A module folder of a sentence-transformers directory (`2_Dense/`, `1_Pooling/`, an old layout's
   `0_Transformer/`) is not a model: loaded alone it would lose the other modules, the projection included."""
-  folder = os.path.normpath(path)
+  folder = os.path.abspath(path)  # "." and "./" too: their name is the directory's own
   parent, name = os.path.dirname(folder), os.path.basename(folder)
   modules_path = os.path.join(parent, "modules.json")
   if not os.path.isfile(modules_path):

@@ -274,7 +274,8 @@ def test_lowercasing_models_are_refused(tmp_path):
     Instructor.from_pretrained(src)
 
 
-def test_a_partial_copy_or_a_module_folder_is_refused_with_what_to_pass(tmp_path):
+def test_a_partial_copy_or_a_module_folder_is_refused_with_what_to_pass(tmp_path, monkeypatch):
+  from instructor_jax.sources import detect_kind
   """A copy without its Dense folder, or one module folder passed as the model, must say so (not fail
   on a missing file, or read 2_Dense/config.json as a T5 config)."""
   src = str(tmp_path / "copy")
@@ -282,6 +283,11 @@ def test_a_partial_copy_or_a_module_folder_is_refused_with_what_to_pass(tmp_path
   for module, kind in (("2_Dense", "Dense"), ("1_Pooling", "Pooling")):
     with pytest.raises(hf_format.CheckpointError, match=rf"{module} is the {kind} module folder .*pass {src}"):
       Instructor.from_pretrained(os.path.join(src, module))
+  monkeypatch.chdir(src)  # the model itself, named relatively, is no module folder
+  for name in (".", "./"):
+    assert detect_kind(name) == "hf"
+  with pytest.raises(hf_format.CheckpointError, match=rf"pass {src}, the whole model"):
+    Instructor.from_pretrained("2_Dense")
   shutil.rmtree(os.path.join(src, "2_Dense"))
   with pytest.raises(hf_format.CheckpointError, match=r"modules.json lists the Dense module '2_Dense', but .* does "
                                                       r"not exist \(a partial copy\?\)"):

@@ -152,7 +152,7 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_a_job_that_failed_before_its_first_part_takes_the_corrected_command(tmp_path, model, capsys, precision):
   """--on-error fail stops at a bad row after `_job.json` is written; the fixed input is another job's
-  identity, yet the directory holds no results, so the rerun the error message asks for must run there."""
+  identity, but nothing was committed, so the job is forgotten and the rerun the message asks for runs."""
   good = [{"id": i, "text": s} for i, s in enumerate(sentences(6))]
   path = tmp_path / "in.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in good[:3]) + "{not json\n" +
@@ -161,7 +161,8 @@ def test_a_job_that_failed_before_its_first_part_takes_the_corrected_command(tmp
   args = base_args([str(path)], str(out), "--precision", precision)
   with pytest.raises(InputError, match=r"in.jsonl:4"):
     embed.main(args, model=model)
-  assert (out / "_job.json").exists() and not list(out.glob("part-*"))
+  assert not (out / "_job.json").exists() and not (out / "_int8_ranges.npy").exists()
+  assert not list(out.glob("part-*"))
   path.write_text("".join(json.dumps(r) + "\n" for r in good), encoding="utf-8")  # fixed
   summary = embed.main(args, model=model)
   assert summary["rows"] == 6 and (out / "_manifest.json").exists()
@@ -260,6 +261,14 @@ def test_text_input_rejects_field_options(tmp_path, model, option):
   path.write_text("a\nb\n")
   with pytest.raises(InputError, match=f"plain-text inputs .*{option[0]}"):
     embed.main(base_args([str(path)], str(tmp_path / "out"), *option), model=model)
+
+
+def test_text_field_applies_to_the_structured_inputs_beside_plain_text(tmp_path, model):
+  (tmp_path / "a.txt").write_text("one line\nanother line\n")
+  (tmp_path / "b.jsonl").write_text(json.dumps({"body": "a third text"}) + "\n")
+  summary = embed.main(base_args([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], str(tmp_path / "out"),
+                                 "--text-field", "body"), model=model)
+  assert summary["rows"] == 3
 
 
 def test_a_headerless_tsv_is_explained(tmp_path, model):
