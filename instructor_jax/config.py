@@ -79,13 +79,13 @@ class T5Config:
         raise ConfigError(f"T5Config.{name}={getattr(self, name)!r}; expected an integer >= 1.")
     if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
       raise ConfigError("T5Config.relative_attention_num_buckets must be even and >= 4 "
-                       f"(bidirectional buckets), got {self.relative_attention_num_buckets}.")
+                        f"(bidirectional buckets), got {self.relative_attention_num_buckets}.")
     # Distances below num_buckets // 4 get a bucket each; the rest are spread logarithmically up to
     # max_distance, which must therefore lie beyond them (T5 uses 128).
     if not self.relative_attention_max_distance > self.relative_attention_num_buckets // 4:
       raise ConfigError(f"T5Config.relative_attention_max_distance={self.relative_attention_max_distance}; expected "
-                       f"> {self.relative_attention_num_buckets // 4} (num_buckets / 4) for "
-                       f"{self.relative_attention_num_buckets} buckets. T5, GTR and INSTRUCTOR use 128.")
+                        f"> {self.relative_attention_num_buckets // 4} (num_buckets / 4) for "
+                        f"{self.relative_attention_num_buckets} buckets. T5, GTR and INSTRUCTOR use 128.")
 
   @property
   def inner_dim(self) -> int:

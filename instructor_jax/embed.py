@@ -39,6 +39,9 @@ FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
 
 
+DEFAULT_TEXT_FIELD = "text"
+
+
 def default_batch_tokens() -> int:
   """Tokens per device batch when --batch-tokens is not given.
 
@@ -56,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS,
                  help="default: from the extension. csv/tsv follow CSV quoting; tsv-unquoted is one row per "
                       "line split on tabs, quotes being literal text (GLUE/STS/MSRP files)")
+  # None, not "text", so that naming it for plain-text inputs can be refused; Fields gets the default.
   p.add_argument("--text-field", default=None, help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
-                 "text (default: text)")
+                 f"text (default: {DEFAULT_TEXT_FIELD})")
   p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
                  "--instruction-field)")
   p.add_argument("--instruction-field", default=None, help="per-row instruction field")
@@ -103,7 +107,7 @@ def _fields(args: argparse.Namespace) -> Fields:
   id_type = args.id_type or ("str" if args.id_field else "int")
   if args.id_field is None and id_type != "int":
     raise SystemExit("--id-type str needs --id-field (positional ids are integers).")
-  return Fields(args.text_field or "text", args.instruction_field, args.id_field, id_type, args.instruction)
+  return Fields(args.text_field or DEFAULT_TEXT_FIELD, args.instruction_field, args.id_field, id_type, args.instruction)
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -416,8 +420,8 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
   embed_manifest.forget_job(args.output)
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
   raise InputError(f"no row was embedded: every row was skipped ({reasons}); check --text-field "
-                   f"{args.text_field or 'text'!r} and the other field options against the input. {args.output} holds no "
-                   "results; rerun with the corrected options.")
+                   f"{args.text_field or DEFAULT_TEXT_FIELD!r} and the other field options against the input. "
+                   f"{args.output} holds no results; rerun with the corrected options.")
 
 
 def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | None = None) -> dict[str, Any]:

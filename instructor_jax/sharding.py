@@ -64,7 +64,7 @@ class MeshConfig:
       sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
       raise ConfigError(f"MeshConfig{tuple(sizes)} needs {math.prod(sizes)} devices but {num_devices} "
-                       "are in use; set one axis to -1 or fix the sizes (gin: MeshConfig.data=...).")
+                        "are in use; set one axis to -1 or fix the sizes (gin: MeshConfig.data=...).")
     return tuple(sizes)
 
 

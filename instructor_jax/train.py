@@ -340,7 +340,7 @@ def _lock_workdir(workdir: str):
     holder = f.read().strip() or "?"
     f.close()
     raise WorkdirInUseError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
-                       "stop it, or use another --workdir.") from None
+                            "stop it, or use another --workdir.") from None
   f.seek(0)
   f.truncate()
   f.write(f"pid {os.getpid()} on {os.uname().nodename}")
@@ -391,7 +391,7 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   if cfg.batch_size % (shards * cfg.grad_cache_chunks):
     chunks = f" x grad_cache_chunks ({cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else ""
     raise ConfigError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp ({shards}, mesh "
-                     f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
+                      f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
   _require_medi_path(cfg)
   try:
     if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
@@ -408,13 +408,13 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   if (init and not resuming and "://" not in init and not looks_like_hub_id(init)
       and not os.path.exists(os.path.expanduser(init))):
     raise MissingPathError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
-                            "owner/name).")
+                           "owner/name).")
 
 
 def _require_medi_path(cfg: TrainConfig) -> None:
   if not cfg.medi_path:
     raise ConfigError("TrainConfig.medi_path is not set; bind MEDI_PATH (e.g. --gin_bindings=\"MEDI_PATH = "
-                     "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
+                      "'data/medi_sample.jsonl'\") to a MEDI .json/.jsonl file or the directory holding one.")
 
 
 class RunRecords(list):

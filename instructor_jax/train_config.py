@@ -80,7 +80,7 @@ class TrainConfig:
         raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}; expected a number.")
     if not self.mixing_temperature > 0:
       raise ConfigError(f"TrainConfig.mixing_temperature={self.mixing_temperature}; expected > 0 (1 samples MEDI "
-                       "tasks in proportion to their size).")
+                        "tasks in proportion to their size).")
     if not self.temperature > 0:
       raise ConfigError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
     if not 0 <= self.dropout_rate < 1:
@@ -89,7 +89,7 @@ class TrainConfig:
       raise ConfigError(f"TrainConfig.loss={self.loss!r}; expected one of {sorted(LOSSES)}.")
     if self.dtype not in TRAIN_DTYPES:
       raise ConfigError(f"TrainConfig.dtype={self.dtype!r}; expected one of {TRAIN_DTYPES} (the compute dtype; "
-                       "parameters and optimizer state stay float32).")
+                        "parameters and optimizer state stay float32).")
     if not isinstance(self.scan_layers, bool):
       raise ConfigError(f"TrainConfig.scan_layers={self.scan_layers!r}; expected True or False.")
     for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
@@ -98,33 +98,33 @@ class TrainConfig:
     if (not isinstance(self.length_buckets, (tuple, list))
         or not all(_is_integer(b) and b >= 2 for b in self.length_buckets)):
       raise ConfigError(f"TrainConfig.length_buckets={self.length_buckets!r}; expected a tuple of integers >= 2 "
-                       "(e.g. (64, 128, 256)), or () to pad every batch to query_len / doc_len.")
+                        "(e.g. (64, 128, 256)), or () to pad every batch to query_len / doc_len.")
     object.__setattr__(self, "length_buckets", tuple(sorted(set(int(b) for b in self.length_buckets))))
     if self.attention_impl == "tpu_flash" and any(b % 128 for b in self.length_buckets
                                                   if b < max(self.query_len, self.doc_len)):
       raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs length_buckets that are multiples of 128 (its "
-                       f"key blocks); got {self.length_buckets}. Use e.g. (128, 256, 384), or ().")
+                        f"key blocks); got {self.length_buckets}. Use e.g. (128, 256, 384), or ().")
     if self.attention_impl == "tpu_flash" and (self.dropout_rate or self.query_len % 128 or self.doc_len % 128):
       # Otherwise the step would silently never use the kernel.
       raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0 (the kernel has no attention "
-                       f"dropout) and query_len/doc_len multiples of 128 (its key blocks); got dropout_rate "
-                       f"{self.dropout_rate}, query_len {self.query_len}, doc_len {self.doc_len}.")
+                        f"dropout) and query_len/doc_len multiples of 128 (its key blocks); got dropout_rate "
+                        f"{self.dropout_rate}, query_len {self.query_len}, doc_len {self.doc_len}.")
     if self.pack_length and self.pack_length < max(self.query_len, self.doc_len):
       raise ConfigError(f"TrainConfig.pack_length={self.pack_length} is shorter than query_len ({self.query_len}) or "
-                       f"doc_len ({self.doc_len}): every text must fit a packed row. Use pack_length >= "
-                       f"{max(self.query_len, self.doc_len)}, or 0 for length buckets.")
+                        f"doc_len ({self.doc_len}): every text must fit a packed row. Use pack_length >= "
+                        f"{max(self.query_len, self.doc_len)}, or 0 for length buckets.")
     if self.pack_length and self.attention_impl == "tpu_flash" and self.pack_length % 128:
       raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs pack_length a multiple of 128 (its key "
-                       f"blocks); got {self.pack_length}.")
+                        f"blocks); got {self.pack_length}.")
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise ConfigError("TrainConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused attention "
-                       "has no float32 kernel); got dtype 'float32'. Use attention_impl='dot_product_attention' "
-                       "for XLA's fused kernel, or 'xla'.")
+                        "has no float32 kernel); got dtype 'float32'. Use attention_impl='dot_product_attention' "
+                        "for XLA's fused kernel, or 'xla'.")
     if self.attention_impl == "cudnn" and self.dropout_rate:
       # Otherwise the step would silently never use the kernel (it has no attention dropout).
       raise ConfigError(f"TrainConfig.attention_impl='cudnn' needs dropout_rate 0 (cuDNN's fused attention has no "
-                       f"attention dropout, so with dropout the step runs the einsums); got {self.dropout_rate}. "
-                       "Set dropout_rate = 0, or attention_impl = 'xla'.")
+                        f"attention dropout, so with dropout the step runs the einsums); got {self.dropout_rate}. "
+                        "Set dropout_rate = 0, or attention_impl = 'xla'.")
 
 
 def _is_integer(value) -> bool:

@@ -44,6 +44,6 @@ def train_compiler_options(overrides: Mapping[str, Any] | None = None, backend: 
   for name, value in (overrides or {}).items():
     if not _is_known(name, value):
       raise ConfigError(f"TrainConfig.xla_options: XLA in jax {jax.__version__} has no compiler option {name!r}; "
-                       f"check the name against XLA's DebugOptions for this release or remove it.")
+                        f"check the name against XLA's DebugOptions for this release or remove it.")
     options[name] = value
   return options
