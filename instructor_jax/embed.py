@@ -286,7 +286,8 @@ def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], mode
   while (manifest := embed_manifest.build_manifest(out_dir, spec, spec["num_parts"], unread)) is None:
     if distributed:
       raise RuntimeError(f"{out_dir}: every process finished but some part sidecars are missing under "
-                         f"{embed_output.PARTS_DIR}/; the output directory must be shared by all processes.")
+                         f"{embed_output.PARTS_DIR}/ or belong to another job; the output directory must be shared "
+                         "by all processes, and every process must run the same command.")
     if time.monotonic() >= deadline:
       return None
     time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))

@@ -236,9 +236,14 @@ def merge_counts(parts: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
                    unreadable: list[dict[str, str]]) -> dict[str, Any] | None:
-  """The manifest from all sidecars, or None while some part is still missing."""
+  """The manifest from all sidecars, or None while some part is still missing.
+
+  A sidecar left by another job (a different `job_hash`: say a process started with other settings
+  before `_job.json` refused it) counts as missing, as it does for `part_is_complete`: its counts
+  must not enter this job's manifest."""
+  job_hash = spec_hash(spec)
   parts = [read_sidecar(out_dir, i) for i in range(num_parts)]
-  if any(p is None for p in parts):
+  if any(p is None or p.get("job_hash") != job_hash for p in parts):
     return None
   instructions = merge_counts(parts, "instructions")
   skipped = merge_counts(parts, "skipped")
@@ -247,7 +252,7 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
   return {
       "manifest_version": MANIFEST_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "job_hash": spec_hash(spec),
+      "job_hash": job_hash,
       **spec,
       "instructions": {
           "distinct": len(instructions),

@@ -94,6 +94,32 @@ def test_corrupted_part_is_recomputed(tmp_path, model, job):
   np.testing.assert_array_equal(emb, ref_emb)
 
 
+def test_sidecar_of_another_job_is_neither_counted_nor_kept(tmp_path, model, job):
+  """A sidecar whose job hash is not this job's (left by a process started with other settings)
+  must not enter the manifest; a rerun redoes that part."""
+  from instructor_jax import embed_manifest
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, *JOB)
+  embed.main(args, model=model)
+  with open(os.path.join(out, "_job.json")) as f:
+    spec = json.load(f)
+  assert embed_manifest.build_manifest(out, spec, spec["num_parts"], [])["rows"]["embedded"] == 70
+  sidecar = os.path.join(out, "_parts", "part-00003.json")
+  with open(sidecar) as f:
+    record = json.load(f)
+  with open(sidecar, "w") as f:
+    json.dump(dict(record, job_hash="0" * 64, rows=999), f)
+  assert embed_manifest.build_manifest(out, spec, spec["num_parts"], []) is None
+  summary = embed.main(args, model=model)
+  assert summary["parts_written"] == 1 and summary["parts_already_complete"] == 4
+  with open(os.path.join(out, "_manifest.json")) as f:
+    assert json.load(f)["rows"]["embedded"] == 70
+  ids, emb = read_output(out)
+  assert ids == ref_ids
+  np.testing.assert_array_equal(emb, ref_emb)
+
+
 def test_resumes_a_job_recorded_with_the_single_stream_fingerprint(tmp_path, model, job, monkeypatch):
   """Jobs written before the per-leaf fingerprint recorded `sha256:` over all weights in one stream:
   a resume recomputes that form, so their parts still count, and another model is still refused."""
