@@ -6,8 +6,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (one H200: embed 260 s, train
 #                                                    # cut short at 258 s with BUDGET=560, 2026-11-27)
 #   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline, full remat
-#                                                    # with and without the latency-hiding scheduler, full remat at
-#                                                    # dropout 0 on cuDNN attention, GradCache), then a profile of
+#                                                    # unrolled, with and without the latency-hiding scheduler, and
+#                                                    # scanned; attention-only remat scanned), then a profile of
 #                                                    # the full-remat step
 #   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, XLA attention, profiles, float16, tokeniser (its step
 #                                                    # limits add up to more than BUDGET: the last are skipped
@@ -53,12 +53,16 @@ else
   VARIANTS="pytorch-ckpt,pytorch@32,jax-full@256|128,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
   # The `train` phase: the rows that can reach the 40% MFU target at 256 triples, beside the PyTorch
   # baseline at that batch; each JAX compile of gtr-large took 60-90 s on an H200 (the scanned
-  # layers compile faster), so the last rows may be cut short. jax-dotsnb-scan recomputes only
-  # attention (the way past full remat's 3/4 ceiling, if the projections' outputs fit); jax-full-scan
-  # and jax-full-nolhs test why full remat kept 94.8 GiB of XLA temp on the H200. On an 80 GB card full
-  # remat at 256 triples unrolled will not fit: e.g. TRAIN_VARIANTS="pytorch-ckpt,jax-full-scan@256|128,
-  # jax-dotsnb-scan@256|128,jax-full-nolhs@256|128,jax-gc4" (one line).
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full@256|128,jax-dotsnb-scan@256|128,jax-full-scan@256|128,jax-full-nolhs@256|128,jax-full-fused-nodrop@256|128,jax-gc4"}
+  # layers compile faster), so four JAX rows fill the step's limit and GradCache / fused-nodrop are
+  # left to TRAIN_VARIANTS. jax-full (unrolled, scheduler on) comes first: XLA:GPU schedules and
+  # rematerialises against a limit taken from the card's memory, so the H200's 94.8 GiB temp is no
+  # baseline on another card, and even a run out of memory records the compiled temp. jax-dotsnb-scan
+  # recomputes only attention (the way past full remat's 3/4 ceiling, if the projections' outputs
+  # fit: ~90-100 GiB at 256 triples, so on a card under 100 GB it starts at 128); jax-full-scan and
+  # jax-full-nolhs test why full remat kept 94.8 GiB of XLA temp on the H200.
+  GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
+  if ((${GPU_MIB:-0} > 0 && ${GPU_MIB:-0} < 100000)); then DOTSNB="jax-dotsnb-scan@128"; else DOTSNB="jax-dotsnb-scan@256|128"; fi
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full@256|128,$DOTSNB,jax-full-scan@256|128,jax-full-nolhs@256|128"}
 fi
 
 FAILED=0
@@ -115,10 +119,11 @@ if [[ $PHASE == core ]]; then
   report "$OUT/report.md" "$OUT"/embed.json "$OUT"/train.json
 elif [[ $PHASE == train ]]; then
   check_devices
-  step train 390 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
+  # 360 s, so that the profile (an unrolled gtr-large compile, 60-90 s on an H200) keeps ~160 s.
+  step train 360 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
     --sections matmul,train "${TRAIN[@]}" --train-variants "$TRAIN_VARIANTS" --out "$OUT/train.json"
   report "$OUT/report_train.md" "$OUT"/train.json
-  step profile_train 140 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
+  step profile_train 170 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
     --out "$OUT/profile_train"
   head -n 20 "$OUT"/profile_train/summary.txt
 elif [[ $PHASE == packing ]]; then
@@ -130,7 +135,9 @@ elif [[ $PHASE == packing ]]; then
   if [[ -n "${QUICK:-}" ]]; then
     PACKING=(--batch 8 --steps 20 --time-steps 2 --query-len 128 --doc-len 128 --pack-length 128 --time-shape tiny)
   else
-    PACKING=(--batch 256 --steps 200 --time-steps 4 --time-shape "${PACK_SHAPE:-gtr-base}")
+    # Steps 1-2 of the MEDI sample: buckets 64x128 and 64x64, packed 60 and 40 rows of 512, i.e.
+    # four compiles (steps 1-4 need five, more than BUDGET=200 leaves after start-up).
+    PACKING=(--batch 256 --steps 200 --time-steps 2 --time-shape "${PACK_SHAPE:-gtr-base}")
   fi
   step packing 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/train_padding.py "${PACKING[@]}" \
     --time-dtype bfloat16 --time-remat full --no-full-padding-time --out "$OUT/packing.json"

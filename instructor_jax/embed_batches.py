@@ -23,12 +23,13 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
                                      parse_row)
-from instructor_jax.tokenization import (CUT_CHARS_PER_PIECE, Batch, PackedBatch, bucket_length, pack_rows,
-                                         pad_batch, pad_packed, texts_per_row)
+from instructor_jax.tokenization import (CUT_CHARS_PER_PIECE, Batch, InstructionCoversTextError, PackedBatch,
+                                         bucket_length, pack_rows, pad_batch, pad_packed, texts_per_row)
 
 # Characters tokenised per chunk; each text counts at most CUT_CHARS_PER_PIECE * max_len of them
 # (about where tokenization.encode_leading stops). 128k characters: ~1,200 short instructed
@@ -39,6 +40,12 @@ LARGEST_CHUNK = 1 << 21
 # (positions in the part's valid rows of each batch row's texts: one per bucketed row, up to S per
 # packed row; the batch)
 PlannedBatch = tuple[list[list[int]], Batch | PackedBatch]
+
+# Skip reason of a row whose instruction tokenises to more pieces than instruction + text
+# (tokenization.InstructionCoversTextError): found only when its chunk is tokenised.
+COVERED_REASON = "instruction_covers_text"
+ON_ERROR_ADVICE = ("Fix the input, or pass --on-error skip to skip such rows (they are counted by reason in the "
+                   "summary and the manifest).")
 
 
 def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
@@ -97,10 +104,17 @@ class BatchPlan:
 
 class PartBuilder:
   """Prepares one part: `add` takes its valid rows in input order and returns a piece whenever a chunk
-  has been tokenised; `finish` batches what is left and returns the part's last piece."""
+  has been tokenised; `finish` batches what is left and returns the part's last piece.
 
-  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan):
+  A row that tokenising shows to be bad (COVERED_REASON) raises InputError naming it (`where(slot)`),
+  or with `skip_bad` is dropped and counted with the part's skipped rows."""
+
+  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan,
+               where: Callable[[int], str] | None = None, skip_bad: bool = False):
     self.index, self.first_slot, self.slots, self.plan = index, first_slot, slots, plan
+    self.where = where or (lambda slot: f"input row {slot + 1}")
+    self.skip_bad = skip_bad
+    self.skipped: collections.Counter = collections.Counter()  # rows dropped after tokenising
     self.rows: list[Row] = []  # read, not yet tokenised
     self.chars, self.budget = 0, FIRST_CHUNK
     self.row_ids: list[Any] = []
@@ -122,6 +136,7 @@ class PartBuilder:
 
   def finish(self, skipped: dict[str, int]) -> PartPiece:
     batches = self._chunk(last=True)
+    skipped = dict(sorted((collections.Counter(skipped) + self.skipped).items()))
     work = PartWork(self.index, self.first_slot, self.slots, self.row_ids, skipped, self.truncated, self.tokens,
                     dict(self.instructions))
     return PartPiece(self.index, self.slots, batches, work)
@@ -132,7 +147,16 @@ class PartBuilder:
     self.rows, self.chars = [], 0
     items = [r.text if r.instruction is None else [r.instruction, r.text] for r in rows]
     truncated: list[bool] = []
-    ids, n_instr = plan.tokenizer.tokenize(items, plan.max_len, truncated) if items else ([], [])
+    covered: list[InstructionCoversTextError] = []
+    ids, n_instr = plan.tokenizer.tokenize(items, plan.max_len, truncated, covered) if items else ([], [])
+    if covered:
+      if not self.skip_bad:
+        error = covered[0]
+        raise InputError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]. "
+                         + ON_ERROR_ADVICE)
+      self.skipped[COVERED_REASON] += len(covered)
+      keep = sorted(set(range(len(rows))) - {e.index for e in covered})
+      rows, ids, n_instr, truncated = ([x[j] for j in keep] for x in (rows, ids, n_instr, truncated))
     self.row_ids += [r.id for r in rows]
     self.ids += ids
     self.n_instr += n_instr
@@ -230,7 +254,8 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         return
       if part in pending:
         first = part * rows_per_part
-        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan)
+        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan,
+                              where=functools.partial(locate, files), skip_bad=on_error == "skip")
     mine = part in pending
     if not mine and fields.id is None:
       continue
@@ -247,7 +272,6 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         emit(piece)
       continue
     if on_error == "fail" and row.reason != "blank_line":
-      raise InputError(f"{row.message()}. Fix the input, or pass --on-error skip to skip such rows "
-                       "(they are counted by reason in the summary and the manifest).")
+      raise InputError(f"{row.message()}. " + ON_ERROR_ADVICE)
     skipped[row.reason] += 1
   finish()

@@ -16,10 +16,26 @@ from instructor_jax.model import InstructorModel, with_compute_dtype_weights
 from instructor_jax.t5 import attention_kernel, fused_attention_compiles
 from instructor_jax.tokenization import DEFAULT_BUCKETS, Batch, PackedBatch, Tokenizer
 
-def local_data_mesh() -> Mesh:
-  """A 1-D mesh over this host's devices; embedding batches are split along it."""
-  devices = np.array(jax.local_devices())
-  return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def local_data_mesh(device: str | None = None) -> Mesh:
+  """A 1-D mesh over this host's devices (or those `device` names); embedding batches are split along it.
+
+  `device` takes sentence-transformers' spellings: "cpu", "cuda" / "gpu", "tpu", and ":N" for one
+  device of that kind ("cuda:1"); None is every local device of JAX's default backend."""
+  if device is None:
+    devices = jax.local_devices()
+  else:
+    kind, _, index = str(device).partition(":")
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(kind.lower(), kind.lower())
+    try:
+      devices = jax.local_devices(backend=platform)
+    except RuntimeError as e:
+      raise ValueError(f"device={device!r}: JAX has no {platform!r} backend here ({e}); available: "
+                       f"{sorted({d.platform for d in jax.devices()} | {'cpu'})}.") from None
+    if index:
+      if not index.isdigit() or int(index) >= len(devices):
+        raise ValueError(f"device={device!r}: expected an index below {len(devices)} after ':'.")
+      devices = [devices[int(index)]]
+  return Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class Instructor:
@@ -49,15 +65,21 @@ class Instructor:
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, dtype: str = "float32", max_seq_length: int | None = None,
-                      **source_kwargs: Any) -> "Instructor":
-    """Loads a Hub id, a sentence-transformers/HF directory, a t5x checkpoint or a training workdir."""
+                      device: str | None = None, revision: str | None = None, step: int | None = None,
+                      max_distance: int | None = None) -> "Instructor":
+    """Loads a Hub id, a sentence-transformers/HF directory, a t5x checkpoint or a training workdir.
+
+    `device` ("cpu", "cuda", "cuda:1", "tpu"; default: every local device) is where it computes, as
+    `InstructorEmbedding.INSTRUCTOR(name, device=...)`. `revision` (Hub), `step` (a workdir's or t5x
+    directory's step; default the latest) and `max_distance` (t5x) go to `sources.load_source`."""
     from instructor_jax.sources import load_source
-    loaded = load_source(name_or_path, **source_kwargs)
+    mesh = local_data_mesh(device)  # before loading: a wrong device fails fast
+    loaded = load_source(name_or_path, revision, step=step, max_distance=max_distance)
     config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
-    return cls(config, loaded.params, tokenizer, source=loaded.description)
+    return cls(config, loaded.params, tokenizer, source=loaded.description, mesh=mesh)
 
   def save_pretrained(self, directory: str, dtype: str = "float32", prompts: dict[str, str] | None = None,
                       **export_kwargs: Any) -> None:
@@ -102,6 +124,10 @@ class Instructor:
       return "xla"
     return attention_kernel(enc.attention_impl, enc.dtype, device)
 
+  def get_sentence_embedding_dimension(self) -> int:
+    """Size of the embeddings `encode` returns (sentence-transformers' name)."""
+    return self.config.embedding_dim
+
   @property
   def max_seq_length(self) -> int:
     return self.config.max_seq_length
@@ -134,7 +160,9 @@ class Instructor:
     Texts of up to `pack_length` tokens are packed several to a row (`pack=True`, the default):
     attention and pooling stay within each text and T5 has no absolute positions, so the results
     equal unpacked ones to float rounding while padding almost vanishes. A packed batch is
-    `batch_size` rows of `pack_length` tokens; longer texts go through length buckets. On an
+    `batch_size` rows of `pack_length` tokens; longer texts go through length buckets. The last batch
+    of each kind is padded only to the next power of two (times the device count) that holds it, so a
+    call with a few texts costs a few rows. On an
     accelerator the input is tokenised and padded a chunk ahead on a worker thread (`encode_batches`).
     """
     # InstructorEmbedding.INSTRUCTOR.encode's arguments: `device` is ignored (all local devices are
@@ -154,7 +182,8 @@ class Instructor:
     max_len = self.max_seq_length if max_seq_length is None else max_seq_length
     ndev = self.mesh.devices.size
     spec = BatchSpec(rows=-(-batch_size // ndev) * ndev, batch_size=batch_size,
-                     pack_length=min(pack_length, max_len) if pack else 0, buckets=tuple(buckets), max_len=max_len)
+                     pack_length=min(pack_length, max_len) if pack else 0, buckets=tuple(buckets), max_len=max_len,
+                     devices=ndev)
     out = np.zeros((len(items), self.config.embedding_dim), np.float32)
     batches = planned_batches(lambda chunk: self.tokenizer.tokenize(chunk, max_len), items, spec,
                               self.mesh.devices.flat[0].platform)

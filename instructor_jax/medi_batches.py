@@ -127,7 +127,10 @@ def tokenize_task(name: str, triples: Sequence[Sequence[Any]], encode_fn: tokeni
     ids, n_instr = [], []
     for start in range(0, len(triples), chunk):
       items = [t[f] for t in triples[start:start + chunk]]
-      i, n = tokenization.build_inputs(encode_fn, items, _NO_TRUNCATION, cache)
+      # A text whose instruction covers it whole (InstructionCoversTextError) is kept, pooled over
+      # nothing, and counted at start-up by `truncation_report` with the texts left only their
+      # instruction; inference refuses it, as 1.0.1 does.
+      i, n = tokenization.build_inputs(encode_fn, items, _NO_TRUNCATION, cache, covered=[])
       ids += i
       n_instr += n
     fields[field] = FieldArrays.from_lists(ids, n_instr)
@@ -391,6 +394,7 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
   instruction (only EOS is pooled then, as in 1.0.1: a degenerate example that still trains)."""
   cut = {"query": [0, 0], "doc": [0, 0]}  # [truncated, total]
   eos_only: dict[str, int] = {}
+  covered = 0  # of those, texts whose instruction alone tokenises longer than instruction + text
   for name, task in tasks.items():
     for field, arrays in task.fields.items():
       max_len = query_len if field == "query" else doc_len
@@ -403,7 +407,8 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
       bad = int(np.sum((n > 0) & (n >= kept - 1)))
       if bad:
         eos_only[name] = eos_only.get(name, 0) + bad
-  if not cut["query"][0] and not cut["doc"][0]:
+      covered += int(np.sum(n > kept))
+  if not cut["query"][0] and not cut["doc"][0] and not eos_only:
     return None
   share = {k: 100 * a / max(b, 1) for k, (a, b) in cut.items()}
   out = (f"truncation: {share['query']:.1f}% of queries exceed query_len {query_len}, {share['doc']:.1f}% of "
@@ -412,6 +417,9 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
     worst = sorted(eos_only.items(), key=lambda kv: -kv[1])[:3]
     out += (f"; {sum(eos_only.values())} texts keep only their instruction (pooling sees EOS alone), most in "
             + ", ".join(f"{t} ({c})" for t, c in worst) + ": raise the lengths if that is not intended")
+    if covered:
+      out += (f"; {covered} of them pool nothing, their instruction's last word merging with the text "
+              "(InstructorEmbedding 1.0.1 stops at such a text; inference here refuses it)")
   return out + "."
 
 

@@ -73,7 +73,7 @@ def tokenize_triples(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
     out = []
     for f, max_len in enumerate(lengths):
       items = [(i.decode("utf-8"), t.decode("utf-8")) for i, t in zip(columns[2 * f], columns[2 * f + 1])]
-      ids, n_instr = tokenization.build_inputs(encode_fn, items, max_len, cache)
+      ids, n_instr = tokenization.build_inputs(encode_fn, items, max_len, cache, covered=[])  # as medi_batches
       out += [np.fromiter((t for x in ids for t in x), np.int32), np.array([len(x) for x in ids], np.int64),
               np.array(n_instr, np.int32)]
     return out

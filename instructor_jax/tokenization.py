@@ -37,6 +37,27 @@ class InputError(TypeError):
   """An input item that is neither a string nor an `[instruction, text]` pair of strings."""
 
 
+class InstructionCoversTextError(InputError):
+  """An instruction that alone tokenises to more pieces than instruction + text (its last word merges
+  with the text's first): pooling would exclude every token. InstructorEmbedding 1.0.1 stops there
+  too (an assertion in its forward pass); `index` is the item's position in the call's input."""
+
+  def __init__(self, index: int, instruction: str, instruction_pieces: int, input_pieces: int):
+    self.index, self.instruction = index, instruction
+    self.instruction_pieces, self.input_pieces = instruction_pieces, input_pieces
+    super().__init__(f"input {index}: {self.detail()}")
+
+  def detail(self) -> str:
+    return (f"the instruction {self.instruction!r:.80} alone tokenises to {self.instruction_pieces} pieces but "
+            f"instruction + text to only {self.input_pieces} (with EOS), so no token would be pooled: its last "
+            "word merges with the text's first. End the instruction with a space or ': '.")
+
+  def shifted(self, offset: int) -> "InstructionCoversTextError":
+    """The same error for an item `offset` places further into the whole input."""
+    return InstructionCoversTextError(self.index + offset, self.instruction, self.instruction_pieces,
+                                      self.input_pieces)
+
+
 def split_item(item: Any, index: int) -> tuple[str | None, str]:
   """(instruction or None, text) for one input item; `index` is used in the error message."""
   if isinstance(item, str):
@@ -142,8 +163,12 @@ def encode_leading(encode_fn: EncodeFn, texts: Sequence[str], keep: int) -> list
 def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
                  instruction_cache: dict[str, int] | None = None,
                  truncated: list[bool] | None = None,
-                 whitespace_separable: bool = False) -> tuple[list[list[int]], list[int]]:
+                 whitespace_separable: bool = False,
+                 covered: list[InstructionCoversTextError] | None = None) -> tuple[list[list[int]], list[int]]:
   """Token ids (with EOS, unpadded) and instruction lengths; `truncated` (if given) gets one flag per item.
+
+  An item whose instruction covers more than the whole input raises `InstructionCoversTextError`, or,
+  if `covered` is given, has its error appended there (and its ids and length returned all the same).
 
   With `whitespace_separable` (an `encode_fn` that splits words on whitespace first), long inputs
   are encoded only as far as truncation keeps them (`encode_leading`); the result is the same.
@@ -162,6 +187,12 @@ def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
   if truncated is not None:
     truncated.extend(len(p) > max_len - 1 for p in pieces)
   n_instr = [0 if ins is None else instruction_length(cache[ins], max_len) for ins, _ in split]
+  for i, (n, x) in enumerate(zip(n_instr, ids)):
+    if n > len(x):
+      error = InstructionCoversTextError(i, split[i][0], n, len(x))
+      if covered is None:
+        raise error
+      covered.append(error)
   return ids, n_instr
 
 
@@ -267,6 +298,7 @@ class Tokenizer:
 
   def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """SentencePiece ids without EOS."""
+    _refuse_string(texts, "encode_pieces", "texts")
     self._sync()
     if self._backend is not None:
       # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: 1.2-1.5x
@@ -275,13 +307,14 @@ class Tokenizer:
       return [e.ids for e in encode(list(texts), add_special_tokens=False)]
     return [self.hf_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-  def tokenize(self, items: Sequence[Any], max_len: int | None = None,
-               truncated: list[bool] | None = None) -> tuple[list[list[int]], list[int]]:
-    """Unpadded ids (with EOS) and instruction lengths; `truncated` (if given) gets one flag per item."""
+  def tokenize(self, items: Sequence[Any], max_len: int | None = None, truncated: list[bool] | None = None,
+               covered: list[InstructionCoversTextError] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Unpadded ids (with EOS) and instruction lengths; `truncated` and `covered` as for `build_inputs`."""
+    _refuse_string(items, "tokenize", "texts or [instruction, text] pairs")
     max_len = self.max_seq_length if max_len is None else max_len
     self._sync()  # before reading whitespace_separable and the cache (encode_pieces syncs for direct callers)
     return build_inputs(self.encode_pieces, items, max_len, self._instruction_cache, truncated,
-                        self.whitespace_separable)
+                        self.whitespace_separable, covered)
 
   def __call__(self, items: Sequence[Any], max_len: int | None = None,
                buckets: Sequence[int] | None = DEFAULT_BUCKETS, rows: int | None = None) -> Batch:
@@ -291,6 +324,13 @@ class Tokenizer:
     longest = max((len(x) for x in ids), default=1)
     length = bucket_length(longest, buckets, max_len) if buckets else longest
     return pad_batch(ids, n_instr, length, rows)
+
+
+def _refuse_string(items: Any, method: str, expected: str) -> None:
+  # A str is a sequence too: read as one text per character, it would give wrong counts silently.
+  if isinstance(items, str):
+    raise InputError(f"Tokenizer.{method} takes a list of {expected}, got one string {items!r:.60}; wrap it in "
+                     "a list (for the Hugging Face tokenizer itself use `tokenizer.hf_tokenizer`).")
 
 
 # Normalisers that act on single characters or grapheme clusters (or on the whole string's ends),

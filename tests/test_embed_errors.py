@@ -307,3 +307,26 @@ def test_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path, model, fmt)
   summary = embed.main(base_args([str(path)], out), model=model)
   assert summary["rows"] == 4 and summary["skipped"] == {}
   np.testing.assert_allclose(read_output(out)[1], model.encode(texts), atol=1e-6)
+
+
+def test_an_instruction_covering_its_text_fails_with_its_line_or_is_skipped(tmp_path, model):
+  """Only tokenising shows it ("compreh" is 3 pieces, "comprehend" 1): the row is already accepted and
+  its part being built when it is found, so its line and the skip count must still come out right."""
+  rows = [dict(json.loads(g), instruction="Represent the sentence: ") for g in GOOD]
+  rows.insert(2, {"id": "x", "instruction": "compreh", "text": "end"})
+  path = tmp_path / "in.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = base_args([str(path)], str(tmp_path / "out"), "--id-field", "id", "--instruction-field", "instruction")
+  with pytest.raises(InputError) as e:
+    embed.main(args, model=model)
+  msg = str(e.value)
+  assert f"{path}:3:" in msg and "alone tokenises to 3 pieces" in msg and "[instruction_covers_text]" in msg
+  assert "--on-error skip" in msg
+  summary = embed.main(args + ["--on-error", "skip"], model=model)
+  assert summary["skipped"] == {"instruction_covers_text": 1} and summary["rows"] == len(GOOD)
+  manifest = json.load(open(tmp_path / "out" / "_manifest.json"))
+  assert manifest["rows"]["skipped"] == {"instruction_covers_text": 1} and manifest["rows"]["embedded"] == 6
+  ids, emb = read_output(str(tmp_path / "out"))
+  assert ids == [f"r{i}" for i in range(6)]
+  expected = model.encode([[r["instruction"], r["text"]] for r in rows if r["id"] != "x"])
+  np.testing.assert_allclose(emb, expected, atol=2e-6)

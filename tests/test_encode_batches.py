@@ -9,7 +9,7 @@ import pytest
 
 from instructor_jax import Instructor, encode_batches
 from instructor_jax.encode_batches import BatchSpec, _Batcher as Batcher, chunk_stop, planned_batches
-from instructor_jax.tokenization import InputError, PackedBatch, build_inputs
+from instructor_jax.tokenization import InputError, InstructionCoversTextError, PackedBatch, build_inputs
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_instructor"
 DATA = pathlib.Path(__file__).parent / "data" / "sentences.tsv"
@@ -78,6 +78,7 @@ def test_every_text_once_full_batches_but_the_last_and_ids_as_tokenised(small_ch
   assert bool(packed) == bool(pack_length)
   for k, (rows, batch) in enumerate(packed):
     assert len(rows) == 4 or k == len(packed) - 1  # rows carried across chunks: filler only at the end
+    assert batch.ids.shape[0] == spec.rows_for(len(rows))
     for r, row in enumerate(rows):
       got = batch.ids[r][batch.mask[r] == 1]
       assert got.tolist() == [t for i in row for t in want_ids[i]]
@@ -85,7 +86,7 @@ def test_every_text_once_full_batches_but_the_last_and_ids_as_tokenised(small_ch
       seen += row
   for k, (rows, batch) in enumerate(bucketed):
     assert len(rows) == 3 or k == len(bucketed) - 1
-    assert batch.ids.shape[0] == 4
+    assert batch.ids.shape[0] == (4 if k < len(bucketed) - 1 else spec.rows_for(len(rows)))
     for r, (i,) in enumerate(rows):
       assert batch.ids[r, :batch.lengths[r]].tolist() == want_ids[i] and batch.n_instr[r] == want_n[i]
       seen.append(i)
@@ -116,6 +117,33 @@ def test_bad_item_in_a_later_chunk_fails_before_any_device_work(model, small_chu
   with pytest.raises(InputError, match="input 23: expected"):
     model.encode(items)
   assert not dispatched
+
+
+def test_instruction_covering_its_text_in_a_later_chunk_names_its_place_in_the_whole_input(model, small_chunks):
+  items = mixed_items(30)
+  items[23] = ["compreh", "end"]  # "compreh" alone is 3 pieces, "comprehend" 1: nothing left to pool
+  with pytest.raises(InstructionCoversTextError, match="input 23: the instruction 'compreh' alone tokenises to 3"):
+    model.encode(items)
+
+
+@pytest.mark.parametrize("rows, devices, expected", [
+    (32, 1, {1: 1, 2: 2, 3: 4, 17: 32, 32: 32}),
+    (32, 8, {1: 8, 8: 8, 9: 16, 24: 32, 32: 32}),
+    (24, 8, {1: 8, 17: 24, 24: 24}),  # batch_size 20 on 8 devices: never past `rows`
+])
+def test_a_partial_batch_is_padded_to_the_next_power_of_two_rows_per_device(rows, devices, expected):
+  spec = BatchSpec(rows=rows, batch_size=rows, pack_length=16, buckets=(64,), max_len=64, devices=devices)
+  assert {n: spec.rows_for(n) for n in expected} == expected
+
+
+def test_one_query_runs_one_row_per_device_not_batch_size(model, monkeypatch):
+  shapes = []
+  monkeypatch.setattr(Instructor, "embed_packed_async", lambda self, b: shapes.append(b.ids.shape))
+  monkeypatch.setattr(Instructor, "embed_batch_async", lambda self, b: shapes.append(b.ids.shape))
+  monkeypatch.setattr(Instructor, "_fetch", staticmethod(lambda *a: None))
+  model.encode([["Represent the question: ", "what is the capital of France?"]], batch_size=512)
+  model.encode([" ".join(["word"] * 200)], batch_size=512)  # past the pack length: bucketed
+  assert shapes == [(8, 128), (8, 256)]  # 8 local devices: one row each
 
 
 def test_worker_error_reaches_the_caller_and_the_thread_ends(small_chunks):

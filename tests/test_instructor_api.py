@@ -214,6 +214,34 @@ def test_bad_input_is_a_clear_error(model, bad):
     model.encode(bad)
 
 
+def test_an_instruction_covering_its_text_is_an_error_as_in_instructor_embedding(model):
+  """1.0.1 fails an assertion when the instruction alone has more pieces than instruction + text;
+  pooling over nothing would give a zero vector."""
+  from instructor_jax.tokenization import InstructionCoversTextError
+  for item, n, total in ((["compreh", "end"], 3, 2), (["Represent the: compreh", "end"], 7, 6)):
+    with pytest.raises(InstructionCoversTextError, match=f"input 1: .* to {n} pieces .* only {total}"):
+      model.encode([["Represent the title: ", "a cat"], item])
+  model.encode([["compreh", "end of it"]])  # as many pieces alone as in the input: pooled (EOS at least)
+
+
+def test_sentence_transformers_style_device_dimension_and_tokenizer(model):
+  import jax
+  assert model.get_sentence_embedding_dimension() == 24 == model.encode("a cat").shape[0]
+  one = Instructor.from_pretrained(str(FIXTURE), device="cpu:1")
+  assert list(one.mesh.devices.flat) == [jax.local_devices(backend="cpu")[1]]
+  np.testing.assert_allclose(one.encode(sentences(5)), model.encode(sentences(5)), atol=2e-6)
+  assert Instructor.from_pretrained(str(FIXTURE), device="cpu").mesh.devices.size == 8
+  for device, message in (("cuda", "no 'gpu' backend"), ("cpu:8", "an index below 8"), ("cpu:x", "an index")):
+    with pytest.raises(ValueError, match=message):
+      Instructor.from_pretrained(str(FIXTURE), device=device)
+  with pytest.raises(TypeError, match="from_pretrained"):
+    Instructor.from_pretrained(str(FIXTURE), cache_folder="/tmp")
+  with pytest.raises(InputError, match="got one string 'a cat'; wrap it in a list"):
+    model.tokenizer.tokenize("a cat")
+  with pytest.raises(InputError, match="Tokenizer.encode_pieces"):
+    model.tokenizer.encode_pieces("a cat")
+
+
 def test_an_unwrapped_pair_warns_but_embeds_two_texts_as_instructor_embedding_does(model):
   with pytest.warns(UserWarning, match=r"pass \[\[instruction, text\]\]"):
     out = model.encode(["Represent the title: ", "a cat"])

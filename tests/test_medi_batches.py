@@ -251,3 +251,14 @@ def test_truncation_report_counts_what_padding_does(tasks):
   assert f"{100 * truncated['doc'] / total['doc']:.1f}% of documents exceed doc_len 12" in report
   assert eos_only > 0 and f"; {eos_only} texts keep only their instruction" in report
   assert medi_batches.truncation_report(tasks, 512, 512) is None
+
+
+def test_a_text_whose_instruction_covers_it_trains_and_is_reported():
+  """Inference refuses such a text (InstructionCoversTextError); training keeps it, pooled over nothing,
+  and says so at start-up even when nothing is truncated."""
+  encode_fn = medi_batches.sentencepiece_encode_fn()
+  triples = [(["Represent the question: ", "a query"], ["compreh", "end"], ["Represent the doc: ", "a negative"])]
+  task = medi_batches.tokenize_task("t", triples, encode_fn)
+  assert task.fields["pos"].n_instr.tolist() == [3] and np.diff(task.fields["pos"].offsets).tolist() == [2]
+  report = medi_batches.truncation_report({"t": task}, 512, 512)
+  assert "1 texts keep only their instruction" in report and "1 of them pool nothing" in report
