@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import glob
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 import time
 import tokenize
 from typing import Any, Iterator, Optional
@@ -114,7 +116,7 @@ def check_macros_used(bindings: list[str], operative: str) -> None:
       m = re.match(r"\s*([A-Za-z_]\w*)\s*=", line)
       if m and not re.search(rf"%{m.group(1)}\b", operative):
         used = sorted(set(re.findall(r"%([A-Za-z_]\w*)", operative)))
-        raise SystemExit(f"error: --gin_bindings {line.strip()!r}: no configuration reads the macro {m.group(1)} "
+        raise ConfigError(f"--gin_bindings {line.strip()!r}: no configuration reads the macro {m.group(1)} "
                          f"(a typo?). Macros in use: {', '.join(used) or 'none'}; or bind a parameter directly, "
                          "e.g. TrainConfig.train_steps=...")
 
@@ -217,13 +219,16 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
 
 
 # Settings that decide the data stream from a given step on (a resume with others warns).
-_STREAM_KEYS = ("batch_size", "data_seed", "mixing_temperature", "rate_cap")
+# The MEDI file is known by its path (another file, or a moved one, warns), and query_len / doc_len
+# decide what the examples hold.
+_STREAM_KEYS = ("medi_path", "batch_size", "data_seed", "mixing_temperature", "rate_cap", "query_len", "doc_len")
 
 
 def run_meta(cfg: TrainConfig) -> dict[str, Any]:
   """Saved with every checkpoint, so a resume can say what changed."""
-  return {"batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "mixing_temperature": cfg.mixing_temperature,
-          "rate_cap": cfg.rate_cap, "train_steps": cfg.train_steps, "model": cfg.model,
+  return {"medi_path": cfg.medi_path, "batch_size": cfg.batch_size, "data_seed": cfg.data_seed,
+          "mixing_temperature": cfg.mixing_temperature, "rate_cap": cfg.rate_cap, "query_len": cfg.query_len,
+          "doc_len": cfg.doc_len, "train_steps": cfg.train_steps, "model": cfg.model,
           "init_checkpoint": cfg.init_checkpoint}
 
 
@@ -261,21 +266,39 @@ class _StopFlag:
   def __init__(self):
     self.signal: int | None = None
     self.started = False  # before the loop a signal stops at once: there is no step boundary to wait for
+    self._redelivered = False
     self._previous = {}
     if jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+    if self.signal == signal.SIGINT and signum == signal.SIGINT and not self._redelivered:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    self._redelivered = False
     self.signal = signum
     if not self.started:
+      if _in_gc_callback(frame):
+        # Raised in a garbage-collector callback (JAX registers one), the exception would be printed
+        # as "ignored" and dropped, and the stop would wait for the first step: deliver the signal
+        # again in a moment, once the callback has returned.
+        self._redelivered = True
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
       raise _StoppedBeforeStart(signal.Signals(signum).name)
 
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _in_gc_callback(frame) -> bool:
+  codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _fetch(pending: tuple[int, str, Any, dict[str, float]]) -> tuple[int, str, dict[str, float]]:

@@ -61,7 +61,7 @@ def test_a_mistyped_macro_binding_is_refused():
   load([GIN / "runs" / "quickstart_cpu.gin"], ["TRAIN_STEP = 5", "BATCH_SIZE = 32"])
   operative = gin.operative_config_str()
   train.check_macros_used(["BATCH_SIZE = 32", "TrainConfig.log_every = 3"], operative)  # read: fine
-  with pytest.raises(SystemExit, match=r"'TRAIN_STEP = 5': no configuration reads the macro TRAIN_STEP .*TRAIN_STEPS"):
+  with pytest.raises(train.ConfigError, match=r"'TRAIN_STEP = 5': no configuration reads the macro TRAIN_STEP .*TRAIN_STEPS"):
     train.check_macros_used(["TRAIN_STEP = 5"], operative)
 
 
@@ -93,6 +93,7 @@ QUICKSTART = str(GIN / "runs" / "quickstart_cpu.gin")
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = '/no/such/medi.jsonl'"], "/no/such/medi.jsonl: no such"),
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.xla_options = {'xla_foo_bar': True}"],
      "no compiler option 'xla_foo_bar'"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TRAIN_STEP = 5"], "no configuration reads the macro TRAIN_STEP"),
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=INIT_CHECKPOINT = 'nobody/no-such-model'"],
      "'nobody/no-such-model' is not a local path"),  # offline in tests: the Hub download fails
 ])

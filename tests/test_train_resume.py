@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,16 +252,47 @@ def test_sigterm_while_the_model_is_built_exits_as_stopped_early(tmp_path, monke
   assert signal.getsignal(signal.SIGTERM) == before  # the handler is handed back
 
 
+def test_a_stop_signal_landing_in_a_gc_callback_is_delivered_again_not_dropped(capsys):
+  """An exception raised in a garbage-collector callback is printed as "ignored" and dropped: a SIGTERM
+  handled there (JAX registers such a callback) must still stop the load, a moment later."""
+  import gc
+  import os
+  from instructor_jax import train as train_module
+  stop = train_module._StopFlag()
+  armed = [True]
+
+  def callback(phase, info):
+    if armed and phase == "start":
+      armed.clear()
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(1000):  # the handler runs at one of these bytecodes, inside the callback
+        pass
+
+  gc.callbacks.append(callback)
+  try:
+    with pytest.raises(train_module._StoppedBeforeStart, match="SIGTERM"):
+      gc.collect()
+      time.sleep(2)  # the redelivered signal interrupts this
+  finally:
+    gc.callbacks.remove(callback)
+    stop.restore()
+  assert "Exception ignored" not in capsys.readouterr().err
+
+
 def test_resuming_with_other_settings_warns_and_keeps_the_old_config(tmp_path, capsys):
   workdir = str(tmp_path / "w")
   first = TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 2})
   train(first, OPTIM, MESH, workdir, gin_text="first")
+  other_medi = str(tmp_path / "other_medi.jsonl")
+  shutil.copyfile(CONFIG.medi_path, other_medi)
   changed = TrainConfig(**{**CONFIG.__dict__, "mixing_temperature": 3.0, "rate_cap": 1000, "model": "gtr-base",
-                            "stop_after_steps": 1})
+                            "medi_path": other_medi, "doc_len": CONFIG.doc_len // 2, "stop_after_steps": 1})
   capsys.readouterr()
   train(changed, OPTIM, MESH, workdir, gin_text="second")
   out = capsys.readouterr().out
-  assert "mixing_temperature 3.0 (checkpoint: 1.0), rate_cap 1000 (checkpoint: None); the data stream will" in out
+  assert (f"medi_path {other_medi!r} (checkpoint: {CONFIG.medi_path!r}), mixing_temperature 3.0 (checkpoint: 1.0), "
+          f"rate_cap 1000 (checkpoint: None), doc_len {CONFIG.doc_len // 2} (checkpoint: {CONFIG.doc_len}); the data "
+          "stream will") in out
   assert "which was started with model 'tiny'; the checkpoint's model is what trains on" in out
   assert (tmp_path / "w" / "config-until-step2.gin").read_text() == "first"
   assert (tmp_path / "w" / "config.gin").read_text() == "second"
