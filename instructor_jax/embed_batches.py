@@ -154,6 +154,8 @@ class PartBuilder:
         error = covered[0]
         raise InputError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]. "
                          + ON_ERROR_ADVICE)
+      # The row keeps its claim on its id (read_parts' `seen`): other processes, which do not tokenise
+      # this part, must agree on which occurrence of an id is kept.
       self.skipped[COVERED_REASON] += len(covered)
       keep = sorted(set(range(len(rows))) - {e.index for e in covered})
       rows, ids, n_instr, truncated = ([x[j] for j in keep] for x in (rows, ids, n_instr, truncated))

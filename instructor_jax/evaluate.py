@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from instructor_jax.tokenization import InstructionCoversTextError
+
 STS_INSTRUCTION = "Represent the sentence for semantic similarity: "
 QUERY_INSTRUCTION = "Represent the question for retrieving supporting documents: "
 DOC_INSTRUCTION = "Represent the document for retrieval: "
@@ -139,7 +141,10 @@ def sts_scores(emb: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]], 
 def _embed(model: Any, texts: Sequence[str], instruction: str, batch_size: int) -> dict[str, np.ndarray]:
   """{text: unit-norm embedding}, each distinct text embedded once."""
   unique = list(dict.fromkeys(texts))
-  emb = model.encode([[instruction, t] if instruction else t for t in unique], batch_size=batch_size)
+  try:
+    emb = model.encode([[instruction, t] if instruction else t for t in unique], batch_size=batch_size)
+  except InstructionCoversTextError as e:
+    raise EvalDataError(f"text {unique[e.index]!r:.80}: {e.detail()}") from None
   return dict(zip(unique, unit_rows(emb)))
 
 

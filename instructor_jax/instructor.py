@@ -20,8 +20,8 @@ def local_data_mesh(device: str | None = None) -> Mesh:
   """A 1-D mesh over this host's devices (or those `device` names); embedding batches are split along it.
 
   `device` takes sentence-transformers' spellings: "cpu", "cuda" / "gpu", "tpu", and ":N" for one
-  device of that kind ("cuda:1"); None is every local device of JAX's default backend."""
-  if device is None:
+  device of that kind ("cuda:1"); None (or "") is every local device of JAX's default backend."""
+  if device is None or device == "":
     devices = jax.local_devices()
   else:
     kind, _, index = str(device).partition(":")
@@ -165,8 +165,9 @@ class Instructor:
     call with a few texts costs a few rows. On an
     accelerator the input is tokenised and padded a chunk ahead on a worker thread (`encode_batches`).
     """
-    # InstructorEmbedding.INSTRUCTOR.encode's arguments: `device` is ignored (all local devices are
-    # used), `convert_to_numpy` is always true; anything we cannot honour is an error, not a no-op.
+    # InstructorEmbedding.INSTRUCTOR.encode's arguments: `device` is ignored (the model's devices are
+    # used: from_pretrained(device=...)), `convert_to_numpy` is always true; anything we cannot honour
+    # is an error, not a no-op.
     if output_value != "sentence_embedding" or convert_to_tensor:
       raise ValueError(f"encode(output_value={output_value!r}, convert_to_tensor={convert_to_tensor}) is not "
                        "supported: only sentence embeddings as a NumPy array are returned.")

@@ -394,7 +394,7 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
   instruction (only EOS is pooled then, as in 1.0.1: a degenerate example that still trains)."""
   cut = {"query": [0, 0], "doc": [0, 0]}  # [truncated, total]
   eos_only: dict[str, int] = {}
-  covered = 0  # of those, texts whose instruction alone tokenises longer than instruction + text
+  covered = 0  # of those, texts whose instruction covers them whole, EOS included: nothing pooled
   for name, task in tasks.items():
     for field, arrays in task.fields.items():
       max_len = query_len if field == "query" else doc_len
@@ -407,7 +407,7 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
       bad = int(np.sum((n > 0) & (n >= kept - 1)))
       if bad:
         eos_only[name] = eos_only.get(name, 0) + bad
-      covered += int(np.sum(n > kept))
+      covered += int(np.sum((n > 0) & (n >= kept)))
   if not cut["query"][0] and not cut["doc"][0] and not eos_only:
     return None
   share = {k: 100 * a / max(b, 1) for k, (a, b) in cut.items()}
@@ -418,8 +418,8 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
     out += (f"; {sum(eos_only.values())} texts keep only their instruction (pooling sees EOS alone), most in "
             + ", ".join(f"{t} ({c})" for t, c in worst) + ": raise the lengths if that is not intended")
     if covered:
-      out += (f"; {covered} of them pool nothing, their instruction's last word merging with the text "
-              "(InstructorEmbedding 1.0.1 stops at such a text; inference here refuses it)")
+      out += (f"; {covered} of them pool nothing, not even EOS, their instruction's last word merging with "
+              "the text (inference refuses such a text)")
   return out + "."
 
 

@@ -38,9 +38,11 @@ class InputError(TypeError):
 
 
 class InstructionCoversTextError(InputError):
-  """An instruction that alone tokenises to more pieces than instruction + text (its last word merges
-  with the text's first): pooling would exclude every token. InstructorEmbedding 1.0.1 stops there
-  too (an assertion in its forward pass); `index` is the item's position in the call's input."""
+  """An instruction that alone tokenises to at least as many pieces as instruction + text with EOS (its
+  last word merges with the text's first): pooling, which skips the instruction's positions, would
+  see no token and give a zero vector. InstructorEmbedding 1.0.1 fails an assertion where the
+  instruction has more pieces and returns that zero vector where it has as many; we refuse both.
+  `index` is the item's position in the call's input."""
 
   def __init__(self, index: int, instruction: str, instruction_pieces: int, input_pieces: int):
     self.index, self.instruction = index, instruction
@@ -48,9 +50,10 @@ class InstructionCoversTextError(InputError):
     super().__init__(f"input {index}: {self.detail()}")
 
   def detail(self) -> str:
-    return (f"the instruction {self.instruction!r:.80} alone tokenises to {self.instruction_pieces} pieces but "
-            f"instruction + text to only {self.input_pieces} (with EOS), so no token would be pooled: its last "
-            "word merges with the text's first. End the instruction with a space or ': '.")
+    return (f"the instruction {self.instruction!r:.80} alone tokenises to {self.instruction_pieces} pieces and "
+            f"instruction + text to only {self.input_pieces} with EOS, so pooling, which skips the instruction's "
+            "positions, would see no token: its last word merges with the text's first. End the instruction "
+            "with a space or ': '.")
 
   def shifted(self, offset: int) -> "InstructionCoversTextError":
     """The same error for an item `offset` places further into the whole input."""
@@ -167,7 +170,7 @@ def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
                  covered: list[InstructionCoversTextError] | None = None) -> tuple[list[list[int]], list[int]]:
   """Token ids (with EOS, unpadded) and instruction lengths; `truncated` (if given) gets one flag per item.
 
-  An item whose instruction covers more than the whole input raises `InstructionCoversTextError`, or,
+  An item whose instruction covers the whole input, EOS included, raises `InstructionCoversTextError`, or,
   if `covered` is given, has its error appended there (and its ids and length returned all the same).
 
   With `whitespace_separable` (an `encode_fn` that splits words on whitespace first), long inputs
@@ -188,7 +191,7 @@ def build_inputs(encode_fn: EncodeFn, items: Sequence[Any], max_len: int,
     truncated.extend(len(p) > max_len - 1 for p in pieces)
   n_instr = [0 if ins is None else instruction_length(cache[ins], max_len) for ins, _ in split]
   for i, (n, x) in enumerate(zip(n_instr, ids)):
-    if n > len(x):
+    if n >= len(x):
       error = InstructionCoversTextError(i, split[i][0], n, len(x))
       if covered is None:
         raise error

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from instructor_jax import evaluate, sharding as shd, tokenization
-from instructor_jax.config import InstructorConfig
+from instructor_jax.config import ConfigError, InstructorConfig
 from instructor_jax.model import InstructorModel
 
 CHUNK_ROWS = 256  # texts per jitted call (rounded up to the number of batch shards)
@@ -31,8 +31,11 @@ class StsEval:
                instruction: str, max_len: int, encode_fn: tokenization.EncodeFn):
     self.pairs, self.gold = evaluate.read_sts(path)
     self.texts = texts = list(dict.fromkeys(t for pair in self.pairs for t in pair))
-    ids, n_instr = tokenization.build_inputs(encode_fn, [[instruction, t] if instruction else t for t in texts],
-                                             max_len)
+    try:
+      ids, n_instr = tokenization.build_inputs(encode_fn, [[instruction, t] if instruction else t for t in texts],
+                                               max_len)
+    except tokenization.InstructionCoversTextError as e:
+      raise ConfigError(f"TrainConfig.eval_instruction on {path}, text {texts[e.index]!r:.80}: {e.detail()}") from None
     length = min(max_len, -(-max(len(x) for x in ids) // 8) * 8)  # the longest text, not max_len, sets the cost
     shards = shd.batch_size_multiple(mesh)
     self.chunk = -(-min(CHUNK_ROWS, len(texts)) // shards) * shards

@@ -122,3 +122,12 @@ def test_bad_rerank_files_and_nothing_to_do(tmp_path, capsys):
   assert e.value.code == 2 and "missing.tsv" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     evaluate.main(["--model", "never/loaded"])
+
+
+def test_an_instruction_covering_a_text_is_one_error_line(tmp_path, fixtures_dir, capsys):
+  sts = _write(tmp_path / "sts.tsv", "4\tA dog runs.\tend\n1\tA dog runs.\tThe market crashed.\n")
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--model", str(fixtures_dir / "tiny_instructor"), "--sts", sts, "--sts-instruction", "compreh"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: text 'end': the instruction 'compreh' alone tokenises to 3 pieces") and "Traceback" not in err

@@ -257,8 +257,10 @@ def test_a_text_whose_instruction_covers_it_trains_and_is_reported():
   """Inference refuses such a text (InstructionCoversTextError); training keeps it, pooled over nothing,
   and says so at start-up even when nothing is truncated."""
   encode_fn = medi_batches.sentencepiece_encode_fn()
-  triples = [(["Represent the question: ", "a query"], ["compreh", "end"], ["Represent the doc: ", "a negative"])]
+  triples = [(["Represent the question: ", "a query"], ["compreh", "end"], ["compreh", "ends"]),
+             (["Represent the question: ", "a query"], ["Represent the doc: ", ""], ["Represent the doc: ", "b"])]
   task = medi_batches.tokenize_task("t", triples, encode_fn)
-  assert task.fields["pos"].n_instr.tolist() == [3] and np.diff(task.fields["pos"].offsets).tolist() == [2]
-  report = medi_batches.truncation_report({"t": task}, 512, 512)
-  assert "1 texts keep only their instruction" in report and "1 of them pool nothing" in report
+  assert task.fields["pos"].n_instr.tolist()[0] == 3 and np.diff(task.fields["pos"].offsets).tolist()[0] == 2
+  assert task.fields["neg"].n_instr.tolist()[0] == 3 and np.diff(task.fields["neg"].offsets).tolist()[0] == 3
+  report = medi_batches.truncation_report({"t": task}, 512, 512)  # the empty text pools EOS alone
+  assert "3 texts keep only their instruction" in report and "2 of them pool nothing, not even EOS" in report

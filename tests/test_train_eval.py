@@ -72,3 +72,16 @@ def test_a_bad_eval_file_fails_before_training(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.tsv: no such STS file"):
     train(dataclasses.replace(cfg, eval_sts_path=str(tmp_path / "missing.tsv")), OptimConfig(), MeshConfig(),
           str(tmp_path / "never"))
+
+
+def test_an_eval_instruction_covering_a_text_is_a_setting_error_before_training(tmp_path):
+  from instructor_jax.config import ConfigError
+  sts = tmp_path / "sts.tsv"
+  sts.write_text("".join(f"{s}\t{a}\t{b}\n" for s, a, b in STS) + "1\tend\tA man plays.\n", encoding="utf-8")
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=2, batch_size=8,
+                    query_len=16, doc_len=24, dtype="float32", checkpoint_every=2, eval_sts_path=str(sts),
+                    eval_instruction="compreh")
+  with pytest.raises(ConfigError, match=r"TrainConfig.eval_instruction on .*sts.tsv, text 'end': the instruction"):
+    train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "run"))
+  from instructor_jax import orbax_io
+  assert orbax_io.latest_step(str(tmp_path / "run")) is None  # refused before the first step
