@@ -226,7 +226,10 @@ _STREAM_KEYS = ("medi_path", "batch_size", "data_seed", "mixing_temperature", "r
 
 def run_meta(cfg: TrainConfig) -> dict[str, Any]:
   """Saved with every checkpoint, so a resume can say what changed."""
-  return {"medi_path": cfg.medi_path, "batch_size": cfg.batch_size, "data_seed": cfg.data_seed,
+  medi = cfg.medi_path
+  if medi and "://" not in medi:  # the same file named relatively or absolutely is the same stream
+    medi = os.path.abspath(os.path.expanduser(medi))
+  return {"medi_path": medi, "batch_size": cfg.batch_size, "data_seed": cfg.data_seed,
           "mixing_temperature": cfg.mixing_temperature, "rate_cap": cfg.rate_cap, "query_len": cfg.query_len,
           "doc_len": cfg.doc_len, "train_steps": cfg.train_steps, "model": cfg.model,
           "init_checkpoint": cfg.init_checkpoint}
