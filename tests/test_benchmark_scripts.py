@@ -299,3 +299,12 @@ def test_gpu_script_packing_phase_dry_run_on_cpu(tmp_path):
   rows = json.loads((out / "packing.json").read_text())["rows"]
   packed = rows["packed, rows of 128"]
   assert packed["seconds"] > 0 and packed["speedup"] > 0 and "seconds" not in rows["pad to query_len/doc_len"]
+
+
+def test_encode_latency_times_both_padding_rules(tmp_path):
+  out = tmp_path / "latency.json"
+  stdout = _run(["benchmarks/encode_latency.py", "--shape", "tiny", "--repeats", "1", "--calls", "1,3",
+                 "--batch-sizes", "32", "--out", str(out)], tmp_path)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["texts"], r["batch_size"]) for r in rows] == [(1, 32), (3, 32)]
+  assert all(r["full rows ms"] > 0 and r["power of two ms"] > 0 for r in rows) and "to a power of two" in stdout
