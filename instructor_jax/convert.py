@@ -128,6 +128,8 @@ def convert(args: argparse.Namespace) -> list[str]:
   from instructor_jax.sources import load_source
   if args.to == "orbax" and args.dtype != "float32":
     raise ValueError("--to orbax stores float32 parameters (training precision); drop --dtype.")
+  if "://" not in args.dst:  # a quoted ~ reaches us unexpanded; the checks below must see the real place
+    args.dst = os.path.expanduser(args.dst)
   if os.path.exists(args.dst) and not os.path.isdir(args.dst):
     raise ValueError(f"DST {args.dst} is a file; expected a directory to write into (new, or empty).")
   if args.to == "st" and os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
@@ -155,10 +157,10 @@ def convert(args: argparse.Namespace) -> list[str]:
     orbax_io.save_params(args.dst, loaded.params, config, step=0, overwrite=args.overwrite)
     return [os.path.join(args.dst, "0")]
   from instructor_jax.export import save_sentence_transformers
-  from instructor_jax.tokenization import Tokenizer
+  from instructor_jax.sources import load_tokenizer
   source_prompts, default_prompt_name = _source_prompts(loaded.model_dir)
   prompts = {**source_prompts, **dict(args.prompt)}
-  tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
+  tokenizer = load_tokenizer(loaded, config.max_seq_length)
   files = save_sentence_transformers(args.dst, config, loaded.params, tokenizer.hf_tokenizer, dtype=args.dtype,
                                      prompts=prompts, source=loaded.description,
                                      max_shard_bytes=args.max_shard_size,

@@ -246,6 +246,7 @@ def save_sentence_transformers(directory: str, config: InstructorConfig, params:
   2.2.2) can load: no `include_prompt` key in the pooling config (that stack masks the instruction
   itself) and a torch `2_Dense/pytorch_model.bin` next to the safetensors file.
   """
+  directory = os.path.expanduser(directory)  # as every reader of a path here does
   dtype = canonical_dtype(dtype)
   np_dtype = _np_dtype(dtype)
   if instructor_embedding_compat and config.projection_dim is not None:

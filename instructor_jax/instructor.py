@@ -72,13 +72,13 @@ class Instructor:
     `device` ("cpu", "cuda", "cuda:1", "tpu"; default: every local device) is where it computes, as
     `InstructorEmbedding.INSTRUCTOR(name, device=...)`. `revision` (Hub), `step` (a workdir's or t5x
     directory's step; default the latest) and `max_distance` (t5x) go to `sources.load_source`."""
-    from instructor_jax.sources import load_source
+    from instructor_jax.sources import load_source, load_tokenizer
     mesh = local_data_mesh(device)  # before loading: a wrong device fails fast
     loaded = load_source(name_or_path, revision, step=step, max_distance=max_distance)
     config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
-    tokenizer = Tokenizer.from_pretrained(loaded.tokenizer_dir, config.max_seq_length)
+    tokenizer = load_tokenizer(loaded, config.max_seq_length)
     return cls(config, loaded.params, tokenizer, source=loaded.description, mesh=mesh)
 
   def save_pretrained(self, directory: str, dtype: str = "float32", prompts: dict[str, str] | None = None,

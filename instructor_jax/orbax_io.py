@@ -203,6 +203,15 @@ def restore_params(path: str, step: int | None = None, shardings: Any = None) ->
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     params = handler.restore(step_dir / PARAMS_ITEM, args=ocp.args.PyTreeRestore(
         item=None, restore_args=_restore_args(tree, shardings)))
+  except OrbaxCheckpointError:
+    raise
+  except Exception as e:  # tensorstore / orbax errors: their classes differ between releases
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    others = [s for s in steps if s != step]
+    raise OrbaxCheckpointError(
+        f"{step_dir}: the parameters of step {step} cannot be read ({first[:300]}); the step is damaged or was "
+        "copied in part. " + (f"Pick another step (--step, or step=): {others}." if others else
+                             "Copy the checkpoint again.")) from e
   finally:
     handler.close()
   config = config_from_dict(ocp.JsonCheckpointHandler().restore(step_dir / CONFIG_ITEM, args=ocp.args.JsonRestore()))

@@ -21,6 +21,25 @@ class LoadedModel:
   model_dir: str | None = None  # a sentence-transformers source's root (prompts, modules)
 
 
+def load_tokenizer(loaded: LoadedModel, max_seq_length: int):
+  """The model's tokenizer (`tokenization.Tokenizer`), refused where it cannot be the model's own."""
+  from instructor_jax.tokenization import Tokenizer
+  where = loaded.tokenizer_dir
+  if where is not None and os.path.exists(os.path.join(where, "tokenizer_config.json")) and not any(
+      os.path.exists(os.path.join(where, f)) for f in ("tokenizer.json", "spiece.model")):
+    # transformers would build a vocabulary of the special tokens alone from the config: every word
+    # would be <unk>, and all embeddings nearly the same.
+    raise CheckpointError(f"{where}: tokenizer_config.json without tokenizer.json or spiece.model (a partial copy?); "
+                          "copy one of them from the model's source.")
+  tokenizer = Tokenizer.from_pretrained(where, max_seq_length)
+  pieces, rows = len(tokenizer.hf_tokenizer), loaded.config.encoder.vocab_size
+  if pieces > rows:
+    raise CheckpointError(f"{where or 'the bundled T5 vocabulary'}: the tokenizer has {pieces} pieces but the model's "
+                          f"embedding table {rows} rows, so ids from {rows} on would read outside it (NaN "
+                          "embeddings); use the tokenizer files that came with these weights.")
+  return tokenizer
+
+
 # Hub repositories of sentence-transformers models also hold ONNX / OpenVINO exports (several times
 # the model's size) and often the same weights twice (.safetensors and .bin): fetch only what loads.
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]

@@ -209,3 +209,37 @@ def test_cli_output_has_no_advice_about_missing_torch(tmp_path):
                          str(tmp_path / "st")], capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "PyTorch was not found" not in done.stdout + done.stderr
+
+
+def test_a_tokenizer_config_without_vocabulary_is_refused(tmp_path, capsys):
+  """transformers builds a vocabulary of the special tokens alone from tokenizer_config.json: every
+  word <unk>, every embedding nearly the same."""
+  half = tmp_path / "half"
+  shutil.copytree(TINY, half)
+  for name in ("tokenizer.json", "spiece.model"):
+    if (half / name).exists():
+      (half / name).unlink()
+  assert main([str(half), str(tmp_path / "out")]) == 2
+  assert "tokenizer_config.json without tokenizer.json or spiece.model" in capsys.readouterr().err
+  from instructor_jax import Instructor
+  with pytest.raises(CheckpointError, match="a partial copy"):
+    Instructor.from_pretrained(str(half))
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused():
+  from instructor_jax.sources import LoadedModel, load_tokenizer
+  loaded = load_source(TINY)
+  small = LoadedModel(loaded.config.with_encoder(vocab_size=1000), loaded.params, loaded.tokenizer_dir, "test")
+  with pytest.raises(CheckpointError, match=r"has 32100 pieces but the model's embedding table 1000 rows"):
+    load_tokenizer(small, 64)
+  assert len(load_tokenizer(loaded, 64).hf_tokenizer) <= loaded.config.encoder.vocab_size
+
+
+def test_a_quoted_tilde_in_dst_is_the_home_directory(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  assert main([TINY, "~/exported"]) == 0
+  assert (tmp_path / "exported" / "modules.json").exists() and not (tmp_path / "~").exists()
+  (tmp_path / "st_here").mkdir()
+  (tmp_path / "st_here" / "modules.json").write_text("[]")
+  assert main([TINY, "~/st_here", "--to", "orbax"]) == 2  # the foreign-directory check sees the real place

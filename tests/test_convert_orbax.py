@@ -144,3 +144,15 @@ def test_missing_items_and_empty_dirs(tmp_path):
       orbax_io.save_params(str(tmp_path / "q"), {"w": np.ones(3, np.float32)}, preset("tiny"), step=0,
                            overwrite=overwrite)
   assert orbax_io.all_steps(str(tmp_path / "q")) == [5]
+
+
+def test_a_step_whose_parameter_data_is_gone_is_one_clear_error(tmp_path):
+  import shutil
+  loaded = load_source(TINY)
+  orbax_io.save_params(str(tmp_path / "ckpt"), loaded.params, loaded.config, step=0)
+  data = [p for p in (tmp_path / "ckpt" / "0" / "params").iterdir() if p.is_dir()]
+  assert data
+  for p in data:
+    shutil.rmtree(p)
+  with pytest.raises(orbax_io.OrbaxCheckpointError, match=r"the parameters of step 0 cannot be read .*Copy the"):
+    orbax_io.restore_params(str(tmp_path / "ckpt"))
