@@ -41,8 +41,8 @@ LARGEST_CHUNK = 1 << 21
 # packed row; the batch)
 PlannedBatch = tuple[list[list[int]], Batch | PackedBatch]
 
-# Skip reason of a row whose instruction tokenises to more pieces than instruction + text
-# (tokenization.InstructionCoversTextError): found only when its chunk is tokenised.
+# Skip reason of a row whose instruction alone tokenises to as many pieces as instruction + text with
+# EOS, or more (tokenization.InstructionCoversTextError): found only when its chunk is tokenised.
 COVERED_REASON = "instruction_covers_text"
 ON_ERROR_ADVICE = ("Fix the input, or pass --on-error skip to skip such rows (they are counted by reason in the "
                    "summary and the manifest).")

@@ -21,7 +21,7 @@ def local_data_mesh(device: str | None = None) -> Mesh:
 
   `device` takes sentence-transformers' spellings: "cpu", "cuda" / "gpu", "tpu", and ":N" for one
   device of that kind ("cuda:1"); None (or "") is every local device of JAX's default backend."""
-  if device is None or device == "":
+  if not device:
     devices = jax.local_devices()
   else:
     kind, _, index = str(device).partition(":")
