@@ -5,10 +5,11 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_all.sh core    # embed + train vs the PyTorch stack (one H200: embed 260 s, train
 #                                                    # cut short at 258 s with BUDGET=560, 2026-11-27)
-#   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline, full remat
-#                                                    # unrolled, with and without the latency-hiding scheduler, and
-#                                                    # scanned; attention-only remat scanned), then a profile of
-#                                                    # the full-remat step
+#   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline;
+#                                                    # attention-only remat scanned, at dropout 0.1, at dropout 0, and
+#                                                    # at dropout 0 on cuDNN's attention; full remat scanned at 512
+#                                                    # triples and unrolled at 256), then a profile of the scanned
+#                                                    # attention-only-remat step
 #   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, XLA attention, profiles, float16, tokeniser (its step
 #                                                    # limits add up to more than BUDGET: the last are skipped
 #                                                    # when the first use theirs)
@@ -41,7 +42,7 @@ END=$((SECONDS + ${BUDGET:-570}))
 if [[ -n "${QUICK:-}" ]]; then
   SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); SIZES_FP16=("${SIZES[@]}"); TRAIN=(--train-batch 8 --train-length 32)
   VARIANTS="pytorch,pytorch-ckpt,jax,jax-full,jax-gc4"; PROF=(--batch 4 --length 32)
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full,jax-dotsnb-scan,jax-full-nolhs,jax-full-fused-nodrop,jax-gc4"}
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan,jax-dotsnb-scan-nodrop,jax-dotsnb-scan-fused-nodrop,jax-full-scan,jax-full,jax-full-nolhs,jax-gc4"}
 else
   SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); SIZES_FP16=(--short 2000 --docs 200); TRAIN=(--train-batch 256 --train-length 256)
   # PyTorch first: JAX's allocator never hands memory back within the process, so a PyTorch row
@@ -51,18 +52,19 @@ else
   # compile, and the row a cut-short run can best lose).
   # jax-full falls back to 128 triples only if 256 runs out of memory (XLA:CPU cannot predict it).
   VARIANTS="pytorch-ckpt,pytorch@32,jax-full@256|128,jax@32,jax-gc4"; PROF=(--batch 64 --length 256)
-  # The `train` phase: the rows that can reach the 40% MFU target at 256 triples, beside the PyTorch
-  # baseline at that batch; each JAX compile of gtr-large took 60-90 s on an H200 (the scanned
-  # layers compile faster), so four JAX rows fill the step's limit and GradCache / fused-nodrop are
-  # left to TRAIN_VARIANTS. jax-full (unrolled, scheduler on) comes first: XLA:GPU schedules and
-  # rematerialises against a limit taken from the card's memory, so the H200's 94.8 GiB temp is no
-  # baseline on another card, and even a run out of memory records the compiled temp. jax-dotsnb-scan
-  # recomputes only attention (the way past full remat's 3/4 ceiling, if the projections' outputs
-  # fit: ~90-100 GiB at 256 triples, so on a card under 100 GB it starts at 128); jax-full-scan and
-  # jax-full-nolhs test why full remat kept 94.8 GiB of XLA temp on the H200.
+  # The `train` phase. On one H200 (2026-11-28, BENCHMARKS.md) full remat ran at 28.2% MFU unrolled
+  # and 27.5% scanned (XLA temp 94.8 against 29.8 GiB), and recomputing only attention
+  # (jax-dotsnb-scan) at 28.5%: the recomputed matmuls are not what holds the step back. So these
+  # rows split the rest, all scanned (a gtr-large compile of ~20 s instead of 60-90 s unrolled):
+  # the same step at dropout 0 with the einsum attention (what the dropout masks cost), and at
+  # dropout 0 on cuDNN's fused attention (what the einsums' [B, H, L, L] float32 tensors cost); then
+  # full remat scanned at 512 triples (does a larger batch raise MFU; the temp said >= 984 fit), and
+  # last the unrolled full-remat row of earlier runs, for continuity (the row a cut-short run can
+  # best lose). jax-dotsnb-scan keeps ~100 GiB of temp at 256 triples, so on a card under 100 GB
+  # these three start at 128.
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
-  if ((${GPU_MIB:-0} > 0 && ${GPU_MIB:-0} < 100000)); then DOTSNB="jax-dotsnb-scan@128"; else DOTSNB="jax-dotsnb-scan@256|128"; fi
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-full@256|128,$DOTSNB,jax-full-scan@256|128,jax-full-nolhs@256|128"}
+  if ((${GPU_MIB:-0} > 0 && ${GPU_MIB:-0} < 100000)); then AT="@128"; else AT="@256|128"; fi
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan$AT,jax-dotsnb-scan-nodrop$AT,jax-dotsnb-scan-fused-nodrop$AT,jax-full-scan@512|256,jax-full@256|128"}
 fi
 
 FAILED=0
@@ -119,18 +121,21 @@ if [[ $PHASE == core ]]; then
   report "$OUT/report.md" "$OUT"/embed.json "$OUT"/train.json
 elif [[ $PHASE == train ]]; then
   check_devices
-  # 360 s, so that the profile (an unrolled gtr-large compile, 60-90 s on an H200) keeps ~160 s.
+  # 360 s, so that the profile keeps ~160 s. It profiles the scanned attention-only-remat step, the
+  # fastest on the H200, with CUDA command buffers off (profile_ops.py: with them on the whole
+  # step was one op in the trace).
   step train 360 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
     --sections matmul,train "${TRAIN[@]}" --train-variants "$TRAIN_VARIANTS" --out "$OUT/train.json"
   report "$OUT/report_train.md" "$OUT"/train.json
-  step profile_train 170 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" --remat full \
-    --out "$OUT/profile_train"
+  step profile_train 170 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" \
+    --remat save_dots_no_batch --scan-layers --out "$OUT/profile_train"
   head -n 20 "$OUT"/profile_train/summary.txt
 elif [[ $PHASE == packing ]]; then
   # Real training texts (the MEDI sample's lengths): the same steps padded to length buckets and
-  # packed into 512-token rows (TrainConfig.pack_length), bf16, full remat. Each shape compiles once
-  # (gtr-large: 60-90 s each on an H200), so few steps, and gtr-base by default (PACK_SHAPE): the
-  # ratio is what is asked, and this phase should fit in what a lease has left after `train`.
+  # packed into 512-token rows (TrainConfig.pack_length), bf16, full remat, the layers scanned. Each
+  # shape compiles once, so few steps, and gtr-base by default (PACK_SHAPE): the ratio is what is
+  # asked, and this phase should fit in what a lease has left after `train`. On 2026-11-28, with the
+  # layers unrolled, BUDGET=265 timed the buckets and was cut short in the packed row's compiles.
   check_devices
   if [[ -n "${QUICK:-}" ]]; then
     PACKING=(--batch 8 --steps 20 --time-steps 2 --query-len 128 --doc-len 128 --pack-length 128 --time-shape tiny)
@@ -140,7 +145,7 @@ elif [[ $PHASE == packing ]]; then
     PACKING=(--batch 256 --steps 200 --time-steps 2 --time-shape "${PACK_SHAPE:-gtr-base}")
   fi
   step packing 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/train_padding.py "${PACKING[@]}" \
-    --time-dtype bfloat16 --time-remat full --no-full-padding-time --out "$OUT/packing.json"
+    --time-dtype bfloat16 --time-remat full --time-scan-layers --no-full-padding-time --out "$OUT/packing.json"
 elif [[ $PHASE == extra ]]; then
   check_devices
   # Correctness on the card first: cuDNN attention against XLA's, bf16/float16 against float32, a

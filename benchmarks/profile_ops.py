@@ -167,7 +167,7 @@ def workload(args, cfg):
   model, params, _ = run.build_models(cfg, None)  # no sentence-transformers export: only JAX runs here
   if args.case == "train":
     import train_bench
-    step, sync = train_bench._jax_step(cfg, params, args.batch, args.length, args.remat)
+    step, sync = train_bench._jax_step(cfg, params, args.batch, args.length, args.remat, scan_layers=args.scan_layers)
     return lambda: sync(step())
   items = texts.documents(args.batch) if args.case == "embed-docs" else texts.instructed_sentences(args.batch)
   batch_size = args.batch if args.case == "embed-docs" else max(1, args.batch // 4)
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=8, help="triples per step (train) or texts per call (embed)")
   p.add_argument("--length", type=int, default=128, help="tokens per text (train) or max_seq_length (embed)")
   p.add_argument("--remat", default="none", help="train: TrainConfig.remat_policy")
+  p.add_argument("--scan-layers", action="store_true", help="train: TrainConfig.scan_layers")
   p.add_argument("--dropout", type=float, default=0.1, help="train: dropout rate")
   p.add_argument("--iterations", type=int, default=2)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -200,8 +201,12 @@ def main(argv=None) -> int:
     print(format_summary(summarise(args.out, dump_dir, previous["iterations"],
                                    previous["wall_ms_per_iteration"] * previous["iterations"] / 1e3), previous["title"]))
     return 0
-  # Must precede JAX's backend start-up: XLA reads XLA_FLAGS once.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
+  # Must precede JAX's backend start-up: XLA reads XLA_FLAGS once. Command buffers (CUDA graphs)
+  # off: with them the H200's trace showed one op, `command_buffer_1`, for the whole step
+  # (2026-11-28), with no kernel inside it named. The step may then run a little slower than
+  # the timed rows of run.py, which keep them.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                             " --xla_gpu_enable_command_buffer=").strip()
   import jax
   import run
   dtype = args.dtype or ("bfloat16" if run.on_gpu() else "float32")
@@ -216,7 +221,8 @@ def main(argv=None) -> int:
   wall = time.perf_counter() - t
   summary = summarise(args.out, dump_dir, args.iterations, wall, backend=jax.default_backend())
   title = (f"{args.case}  shape={args.shape} dtype={dtype} batch={args.batch} length={args.length} "
-           f"remat={args.remat} dropout={args.dropout} attention={args.attention_impl}  {jax.devices()[0].device_kind}  "
+           f"remat={args.remat}{' scanned' if args.scan_layers else ''} dropout={args.dropout} "
+           f"attention={args.attention_impl}  {jax.devices()[0].device_kind}  "
            f"{time.strftime('%Y-%m-%d')}")
   text = format_summary(summary, title)
   pathlib.Path(args.out, "summary.txt").write_text(text + "\n")

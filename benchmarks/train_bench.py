@@ -67,18 +67,23 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int,
 
 
 def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1,
-              xla_options: dict | None = None, fused_attention_no_dropout: bool = False, scan_layers: bool = False):
+              xla_options: dict | None = None, fused_attention_no_dropout: bool = False, scan_layers: bool = False,
+              no_dropout: bool = False):
   """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time).
 
   `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options).
   `fused_attention_no_dropout`: dropout 0, so attention runs on a fused kernel, forward and backward
-  (cuDNN's on a GPU, XLA's elsewhere); another recipe than the other rows' dropout 0.1."""
+  (cuDNN's on a GPU, XLA's elsewhere); another recipe than the other rows' dropout 0.1. `no_dropout`:
+  dropout 0 with the same einsum attention as the dropout rows, so that the two differences (the
+  dropout masks; the einsums against a fused kernel) are measured apart."""
   import jax
   from instructor_jax import sharding as shd
   from instructor_jax import train_step as ts
   from instructor_jax.optim import OptimConfig, make_optimizer
   from instructor_jax.xla_options import train_compiler_options
   cfg = cfg.with_encoder(remat_policy=remat, scan_layers=scan_layers)
+  if no_dropout:
+    cfg = cfg.with_encoder(dropout_rate=0.0)
   if fused_attention_no_dropout:
     cfg = cfg.with_encoder(dropout_rate=0.0, attention_impl="cudnn" if jax.default_backend() == "gpu"
                            else "dot_product_attention")
@@ -159,6 +164,14 @@ VARIANTS = {
     # if the projections' outputs fit (the way past full remat's 3/4 ceiling at 256 triples).
     "jax-full-scan": ("jax", {"remat": "full", "scan_layers": True}),
     "jax-dotsnb-scan": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True}),
+    # On one H200 (2026-11-28) recomputing only attention ran no faster than full remat (28.5% MFU
+    # against 28.2%), so the recomputed matmuls are not what holds the step back. These two split
+    # what else might: the same step at dropout 0 with the einsum attention (what the dropout masks
+    # cost), and at dropout 0 on cuDNN's fused attention (what the einsums' [B, H, L, L] float32
+    # logits, softmax and weights cost on top).
+    "jax-dotsnb-scan-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True, "no_dropout": True}),
+    "jax-dotsnb-scan-fused-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True,
+                                             "fused_attention_no_dropout": True}),
 }
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"
 

@@ -166,6 +166,8 @@ def main(argv=None):
   p.add_argument("--time-shape", default="small", help="the model timed (benchmarks/run.py's SHAPES)")
   p.add_argument("--time-dtype", default="float32", help="compute dtype of the timed steps (bfloat16 on a GPU)")
   p.add_argument("--time-remat", default="none", help="TrainConfig.remat_policy of the timed steps")
+  p.add_argument("--time-scan-layers", action="store_true",
+                 help="TrainConfig.scan_layers for the timed steps (each shape compiles ~4x faster on a GPU)")
   p.add_argument("--no-full-padding-time", action="store_true",
                  help="time buckets and packing only (speed-ups then against buckets): 512/512 steps are slow")
   p.add_argument("--row-ladder", default="", help="also count packing each step into the shortest of these row "
@@ -201,7 +203,8 @@ def main(argv=None):
     if args.time_steps and not (args.no_full_padding_time and not buckets and not pack_length):
       from run import SHAPES
       # Steps 1.. (step 0 is the same full-length step both ways).
-      timed = SHAPES[args.time_shape].with_encoder(dtype=args.time_dtype, remat_policy=args.time_remat)
+      timed = SHAPES[args.time_shape].with_encoder(dtype=args.time_dtype, remat_policy=args.time_remat,
+                                                   scan_layers=args.time_scan_layers)
       rows[name]["seconds"] = time_steps(streams[name][1:1 + args.time_steps], timed, args)
       _ratios(rows, args)
       _write(args, rows)

@@ -116,6 +116,8 @@ def test_report_marks_gpu_targets_against_the_same_run():
                    {"impl": "jax-full", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45, "mfu_spec": 0.364,
                     "step_s": 1.0, "max_batch_at_least": 1024, "temp_gib": 94.81},
                    {"impl": "pytorch", "batch": 256, "length": 256, "error": "OutOfMemoryError: CUDA out of memory"},
+                   {"impl": "jax-dotsnb-scan-nodrop", "batch": 256, "length": 256, "tok_s": 2e5, "mfu": 0.45,
+                    "step_s": 1.0, "temp_gib": 90.0},
                    {"impl": "jax-gc4", "batch": 256, "length": 256, "status": "running", "started": "12:00:00"}]}
   text = report.section([run])
   assert "| short+instruction, `encode(pack=False)` | 10 | 400,000 | 100,000 | 3.20× | 0.99950 | **met** (≥ 3×) |" in text
@@ -123,6 +125,9 @@ def test_report_marks_gpu_targets_against_the_same_run():
   assert ("| jax-full | 256 × 256 | 200,000 | 45.0% | 36.4% | 4.00× (pytorch-ckpt) | 1024 | XLA temp 94.8 GiB | "
           "MFU target **met** (≥ 40%) |" in text)
   assert "| pytorch-ckpt | 256 × 256 | 50,000 | 12.0% |  |  |  | peak 45.1 GiB |  |" in text
+  # Dropout 0 is another recipe: no ratio to PyTorch and no verdict on the MFU target.
+  assert ("| jax-dotsnb-scan-nodrop | 256 × 256 | 200,000 | 45.0% |  |  |  | XLA temp 90.0 GiB | "
+          "dropout 0 (the other rows 0.1) |" in text)
   assert "OutOfMemoryError" in text
   assert "| jax-gc4 | 256 × 256 | – | – | – | – | – | – | cut short by the time limit (started 12:00:00) |" in text
 
@@ -276,14 +281,16 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   status = (out / "status.txt").read_text()
   assert "train rc=0" in status and "profile_train rc=0" in status, status
   train = json.loads((out / "train.json").read_text())
-  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-full", "jax-dotsnb-scan", "jax-full-nolhs",
-                                                 "jax-full-fused-nodrop", "jax-gc4"]
+  assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-dotsnb-scan", "jax-dotsnb-scan-nodrop",
+                                                 "jax-dotsnb-scan-fused-nodrop", "jax-full-scan", "jax-full",
+                                                 "jax-full-nolhs", "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 for r in train["train"]), train["train"]
   report = (out / "report_train.md").read_text()
   assert "| jax-full-nolhs | 8 × 32 |" in report
-  assert re.search(r"\| jax-full-fused-nodrop \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
-                   r"dropout 0 \(the other rows 0.1\) \|", report), report
-  assert (out / "profile_train" / "summary.txt").exists()
+  for nodrop in ("jax-dotsnb-scan-nodrop", "jax-dotsnb-scan-fused-nodrop"):
+    assert re.search(rf"\| {nodrop} \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
+                     r"dropout 0 \(the other rows 0.1\) \|", report), report
+  assert "remat=save_dots_no_batch scanned" in (out / "profile_train" / "summary.txt").read_text()
 
 
 def test_gpu_script_packing_phase_dry_run_on_cpu(tmp_path):
