@@ -125,6 +125,20 @@ def _localize_remote(path: str) -> str:
   return cache
 
 
+def medi_size(path: str) -> int | None:
+  """Bytes of the MEDI file behind `path`, None where unknown (a remote folder, a backend without
+  stat): saved with each checkpoint, so that a resume notices a file replaced at the same path,
+  which the path alone cannot show. One stat; a remote file is not copied here."""
+  try:
+    if "://" in str(path):
+      from etils import epath
+      remote = epath.Path(path)
+      return None if remote.is_dir() else int(remote.stat().length)
+    return os.path.getsize(resolve_medi_file(path))
+  except Exception:  # noqa: BLE001 - it only feeds a resume warning, which must never fail a run
+    return None
+
+
 def resolve_medi_file(path: str) -> str:
   """The MEDI file itself, given the file or a (TFDS manual) directory holding one (or gs://...)."""
   if "://" in str(path):

@@ -33,7 +33,7 @@ from instructor_jax.config import ConfigError, InstructorConfig, MissingPathErro
 from instructor_jax.medi_batches import pad_batch_to
 from instructor_jax.evaluate import EvalDataError
 from instructor_jax.hf_format import CheckpointError
-from instructor_jax.medi_records import MediFormatError, cache_root
+from instructor_jax.medi_records import MediFormatError, cache_root, medi_size
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
@@ -219,9 +219,10 @@ def build_state(cfg: TrainConfig, tx, mesh, ckpt: TrainCheckpointer) -> tuple[In
 
 
 # Settings that decide the data stream from a given step on (a resume with others warns).
-# The MEDI file is known by its path (another file, or a moved one, warns), and query_len / doc_len
-# decide what the examples hold.
-_STREAM_KEYS = ("medi_path", "batch_size", "data_seed", "mixing_temperature", "rate_cap", "query_len", "doc_len")
+# The MEDI file is known by its path (another file, or a moved one, warns) and its size (a file
+# replaced at the same path, nearly always), and query_len / doc_len decide what the examples hold.
+_STREAM_KEYS = ("medi_path", "medi_bytes", "batch_size", "data_seed", "mixing_temperature", "rate_cap", "query_len",
+                "doc_len")
 
 
 def run_meta(cfg: TrainConfig) -> dict[str, Any]:
@@ -229,7 +230,8 @@ def run_meta(cfg: TrainConfig) -> dict[str, Any]:
   medi = cfg.medi_path
   if medi and "://" not in medi:  # the same file named relatively or absolutely is the same stream
     medi = os.path.abspath(os.path.expanduser(medi))
-  return {"medi_path": medi, "batch_size": cfg.batch_size, "data_seed": cfg.data_seed,
+  return {"medi_path": medi, "medi_bytes": medi_size(medi) if medi else None,
+          "batch_size": cfg.batch_size, "data_seed": cfg.data_seed,
           "mixing_temperature": cfg.mixing_temperature, "rate_cap": cfg.rate_cap, "query_len": cfg.query_len,
           "doc_len": cfg.doc_len, "train_steps": cfg.train_steps, "model": cfg.model,
           "init_checkpoint": cfg.init_checkpoint}

@@ -199,3 +199,12 @@ def test_remote_medi_path_is_downloaded_once(tmp_path, monkeypatch):
   src.write_text(src.read_text().replace('"q"', '"a longer query"'))
   assert medi_records.resolve_medi_file("gs://bucket/medi") == local and open(local).read() == src.read_text()
   assert medi_records.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")
+  # The size a resume compares: one stat of the remote file, none for a remote folder.
+  assert medi_records.medi_size("gs://bucket/medi/medi-data.json") == src.stat().st_size
+  assert medi_records.medi_size("gs://bucket/medi") is None
+
+
+def test_medi_size_of_a_file_a_folder_and_a_missing_path(tmp_path):
+  path = _write(tmp_path / "medi-data.json", [_good(0)], False)
+  assert medi_records.medi_size(path) == medi_records.medi_size(str(tmp_path)) == os.path.getsize(path)
+  assert medi_records.medi_size(str(tmp_path / "missing.json")) is None

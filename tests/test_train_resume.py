@@ -334,6 +334,19 @@ def test_resuming_with_other_settings_warns_and_keeps_the_old_config(tmp_path, c
   assert (tmp_path / "w" / "config.gin").read_text() == "second"
 
 
+def test_resuming_on_a_medi_file_replaced_at_the_same_path_warns(tmp_path, capsys):
+  medi = tmp_path / "medi.jsonl"
+  shutil.copyfile(CONFIG.medi_path, medi)
+  cfg = TrainConfig(**{**CONFIG.__dict__, "medi_path": str(medi), "stop_after_steps": 1})
+  workdir = str(tmp_path / "w")
+  train(cfg, OPTIM, MESH, workdir)
+  size = medi.stat().st_size
+  medi.write_text(medi.read_text() * 2)  # another stream, same path
+  capsys.readouterr()
+  train(cfg, OPTIM, MESH, workdir)
+  assert f"medi_bytes {2 * size} (checkpoint: {size}); the data stream will differ." in capsys.readouterr().out
+
+
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
   from instructor_jax import train as train_module
   workdir = tmp_path / "w"
