@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -105,16 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _source_prompts(model_dir: str | None) -> tuple[dict[str, str], str | None]:
-  """Named prompts and the default prompt name of a sentence-transformers source, carried over to the export."""
-  path = os.path.join(model_dir or "", "config_sentence_transformers.json")
-  if model_dir is None or not os.path.exists(path):
-    return {}, None
-  with open(path, encoding="utf-8") as f:
-    st_config = json.load(f)
-  return dict(st_config.get("prompts") or {}), st_config.get("default_prompt_name")
-
-
 def _describe(config) -> str:
   e = config.encoder
   return (f"T5 {'v1.0' if e.feed_forward == 'relu' else 'v1.1'}: {e.num_layers} layers, d_model {e.d_model}, "
@@ -157,9 +146,9 @@ def convert(args: argparse.Namespace) -> list[str]:
     orbax_io.save_params(args.dst, loaded.params, config, step=0, overwrite=args.overwrite)
     return [os.path.join(args.dst, "0")]
   from instructor_jax.export import save_sentence_transformers
-  from instructor_jax.sources import load_tokenizer
-  source_prompts, default_prompt_name = _source_prompts(loaded.model_dir)
-  prompts = {**source_prompts, **dict(args.prompt)}
+  from instructor_jax.sources import load_tokenizer, source_prompts
+  carried, default_prompt_name = source_prompts(loaded)
+  prompts = {**carried, **dict(args.prompt)}
   tokenizer = load_tokenizer(loaded, config.max_seq_length)
   files = save_sentence_transformers(args.dst, config, loaded.params, tokenizer.hf_tokenizer, dtype=args.dtype,
                                      prompts=prompts, source=loaded.description,

@@ -42,7 +42,8 @@ class Instructor:
   """INSTRUCTOR embedding model: `Instructor.from_pretrained(src).encode([[instr, text], ...])`."""
 
   def __init__(self, config: InstructorConfig, params: Any, tokenizer: Tokenizer,
-               source: str | None = None, mesh: Mesh | None = None):
+               source: str | None = None, mesh: Mesh | None = None, prompts: dict[str, str] | None = None,
+               default_prompt_name: str | None = None):
     self.mesh = mesh or local_data_mesh()
     self.config = config.with_encoder(dtype=canonical_dtype(config.encoder.dtype))  # "bf16" -> "bfloat16"
     platform = self.mesh.devices.flat[0].platform
@@ -55,6 +56,10 @@ class Instructor:
       self.config = self.config.with_encoder(attention_impl="dot_product_attention")
     self.tokenizer = tokenizer
     self.source = source
+    # A sentence-transformers source's named prompts, kept for save_pretrained (as `convert` keeps
+    # them); encode takes its instructions from the [instruction, text] pairs, not from these.
+    self.prompts = dict(prompts or {})
+    self.default_prompt_name = default_prompt_name
     self._replicated = NamedSharding(self.mesh, P())
     self._rows = NamedSharding(self.mesh, P("data"))
     self._rows2d = NamedSharding(self.mesh, P("data", None))
@@ -72,24 +77,31 @@ class Instructor:
     `device` ("cpu", "cuda", "cuda:1", "tpu"; default: every local device) is where it computes, as
     `InstructorEmbedding.INSTRUCTOR(name, device=...)`. `revision` (Hub), `step` (a workdir's or t5x
     directory's step; default the latest) and `max_distance` (t5x) go to `sources.load_source`."""
-    from instructor_jax.sources import load_source, load_tokenizer
+    from instructor_jax.sources import load_source, load_tokenizer, source_prompts
     mesh = local_data_mesh(device)  # before loading: a wrong device fails fast
     loaded = load_source(name_or_path, revision, step=step, max_distance=max_distance)
     config = loaded.config.with_encoder(dtype=canonical_dtype(dtype))
     if max_seq_length is not None:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = load_tokenizer(loaded, config.max_seq_length)
-    return cls(config, loaded.params, tokenizer, source=loaded.description, mesh=mesh)
+    prompts, default_prompt_name = source_prompts(loaded)
+    return cls(config, loaded.params, tokenizer, source=loaded.description, mesh=mesh, prompts=prompts,
+               default_prompt_name=default_prompt_name)
 
   def save_pretrained(self, directory: str, dtype: str = "float32", prompts: dict[str, str] | None = None,
                       **export_kwargs: Any) -> None:
     """Writes a sentence-transformers directory (also loadable by transformers and InstructorEmbedding).
 
-    `export_kwargs` go to `export.save_sentence_transformers` (max_shard_bytes, instructor_embedding_compat).
+    The source's named prompts and default prompt name (`self.prompts`, `self.default_prompt_name`)
+    are written too, with `prompts` added over them, as `convert --prompt` does. `export_kwargs` go
+    to `export.save_sentence_transformers` (max_shard_bytes, instructor_embedding_compat,
+    default_prompt_name).
     """
     from instructor_jax.export import save_sentence_transformers
+    export_kwargs.setdefault("default_prompt_name", self.default_prompt_name)
     save_sentence_transformers(directory, self.config, jax.device_get(self.params), self.tokenizer.hf_tokenizer,
-                               dtype=dtype, prompts=prompts, source=self.source, **export_kwargs)
+                               dtype=dtype, prompts={**self.prompts, **(prompts or {})}, source=self.source,
+                               **export_kwargs)
 
   # ---- inference ---------------------------------------------------------------------------------
 

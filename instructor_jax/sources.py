@@ -46,6 +46,18 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 _HUB_SKIP = ["onnx/*", "openvino/*"]
 
 
+def source_prompts(loaded: LoadedModel) -> tuple[dict[str, str], str | None]:
+  """Named prompts and the default prompt name of a sentence-transformers source (none elsewhere):
+  what an export carries over, since sentence-transformers applies the default prompt when encode
+  is given none, so dropping it would change that model's embeddings."""
+  path = os.path.join(loaded.model_dir or "", "config_sentence_transformers.json")
+  if loaded.model_dir is None or not os.path.exists(path):
+    return {}, None
+  with open(path, encoding="utf-8") as f:
+    st_config = json.load(f)
+  return dict(st_config.get("prompts") or {}), st_config.get("default_prompt_name")
+
+
 def _bin_patterns(local: str) -> list[str]:
   """Torch .bin weights still needed: the root's and each module folder's, where no safetensors exist."""
   import json

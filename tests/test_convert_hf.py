@@ -152,6 +152,23 @@ def test_reexport_of_export_is_identical(tiny_export, tmp_path):
   assert set(first) == set(second)
   for name in first:
     np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+  with open(os.path.join(again, "config_sentence_transformers.json")) as f:
+    assert json.load(f)["prompts"] == {"sci": INSTRUCTION}  # the source's prompts, as convert keeps them
+
+
+def test_save_pretrained_keeps_the_default_prompt_and_adds_new_prompts(tmp_path):
+  """sentence-transformers applies the default prompt when encode gets none: dropping it changes embeddings."""
+  src, dst = tmp_path / "src", str(tmp_path / "dst")
+  shutil.copytree(TINY, src)
+  (src / "config_sentence_transformers.json").write_text(json.dumps(
+      {"prompts": {"query": "Represent the question: "}, "default_prompt_name": "query"}))
+  model = Instructor.from_pretrained(str(src))
+  assert model.prompts == {"query": "Represent the question: "} and model.default_prompt_name == "query"
+  model.save_pretrained(dst, prompts={"q": "Q: "})
+  with open(os.path.join(dst, "config_sentence_transformers.json")) as f:
+    st_config = json.load(f)
+  assert st_config["prompts"] == {"query": "Represent the question: ", "q": "Q: "}
+  assert st_config["default_prompt_name"] == "query"
 
 
 def test_sharded_export_round_trip(tiny_export, tmp_path):
