@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -155,14 +156,20 @@ class _Stopped(Exception):
 
 # ---- the job -------------------------------------------------------------------------------------
 
+# What a job writes as data: part-00003.parquet, or part-00003.npy with part-00003.ids.npy. A file or
+# folder merely starting with "part-" is not ours, and a Parquet reader would fail on it.
+_PART_FILE = re.compile(r"part-\d{5,}\.(parquet|npy|ids\.npy)")
+
+
 def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InputError(f"--output {out_dir} is a file; pass a directory (new, or one this job wrote).")
   # Parquet readers take every file not starting with "_" or "." as data: anything else there would
   # make the directory unreadable as one dataset (and --overwrite discards results, not other files).
-  foreign = sorted(n for n in os.listdir(out_dir) if not n.startswith(("_", ".", "part-"))
-                   and not n.startswith(embed_manifest.LEGACY_MANIFEST_FILE)) if os.path.isdir(out_dir) else []
+  foreign = sorted(n for n in os.listdir(out_dir) if not n.startswith(("_", "."))
+                   and not _PART_FILE.fullmatch(n) and not n.startswith(embed_manifest.LEGACY_MANIFEST_FILE)
+                   ) if os.path.isdir(out_dir) else []
   if foreign:
     raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"
                      f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory, or one an embed "
@@ -333,6 +340,11 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)
+  if count == 1 and not embed_manifest.has_results(out_dir):
+    # A run stopped before its first part left only the job's identity (and int8 ranges): nothing
+    # to resume, so a corrected command starts afresh rather than being refused as another job.
+    # One process only: with several, another may be starting this job.
+    embed_manifest.forget_job(out_dir)
   ranges = embed_output.int8_ranges(args, model, files, fields, max_len, out_dir)
   recorded = None if args.overwrite else embed_manifest.recorded_fingerprint_scheme(out_dir)
   spec = embed_manifest.job_spec(args, model, fields, files, unreadable, max_len, buckets, pack_length, ranges,
@@ -434,10 +446,6 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   if args.distributed:
     import jax
     jax.distributed.initialize()  # before any other JAX call; every host then sees its process index
-  if args.rows_per_part < 1 or (args.batch_tokens is not None and args.batch_tokens < 1):
-    raise SystemExit("--rows-per-part and --batch-tokens must be positive.")
-  if args.pack_length < 0:
-    raise SystemExit(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing).")
   _check_options(parser, args, model)
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
@@ -451,7 +459,21 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> None:
-  """Option values checked before the model is loaded or anything is written to --output."""
+  """Option values checked before the model is loaded or anything is written to --output (one
+  `error:` line and exit status 2, as argparse's own)."""
+  if args.rows_per_part < 1:
+    parser.error(f"--rows-per-part {args.rows_per_part}: expected a row count >= 1")
+  if args.batch_tokens is not None and args.batch_tokens < 1:
+    parser.error(f"--batch-tokens {args.batch_tokens}: expected a token count >= 1")
+  if args.pack_length < 0:
+    parser.error(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing)")
+  if args.id_type == "str" and args.id_field is None:
+    parser.error("--id-type str needs --id-field (positional ids are integers)")
+  if args.process_index is not None:
+    import jax  # main has initialised jax.distributed by now, if asked to
+    count = jax.process_count() if args.process_count is None else args.process_count
+    if not 0 <= args.process_index < count:
+      parser.error(f"--process-index {args.process_index} is not in [0, --process-count {count})")
   try:
     buckets = [int(b) for b in str(args.buckets).split(",")]
   except ValueError:

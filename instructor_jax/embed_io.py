@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import zlib
 from typing import Any, Callable, Iterator
 
@@ -339,6 +340,9 @@ def _check_utf8(value: str) -> bool:
     return False
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
   present, value = _field(rec, fields.id)
   if not present and fields.id not in rec:
@@ -348,10 +352,10 @@ def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
   if fields.id_type == "int":
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
-    try:
-      number = int(value)
-    except ValueError:
+    # ASCII digits only: int() also reads "1_0" as 10 and "٣" (Arabic-Indic three) as 3.
+    if isinstance(value, str) and not _ASCII_INT.fullmatch(value.strip()):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
+    number = int(value)
     if not -2 ** 63 <= number < 2 ** 63:  # ids are stored as int64
       return _bad(slot, where, "bad_id", f"id {value!r:.60} does not fit in int64 (--id-type int); use --id-type str")
     return number

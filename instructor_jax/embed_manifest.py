@@ -182,12 +182,26 @@ def has_results(out_dir: str) -> bool:
   return os.path.isdir(parts) and any(n.endswith(".json") for n in os.listdir(parts))
 
 
+def _adopt_renamed_inputs(old: dict[str, Any], spec: dict[str, Any]) -> None:
+  """An input named by another path (relative against absolute, another working directory, a moved
+  file) with the same format, size, rows and CRC-32 is the same input: `spec` takes the recorded path,
+  so that the job and its parts' hash stay those of the existing job."""
+  for i, (was, now) in enumerate(zip(old.get("inputs") or [], spec["inputs"])):
+    same = all(was.get(k) == now[k] for k in ("format", "size", "rows", "checksum"))
+    if same and was.get("path") != now["path"]:
+      print(f"note: input {i} {now['path']} is {was['path']} of the existing job (same size, rows and CRC-32); "
+            "resuming it.", file=sys.stderr)
+      now["path"] = was["path"]
+
+
 def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> None:
-  """Writes `_job.json`, or refuses if the directory holds another job's results."""
+  """Writes `_job.json`, or refuses if the directory holds another job's results (`spec` may take
+  the existing job's input paths: `_adopt_renamed_inputs`)."""
   path = os.path.join(out_dir, JOB_FILE)
   if os.path.exists(path) and not overwrite:
     with open(path) as f:
       old = json.load(f)
+    _adopt_renamed_inputs(old, spec)
     diffs = _diff(old, spec)
     if diffs:
       raise OutputMismatchError(

@@ -184,14 +184,31 @@ def read_part(out_dir: str, index: int, fmt: str) -> tuple[list[Any], np.ndarray
 
 def calibration_ranges(model: Any, files: list[embed_io.InputFile], fields: embed_io.Fields, max_len: int,
                         count: int) -> np.ndarray:
-  """Per-dimension [min, max] of the first `count` valid rows (every process picks the same rows)."""
-  items = []
+  """Per-dimension [min, max] of the first `count` valid rows (every process picks the same rows).
+
+  Rows that the job itself skips or fails on (unparsable, or an instruction covering its text) are
+  left out here, so that they are reported where the job meets them, with their file and line."""
+  items, pending = [], []
+
+  def admit() -> None:  # tokenised together, as the job does, keeping those whose text survives
+    if not pending:
+      return
+    covered: list = []
+    model.tokenizer.tokenize(pending, max_len, covered=covered)
+    dropped = {e.index for e in covered}
+    items.extend(item for i, item in enumerate(pending) if i not in dropped)
+    pending.clear()
+
   for file, slot, where, raw in embed_io.iter_raw(files, embed_io.needed_columns(fields)):
     row = embed_io.parse_row(file.format, fields, slot, where, raw)
     if isinstance(row, embed_io.Row):
-      items.append(row.text if row.instruction is None else [row.instruction, row.text])
-      if len(items) >= count:
-        break
+      pending.append(row.text if row.instruction is None else [row.instruction, row.text])
+      if len(items) + len(pending) >= count:
+        admit()
+        if len(items) >= count:
+          break
+  admit()
+  items = items[:count]
   if len(items) < 2:
     raise embed_io.InputError("int8/uint8 calibration needs at least 2 valid rows; pass --int8-ranges instead.")
   emb_NE = model.encode(items, batch_size=64, max_seq_length=max_len)

@@ -124,6 +124,11 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
     (["--int8-ranges", "r.npy"], "--int8-ranges applies to --precision int8 or uint8, not float32"),
     (["--precision", "int8", "--int8-ranges", "nope.npy"], "--int8-ranges nope.npy: no such file"),
     (["--calibration-rows", "1"], "--calibration-rows 1: expected >= 2"),
+    (["--rows-per-part", "0"], "--rows-per-part 0: expected a row count >= 1"),
+    (["--batch-tokens", "0"], "--batch-tokens 0: expected a token count >= 1"),
+    (["--id-type", "str"], "--id-type str needs --id-field"),
+    (["--process-index", "1"], "--process-index 1 is not in [0, --process-count 1)"),
+    (["--process-index", "2", "--process-count", "2"], "--process-index 2 is not in [0, --process-count 2)"),
 ])
 def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):
   out = tmp_path / "out"
@@ -181,6 +186,17 @@ def test_an_output_directory_holding_other_files_is_refused(tmp_path, model):
     with pytest.raises(InputError, match=r"holds files an embed job did not write \(in.jsonl\); pass a new"):
       embed.main(base_args([str(path)], str(tmp_path), *extra), model=model)
   assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+  # A name merely starting with "part-" is not a part either (a Parquet reader fails on it).
+  out = tmp_path / "out"
+  (out / "part-sub").mkdir(parents=True)
+  (out / "part-notes.txt").write_text("hi")
+  with pytest.raises(InputError, match=r"did not write \(part-notes.txt, part-sub\)"):
+    embed.main(base_args([str(path)], str(out)), model=model)
+  # The job's own files are accepted on a rerun.
+  (out / "part-sub").rmdir()
+  (out / "part-notes.txt").unlink()
+  embed.main(base_args([str(path)], str(out)), model=model)
+  embed.main(base_args([str(path)], str(out)), model=model)
 
 
 @pytest.mark.parametrize("body", ["", "text,id\n"])
@@ -230,6 +246,15 @@ def test_integer_ids_beyond_int64_are_bad_ids_not_a_crash(tmp_path, model):
   summary = embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--id-type", "int",
                                  "--on-error", "skip"), model=model)
   assert summary["skipped"] == {"bad_id": 1} and summary["rows"] == 1
+
+
+def test_integer_ids_are_ascii_digits(tmp_path, model):
+  """int() reads "1_0" as 10 and an Arabic-Indic digit as 3: such ids are bad ids, not silent aliases."""
+  path = tmp_path / "ids.csv"
+  path.write_text("id,text\n10,a cat\n1_0,a dog\n\u0663,a bird\n+3,a fish\n", encoding="utf-8")
+  summary = embed.main(base_args([str(path)], str(tmp_path / "o"), "--id-field", "id", "--id-type", "int",
+                                 "--on-error", "skip"), model=model)
+  assert summary["skipped"] == {"bad_id": 2} and read_output(str(tmp_path / "o"))[0] == [10, 3]
 
 
 def test_output_that_is_a_file_and_compressed_or_array_inputs_are_explained(tmp_path, model):
@@ -330,3 +355,12 @@ def test_an_instruction_covering_its_text_fails_with_its_line_or_is_skipped(tmp_
   assert ids == [f"r{i}" for i in range(6)]
   expected = model.encode([[r["instruction"], r["text"]] for r in rows if r["id"] != "x"])
   np.testing.assert_allclose(emb, expected, atol=2e-6)
+  # int8 calibrates on the first rows before any part is built: the row is left out of it, then
+  # failed with its line or skipped as above (it used to end the job with encode's traceback).
+  int8 = base_args([str(path)], str(tmp_path / "out8"), "--id-field", "id", "--instruction-field", "instruction",
+                   "--precision", "int8")
+  with pytest.raises(InputError, match=f"{path}:3:.*instruction_covers_text"):
+    embed.main(int8, model=model)
+  assert embed.main(int8 + ["--on-error", "skip", "--overwrite"], model=model)["skipped"] == {"instruction_covers_text": 1}
+  np.testing.assert_allclose(np.load(tmp_path / "out8" / "_int8_ranges.npy"),
+                             np.stack([expected.min(0), expected.max(0)]), atol=1e-6)

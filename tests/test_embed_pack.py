@@ -111,10 +111,12 @@ def test_packed_job_equals_unpacked_job_and_encode(tmp_path, model):
     assert summary["padding_efficiency"] == pytest.approx(sum(lengths) / computed)
 
 
-def test_negative_pack_length_is_refused(tmp_path, model):
+def test_negative_pack_length_is_refused(tmp_path, model, capsys):
   path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": "a sentence"}])
-  with pytest.raises(SystemExit, match=r"--pack-length -1: expected a token count >= 0 \(0 disables packing\)"):
+  with pytest.raises(SystemExit) as e:
     embed.main(base_args([path], str(tmp_path / "out"), "--pack-length", "-1"), model=model)
+  assert e.value.code == 2
+  assert "error: --pack-length -1: expected a token count >= 0 (0 disables packing)" in capsys.readouterr().err
   assert "0 disables packing" in embed.build_parser().format_help()
 
 

@@ -165,6 +165,32 @@ def test_refuses_changed_instruction_or_model_and_overwrite_restarts(tmp_path, m
   assert ids == ref_ids and not np.allclose(emb, ref_emb)
 
 
+def test_the_same_input_named_by_another_path_resumes(tmp_path, model, job, monkeypatch, capsys):
+  """Relative against absolute, or another working directory: same size, rows and CRC-32, same job."""
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  with pytest.raises(Killed):
+    embed.main(base_args([path], out, *JOB), model=model, fault=_kill_at("written", 2))
+  monkeypatch.chdir(os.path.dirname(path))
+  summary = embed.main(base_args([os.path.basename(path)], out, *JOB), model=model)
+  assert summary["parts_already_complete"] == 2 and summary["parts_written"] == 3
+  assert f"is {path} of the existing job (same size, rows and CRC-32)" in capsys.readouterr().err
+  assert read_output(out)[0] == ref_ids
+  np.testing.assert_array_equal(read_output(out)[1], ref_emb)
+
+
+def test_a_job_stopped_before_its_first_part_does_not_block_a_corrected_command(tmp_path, model, job):
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  with pytest.raises(Killed):
+    embed.main(base_args([path], out, "--instruction", "Represent typo: ", "--precision", "int8"), model=model,
+               fault=_kill_at("written", 0))
+  assert os.path.exists(os.path.join(out, "_job.json")) and os.path.exists(os.path.join(out, "_int8_ranges.npy"))
+  summary = embed.main(base_args([path], out, *JOB), model=model)  # nothing to resume: no refusal
+  assert summary["parts_written"] == 5 and not os.path.exists(os.path.join(out, "_int8_ranges.npy"))
+  np.testing.assert_array_equal(read_output(out)[1], ref_emb)
+
+
 def test_changed_input_is_refused(tmp_path, model, job):
   path, _ = job
   out = str(tmp_path / "out")
