@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text-field", default=None, help="field (JSONL, Parquet) or column (CSV/TSV) holding the "
                  f"text (default: {DEFAULT_TEXT_FIELD})")
   p.add_argument("--instruction", default=None, help="instruction for every row (default for rows without "
-                 "--instruction-field)")
+                 "--instruction-field: the field absent or null, or a blank CSV/TSV cell)")
   p.add_argument("--instruction-field", default=None, help="per-row instruction field")
   p.add_argument("--id-field", default=None, help="id field (default: the row's 0-based position in the input)")
   p.add_argument("--id-type", default=None, choices=("int", "str"), help="default: int for positional ids, "
@@ -299,7 +299,7 @@ def _finalize(out_dir: str, spec: dict[str, Any], unreadable: list[BadRow], mode
       return None
     time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
   if not manifest["rows"]["embedded"]:
-    _refuse_all_skipped(args, manifest["rows"]["skipped"], spec["num_parts"])
+    _refuse_all_skipped(args, manifest["rows"]["skipped"], spec["num_parts"], spec["inputs"])
   manifest["model"] = dict(manifest["model"], source=model_source)
   return embed_manifest.write_manifest(out_dir, manifest)
 
@@ -423,7 +423,8 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 
-def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_parts: int) -> None:
+def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_parts: int,
+                        inputs: list[dict[str, Any]]) -> None:
   """Almost always a mistyped --text-field or --instruction-field under --on-error skip. No manifest is
   written (a pipeline waiting for it must not take this for done), and the job identity and its parts
   (all of them empty) are removed, so that the directory holds no results and the corrected command is
@@ -432,8 +433,13 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
     embed_output.remove_part(args.output, k)
   embed_manifest.forget_job(args.output)
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
-  raise InputError(f"no row was embedded: every row was skipped ({reasons}); check --text-field "
-                   f"{args.text_field or DEFAULT_TEXT_FIELD!r} and the other field options against the input. "
+  names = ", ".join(i["path"] for i in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
+  if all(i["format"] == "text" for i in inputs):  # plain text has no fields to have mistyped
+    hint = "the plain-text inputs hold no non-blank line"
+  else:
+    hint = (f"check --text-field {args.text_field or DEFAULT_TEXT_FIELD!r} and the other field options against "
+            "the input")
+  raise InputError(f"{names}: no row was embedded: every row was skipped ({reasons}); {hint}. "
                    f"{args.output} holds no results; rerun with the corrected options.")
 
 

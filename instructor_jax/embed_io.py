@@ -392,6 +392,8 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   instruction = fields.fixed_instruction
   if fields.instruction:
     present, value = _field(rec, fields.instruction)
+    if fmt in DELIMITED and value == "" and instruction is not None:
+      present = False  # a CSV/TSV cell cannot be null: a blank one takes the --instruction default
     if present and not isinstance(value, str):
       return _bad(slot, where, "non_string_instruction",
                   f"instruction field {fields.instruction!r} is {_a_type(value)}, expected a string")

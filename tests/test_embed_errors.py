@@ -152,6 +152,12 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
   assert not (out / "_manifest.json").exists()
   summary = embed.main(base_args([_input(tmp_path, [])], str(out), "--on-error", "skip"), model=model)
   assert summary["rows"] == 6 and (out / "_manifest.json").exists()
+  # Plain text has no fields: the message names the file instead of --text-field.
+  blanks = tmp_path / "blanks.txt"
+  blanks.write_text("\n \n")
+  with pytest.raises(InputError, match=r"blanks.txt: no row was embedded: every row was skipped \(blank_line 2\); "
+                                       r"the plain-text inputs hold no non-blank line"):
+    embed.main(base_args([str(blanks)], str(tmp_path / "o2"), "--on-error", "skip"), model=model)
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
@@ -364,3 +370,17 @@ def test_an_instruction_covering_its_text_fails_with_its_line_or_is_skipped(tmp_
   assert embed.main(int8 + ["--on-error", "skip", "--overwrite"], model=model)["skipped"] == {"instruction_covers_text": 1}
   np.testing.assert_allclose(np.load(tmp_path / "out8" / "_int8_ranges.npy"),
                              np.stack([expected.min(0), expected.max(0)]), atol=1e-6)
+
+
+def test_a_blank_csv_instruction_cell_takes_the_instruction_default(tmp_path, model):
+  """A CSV cannot hold null: a blank cell is a row without an instruction, which --instruction covers."""
+  path = tmp_path / "inst.csv"
+  path.write_text("id,text,inst\n1,alpha beta,Represent the query: \n2,gamma delta,\n", encoding="utf-8")
+  embed.main(base_args([str(path)], str(tmp_path / "o"), "--id-field", "id", "--instruction-field", "inst",
+                       "--instruction", "Default: "), model=model)
+  expected = model.encode([["Represent the query: ", "alpha beta"], ["Default: ", "gamma delta"]])
+  np.testing.assert_allclose(read_output(str(tmp_path / "o"))[1], expected, atol=2e-6)
+  # Without a default a blank cell is still an empty instruction, as before.
+  embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
+             model=model)
+  np.testing.assert_allclose(read_output(str(tmp_path / "o2"))[1][1], model.encode(["gamma delta"])[0], atol=2e-6)
