@@ -271,8 +271,8 @@ def _write_parts(writes: queue.Queue, out_dir: str, fmt: str, precision: str, ra
       return
     work, out_NE = item
     sidecar = {"job_hash": job_hash, "rows": len(work.ids), "slots": work.slots, "first_slot": work.first_slot,
-               "skipped": work.skipped, "truncated": work.truncated, "tokens": work.tokens,
-               "instructions": work.instructions}
+               "skipped": work.skipped, "truncated": work.truncated, "text_cut_away": work.text_cut_away,
+               "tokens": work.tokens, "instructions": work.instructions}
     q_NE = embed_output.quantize(out_NE, precision, ranges)
     done.append(embed_output.commit_part(out_dir, work.index, fmt, work.ids, q_NE, id_type, sidecar, fault))
 

@@ -78,6 +78,7 @@ class PartWork:
   truncated: int
   tokens: int
   instructions: dict[str, int]
+  text_cut_away: int = 0  # rows that kept no token of their text (the instruction filled max_len)
 
 
 @dataclasses.dataclass
@@ -122,7 +123,7 @@ class PartBuilder:
     self.n_instr: list[int] = []
     self.packed_rows: list[list[int]] = []  # packed rows not yet in a batch
     self.long: dict[int, list[int]] = collections.defaultdict(list)  # bucket -> texts not yet in a batch
-    self.truncated, self.tokens = 0, 0
+    self.truncated, self.tokens, self.text_cut_away = 0, 0, 0
     self.instructions: collections.Counter = collections.Counter()
 
   def add(self, row: Row) -> PartPiece | None:
@@ -138,7 +139,7 @@ class PartBuilder:
     batches = self._chunk(last=True)
     skipped = dict(sorted((collections.Counter(skipped) + self.skipped).items()))
     work = PartWork(self.index, self.first_slot, self.slots, self.row_ids, skipped, self.truncated, self.tokens,
-                    dict(self.instructions))
+                    dict(self.instructions), self.text_cut_away)
     return PartPiece(self.index, self.slots, batches, work)
 
   def _chunk(self, last: bool) -> list[PlannedBatch]:
@@ -163,6 +164,8 @@ class PartBuilder:
     self.ids += ids
     self.n_instr += n_instr
     self.truncated += sum(truncated)
+    # Instruction + EOS is the whole row: the text was truncated away, and pooling sees only EOS.
+    self.text_cut_away += sum(len(x) == n + 1 for x, n in zip(ids, n_instr))
     self.tokens += sum(len(x) for x in ids)
     self.instructions.update(r.instruction or "" for r in rows)
     # Every text has its EOS, so pack_length 0 leaves nothing short.

@@ -278,6 +278,8 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
           "embedded": sum(p["rows"] for p in parts),
           "skipped": skipped,
           "truncated": sum(p.get("truncated", 0) for p in parts),
+          # Rows whose text was truncated away entirely (the instruction filled max_seq_length).
+          "text_cut_away": sum(p.get("text_cut_away", 0) for p in parts),
       },
       "unreadable_files": unreadable,
       "parts": [{k: p[k] for k in ("part", "rows", "slots", "first_slot", "files", "skipped", "truncated")}

@@ -37,6 +37,7 @@ def summary(done: list[dict[str, Any]], plan: Any, progress: Progress, shapes: s
   compute_s = max(time.perf_counter() - progress.start, 1e-9)
   return {
       "rows": progress.rows, "skipped": skipped, "truncated": sum(d["truncated"] for d in done),
+      "text_cut_away": sum(d.get("text_cut_away", 0) for d in done),
       "tokens": progress.tokens, "padding_efficiency": progress.tokens / max(progress.padded, 1),
       "parts_written": len(done), "parts_already_complete": len(plan.complete), "parts_total": plan.num_parts,
       "parts_pending_elsewhere": plan.num_parts - len(done) - len(plan.complete),
@@ -52,6 +53,10 @@ def print_summary(s: dict[str, Any]) -> None:
         f"{s['rows_per_s']:,.1f} rows/s, {s['tokens_per_s']:,.0f} tokens/s, padding efficiency "
         f"{s['padding_efficiency']:.0%}, {len(s['batch_shapes'])} batch shapes", file=sys.stderr)
   print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}", file=sys.stderr)
+  if s.get("text_cut_away"):
+    print(f"warning: {s['text_cut_away']:,} rows kept no token of their text within the max sequence length "
+          "(their instruction filled it): each embeds its instruction alone, so such rows all look alike; "
+          "raise --max-seq-length or shorten the instruction.", file=sys.stderr)
   print(f"parts: {s['parts_written']} written, {s['parts_already_complete']} already complete, "
         f"{s['parts_pending_elsewhere']} for other processes or unfinished, of {s['parts_total']}", file=sys.stderr)
   print(f"manifest: {s['manifest'] or 'not written yet: process 0 writes it once every part exists (with independent launches, rerun process 0 after the others finish; it skips complete parts)'}",

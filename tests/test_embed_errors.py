@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from embed_support import base_args, read_output, sentences, tiny_model
+from embed_support import base_args, read_output, sentences, tiny_model, write_jsonl
 from instructor_jax import embed, embed_manifest
 from instructor_jax.embed_io import InputError
 
@@ -384,3 +384,18 @@ def test_a_blank_csv_instruction_cell_takes_the_instruction_default(tmp_path, mo
   embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
              model=model)
   np.testing.assert_allclose(read_output(str(tmp_path / "o2"))[1][1], model.encode(["gamma delta"])[0], atol=2e-6)
+
+
+def test_rows_whose_instruction_fills_the_max_length_are_counted_and_warned(tmp_path, model, capsys):
+  """As in 1.0.1 they embed the instruction alone (pooling sees only </s>), so all such rows look alike."""
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(4)])
+  out = str(tmp_path / "o")
+  summary = embed.main(base_args([path], out, "--instruction", "Represent the document for retrieval: ",
+                                 "--max-seq-length", "4"), model=model)
+  assert summary["text_cut_away"] == 4
+  assert "warning: 4 rows kept no token of their text" in capsys.readouterr().err
+  assert json.load(open(os.path.join(out, "_manifest.json")))["rows"]["text_cut_away"] == 4
+  emb = read_output(out)[1]
+  np.testing.assert_allclose(emb, np.broadcast_to(emb[0], emb.shape), atol=1e-6)
+  # Short instruction, room for the text: nothing to warn about.
+  assert embed.main(base_args([path], str(tmp_path / "o2"), "--instruction", "Q: "), model=model)["text_cut_away"] == 0
