@@ -187,7 +187,9 @@ def test_cli_loads_model_directory(tmp_path, fixtures_dir, capsys):
   out = str(tmp_path / "out")
   summary = embed.main(["--model", model_dir, "--input", str(path), "--output", out, "--instruction", INSTRUCTION,
                         "--no-progress"])
-  assert summary["rows"] == 12 and "rows/s" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert summary["rows"] == 12 and "rows/s" in err and summary["compute_seconds"] <= summary["seconds"]
+  assert f"in {summary['seconds']:.1f} s, {summary['compute_seconds']:.1f} s of them embedding: " in err
   _, emb = read_output(out)
   expected = Instructor.from_pretrained(model_dir).encode([[INSTRUCTION, t] for t in texts])
   np.testing.assert_allclose(emb, expected, atol=1e-6)
