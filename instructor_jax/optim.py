@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -35,8 +36,11 @@ class OptimConfig:
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0, then linear decay; evaluated at the update count (0 on the first step)."""
-  warmup = int(config.warmup_fraction * total_steps)
+  """Linear warm-up from 0, then linear decay; evaluated at the update count (0 on the first step).
+
+  Warm-up steps are rounded up, as HF's TrainingArguments.get_warmup_steps does: a short run with a
+  warm-up fraction still starts from 0 rather than at the peak rate."""
+  warmup = math.ceil(config.warmup_fraction * total_steps)
   peak, final = config.learning_rate, config.learning_rate * config.final_lr_fraction
   decay = optax.linear_schedule(peak, final, max(total_steps - warmup, 1))
   if warmup == 0:
