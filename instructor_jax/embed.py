@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -156,11 +155,6 @@ class _Stopped(Exception):
 
 # ---- the job -------------------------------------------------------------------------------------
 
-# What a job writes as data: part-00003.parquet, or part-00003.npy with part-00003.ids.npy. A file or
-# folder merely starting with "part-" is not ours, and a Parquet reader would fail on it.
-_PART_FILE = re.compile(r"part-\d{5,}\.(parquet|npy|ids\.npy)")
-
-
 def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
   """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -168,7 +162,7 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
   # Parquet readers take every file not starting with "_" or "." as data: anything else there would
   # make the directory unreadable as one dataset (and --overwrite discards results, not other files).
   foreign = sorted(n for n in os.listdir(out_dir) if not n.startswith(("_", "."))
-                   and not _PART_FILE.fullmatch(n) and not n.startswith(embed_manifest.LEGACY_MANIFEST_FILE)
+                   and not embed_output.is_data_file(n) and not n.startswith(embed_manifest.LEGACY_MANIFEST_FILE)
                    ) if os.path.isdir(out_dir) else []
   if foreign:
     raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from typing import Any, Callable
 
@@ -70,6 +71,15 @@ def data_files(index: int, fmt: str) -> list[str]:
   """The final data file names of one part."""
   name = part_name(index)
   return [f"{name}.parquet"] if fmt == "parquet" else [f"{name}.npy", f"{name}.ids.npy"]
+
+
+# Any part's data file name (`part_name` + a suffix of `data_files`): a file or folder merely starting
+# with "part-" is not a part, and a Parquet reader of the directory would fail on it.
+_DATA_FILE = re.compile(r"part-\d{5,}\.(parquet|npy|ids\.npy)")
+
+
+def is_data_file(name: str) -> bool:
+  return _DATA_FILE.fullmatch(name) is not None
 
 
 def sidecar_path(out_dir: str, index: int) -> str:
