@@ -377,6 +377,13 @@ def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
     params["projection_layer"] = {"kernel": kernel}
     projection_dim = kernel.shape[1]
   modules = _modules(directory)  # no modules.json: a plain T5 directory, normalised like GTR
+  if not os.path.exists(os.path.join(directory, "modules.json")):
+    # Legitimate (a t5-base to train from), but also what a partial copy of an INSTRUCTOR/GTR
+    # directory looks like, whose embeddings would then silently lose the 768-wide projection.
+    warnings.warn(f"{directory}: a plain transformers T5 directory (no modules.json), loaded without a projection: "
+                  f"embeddings are the mean-pooled, normalised {t5.d_model}-wide hidden states. hkunlp/instructor-* and "
+                  "GTR are sentence-transformers directories (modules.json, 2_Dense/); if this is part of one, "
+                  "pass the whole directory.", stacklevel=3)
   normalize = not modules or any(m.get("type", "").endswith("Normalize") for m in modules)
   cfg = InstructorConfig(encoder=t5, projection_dim=projection_dim, max_seq_length=max_len, normalize=normalize)
   return cfg, params

@@ -202,8 +202,11 @@ def test_other_hf_sources(kind, tmp_path):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = Instructor.from_pretrained(src)
+  messages = [str(w.message) for w in caught]
   if kind == "seq2seq":
-    assert any("decoder" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert any("decoder" in m for m in messages), messages
+  # A plain T5 directory loads without a projection, and says so: a partial copy looks the same.
+  assert any("no modules.json" in m and "without a projection" in m and "2_Dense" in m for m in messages), messages
   assert model.config.projection_dim is None
   assert model.config.encoder.feed_forward == ("gated-gelu" if kind == "v1.1" else "relu")
   dst = str(tmp_path / f"dst_{kind}")
@@ -305,6 +308,9 @@ def test_a_partial_copy_or_a_module_folder_is_refused_with_what_to_pass(tmp_path
     assert detect_kind(name) == "hf"
   with pytest.raises(hf_format.CheckpointError, match=rf"pass {src}, the whole model"):
     Instructor.from_pretrained("2_Dense")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the whole directory loads without the plain-T5 warning
+    assert Instructor.from_pretrained(src).config.projection_dim is not None
   shutil.rmtree(os.path.join(src, "2_Dense"))
   with pytest.raises(hf_format.CheckpointError, match=r"modules.json lists the Dense module '2_Dense', but .* does "
                                                       r"not exist \(a partial copy\?\)"):
