@@ -260,7 +260,9 @@ def iter_raw(files: list[InputFile], columns: list[str], skip: Callable[[int, in
       continue
     if f.format in DELIMITED:
       for line, header, row in _csv_rows(f.path, f.format):
-        yield f, slot, f"{f.path}:{line}", (header, row)
+        # Both units: editors count lines, dataframes count data rows (quoted newlines and the header
+        # make them differ), and messages naming another row, such as a duplicate id's first use, give its data row.
+        yield f, slot, f"{f.path}:{line} (data row {slot - f.first_slot + 1})", (header, row)
         slot += 1
     else:
       with open(f.path, "rb") as fh:

@@ -98,7 +98,7 @@ def test_text_and_csv_errors_name_lines(tmp_path, model):
     embed.main(base_args([str(txt)], str(tmp_path / "o2")), model=model)
   csv_path = tmp_path / "in.csv"
   csv_path.write_text('text,id\n"multi\nline",1\ntoo,many,fields\n', encoding="utf-8")
-  with pytest.raises(InputError, match=r"in.csv:4: 3 fields, but the header has 2 \[malformed_row\]"):
+  with pytest.raises(InputError, match=r"in.csv:4 \(data row 2\): 3 fields, but the header has 2 \[malformed_row\]"):
     embed.main(base_args([str(csv_path)], str(tmp_path / "o3")), model=model)
 
 
@@ -220,7 +220,7 @@ def test_tsv_quotes_are_csv_quoting_strictly_or_literal_text_on_request(tmp_path
   texts = ['"Hello" he said, twice', 'plain text', '"an opening quote only', 'a "quoted" middle']
   path = tmp_path / "in.tsv"
   path.write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
-  with pytest.raises(InputError, match=r"in.tsv:2: .*expected after '\"'.*--input-format tsv-unquoted"):
+  with pytest.raises(InputError, match=r"in.tsv:2 \(data row 1\): .*expected after '\"'.*--input-format tsv-unquoted"):
     embed.main(base_args([str(path)], str(tmp_path / "o1")), model=model)
   # Under --on-error skip a bad row is a malformed row and reading goes on; the unclosed quote of line 4
   # swallows line 5 into the same bad row (said in its message), so one good row is left.
@@ -280,7 +280,7 @@ def test_output_that_is_a_file_and_compressed_or_array_inputs_are_explained(tmp_
 def test_csv_duplicate_id_names_the_first_data_row(tmp_path, model):
   path = tmp_path / "dup.csv"
   path.write_text("id,text\nx1,hello\nx2,world\nx1,again\n", encoding="utf-8")
-  with pytest.raises(InputError, match=r"dup.csv:4: duplicate id 'x1' \(first used at .*dup.csv: data row 1\)"):
+  with pytest.raises(InputError, match=r"dup.csv:4 \(data row 3\): duplicate id 'x1' \(first used at .*dup.csv: data row 1\)"):
     embed.main(base_args([str(path)], str(tmp_path / "out"), "--id-field", "id"), model=model)
 
 
