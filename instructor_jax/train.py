@@ -2,25 +2,18 @@
 
   python -m instructor_jax.train --gin_file=gin_configs/runs/quickstart_cpu.gin --workdir=/tmp/qs
 
-Top to bottom: configs (gin at the edge) -> distributed -> mesh -> state (resume order: latest
-checkpoint in the workdir -> INIT_CHECKPOINT -> random init) -> data (resumed at the restored
-step) -> compiled step -> loop (metrics, async checkpoints, preemption, non-finite loss).
+Top to bottom: mesh -> state (resume order: latest checkpoint in the workdir -> INIT_CHECKPOINT ->
+random init) -> data (resumed at the restored step) -> compiled step -> loop (metrics, async
+checkpoints, preemption, non-finite loss). The command's set-up (flags, gin, joining the other
+processes) is in train_launch.py, stop signals and the workdir lock in train_stop.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
-import gc
-import glob
-import logging
 import os
-import re
 import signal
 import sys
-import threading
 import time
-import tokenize
 from typing import Any, Iterator, Optional
 
 import gin
@@ -38,127 +31,17 @@ from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_config import TrainConfig
+from instructor_jax.train_launch import (check_macros_used, gin_configs, maybe_initialize_distributed, parse_flags,
+                                         parse_gin, use_persistent_compilation_cache)
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
                                        sharding_warning, state_shardings)
+from instructor_jax.train_stop import (EXIT_STOPPED_EARLY, StopFlag, StoppedBeforeStart, WorkdirInUseError,
+                                       lock_workdir)
 from instructor_jax.xla_options import train_compiler_options
-
-
-# Exit status of a run that stopped early with a checkpoint (signal or preemption notice), so that
-# a scheduler or launch_tpu.sh can tell it from a finished run: EX_TEMPFAIL, "try again".
-EXIT_STOPPED_EARLY = 75
-
-
-class WorkdirInUseError(RuntimeError):
-  """Another trainer holds the workdir's lock."""
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss, gradient norm or updated parameters became NaN/inf; the last good checkpoint is left as it was."""
-
-
-# Gin binds these at the edge (main); library code takes the plain dataclasses.
-GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, module="instructor_jax")
-GIN_OPTIM_CONFIG = gin.external_configurable(OptimConfig, module="instructor_jax")
-GIN_MESH_CONFIG = gin.external_configurable(shd.MeshConfig, module="instructor_jax")
-
-
-# ---- configs and distributed set-up ----------------------------------------------------------------
-
-def parse_flags(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m instructor_jax.train", description=__doc__.split("\n")[0])
-  p.add_argument("--gin_file", action="append", default=[], help="repeatable; later files override earlier")
-  p.add_argument("--gin_bindings", action="append", default=[], help="repeatable, e.g. 'BATCH_SIZE = 64'")
-  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, config.gin (local or gs://)")
-  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host without auto-detection)")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
-  p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                 help="call jax.distributed.initialize(): auto = on a TPU VM, under a coordinator "
-                      "(JAX_COORDINATOR_ADDRESS), or in a multi-task srun / mpirun launch")
-  return p.parse_args(argv)
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-  """Parses gin files (includes resolve against each file's folder and its parent) and bindings."""
-  for f in files:
-    if not os.path.exists(f):
-      raise MissingPathError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
-    for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
-      gin.add_config_file_search_path(d)
-  # gin's package-path reader logs an error for every search path an include is *not* under;
-  # a missing include still raises, so those log lines are noise.
-  logging.disable(logging.ERROR)
-  try:
-    gin.parse_config_files_and_bindings(files, bindings)
-  except (ValueError, SyntaxError, tokenize.TokenError) as e:  # gin names the file or binding and its line
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(f"gin: {e}") from e
-  finally:
-    logging.disable(logging.NOTSET)
-
-
-def gin_configs() -> tuple[TrainConfig, OptimConfig, shd.MeshConfig]:
-  """The run's configurations from the parsed gin; a bad value or an unbound macro is a ConfigError."""
-  try:
-    return GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
-  except ValueError as e:  # gin appends which configurable it was calling
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(str(e)) from e
-
-
-def check_macros_used(bindings: list[str], operative: str) -> None:
-  """A macro set in --gin_bindings that no configuration reads is a typo (TRAIN_STEP=5 for TRAIN_STEPS):
-  gin would ignore it silently, and the run would use the file's value."""
-  for binding in bindings:
-    for line in binding.splitlines():
-      m = re.match(r"\s*([A-Za-z_]\w*)\s*=", line)
-      if m and not re.search(rf"%{m.group(1)}\b", operative):
-        used = sorted(set(re.findall(r"%([A-Za-z_]\w*)", operative)))
-        raise ConfigError(f"--gin_bindings {line.strip()!r}: no configuration reads the macro {m.group(1)} "
-                         f"(a typo?). Macros in use: {', '.join(used) or 'none'}; or bind a parameter directly, "
-                         "e.g. TrainConfig.train_steps=...")
-
-
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _in_multiprocess_launch() -> bool:
-  """A launcher started several processes of this job (a bare `salloc` shell has SLURM_JOB_ID but no
-  job step, and JAX's SLURM detection then fails to find a coordinator)."""
-  if any(e in os.environ for e in _CLUSTER_ENV):
-    return True
-  if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-
-
-def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
-  """Joins the processes of a multi-host job (before any other JAX call)."""
-  if flags.coordinator_address or flags.num_processes:
-    _use_gloo_on_cpu()
-    jax.distributed.initialize(coordinator_address=flags.coordinator_address,
-                               num_processes=flags.num_processes, process_id=flags.process_id)
-    return
-  on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
-  if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or _in_multiprocess_launch())):
-    # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
-    _use_gloo_on_cpu()
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      raise SystemExit(f"error: joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
-                       "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
-                       "--process_id.") from e
-
-
-def _use_gloo_on_cpu() -> None:
-  """CPU processes need a collectives backend to form one mesh; no effect on TPU/GPU devices."""
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except (AttributeError, ValueError):  # an older/newer JAX without the option
-    pass
 
 
 # ---- model and state ---------------------------------------------------------------------------------
@@ -256,72 +139,6 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int,
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
-class _StoppedBeforeStart(BaseException):
-  """A stop signal arrived while the model was being built or loaded (a BaseException, like
-  KeyboardInterrupt, so that library code catching Exception, e.g. around a Hub download, lets it by)."""
-
-
-_REDELIVERY_S = 0.01  # a signal handled inside a gc callback is delivered again after this
-
-
-class _StopFlag:
-  """SIGTERM/SIGINT -> stop at the next step boundary with a checkpoint (single process).
-
-  With several processes JAX's preemption sync manager (which owns SIGTERM there) makes every
-  process stop at the same step, so Python handlers are not installed.
-  """
-
-  def __init__(self):
-    self.signal: int | None = None
-    self.started = False  # before the loop a signal stops at once: there is no step boundary to wait for
-    self._redelivered = False
-    self._timer: threading.Timer | None = None  # a signal being delivered again (see _handle)
-    self._previous = {}
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    if self.signal == signal.SIGINT and signum == signal.SIGINT and not self._redelivered:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-    if self._redelivered:  # this is the redelivery, or a real signal that came first: one is enough
-      self._cancel_timer()
-    self._redelivered = False
-    self.signal = signum
-    if not self.started:
-      if _in_gc_callback(frame):
-        # Raised in a garbage-collector callback (JAX registers one), the exception would be printed
-        # as "ignored" and dropped, and the stop would wait for the first step: deliver the signal
-        # again in a moment, once the callback has returned.
-        self._redelivered = True
-        self._timer = threading.Timer(_REDELIVERY_S, os.kill, (os.getpid(), signum))
-        self._timer.daemon = True
-        self._timer.start()
-        return
-      raise _StoppedBeforeStart(signal.Signals(signum).name)
-
-  def _cancel_timer(self) -> None:
-    if self._timer is not None:
-      self._timer.cancel()
-      self._timer = None
-
-  def restore(self) -> None:
-    self._cancel_timer()  # a redelivery must not reach the handler that was there before
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-def _in_gc_callback(frame) -> bool:
-  # Functions, bound methods and callable objects: the code that runs when the collector calls them.
-  codes = {getattr(getattr(cb, "__func__", cb), "__code__", None) or getattr(type(cb).__call__, "__code__", None)
-           for cb in gc.callbacks}
-  while frame is not None:
-    if frame.f_code in codes:
-      return True
-    frame = frame.f_back
-  return False
-
-
 def _fetch(pending: tuple[int, str, Any, dict[str, float]]) -> tuple[int, str, dict[str, float]]:
   step, task, metrics, cost = pending
   values = {k: float(v) for k, v in jax.device_get(metrics).items()} | cost
@@ -344,13 +161,13 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
   tx, schedule = make_optimizer(optim, cfg.train_steps)
   # Installed before the model is built or loaded (minutes for gtr-xxl), so that a SIGTERM then
   # also ends the run with EXIT_STOPPED_EARLY ("run again") rather than the signal's default.
-  stop = _StopFlag()
+  stop = StopFlag()
   lock = None
   try:
     # Before restoring anything: a refused second trainer loads nothing.
-    lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
     return _train(cfg, tx, schedule, mesh, workdir, gin_text, stop)
-  except _StoppedBeforeStart as e:
+  except StoppedBeforeStart as e:
     print(f"stopping on {e.args[0]} before the first step; nothing new to save. Run the same command to "
           f"resume (exit status {EXIT_STOPPED_EARLY}).", flush=True)
     records = RunRecords()
@@ -362,37 +179,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
       lock.close()  # after _train has waited for the last checkpoint write
 
 
-def _lock_workdir(workdir: str):
-  """An exclusive lock on a local workdir, held for the run: a second trainer started on it would
-  interleave metrics.jsonl and race for checkpoint steps. (gs:// has no locks; not checked there.)"""
-  if "://" in workdir:
-    return None
-  try:
-    import fcntl
-  except ImportError:  # not POSIX
-    return None
-  os.makedirs(workdir, exist_ok=True)
-  f = open(os.path.join(workdir, ".train.lock"), "a+")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
-      print(f"warning: cannot lock {workdir} ({e}); make sure no other trainer uses it.", file=sys.stderr)
-      f.close()
-      return None
-    f.seek(0)
-    holder = f.read().strip() or "?"
-    f.close()
-    raise WorkdirInUseError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
-                            "stop it, or use another --workdir.") from None
-  f.seek(0)
-  f.truncate()
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-  f.flush()
-  return f
-
-
-def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: "_StopFlag") -> RunRecords:
+def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, stop: StopFlag) -> RunRecords:
   ckpt = TrainCheckpointer(workdir, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.async_checkpointing)
   try:
     model, state, origin = build_state(cfg, tx, mesh, ckpt)
@@ -495,7 +282,7 @@ def _evaluate(evaluator, state: TrainState, values: dict[str, float]):
 
 
 def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: TrainState, ckpt: TrainCheckpointer,
-          log: "_Logger", start: int, end: int, stop: "_StopFlag", evaluator=None) -> RunRecords:
+          log: "_Logger", start: int, end: int, stop: StopFlag, evaluator=None) -> RunRecords:
   """Steps start..end; metrics of step n are fetched while step n+1 runs; saves only checked states;
   `evaluator` (train_eval.StsEval) scores the parameters of every checkpoint but a preemption's."""
   meta = run_meta(cfg)
@@ -505,7 +292,7 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
   local_blocks = shards // jax.process_count()
   stop.started = True
   if stop.signal is not None:
-    raise _StoppedBeforeStart(signal.Signals(stop.signal).name)
+    raise StoppedBeforeStart(signal.Signals(stop.signal).name)
   try:
     for step, task, local in batches(cfg, start, end - start, shards):
       if step == 0:
@@ -604,19 +391,6 @@ class _Logger:
     self.last_step, self.last_time, self.sums, self.excluded = step, now, dict.fromkeys(self.SUMMED, 0.0), 0.0
 
 
-COMPILATION_CACHE_BYTES = 8 << 30  # least recently used entries go first
-
-
-def use_persistent_compilation_cache() -> None:
-  """Keeps compiled steps on disk, so that a restart (a preemption) does not compile them again: with
-  length buckets a run compiles one step per (query, document) length pair it meets. A cache the
-  user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is."""
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax_compilation_cache"))
-    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default, no limit: sweeps would fill the disk
-      jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
-
-
 # Mistakes in the run's settings or inputs. Their messages name the setting, file or record, what was
 # expected and what to do, so the command line prints them in one line (status 2), as embed, convert and
 # evaluate do; any other exception keeps its traceback.
@@ -625,7 +399,7 @@ USER_ERRORS = (ConfigError, CheckpointError, orbax_io.OrbaxCheckpointError, Medi
 
 
 def main(argv: list[str] | None = None) -> int:
-  flags = parse_flags(sys.argv[1:] if argv is None else argv)
+  flags = parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
   use_persistent_compilation_cache()
   maybe_initialize_distributed(flags)
   try:

@@ -5,7 +5,7 @@ import pathlib
 import gin
 import pytest
 
-from instructor_jax import train
+from instructor_jax import train, train_launch
 
 GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 ALL_FILES = sorted(GIN.rglob("*.gin"))
@@ -13,8 +13,8 @@ ALL_FILES = sorted(GIN.rglob("*.gin"))
 
 def load(files, bindings=()):
   gin.clear_config()
-  train.parse_gin([str(f) for f in files], list(bindings))
-  return train.GIN_TRAIN_CONFIG(), train.GIN_OPTIM_CONFIG(), train.GIN_MESH_CONFIG()
+  train_launch.parse_gin([str(f) for f in files], list(bindings))
+  return train_launch.GIN_TRAIN_CONFIG(), train_launch.GIN_OPTIM_CONFIG(), train_launch.GIN_MESH_CONFIG()
 
 
 def test_every_gin_file_starts_with_the_command_that_runs_it():
@@ -51,7 +51,7 @@ def test_quickstart_macros_override_from_the_command_line():
 
 def test_missing_gin_file_and_missing_medi_path_are_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="no_such.gin"):
-    train.parse_gin([str(tmp_path / "no_such.gin")], [])
+    train_launch.parse_gin([str(tmp_path / "no_such.gin")], [])
   with pytest.raises(ValueError, match="MEDI_PATH"):
     next(iter(train.batches(train.TrainConfig(), 0, 1, shards=1)))
 
@@ -60,9 +60,9 @@ def test_a_mistyped_macro_binding_is_refused():
   """gin ignores a macro nobody reads: TRAIN_STEP=5 would silently train the file's 300 steps."""
   load([GIN / "runs" / "quickstart_cpu.gin"], ["TRAIN_STEP = 5", "BATCH_SIZE = 32"])
   operative = gin.operative_config_str()
-  train.check_macros_used(["BATCH_SIZE = 32", "TrainConfig.log_every = 3"], operative)  # read: fine
+  train_launch.check_macros_used(["BATCH_SIZE = 32", "TrainConfig.log_every = 3"], operative)  # read: fine
   with pytest.raises(train.ConfigError, match=r"'TRAIN_STEP = 5': no configuration reads the macro TRAIN_STEP .*TRAIN_STEPS"):
-    train.check_macros_used(["TRAIN_STEP = 5"], operative)
+    train_launch.check_macros_used(["TRAIN_STEP = 5"], operative)
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -77,7 +77,7 @@ def test_multiprocess_launch_detection(monkeypatch, env, expected):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
-  assert train._in_multiprocess_launch() is expected
+  assert train_launch._in_multiprocess_launch() is expected
 
 
 QUICKSTART = str(GIN / "runs" / "quickstart_cpu.gin")

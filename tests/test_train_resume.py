@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from instructor_jax import orbax_io
+from instructor_jax import orbax_io, train_stop
 from instructor_jax.optim import OptimConfig
 from instructor_jax.sharding import MeshConfig
 from instructor_jax.train import NonFiniteLossError, TrainConfig, train
@@ -257,7 +257,6 @@ def test_a_stop_signal_landing_in_a_gc_callback_is_delivered_again_not_dropped(c
   handled there (JAX registers such a callback) must still stop the load, a moment later."""
   import gc
   import os
-  from instructor_jax import train as train_module
   armed = []
 
   def callback(phase, info):
@@ -272,11 +271,11 @@ def test_a_stop_signal_landing_in_a_gc_callback_is_delivered_again_not_dropped(c
       callback(phase, info)
 
   for registered in (callback, Callback()):
-    stop = train_module._StopFlag()
+    stop = train_stop.StopFlag()
     armed.append(True)
     gc.callbacks.append(registered)
     try:
-      with pytest.raises(train_module._StoppedBeforeStart, match="SIGTERM"):
+      with pytest.raises(train_stop.StoppedBeforeStart, match="SIGTERM"):
         gc.collect()
         time.sleep(2)  # the redelivered signal interrupts this
     finally:
@@ -289,12 +288,11 @@ def test_a_pending_redelivery_is_cancelled_when_the_handlers_are_handed_back(mon
   """train() may end within the redelivery's 10 ms: the signal must not reach the previous handler."""
   import gc
   import os
-  from instructor_jax import train as train_module
-  monkeypatch.setattr(train_module, "_REDELIVERY_S", 1.0)  # still pending when restore() runs, however slow CI is
+  monkeypatch.setattr(train_stop, "_REDELIVERY_S", 1.0)  # still pending when restore() runs, however slow CI is
   got = []
   previous = signal.signal(signal.SIGTERM, lambda *a: got.append(a[0]))
   try:
-    stop = train_module._StopFlag()
+    stop = train_stop.StopFlag()
 
     def callback(phase, info):
       if phase == "start" and not got and stop._timer is None:
@@ -348,10 +346,9 @@ def test_resuming_on_a_medi_file_replaced_at_the_same_path_warns(tmp_path, capsy
 
 
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
-  from instructor_jax import train as train_module
   workdir = tmp_path / "w"
   workdir.mkdir()
-  held = train_module._lock_workdir(str(workdir))  # as a running trainer holds it
+  held = train_stop.lock_workdir(str(workdir))  # as a running trainer holds it
   try:
     with pytest.raises(RuntimeError, match=r"is in use by another training process \(pid \d+ on "):
       train(CONFIG, OPTIM, MESH, str(workdir))
@@ -364,13 +361,12 @@ def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
 def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch, capsys):
   import errno
   import fcntl
-  from instructor_jax import train as train_module
 
   def no_locks(*args):
     raise OSError(errno.ENOSYS, "Function not implemented")
 
   monkeypatch.setattr(fcntl, "flock", no_locks)
-  assert train_module._lock_workdir(str(tmp_path)) is None
+  assert train_stop.lock_workdir(str(tmp_path)) is None
   assert "warning: cannot lock" in capsys.readouterr().err
 
 
@@ -383,7 +379,7 @@ def test_a_workdir_given_with_tilde_is_the_home_one(tmp_path, monkeypatch):
 
 
 def test_the_trainer_keeps_compiled_steps_on_disk_unless_told_where(tmp_path):
-  probe = ("import jax; from instructor_jax import train; train.use_persistent_compilation_cache(); "
+  probe = ("import jax; from instructor_jax import train_launch; train_launch.use_persistent_compilation_cache(); "
            "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
   base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   for extra, want in (({}, f"{tmp_path / 'jax_compilation_cache'} {8 << 30}"),

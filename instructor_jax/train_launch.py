@@ -1,0 +1,137 @@
+"""The training command's set-up, before any model exists: flags, gin, joining the other processes of
+a multi-host job, and the persistent compilation cache. Gin stays here, at the edge: library code takes
+the plain dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import re
+import tokenize
+
+import gin
+import jax
+
+from instructor_jax import sharding as shd
+from instructor_jax.config import ConfigError, MissingPathError
+from instructor_jax.medi_records import cache_root
+from instructor_jax.optim import OptimConfig
+from instructor_jax.train_config import TrainConfig
+
+
+# Gin binds these at the edge (main); library code takes the plain dataclasses.
+GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, module="instructor_jax")
+GIN_OPTIM_CONFIG = gin.external_configurable(OptimConfig, module="instructor_jax")
+GIN_MESH_CONFIG = gin.external_configurable(shd.MeshConfig, module="instructor_jax")
+
+
+def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m instructor_jax.train", description=description)
+  p.add_argument("--gin_file", action="append", default=[], help="repeatable; later files override earlier")
+  p.add_argument("--gin_bindings", action="append", default=[], help="repeatable, e.g. 'BATCH_SIZE = 64'")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, config.gin (local or gs://)")
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host without auto-detection)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                 help="call jax.distributed.initialize(): auto = on a TPU VM, under a coordinator "
+                      "(JAX_COORDINATOR_ADDRESS), or in a multi-task srun / mpirun launch")
+  return p.parse_args(argv)
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+  """Parses gin files (includes resolve against each file's folder and its parent) and bindings."""
+  for f in files:
+    if not os.path.exists(f):
+      raise MissingPathError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
+    for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
+      gin.add_config_file_search_path(d)
+  # gin's package-path reader logs an error for every search path an include is *not* under;
+  # a missing include still raises, so those log lines are noise.
+  logging.disable(logging.ERROR)
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  except (ValueError, SyntaxError, tokenize.TokenError) as e:  # gin names the file or binding and its line
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"gin: {e}") from e
+  finally:
+    logging.disable(logging.NOTSET)
+
+
+def gin_configs() -> tuple[TrainConfig, OptimConfig, shd.MeshConfig]:
+  """The run's configurations from the parsed gin; a bad value or an unbound macro is a ConfigError."""
+  try:
+    return GIN_TRAIN_CONFIG(), GIN_OPTIM_CONFIG(), GIN_MESH_CONFIG()
+  except ValueError as e:  # gin appends which configurable it was calling
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(str(e)) from e
+
+
+def check_macros_used(bindings: list[str], operative: str) -> None:
+  """A macro set in --gin_bindings that no configuration reads is a typo (TRAIN_STEP=5 for TRAIN_STEPS):
+  gin would ignore it silently, and the run would use the file's value."""
+  for binding in bindings:
+    for line in binding.splitlines():
+      m = re.match(r"\s*([A-Za-z_]\w*)\s*=", line)
+      if m and not re.search(rf"%{m.group(1)}\b", operative):
+        used = sorted(set(re.findall(r"%([A-Za-z_]\w*)", operative)))
+        raise ConfigError(f"--gin_bindings {line.strip()!r}: no configuration reads the macro {m.group(1)} "
+                         f"(a typo?). Macros in use: {', '.join(used) or 'none'}; or bind a parameter directly, "
+                         "e.g. TrainConfig.train_steps=...")
+
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _in_multiprocess_launch() -> bool:
+  """A launcher started several processes of this job (a bare `salloc` shell has SLURM_JOB_ID but no
+  job step, and JAX's SLURM detection then fails to find a coordinator)."""
+  if any(e in os.environ for e in _CLUSTER_ENV):
+    return True
+  if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
+  """Joins the processes of a multi-host job (before any other JAX call)."""
+  if flags.coordinator_address or flags.num_processes:
+    _use_gloo_on_cpu()
+    jax.distributed.initialize(coordinator_address=flags.coordinator_address,
+                               num_processes=flags.num_processes, process_id=flags.process_id)
+    return
+  on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
+  if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or _in_multiprocess_launch())):
+    # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
+    _use_gloo_on_cpu()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise SystemExit(f"error: joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
+                       "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
+                       "--process_id.") from e
+
+
+def _use_gloo_on_cpu() -> None:
+  """CPU processes need a collectives backend to form one mesh; no effect on TPU/GPU devices."""
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):  # an older/newer JAX without the option
+    pass
+
+
+COMPILATION_CACHE_BYTES = 8 << 30  # least recently used entries go first
+
+
+def use_persistent_compilation_cache() -> None:
+  """Keeps compiled steps on disk, so that a restart (a preemption) does not compile them again: with
+  length buckets a run compiles one step per (query, document) length pair it meets. A cache the
+  user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax_compilation_cache"))
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default, no limit: sweeps would fill the disk
+      jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)

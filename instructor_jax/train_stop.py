@@ -1,0 +1,122 @@
+"""How a training run stops and whose workdir it is: stop signals and the workdir lock.
+
+SIGTERM/SIGINT end a single-process run at the next step boundary with a checkpoint (the loop polls
+`StopFlag.signal`), or at once while the model is still being built (`StoppedBeforeStart`); either way
+the command exits with EXIT_STOPPED_EARLY. A local workdir is locked for the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import signal
+import sys
+import threading
+
+import jax
+
+
+# Exit status of a run that stopped early with a checkpoint (signal or preemption notice), so that
+# a scheduler or launch_tpu.sh can tell it from a finished run: EX_TEMPFAIL, "try again".
+EXIT_STOPPED_EARLY = 75
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another trainer holds the workdir's lock."""
+
+
+class StoppedBeforeStart(BaseException):
+  """A stop signal arrived while the model was being built or loaded (a BaseException, like
+  KeyboardInterrupt, so that library code catching Exception, e.g. around a Hub download, lets it by)."""
+
+
+_REDELIVERY_S = 0.01  # a signal handled inside a gc callback is delivered again after this
+
+
+class StopFlag:
+  """SIGTERM/SIGINT -> stop at the next step boundary with a checkpoint (single process).
+
+  With several processes JAX's preemption sync manager (which owns SIGTERM there) makes every
+  process stop at the same step, so Python handlers are not installed.
+  """
+
+  def __init__(self):
+    self.signal: int | None = None
+    self.started = False  # before the loop a signal stops at once: there is no step boundary to wait for
+    self._redelivered = False
+    self._timer: threading.Timer | None = None  # a signal being delivered again (see _handle)
+    self._previous = {}
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signal == signal.SIGINT and signum == signal.SIGINT and not self._redelivered:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    if self._redelivered:  # this is the redelivery, or a real signal that came first: one is enough
+      self._cancel_timer()
+    self._redelivered = False
+    self.signal = signum
+    if not self.started:
+      if _in_gc_callback(frame):
+        # Raised in a garbage-collector callback (JAX registers one), the exception would be printed
+        # as "ignored" and dropped, and the stop would wait for the first step: deliver the signal
+        # again in a moment, once the callback has returned.
+        self._redelivered = True
+        self._timer = threading.Timer(_REDELIVERY_S, os.kill, (os.getpid(), signum))
+        self._timer.daemon = True
+        self._timer.start()
+        return
+      raise StoppedBeforeStart(signal.Signals(signum).name)
+
+  def _cancel_timer(self) -> None:
+    if self._timer is not None:
+      self._timer.cancel()
+      self._timer = None
+
+  def restore(self) -> None:
+    self._cancel_timer()  # a redelivery must not reach the handler that was there before
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _in_gc_callback(frame) -> bool:
+  # Functions, bound methods and callable objects: the code that runs when the collector calls them.
+  codes = {getattr(getattr(cb, "__func__", cb), "__code__", None) or getattr(type(cb).__call__, "__code__", None)
+           for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
+
+
+def lock_workdir(workdir: str):
+  """An exclusive lock on a local workdir, held for the run: a second trainer started on it would
+  interleave metrics.jsonl and race for checkpoint steps. (gs:// has no locks; not checked there.)"""
+  if "://" in workdir:
+    return None
+  try:
+    import fcntl
+  except ImportError:  # not POSIX
+    return None
+  os.makedirs(workdir, exist_ok=True)
+  f = open(os.path.join(workdir, ".train.lock"), "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+      print(f"warning: cannot lock {workdir} ({e}); make sure no other trainer uses it.", file=sys.stderr)
+      f.close()
+      return None
+    f.seek(0)
+    holder = f.read().strip() or "?"
+    f.close()
+    raise WorkdirInUseError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
+                            "stop it, or use another --workdir.") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+  f.flush()
+  return f
