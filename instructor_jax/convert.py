@@ -117,6 +117,9 @@ def convert(args: argparse.Namespace) -> list[str]:
   from instructor_jax.sources import load_source
   if args.to == "orbax" and args.dtype != "float32":
     raise ValueError("--to orbax stores float32 parameters (training precision); drop --dtype.")
+  if args.to == "orbax" and (args.prompt or args.instructor_embedding_compat):
+    raise ValueError("--prompt and --instructor-embedding-compat shape a sentence-transformers export; an orbax "
+                     "checkpoint holds parameters and the model config only. Drop them, or convert with --to st.")
   if "://" not in args.dst:  # a quoted ~ reaches us unexpanded; the checks below must see the real place
     args.dst = os.path.expanduser(args.dst)
   if os.path.exists(args.dst) and not os.path.isdir(args.dst):
@@ -143,6 +146,7 @@ def convert(args: argparse.Namespace) -> list[str]:
         f"({time.time() - start:.1f}s)", file=sys.stderr)
   if args.to == "orbax":
     from instructor_jax import orbax_io
+    _check_orbax_can_hold(loaded)
     orbax_io.save_params(args.dst, loaded.params, config, step=0, overwrite=args.overwrite)
     return [os.path.join(args.dst, "0")]
   from instructor_jax.export import save_sentence_transformers
@@ -156,6 +160,28 @@ def convert(args: argparse.Namespace) -> list[str]:
                                      instructor_embedding_compat=args.instructor_embedding_compat,
                                      default_prompt_name=default_prompt_name)
   return [os.path.join(args.dst, f) for f in files]
+
+
+def _check_orbax_can_hold(loaded) -> None:
+  """An orbax checkpoint has no tokenizer (its readers and the trainer use the bundled T5 vocabulary)
+  and no prompts: a source whose tokenizer differs is refused, since the checkpoint would embed with
+  other token ids; a source's prompts are dropped with a warning."""
+  from instructor_jax.sources import load_tokenizer, source_prompts
+  from instructor_jax.tokenization import Tokenizer
+  if loaded.tokenizer_dir is not None:
+    own = load_tokenizer(loaded, loaded.config.max_seq_length).hf_tokenizer.get_vocab()
+    bundled = Tokenizer.from_pretrained(None).hf_tokenizer.get_vocab()
+    if own != bundled:
+      extra = sorted(set(own) - set(bundled), key=own.get)[:5]
+      raise ValueError(f"{loaded.tokenizer_dir}: the tokenizer differs from the standard T5 vocabulary that orbax "
+                       f"checkpoints are read with ({len(own)} pieces against {len(bundled)}"
+                       f"{'; e.g. ' + ', '.join(map(repr, extra)) if extra else ''}), so the checkpoint would embed "
+                       "other token ids. Convert with --to st, which keeps the tokenizer.")
+  prompts, default = source_prompts(loaded)
+  if prompts or default:
+    print(f"warning: {loaded.description}'s prompts ({', '.join(prompts)}{'; default ' + default if default else ''}) "
+          "are not kept: an orbax checkpoint holds no prompts (pass --prompt when exporting it with --to st).",
+          file=sys.stderr)
 
 
 def _leaves(tree):

@@ -301,6 +301,35 @@ def pooling_modes(cfg: Mapping[str, Any]) -> list[str]:
   return [name for key, name in _LEGACY_POOLING_KEYS.items() if cfg.get(key)] or ["mean"]
 
 
+# The module pipeline this package computes, by class name (sentence-transformers moved its modules
+# between packages over versions; the class name stayed): the T5, mean pooling, at most one bias-free
+# projection, normalisation.
+_STAGES = (("Transformer", "T5", "INSTRUCTOR_Transformer"), ("Pooling", "INSTRUCTOR_Pooling"), ("Dense",),
+           ("Normalize",))
+
+
+def _check_modules(directory: str) -> None:
+  """Refuses a modules.json whose pipeline is not Transformer, Pooling, [Dense], [Normalize] in that
+  order: any other module (a LayerNorm, a second Dense, ...) would be skipped, and the embeddings
+  would silently differ from sentence-transformers'."""
+  modules = _modules(directory)
+  expected = "Transformer, Pooling, then optionally one Dense (no bias, identity activation) and Normalize"
+  stage = 0
+  for i, module in enumerate(modules):
+    kind = str(module.get("type") or "?").rsplit(".", 1)[-1]
+    ahead = [j for j in range(stage, len(_STAGES)) if kind in _STAGES[j]]
+    if not ahead or (stage < 2 and ahead[0] != stage):  # the Transformer and Pooling stages are not optional
+      raise CheckpointError(
+          f"{directory}/modules.json: module {i} ({module.get('path') or '.'}) is {module.get('type')!r}, where this "
+          f"package computes {expected}; loading it without that module would change its embeddings. Use "
+          "sentence-transformers for this model, or remove the module if it is really not needed.")
+    stage = ahead[0] + 1
+  if modules and stage < 2:
+    raise CheckpointError(f"{directory}/modules.json: no Pooling module after the Transformer; this package computes "
+                          f"{expected}.")
+  _check_pooling(directory)
+
+
 def _check_pooling(directory: str) -> None:
   """Refuses a sentence-transformers Pooling module that is not mean pooling (the only kind loaded)."""
   for module in _modules(directory):
@@ -328,7 +357,12 @@ def _find_dense_dir(directory: str) -> str | None:
 
 
 def _load_dense(dense_dir: str) -> np.ndarray:
-  cfg = _read_json(os.path.join(dense_dir, "config.json"))
+  cfg_path = os.path.join(dense_dir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{cfg_path}: missing; a sentence-transformers Dense module has a config.json (in_features, "
+                          "out_features, bias, activation_function) beside its weights. Copy the whole model "
+                          "directory again.")
+  cfg = _read_json(cfg_path)
   activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
   if cfg.get("bias", False) or not activation.endswith("Identity"):
     raise CheckpointError(f"{dense_dir}/config.json: Dense with bias={cfg.get('bias')} and activation "
@@ -347,9 +381,19 @@ def _load_dense(dense_dir: str) -> np.ndarray:
   raise CheckpointError(f"{dense_dir}: no model.safetensors or pytorch_model.bin for the Dense layer.")
 
 
+def _tokenizer_max_length(t5_dir: str) -> int | None:
+  """`model_max_length` of the directory's tokenizer_config.json, unless absent or transformers' "no
+  limit" placeholder (int(1e30))."""
+  path = os.path.join(t5_dir, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return None
+  value = _read_json(path).get("model_max_length")
+  return value if isinstance(value, int) and 0 < value < 1_000_000 else None
+
+
 def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
   """Reads a sentence-transformers (hkunlp/instructor-*, gtr-t5-*) or plain T5 directory."""
-  _check_pooling(directory)
+  _check_modules(directory)
   t5_dir = transformer_dir(directory)
   config_path = os.path.join(t5_dir, "config.json")
   if not os.path.exists(config_path):
@@ -357,7 +401,7 @@ def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
                           "T5 model directory (or a t5x / orbax checkpoint for the other loaders).")
   t5 = t5_config_from_hf(_read_json(config_path), config_path)
   params = params_from_hf(load_hf_weights(t5_dir), t5, t5_dir)
-  max_len = 512
+  max_len = None
   st_cfg_path = os.path.join(t5_dir, "sentence_bert_config.json")
   if os.path.exists(st_cfg_path):
     st_cfg = _read_json(st_cfg_path)
@@ -367,7 +411,10 @@ def load_hf_directory(directory: str) -> tuple[InstructorConfig, Params]:
       raise CheckpointError(f"{st_cfg_path}: do_lower_case is true; instructor_jax does not lowercase inputs. "
                             "Set it to false if the model was trained on cased text, or lowercase your "
                             "instructions and texts yourself and set it to false.")
-    max_len = int(st_cfg.get("max_seq_length") or 512)
+    max_len = st_cfg.get("max_seq_length")
+  # sentence-transformers 6 no longer writes max_seq_length there: it keeps the tokenizer's
+  # model_max_length, which is where it reads the length from (as older versions did without one).
+  max_len = int(max_len or _tokenizer_max_length(t5_dir) or 512)
   dense_dir = _find_dense_dir(directory)
   projection_dim = None
   if dense_dir is not None:

@@ -85,6 +85,13 @@ class Instructor:
       config = config.replace(max_seq_length=int(max_seq_length))
     tokenizer = load_tokenizer(loaded, config.max_seq_length)
     prompts, default_prompt_name = source_prompts(loaded)
+    if default_prompt_name:
+      # sentence-transformers' encode prepends it to every text; 1.0.1's, which this one follows, does not.
+      warnings.warn(f"{loaded.description}: the model's default prompt {default_prompt_name!r} "
+                    f"({prompts.get(default_prompt_name, '')!r}) is not applied by encode, which takes instructions "
+                    f"as [instruction, text] pairs (InstructorEmbedding 1.0.1); pass "
+                    f"[[model.prompts[{default_prompt_name!r}], text], ...] to embed as sentence-transformers' encode "
+                    "does by default.", stacklevel=2)
     return cls(config, loaded.params, tokenizer, source=loaded.description, mesh=mesh, prompts=prompts,
                default_prompt_name=default_prompt_name)
 

@@ -21,6 +21,10 @@ class LoadedModel:
   model_dir: str | None = None  # a sentence-transformers source's root (prompts, modules)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+T5_VOCAB_ROWS = 32128  # the T5 SentencePiece vocabulary's 32100 pieces, padded to a multiple of 128
+
+
 def load_tokenizer(loaded: LoadedModel, max_seq_length: int):
   """The model's tokenizer (`tokenization.Tokenizer`), refused where it cannot be the model's own."""
   from instructor_jax.tokenization import Tokenizer
@@ -31,8 +35,19 @@ def load_tokenizer(loaded: LoadedModel, max_seq_length: int):
     # would be <unk>, and all embeddings nearly the same.
     raise CheckpointError(f"{where}: tokenizer_config.json without tokenizer.json or spiece.model (a partial copy?); "
                           "copy one of them from the model's source.")
+  rows = loaded.config.encoder.vocab_size
+  if where is not None and not any(os.path.exists(os.path.join(where, f)) for f in _TOKENIZER_FILES):
+    # A model saved without its tokenizer (T5EncoderModel.save_pretrained alone): the bundled T5
+    # vocabulary is right for t5/GTR/INSTRUCTOR weights, whose embedding table has its 32128 rows, and
+    # wrong for any other (mT5, a resized vocabulary), whose embeddings would be silently meaningless.
+    if rows != T5_VOCAB_ROWS:
+      raise CheckpointError(f"{where}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}), and the embedding table has "
+                            f"{rows} rows, not the standard T5 vocabulary's {T5_VOCAB_ROWS}; copy the tokenizer files "
+                            "that came with these weights into the directory.")
+    warnings.warn(f"{where}: no tokenizer files; using the standard T5 vocabulary bundled with instructor_jax (that of "
+                  "t5, GTR and INSTRUCTOR checkpoints, and of this model's 32128-row embedding table).", stacklevel=3)
   tokenizer = Tokenizer.from_pretrained(where, max_seq_length)
-  pieces, rows = len(tokenizer.hf_tokenizer), loaded.config.encoder.vocab_size
+  pieces = len(tokenizer.hf_tokenizer)
   if pieces > rows:
     raise CheckpointError(f"{where or 'the bundled T5 vocabulary'}: the tokenizer has {pieces} pieces but the model's "
                           f"embedding table {rows} rows, so ids from {rows} on would read outside it (NaN "
@@ -93,11 +108,15 @@ def resolve_hub_id(name: str, revision: str | None = None) -> str:
       warnings.warn(f"{name!r} could not be fetched from the Hugging Face Hub ({type(e).__name__}); using the copy "
                     f"that sentence-transformers 2.x / InstructorEmbedding downloaded to {legacy}.", stacklevel=4)
       return legacy
+    if os.path.isfile(os.path.join(legacy, "modules.json")):  # there, but it has no revision to match
+      legacy_note = (f"the sentence-transformers 2.x copy at {legacy} is not used for a --revision / revision= "
+                     "request (it records no revision); drop the revision to use it")
+    else:
+      legacy_note = f"nor is there a sentence-transformers 2.x copy at {legacy}"
     raise CheckpointError(
         f"{name!r} is not a local path (no directory {os.path.abspath(name)}) and could not be fetched from "
-        f"the Hugging Face Hub ({type(e).__name__}: {e}); nor is there a sentence-transformers 2.x copy at "
-        f"{legacy}. If you are offline, download it once with network access (it is then cached), or pass a "
-        "local directory.") from e
+        f"the Hugging Face Hub ({type(e).__name__}: {e}); {legacy_note}. If you are offline, download it once "
+        "with network access (it is then cached), or pass a local directory.") from e
 
 
 def looks_like_hub_id(name: str) -> bool:

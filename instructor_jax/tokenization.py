@@ -213,11 +213,18 @@ class Batch:
 
 
 def bucket_length(length: int, buckets: Sequence[int], max_len: int) -> int:
-  """Smallest bucket that holds `length`, capped at max_len (so shapes stay few and fixed)."""
+  """Smallest bucket that holds `length`, capped at max_len (so shapes stay few and fixed).
+
+  Past the largest bucket (a model run above 512 tokens) the length doubles from it, so that a
+  3,000-token text under max_len 32768 is padded to 4096, not to 32768 (a [L, L] attention 64x larger).
+  """
   for b in buckets:
     if length <= b and b <= max_len:
       return b
-  return max_len
+  b = max((b for b in buckets if b <= max_len), default=max_len)
+  while b < length and b < max_len:
+    b *= 2
+  return min(b, max_len)
 
 
 def pad_batch(ids: Sequence[Sequence[int]], n_instr: Sequence[int], length: int,

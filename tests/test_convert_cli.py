@@ -243,3 +243,100 @@ def test_a_quoted_tilde_in_dst_is_the_home_directory(tmp_path, monkeypatch):
   (tmp_path / "st_here").mkdir()
   (tmp_path / "st_here" / "modules.json").write_text("[]")
   assert main([TINY, "~/st_here", "--to", "orbax"]) == 2  # the foreign-directory check sees the real place
+
+
+def _copy(tmp_path, name):
+  src = tmp_path / name
+  shutil.copytree(TINY, src)
+  return src
+
+
+def test_max_seq_length_of_a_sentence_transformers_6_directory(tmp_path):
+  """sentence-transformers 6 writes no max_seq_length to sentence_bert_config.json: it keeps the
+  tokenizer's model_max_length, and reads the length from there."""
+  src = _copy(tmp_path, "st6")
+  (src / "sentence_bert_config.json").write_text(json.dumps({"transformer_task": "feature-extraction"}))
+  tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+  (src / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 64}))
+  assert load_source(str(src)).config.max_seq_length == 64
+  dst = tmp_path / "exported"
+  assert main([str(src), str(dst)]) == 0  # and the export keeps it
+  assert json.loads((dst / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+  (src / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": int(1e30)}))
+  assert load_source(str(src)).config.max_seq_length == 512  # transformers' "no limit": the T5 default
+  (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+  (src / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 64}))
+  assert load_source(str(src)).config.max_seq_length == 128  # sentence_bert_config.json's value comes first
+
+
+@pytest.mark.parametrize("change", ["layer_norm", "second_dense", "no_pooling", "dense_first", "st6_names"])
+def test_modules_this_package_does_not_compute_are_refused(tmp_path, change):
+  """Any module besides Transformer, Pooling, [Dense], [Normalize] would be skipped silently, and the
+  embeddings differ from sentence-transformers'."""
+  src = _copy(tmp_path, change)
+  modules = json.loads((src / "modules.json").read_text())
+  transformer, pooling, dense, normalize = modules
+  layer_norm = {"idx": 4, "name": "4", "path": "4_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}
+  new, match = {
+      "layer_norm": ([transformer, pooling, layer_norm, dense, normalize], r"module 2 \(4_LayerNorm\) is "
+                                                                           r"'sentence_transformers.models.LayerNorm'"),
+      "second_dense": ([transformer, pooling, dense, {**dense, "path": "3_Dense"}, normalize], r"module 3 \(3_Dense\)"),
+      "no_pooling": ([transformer, dense, normalize], r"module 1 \(2_Dense\)"),
+      "dense_first": ([dense, transformer, pooling], r"module 0 \(2_Dense\)"),
+      "st6_names": ([{**m, "type": t} for m, t in zip(modules, (
+          "sentence_transformers.base.modules.transformer.Transformer",
+          "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+          "sentence_transformers.base.modules.dense.Dense", "sentence_transformers.base.modules.normalize.Normalize"))],
+                    None),
+  }[change]
+  (src / "modules.json").write_text(json.dumps(new))
+  if match is None:  # sentence-transformers 6 moved its modules; the class names are what count
+    assert load_source(str(src)).config.projection_dim is not None
+    return
+  with pytest.raises(CheckpointError, match=match + ".*would change its embeddings"):
+    load_source(str(src))
+  (src / "modules.json").write_text(json.dumps([transformer]))
+  with pytest.raises(CheckpointError, match="no Pooling module after the Transformer"):
+    load_source(str(src))
+
+
+def test_a_dense_module_without_its_config_says_so(tmp_path):
+  src = _copy(tmp_path, "nodensecfg")
+  (src / "2_Dense" / "config.json").unlink()
+  with pytest.raises(CheckpointError, match=r"2_Dense/config.json: missing; .*Copy the whole model directory again"):
+    load_source(str(src))
+
+
+def test_a_directory_without_tokenizer_files(tmp_path):
+  """The bundled T5 vocabulary serves a 32128-row T5 saved without its tokenizer, with a warning; any
+  other vocabulary size (mT5, a resized table) is refused rather than embedded with the wrong ids."""
+  from instructor_jax.sources import LoadedModel, load_tokenizer
+  src = _copy(tmp_path, "notok")
+  for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json"):
+    (src / name).unlink()
+  loaded = load_source(str(src))
+  with pytest.warns(UserWarning, match="no tokenizer files; using the standard T5 vocabulary"):
+    assert len(load_tokenizer(loaded, 64).hf_tokenizer) == 32100
+  bigger = LoadedModel(loaded.config.with_encoder(vocab_size=250112), loaded.params, loaded.tokenizer_dir, "test")
+  with pytest.raises(CheckpointError, match=r"no tokenizer files .*250112 rows, not the standard T5 vocabulary's 32128"):
+    load_tokenizer(bigger, 64)
+
+
+def test_to_orbax_refuses_what_it_cannot_keep(tmp_path, capsys):
+  """An orbax checkpoint is read with the bundled T5 vocabulary and holds no prompts."""
+  err = _error([TINY, str(tmp_path / "o1"), "--to", "orbax", "--prompt", "q=Q: "], capsys)
+  assert "--prompt and --instructor-embedding-compat shape a sentence-transformers export" in err
+  import transformers
+  added = _copy(tmp_path, "added")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(added))
+  tokenizer.add_tokens(["[QRY]"])  # a model fine-tuned with a marker token: ids past the T5 vocabulary
+  tokenizer.save_pretrained(str(added))
+  err = _error([str(added), str(tmp_path / "o2"), "--to", "orbax"], capsys)
+  assert "the tokenizer differs from the standard T5 vocabulary" in err and "'[QRY]'" in err
+  assert not (tmp_path / "o2").exists()
+  prompted = _copy(tmp_path, "prompted")
+  (prompted / "config_sentence_transformers.json").write_text(json.dumps(
+      {"prompts": {"query": "Represent the question: "}, "default_prompt_name": "query"}))
+  assert main([str(prompted), str(tmp_path / "o3"), "--to", "orbax"]) == 0
+  assert "prompts (query; default query) are not kept" in capsys.readouterr().err
+  assert main([TINY, str(tmp_path / "o4"), "--to", "orbax"]) == 0  # the fixture's own tokenizer is the standard one

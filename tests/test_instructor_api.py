@@ -294,11 +294,31 @@ def test_offline_hub_id_falls_back_to_instructor_embeddings_cache(model, monkeyp
   with pytest.warns(UserWarning, match="hkunlp_instructor-tiny") as caught:
     cached = Instructor.from_pretrained("hkunlp/instructor-tiny")
   assert caught[0].filename == __file__  # the warning points at the caller's line
+  with pytest.raises(CheckpointError, match=r"the sentence-transformers 2.x copy at .*hkunlp_instructor-tiny is not used "
+                                            r"for a --revision / revision= request"):
+    Instructor.from_pretrained("hkunlp/instructor-tiny", revision="main")  # that copy records no revision
   (tmp_path / "hkunlp_instructor-partial").mkdir()  # no modules.json: an interrupted download, not used
   with pytest.raises(CheckpointError, match="could not be fetched"):
     Instructor.from_pretrained("hkunlp/instructor-partial")
   pairs = [["Represent the title: ", "a cat"], "a plain sentence"]
   np.testing.assert_array_equal(cached.encode(pairs), model.encode(pairs))
+
+
+def test_a_default_prompt_is_kept_and_its_non_use_by_encode_is_said(tmp_path):
+  """sentence-transformers' encode prepends a model's default prompt; ours takes [instruction, text]
+  pairs as 1.0.1 does, so loading such a model says how to get sentence-transformers' vectors."""
+  src = tmp_path / "prompted"
+  shutil.copytree(FIXTURE, src)
+  (src / "config_sentence_transformers.json").write_text(json.dumps(
+      {"prompts": {"query": "Represent the question: "}, "default_prompt_name": "query"}))
+  with pytest.warns(UserWarning, match=r"default prompt 'query' \('Represent the question: '\) is not applied by "
+                                       r"encode.*\[\[model.prompts\['query'\], text\], \.\.\.\]") as caught:
+    prompted = Instructor.from_pretrained(str(src))
+  assert caught[0].filename == __file__
+  assert prompted.prompts == {"query": "Represent the question: "} and prompted.default_prompt_name == "query"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no default prompt, no warning
+    Instructor.from_pretrained(FIXTURE)
 
 
 def test_packed_rows_equal_padded_rows(model):

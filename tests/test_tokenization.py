@@ -89,6 +89,10 @@ def test_padding_and_buckets(tok):
   np.testing.assert_array_equal(batch.mask.sum(1)[:2], batch.lengths[:2])
   assert tokenization.bucket_length(513, (16, 512), 512) == 512
   assert tokenization.bucket_length(40, (16, 32, 64), 48) == 48
+  # Above the largest bucket lengths double from it, capped at max_len: not padded to max_len at once.
+  assert [tokenization.bucket_length(n, (16, 512), 4096) for n in (513, 1024, 1025, 3000, 5000)] == [
+      1024, 1024, 2048, 4096, 4096]
+  assert tokenization.bucket_length(700, (16, 512), 600) == 600
 
 
 def test_third_item_is_ignored_as_in_instructor_embedding(tok):
