@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from instructor_jax import medi_packing, tokenization
+from instructor_jax.config import ConfigError
 
 FIELDS = ("query", "pos", "neg")
 _NO_TRUNCATION = 1 << 30
@@ -171,8 +172,10 @@ class BatchPlan:
                   len(short), global_batch_size, short[:20])
     self.tasks = sorted(t for t in sizes if t not in short)
     if not self.tasks:
-      raise ValueError(f"no MEDI task has at least global_batch_size={global_batch_size} examples "
-                       f"(largest: {max(sizes.values(), default=0)}); lower the batch size.")
+      largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+      raise ConfigError(f"BATCH_SIZE {global_batch_size}: no MEDI task has that many examples, and every global batch "
+                        f"comes from one task (largest: {', '.join(f'{t} {n}' for t, n in largest) or 'none'}); "
+                        "lower BATCH_SIZE.")
     self.sizes = np.array([sizes[t] for t in self.tasks], np.int64)
     rates = rates if rates is not None else task_rates({t: sizes[t] for t in self.tasks})
     r = np.array([rates.get(t, 0.0) for t in self.tasks], np.float64)
@@ -322,10 +325,16 @@ def sentencepiece_encode_fn(model_file: str | None = None) -> tokenization.Encod
 _PARTS = ("tokens", "offsets", "n_instr")
 
 
-def save_tasks(tasks: Mapping[str, TaskArrays], directory: str) -> None:
+VALIDATION_FILE = "validation.txt"  # the MEDI file's validation summary, shown again on every cached load
+
+
+def save_tasks(tasks: Mapping[str, TaskArrays], directory: str, validation: str | None = None) -> None:
   """Writes tokenised tasks as .npy files; the directory appears atomically (hosts may race)."""
   tmp = f"{directory}.tmp{os.getpid()}"
   os.makedirs(tmp, exist_ok=True)
+  if validation is not None:
+    with open(os.path.join(tmp, VALIDATION_FILE), "w", encoding="utf-8") as f:
+      f.write(validation)
   for i, task in enumerate(tasks.values()):
     for field in FIELDS:
       for part in _PARTS:
@@ -378,14 +387,18 @@ def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = N
   cached = os.path.join(cache_dir, f"medi_tokens_{_cache_key(path)}") if cache_dir and encode_fn is None else None
   if cached and os.path.isfile(os.path.join(cached, "tasks.json")):
     log_fn(f"{path}: using the tokenised cache {cached}")
+    validation = os.path.join(cached, VALIDATION_FILE)
+    if os.path.isfile(validation):  # what was skipped, and why, holds for every run on this file
+      with open(validation, encoding="utf-8") as f:
+        log_fn(f.read())
     return load_saved_tasks(cached)
-  grouped, _ = medi_records.read_medi(path, log_fn)
+  grouped, report = medi_records.read_medi(path, log_fn)
   encode_fn = encode_fn or sentencepiece_encode_fn()
   cache: dict[str, int] = {}
   tasks = {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)
            for name, recs in grouped.items()}
   if cached:
-    save_tasks(tasks, cached)
+    save_tasks(tasks, cached, report.summary())
   return tasks
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import optax
@@ -11,6 +12,14 @@ import optax
 from instructor_jax.config import ConfigError
 
 OPTIMIZERS = ("adamw", "adafactor")
+
+
+# field -> (low, high, low excluded, high excluded); grad_clip_norm <= 0 turns clipping off, and a
+# learning rate of 0 leaves the parameters as they are (a run that only evaluates, a test).
+_RANGES = {"learning_rate": (0.0, math.inf, False, True), "warmup_fraction": (0.0, 1.0, False, True),
+           "final_lr_fraction": (0.0, 1.0, False, False), "b1": (0.0, 1.0, False, True), "b2": (0.0, 1.0, False, True),
+           "eps": (0.0, math.inf, True, True), "weight_decay": (0.0, math.inf, False, True),
+           "grad_clip_norm": (-math.inf, math.inf, True, True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +40,15 @@ class OptimConfig:
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise ConfigError(f"OptimConfig.name={self.name!r}; expected one of {OPTIMIZERS}.")
-    if not 0.0 <= self.warmup_fraction < 1.0:
-      raise ConfigError(f"OptimConfig.warmup_fraction={self.warmup_fraction}; expected a value in [0, 1).")
+    # Gin passes what was written ('1e-3' in quotes is a string, a negative rate ascends the loss):
+    # checked here by field, not found as a TypeError inside optax or a diverging run.
+    for name, (low, high, low_open, high_open) in _RANGES.items():
+      value = getattr(self, name)
+      ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+      ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+      if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"OptimConfig.{name}={value!r}; expected a number in {interval}.")
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

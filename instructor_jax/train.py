@@ -198,8 +198,11 @@ def _train(cfg: TrainConfig, tx, schedule, mesh, workdir: str, gin_text: str, st
       from etils import epath
       path = epath.Path(workdir) / "config.gin"
       path.parent.mkdir(parents=True, exist_ok=True)
-      if start and path.exists() and path.read_text() != gin_text:  # a resume with other settings: keep both
-        (epath.Path(workdir) / f"config-until-step{start}.gin").write_text(path.read_text())
+      archive = epath.Path(workdir) / f"config-until-step{start}.gin"
+      # A resume with other settings keeps both. Only the first attempt at this step archives: one that
+      # failed before its first checkpoint left its own config.gin, which never trained.
+      if start and path.exists() and path.read_text() != gin_text and not archive.exists():
+        archive.write_text(path.read_text())
       path.write_text(gin_text)
     step_fn = make_train_step(model, tx, schedule, mesh, loss=cfg.loss, temperature=cfg.temperature,
                               grad_cache_chunks=cfg.grad_cache_chunks, seed=cfg.seed,
@@ -234,12 +237,25 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   except FileNotFoundError as e:
     raise MissingPathError(str(e)) from None
   train_compiler_options(cfg.xla_options)  # an unknown option name fails now, not after the model is built
+  _check_attention_backend(cfg.attention_impl, mesh)
+  if workdir is not None and "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file; expected a directory (new, or a run's workdir to resume).")
   init = cfg.init_checkpoint
   resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read
   if (init and not resuming and "://" not in init and not looks_like_hub_id(init)
       and not os.path.exists(os.path.expanduser(init))):
     raise MissingPathError(f"INIT_CHECKPOINT {init}: no such directory (a local path; a Hub id has the form "
                            "owner/name).")
+
+
+def _check_attention_backend(impl: str, mesh: Mesh) -> None:
+  """"cudnn" and "tpu_flash" name one platform's kernels: elsewhere they would fail inside the first
+  step, after the model is built and MEDI read."""
+  platform = mesh.devices.flat[0].platform
+  needs = {"cudnn": "gpu", "tpu_flash": "tpu"}.get(impl)
+  if needs is not None and platform != needs:
+    raise ConfigError(f"TrainConfig.attention_impl {impl!r} runs on {needs.upper()}s only, and this mesh is on "
+                      f"{platform.upper()}; use 'auto' (each platform's best kernel) or 'xla'.")
 
 
 def _require_medi_path(cfg: TrainConfig) -> None:
@@ -341,7 +357,9 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
         logged_step, task_name, values = _fetch(pending)
         ckpt.save(done, state, architecture(model), meta, force=True)
         if evaluator is not None and not preempted:  # a preempted host has seconds, not minutes
+          began = time.time()
           evaluator = _evaluate(evaluator, state, values)
+          log.exclude(time.time() - began)  # not training: left out of step_seconds, tokens/s and MFU
         log(logged_step, task_name, values, force=True)
         pending = None
       if preempted:

@@ -21,6 +21,9 @@ from instructor_jax.optim import OptimConfig
 from instructor_jax.train_config import TrainConfig
 
 
+# The repository's gin_configs/ (next to the package in a clone or an editable install).
+SHIPPED_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
 # Gin binds these at the edge (main); library code takes the plain dataclasses.
 GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, module="instructor_jax")
 GIN_OPTIM_CONFIG = gin.external_configurable(OptimConfig, module="instructor_jax")
@@ -48,6 +51,8 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
       raise MissingPathError(f"--gin_file {f}: no such file (paths are relative to the current directory).")
     for d in (os.path.dirname(os.path.abspath(f)), os.path.dirname(os.path.dirname(os.path.abspath(f)))):
       gin.add_config_file_search_path(d)
+  if os.path.isdir(SHIPPED_GIN):  # so that a user's own file can include runs/quickstart_cpu.gin and what it includes
+    gin.add_config_file_search_path(SHIPPED_GIN)
   # gin's package-path reader logs an error for every search path an include is *not* under;
   # a missing include still raises, so those log lines are noise.
   logging.disable(logging.ERROR)
@@ -56,7 +61,13 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
   except (ValueError, SyntaxError, tokenize.TokenError) as e:  # gin names the file or binding and its line
     if isinstance(e, ConfigError):
       raise
-    raise ConfigError(f"gin: {e}") from e
+    hint = ""
+    if "malformed node or string" in str(e):  # MEDI_PATH = data/x.jsonl: gin reads an unquoted name
+      hint = " (a string value needs quotes, e.g. MEDI_PATH = 'data/medi.jsonl')"
+    raise ConfigError(f"gin: {e}{hint}") from e
+  except OSError as e:  # an include gin cannot find; gin's message lists the paths it searched
+    raise ConfigError(f"gin: {e}. Includes are resolved against each --gin_file's folder and its parent, and "
+                      f"against {SHIPPED_GIN}.") from e
   finally:
     logging.disable(logging.NOTSET)
 

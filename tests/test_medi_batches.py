@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from instructor_jax import medi_batches, medi_records, tokenization
+from instructor_jax.config import ConfigError
 
 SAMPLE = str(pathlib.Path(__file__).parent.parent / "data" / "medi_sample.jsonl")
 KEYS = [f"{f}_{k}" for f in medi_batches.FIELDS for k in ("ids", "mask", "n_instr")]
@@ -172,8 +173,9 @@ def test_epochs_short_tasks_and_tails(caplog):
       assert len(set(used)) == 4 * m  # no example twice in an epoch; the tail is n % 4 examples
       np.testing.assert_array_equal(used, plan.permutation(t, epoch)[:4 * m])
     assert not np.array_equal(plan.permutation(t, 0), plan.permutation(t, 1))
-  with pytest.raises(ValueError, match="lower the batch size"):
-    medi_batches.BatchPlan({"a": 3}, 4, seed=0)
+  with pytest.raises(ConfigError, match=r"BATCH_SIZE 4: no MEDI task has that many examples.*\(largest: b 3, a 2\); "
+                                       "lower BATCH_SIZE"):
+    medi_batches.BatchPlan({"a": 2, "b": 3}, 4, seed=0)
 
 
 def test_task_choice_follows_rates_and_replay_counts():

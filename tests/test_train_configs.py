@@ -94,6 +94,15 @@ QUICKSTART = str(GIN / "runs" / "quickstart_cpu.gin")
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.xla_options = {'xla_foo_bar': True}"],
      "no compiler option 'xla_foo_bar'"),
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=TRAIN_STEP = 5"], "no configuration reads the macro TRAIN_STEP"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = data/medi.jsonl"], "a string value needs quotes"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=OptimConfig.learning_rate = -1.0"],
+     "OptimConfig.learning_rate=-1.0; expected a number in [0, inf)"),
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=TrainConfig.attention_impl = 'cudnn'",
+      "--gin_bindings=TrainConfig.dtype = 'bfloat16'", "--gin_bindings=TrainConfig.dropout_rate = 0.0"],
+     "TrainConfig.attention_impl 'cudnn' runs on GPUs only, and this mesh is on CPU"),
+    # Every global batch is one task's: a batch larger than every task is a setting mistake.
+    ([f"--gin_file={QUICKSTART}", "--gin_bindings=BATCH_SIZE = 2000"],
+     "BATCH_SIZE 2000: no MEDI task has that many examples"),
     ([f"--gin_file={QUICKSTART}", "--gin_bindings=INIT_CHECKPOINT = 'nobody/no-such-model'"],
      "'nobody/no-such-model' is not a local path"),  # offline in tests: the Hub download fails
 ])
@@ -103,3 +112,25 @@ def test_cli_reports_setting_mistakes_in_one_line(tmp_path, capsys, args, messag
   assert train.main([*args, f"--workdir={tmp_path / 'w'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_a_users_gin_file_can_include_the_shipped_runs(tmp_path, capsys):
+  """Includes resolve against the shipped gin_configs/ too; one that resolves nowhere is a one-line error."""
+  mine = tmp_path / "cfg" / "mine.gin"
+  mine.parent.mkdir()
+  mine.write_text("include 'runs/quickstart_cpu.gin'\nTRAIN_STEPS = 7\n")
+  gin.clear_config()
+  train_launch.parse_gin([str(mine)], [])
+  assert train_launch.GIN_TRAIN_CONFIG().train_steps == 7
+  (tmp_path / "cfg" / "broken.gin").write_text("include 'runs/no_such_run.gin'\n")
+  gin.clear_config()
+  assert train.main([f"--gin_file={tmp_path / 'cfg' / 'broken.gin'}", f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: gin: ") and "runs/no_such_run.gin" in err and "Traceback" not in err, err
+
+
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / "afile").write_text("x")
+  gin.clear_config()
+  assert train.main([f"--gin_file={QUICKSTART}", f"--workdir={tmp_path / 'afile'}"]) == 2
+  assert "--workdir " + str(tmp_path / "afile") + " is a file; expected a directory" in capsys.readouterr().err

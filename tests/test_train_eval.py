@@ -85,3 +85,27 @@ def test_an_eval_instruction_covering_a_text_is_a_setting_error_before_training(
     train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "run"))
   from instructor_jax import orbax_io
   assert orbax_io.latest_step(str(tmp_path / "run")) is None  # refused before the first step
+
+
+def test_evaluation_time_is_not_step_time(tmp_path, monkeypatch):
+  """A checkpoint's record reports the steps' time: the evaluation after the save is not training, and
+  counting it would understate tokens/s and MFU at every checkpoint."""
+  import time as time_module
+  from instructor_jax import train_eval
+  sts = tmp_path / "sts.tsv"
+  sts.write_text("".join(f"{s}\t{a}\t{b}\n" for s, a, b in STS), encoding="utf-8")
+  skipped, real_time = [0.0], time_module.time
+
+  def slow_eval(self, params):
+    skipped[0] += 1000.0  # the evaluation "takes" 1000 s on the clock the trainer reads
+    return {"eval_sts_spearman": 0.5}
+
+  monkeypatch.setattr(train_eval.StsEval, "__call__", slow_eval)
+  monkeypatch.setattr(time_module, "time", lambda: real_time() + skipped[0])
+  cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=4, batch_size=8,
+                    query_len=16, doc_len=24, dtype="float32", dropout_rate=0.0, checkpoint_every=2, log_every=1,
+                    eval_sts_path=str(sts))
+  records = train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "run"))
+  assert skipped[0] == 2000.0  # evaluated at both checkpoints
+  timed = [r for r in records if r.get("step_seconds") is not None]
+  assert {r["step"] for r in timed} == {2, 3, 4} and all(r["step_seconds"] < 100 for r in timed), timed

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from instructor_jax import orbax_io, train_stop
+from instructor_jax.config import ConfigError
 from instructor_jax.optim import OptimConfig
 from instructor_jax.sharding import MeshConfig
 from instructor_jax.train import NonFiniteLossError, TrainConfig, train
@@ -128,9 +129,13 @@ def test_restart_reuses_the_tokenised_medi_cache(tmp_path, monkeypatch, capsys):
   from instructor_jax.train import batches
   monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path))
   first = list(batches(CONFIG, 2, 3, shards=1))
-  assert "using the tokenised cache" not in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "using the tokenised cache" not in out
+  validation = next(line for line in out.splitlines() if " valid records of " in line)
   second = list(batches(CONFIG, 2, 3, shards=1))
-  assert "using the tokenised cache" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "using the tokenised cache" in out
+  assert validation in out  # the validation summary (what was skipped) is shown on cached runs too
   assert [(s, t) for s, t, _ in first] == [(s, t) for s, t, _ in second]
   for (_, _, a), (_, _, b) in zip(first, second):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -317,6 +322,10 @@ def test_resuming_with_other_settings_warns_and_keeps_the_old_config(tmp_path, c
   workdir = str(tmp_path / "w")
   first = TrainConfig(**{**CONFIG.__dict__, "stop_after_steps": 2})
   train(first, OPTIM, MESH, workdir, gin_text="first")
+  # An attempt that fails before its first checkpoint leaves its config.gin, which never trained: the
+  # archive of what trained until step 2 must not take it.
+  with pytest.raises(ConfigError, match="BATCH_SIZE 2000: no MEDI task has that many examples"):
+    train(TrainConfig(**{**CONFIG.__dict__, "batch_size": 2000}), OPTIM, MESH, workdir, gin_text="failed")
   other_medi = str(tmp_path / "other_medi.jsonl")
   shutil.copyfile(CONFIG.medi_path, other_medi)
   changed = TrainConfig(**{**CONFIG.__dict__, "mixing_temperature": 3.0, "rate_cap": 1000, "model": "gtr-base",
