@@ -8,7 +8,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline;
 #                                                    # attention-only remat scanned, at dropout 0.1, at dropout 0, and
 #                                                    # at dropout 0 on cuDNN's attention; full remat scanned at 512
-#                                                    # triples and unrolled at 256), then a profile of the scanned
+#                                                    # triples and unrolled at 256), what a dropout mask costs by
+#                                                    # how its bits are drawn, then a profile of the scanned
 #                                                    # attention-only-remat step
 #   OUT=/some/dir bash benchmarks/gpu_all.sh extra   # GPU tests, XLA attention, profiles, float16, tokeniser (its step
 #                                                    # limits add up to more than BUDGET: the last are skipped
@@ -127,6 +128,12 @@ elif [[ $PHASE == train ]]; then
   step train 360 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 "$PY" benchmarks/run.py --shape "$SHAPE" \
     --sections matmul,train "${TRAIN[@]}" --train-variants "$TRAIN_VARIANTS" --out "$OUT/train.json"
   report "$OUT/report_train.md" "$OUT"/train.json
+  # What one dropout mask costs on the card, by how its bits are drawn: the encoder's four 16-bit
+  # draws per Threefry block (since 2026-11-28; the train rows above use them), two per word (the
+  # rows of 2026-11-28 04:22 UTC), Flax's 32 bits per element, none. Shape: one gtr-large layer's
+  # float32 attention weights at 256 triples of 256 tokens (~20 s).
+  if [[ -n "${QUICK:-}" ]]; then DROP=(--shape "24,32,64"); else DROP=(--shape "12288,256,256" --repeats 5); fi
+  step dropout 45 "$PY" benchmarks/dropout_draws.py "${DROP[@]}" --out "$OUT/dropout.json"
   step profile_train 170 "$PY" benchmarks/profile_ops.py --case train --shape "$SHAPE" "${PROF[@]}" \
     --remat save_dots_no_batch --scan-layers --out "$OUT/profile_train"
   head -n 20 "$OUT"/profile_train/summary.txt

@@ -158,13 +158,45 @@ class Dense(nn.Module):
     return matmul("...i,io->...o", x, kernel, self.dtype, self.result_dtype)
 
 
+def dropout_draws(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform 16-bit draws (uint32 values below 65536) for `shape`: four per Threefry-2x32 block.
+
+  jax.random.bits hashes one counter per 32-bit word it returns and XORs the block's two output words
+  into one (partitionable Threefry, JAX's default), so 64 bits are computed for every 32 kept. Here
+  each block's counter is (flat index of the leading axes, position along the last axis / 4) and all
+  64 output bits are kept: four draws per block, half the Threefry work of two 16-bit draws per
+  word. The counters are global positions, so any mesh gives the same draws. A key of another
+  PRNG implementation (jax_default_prng_impl) draws through jax.random.bits, two per word.
+  """
+  *lead, last = shape
+  blocks = -(-last // 4)
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+  if impl == "threefry2x32" and math.prod(lead) < 2 ** 32 and blocks < 2 ** 32:
+    from jax.extend.random import threefry2x32_p
+    k = jax.random.key_data(key)
+    grid = (*lead, blocks)
+    row = jnp.zeros(grid, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(lead))):
+      row = row + jax.lax.broadcasted_iota(jnp.uint32, grid, axis) * np.uint32(stride)
+      stride *= lead[axis]
+    column = jax.lax.broadcasted_iota(jnp.uint32, grid, len(lead))
+    high, low = threefry2x32_p.bind(k[0], k[1], row, column)
+    quarters = [high & 0xFFFF, high >> 16, low & 0xFFFF, low >> 16]
+  else:
+    words = jax.random.bits(key, (*lead, (last + 1) // 2), jnp.uint32)
+    quarters = [words & 0xFFFF, words >> 16]
+  return jnp.stack(quarters, axis=-1).reshape(*lead, -1)[..., :last]
+
+
 class Dropout(nn.Module):
-  """Inverted dropout whose keep/drop draws are 16 bits: one 32-bit Threefry word serves two elements.
+  """Inverted dropout whose keep/drop draws are 16 bits, four per Threefry block (`dropout_draws`).
 
   Flax's dropout draws a 32-bit word per element, and those Threefry rounds were a third of the
   CPU train step (BENCHMARKS.md); 16 bits resolve the rate to 1/65536, and the kept values are
-  scaled by the exact keep probability of that threshold. Words pair up along the last axis, which
-  the sharding rules never split, so the mask is the same on any mesh.
+  scaled by the exact keep probability of that threshold. The draws depend on each element's global
+  position alone, so the mask is the same on any mesh.
   """
 
   rate: float
@@ -176,9 +208,7 @@ class Dropout(nn.Module):
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
     drop = round(self.rate * 65536)  # a draw below this drops its element
-    *lead, last = x.shape
-    words = jax.random.bits(self.make_rng("dropout"), (*lead, (last + 1) // 2), jnp.uint32)
-    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
+    draws = dropout_draws(self.make_rng("dropout"), x.shape)
     # Scaled in float32: 1/0.9 rounded to bf16 would be 0.2% off.
     kept = (x.astype(jnp.float32) * np.float32(65536 / (65536 - drop))).astype(x.dtype)
     return jnp.where(draws >= drop, kept, jnp.zeros((), x.dtype))

@@ -279,7 +279,10 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
                         timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   status = (out / "status.txt").read_text()
-  assert "train rc=0" in status and "profile_train rc=0" in status, status
+  assert "train rc=0" in status and "dropout rc=0" in status and "profile_train rc=0" in status, status
+  dropout = json.loads((out / "dropout.json").read_text())
+  assert [r["draws"] for r in dropout["rows"]] == ["blocks", "words", "flax", "none"]
+  assert all(r["best_ms"] > 0 for r in dropout["rows"])
   train = json.loads((out / "train.json").read_text())
   assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-dotsnb-scan", "jax-dotsnb-scan-nodrop",
                                                  "jax-dotsnb-scan-fused-nodrop", "jax-full-scan", "jax-full",

@@ -1,4 +1,5 @@
-"""The encoder's 16-bit dropout: the rate, the scale, independence, determinism, any mesh."""
+"""The encoder's 16-bit dropout (four draws per Threefry block): the rate, the scale, independence,
+determinism, any mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,24 @@ def test_rate_scale_and_mean():
   assert abs(y.mean() - 1.0) < 0.003
 
 
-def test_the_two_halves_of_a_word_are_independent():
+def test_the_four_draws_of_a_block_are_independent():
   keep = np.asarray(_apply(jnp.ones((256, 4096), jnp.float32))) != 0
-  low, high = keep[:, 0::2].ravel(), keep[:, 1::2].ravel()
-  assert abs(np.corrcoef(low, high)[0, 1]) < 0.01
+  quarters = [keep[:, i::4].ravel() for i in range(4)]  # the 16-bit quarters of one Threefry block
+  for i in range(4):
+    for j in range(i + 1, 4):
+      assert abs(np.corrcoef(quarters[i], quarters[j])[0, 1]) < 0.01, (i, j)
   assert abs(np.corrcoef(keep[:-1].ravel(), keep[1:].ravel())[0, 1]) < 0.01  # nor rows
+  assert abs(np.corrcoef(keep[:, :-4].ravel(), keep[:, 4:].ravel())[0, 1]) < 0.01  # nor neighbouring blocks
+
+
+def test_draws_are_uniform_and_other_prng_keys_draw_through_jax_random():
+  from instructor_jax.t5 import dropout_draws
+  draws = np.asarray(dropout_draws(jax.random.key(7), (64, 1024)))
+  assert draws.max() < 65536
+  counts = np.bincount(draws.ravel() >> 12, minlength=16)  # 16 equal bins, 4096 draws expected in each
+  assert counts.min() > 3700 and counts.max() < 4500, counts
+  rbg = np.asarray(dropout_draws(jax.random.key(7, impl="rbg"), (64, 1024)))
+  assert rbg.shape == (64, 1024) and rbg.max() < 65536 and abs(rbg.mean() / 65536 - 0.5) < 0.01
 
 
 def test_identity_when_deterministic_or_rate_zero_and_zeros_at_rate_one():
@@ -51,9 +65,12 @@ def test_bfloat16_is_scaled_in_float32_then_rounded():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 host devices tests/conftest.py sets up")
-def test_mask_does_not_depend_on_the_mesh():
+@pytest.mark.parametrize("spec", [PartitionSpec("data", "model"), PartitionSpec(None, None, "data", "model")])
+def test_mask_does_not_depend_on_the_mesh(spec):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 4, 32, 48)), jnp.float32)
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-  sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", "model")))
+  sharded = jax.device_put(x, NamedSharding(mesh, spec))
   run = jax.jit(lambda v: _apply(v, seed=3))
   np.testing.assert_array_equal(run(sharded), run(x))
+  typed = jax.jit(lambda v: Dropout(0.1).apply({}, v, False, rngs={"dropout": jax.random.key(3)}))
+  np.testing.assert_array_equal(typed(sharded), typed(x))  # a typed key (what the trainer passes) draws the same
