@@ -154,6 +154,10 @@ def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unre
                  "int8_ranges": None if ranges is None else {"file": RANGES_FILE, "sha256": ranges_hash}},
       # Buckets change the padding, and in bf16 padding-free results can differ in the last bit.
       "buckets": list(buckets),
+      # Texts longer than the largest bucket: padded to doubling lengths (since 2026-11-28), before that
+      # to max_seq_length. Recorded only where it applies (a bucket list below max_seq_length), so
+      # that jobs it does not touch keep their identity, and the others are not resumed across the change.
+      **({"long_padding": "doubling"} if max(buckets, default=max_len) < max_len else {}),
       # Likewise the packed row length (the effective one, capped at max_seq_length): a text's
       # neighbours and offset in its row change the summation order, so results move by float
       # rounding (~1.5e-7 in float32, more in bf16, and a step at int8/binary edges). Mixing parts

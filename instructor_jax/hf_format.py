@@ -317,6 +317,10 @@ def _check_modules(directory: str) -> None:
   stage = 0
   for i, module in enumerate(modules):
     kind = str(module.get("type") or "?").rsplit(".", 1)[-1]
+    if kind == "instructor":
+      # InstructorEmbedding 1.0.1 saves through sentence-transformers 2.2.2, which records the class's
+      # module, "InstructorEmbedding.instructor", for its Transformer (first) and Pooling alike.
+      kind = "Transformer" if i == 0 else "Pooling" if "Pooling" in str(module.get("path")) else kind
     ahead = [j for j in range(stage, len(_STAGES)) if kind in _STAGES[j]]
     if not ahead or (stage < 2 and ahead[0] != stage):  # the Transformer and Pooling stages are not optional
       raise CheckpointError(

@@ -359,7 +359,7 @@ def _loop(cfg: TrainConfig, model: InstructorConfig, mesh, step_fn, state: Train
         if evaluator is not None and not preempted:  # a preempted host has seconds, not minutes
           began = time.time()
           evaluator = _evaluate(evaluator, state, values)
-          log.exclude(time.time() - began)  # not training: left out of step_seconds, tokens/s and MFU
+          log.exclude(time.time() - began, "eval_seconds")  # not training: out of step_seconds, tokens/s, MFU
         log(logged_step, task_name, values, force=True)
         pending = None
       if preempted:
@@ -384,14 +384,15 @@ class _Logger:
     self.writer, self.every = writer, every
     self.last_step, self.last_time = start, None
     self.sums = dict.fromkeys(self.SUMMED, 0.0)
-    self.excluded = 0.0  # seconds spent compiling since the last record
+    self.excluded = dict.fromkeys(self.EXCLUDED, 0.0)  # seconds since the last record that were not steps
     self.records = RunRecords()
 
   SUMMED = ("real_tokens", "padded_tokens", "flops")  # per step, averaged over the steps of a record
+  EXCLUDED = ("compile_seconds", "eval_seconds")  # compiling a new shape; the STS evaluation at a checkpoint
 
-  def exclude(self, seconds: float) -> None:
-    """Leaves `seconds` (compiling a new shape) out of the current record's step time."""
-    self.excluded += seconds
+  def exclude(self, seconds: float, what: str = "compile_seconds") -> None:
+    """Leaves `seconds` out of the current record's step time, logged as `what`."""
+    self.excluded[what] += seconds
 
   def __call__(self, step: int, task: str, values: dict[str, float], force: bool = False) -> None:
     for k in self.SUMMED:
@@ -401,12 +402,14 @@ class _Logger:
     now = time.time()
     # The first record of a run includes the first compilation, so it reports no throughput.
     steps = max(step - self.last_step, 1)
-    seconds = None if self.last_time is None else max(now - self.last_time - self.excluded, 1e-9) / steps
-    if self.excluded and self.last_time is not None:
-      values["compile_seconds"] = self.excluded
+    away = sum(self.excluded.values())
+    seconds = None if self.last_time is None else max(now - self.last_time - away, 1e-9) / steps
+    if self.last_time is not None:
+      values.update({k: v for k, v in self.excluded.items() if v})
     record = self.writer.write(step, task, values, seconds, **{k: v / steps for k, v in self.sums.items()})
     self.records.append(record)
-    self.last_step, self.last_time, self.sums, self.excluded = step, now, dict.fromkeys(self.SUMMED, 0.0), 0.0
+    self.last_step, self.last_time, self.sums = step, now, dict.fromkeys(self.SUMMED, 0.0)
+    self.excluded = dict.fromkeys(self.EXCLUDED, 0.0)
 
 
 # Mistakes in the run's settings or inputs. Their messages name the setting, file or record, what was

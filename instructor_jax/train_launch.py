@@ -66,8 +66,9 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
       hint = " (a string value needs quotes, e.g. MEDI_PATH = 'data/medi.jsonl')"
     raise ConfigError(f"gin: {e}{hint}") from e
   except OSError as e:  # an include gin cannot find; gin's message lists the paths it searched
-    raise ConfigError(f"gin: {e}. Includes are resolved against each --gin_file's folder and its parent, and "
-                      f"against {SHIPPED_GIN}.") from e
+    shipped = f", and against {SHIPPED_GIN}" if os.path.isdir(SHIPPED_GIN) else ""
+    raise ConfigError(f"gin: {e}. Includes are resolved against each --gin_file's folder and its parent"
+                      f"{shipped}.") from e
   finally:
     logging.disable(logging.NOTSET)
 

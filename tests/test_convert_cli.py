@@ -269,7 +269,8 @@ def test_max_seq_length_of_a_sentence_transformers_6_directory(tmp_path):
   assert load_source(str(src)).config.max_seq_length == 128  # sentence_bert_config.json's value comes first
 
 
-@pytest.mark.parametrize("change", ["layer_norm", "second_dense", "no_pooling", "dense_first", "st6_names"])
+@pytest.mark.parametrize("change", ["layer_norm", "second_dense", "no_pooling", "dense_first", "st6_names",
+                                    "instructor_embedding_save"])
 def test_modules_this_package_does_not_compute_are_refused(tmp_path, change):
   """Any module besides Transformer, Pooling, [Dense], [Normalize] would be skipped silently, and the
   embeddings differ from sentence-transformers'."""
@@ -288,10 +289,14 @@ def test_modules_this_package_does_not_compute_are_refused(tmp_path, change):
           "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
           "sentence_transformers.base.modules.dense.Dense", "sentence_transformers.base.modules.normalize.Normalize"))],
                     None),
+      # INSTRUCTOR(...).save() in 1.0.1 (sentence-transformers 2.2.2 records the class's module).
+      "instructor_embedding_save": ([{**transformer, "type": "InstructorEmbedding.instructor"},
+                                     {**pooling, "type": "InstructorEmbedding.instructor"}, dense, normalize], None),
   }[change]
   (src / "modules.json").write_text(json.dumps(new))
   if match is None:  # sentence-transformers 6 moved its modules; the class names are what count
-    assert load_source(str(src)).config.projection_dim is not None
+    loaded, reference = load_source(str(src)), load_source(TINY)
+    assert loaded.config == reference.config
     return
   with pytest.raises(CheckpointError, match=match + ".*would change its embeddings"):
     load_source(str(src))

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from embed_support import INSTRUCTION, base_args, read_output, sentences, tiny_model, write_jsonl
 from instructor_jax import embed
 from instructor_jax.embed_batches import row_choices, split_rows
+from instructor_jax.embed_manifest import OutputMismatchError
 from instructor_jax.embed_output import quantize
 
 
@@ -236,3 +237,26 @@ def test_refused_job_leaves_the_existing_int8_ranges_alone(tmp_path, model):
     embed.main(base_args([path], out, "--precision", "int8", "--int8-ranges", str(tmp_path / "second.npy")),
                model=model)
   np.testing.assert_array_equal(np.load(os.path.join(out, "_int8_ranges.npy")), first)
+
+
+def test_texts_past_the_largest_bucket_pad_to_doubling_lengths_and_the_job_records_it(tmp_path, model):
+  """Past the largest bucket a text is padded to doubling lengths (here 16 -> 32), not to max_seq_length;
+  a job that predates that rule padded otherwise, so it is not resumed across the change."""
+  texts = ["a short one", "word " * 10, "word " * 20, "word " * 40]  # 5, 11, 21 and 41 tokens with EOS
+  assert [len(ids) for ids in model.tokenizer.tokenize(texts, max_len=64)[0]] == [5, 11, 21, 41]
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in texts])
+  out = str(tmp_path / "out")
+  args = base_args([path], out, "--max-seq-length", "64", "--buckets", "8,16", "--pack-length", "0")
+  summary = embed.main(args, model=model)
+  assert {length for _, length in summary["batch_shapes"]} == {8, 16, 32, 64}
+  job = json.loads((tmp_path / "out" / "_job.json").read_text())
+  assert job["long_padding"] == "doubling"
+  _, emb = read_output(out)
+  np.testing.assert_allclose(emb, model.encode(texts, max_seq_length=64), atol=1e-6)
+  del job["long_padding"]  # as a job started before the rule wrote it
+  (tmp_path / "out" / "_job.json").write_text(json.dumps(job))
+  with pytest.raises(OutputMismatchError, match="long_padding: existing null vs now \"doubling\""):
+    embed.main(args, model=model)
+  default = str(tmp_path / "default")
+  embed.main(base_args([path], default), model=model)  # buckets up to max_seq_length: nothing to record
+  assert "long_padding" not in json.loads((tmp_path / "default" / "_job.json").read_text())

@@ -109,3 +109,6 @@ def test_evaluation_time_is_not_step_time(tmp_path, monkeypatch):
   assert skipped[0] == 2000.0  # evaluated at both checkpoints
   timed = [r for r in records if r.get("step_seconds") is not None]
   assert {r["step"] for r in timed} == {2, 3, 4} and all(r["step_seconds"] < 100 for r in timed), timed
+  evaluated = {r["step"]: r for r in timed if "eval_seconds" in r}  # logged apart from compiling
+  assert sorted(evaluated) == [2, 4] and all(999 < r["eval_seconds"] < 1100 for r in evaluated.values()), timed
+  assert all(r.get("compile_seconds", 0.0) < 100 for r in timed), timed
