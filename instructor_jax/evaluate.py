@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -36,15 +37,22 @@ class EvalDataError(ValueError):
   """An evaluation file that cannot be read as the format it claims."""
 
 
-def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
-  """(sentence pairs, gold scores) of a SemEval STS TSV or a SICK file (recognised by its header)."""
+def _read_text(path: str, what: str) -> str:
+  """A whole evaluation file as text: local or gs://, UTF-8 (a BOM dropped); errors name the file."""
   from etils import epath  # local paths and gs:// alike (a pod's hosts read the same file)
   if not epath.Path(path).exists():
-    raise FileNotFoundError(f"{path}: no such STS file.")
+    raise FileNotFoundError(f"{path}: no such {what} file.")
+  if epath.Path(path).is_dir():
+    raise EvalDataError(f"{path} is a directory; expected a {what} file.")
   try:  # bytes, decoded here: epath's read_text does not honour every encoding (a BOM would stay)
-    lines = epath.Path(path).read_bytes().decode("utf-8-sig").splitlines()
+    return epath.Path(path).read_bytes().decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise EvalDataError(f"{path}: not UTF-8 (byte {e.start}); save the file as UTF-8.") from None
+
+
+def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
+  """(sentence pairs, gold scores) of a SemEval STS TSV or a SICK file (recognised by its header)."""
+  lines = _read_text(path, "STS").splitlines()
   if not lines:
     raise EvalDataError(f"{path}: empty file; expected STS pairs.")
   header = lines[0].split("\t")
@@ -54,17 +62,27 @@ def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
   else:
     s, a, b, start = 0, 1, 2, 1
   pairs, gold = [], []
+  expected = ("SICK columns sentence_A, sentence_B, relatedness_score" if start == 2 else
+              "score<TAB>sentence1<TAB>sentence2 (a SICK file needs its header line)")
   for line_no, line in enumerate(lines[start - 1:], start):
     if not line.strip():
       continue
     fields = line.split("\t")
+    # Exactly three fields in SemEval's format: SICK without its header, or an MSR paraphrase row,
+    # would otherwise score an id column as the gold and compare the wrong texts.
+    if (start == 1 and len(fields) != 3) or len(fields) <= max(a, b, s):
+      raise EvalDataError(f"{path}:{line_no}: {len(fields)} tab-separated fields; expected {expected}, got "
+                          f"{line[:80]!r}.")
     try:
-      pairs.append((fields[a], fields[b]))
-      gold.append(float(fields[s]))
-    except (IndexError, ValueError):
-      expected = "SICK columns sentence_A, sentence_B, relatedness_score" if start == 2 else \
-          "score<TAB>sentence1<TAB>sentence2"
-      raise EvalDataError(f"{path}:{line_no}: expected {expected}, got {line[:80]!r}.") from None
+      score = float(fields[s])
+    except ValueError:
+      score = float("nan")
+    if not np.isfinite(score):
+      raise EvalDataError(f"{path}:{line_no}: gold score {fields[s][:20]!r}; expected a finite number ({expected}).")
+    if not fields[a].strip() or not fields[b].strip():
+      raise EvalDataError(f"{path}:{line_no}: an empty sentence; expected {expected}.")
+    pairs.append((fields[a], fields[b]))
+    gold.append(score)
   if len(pairs) < 2 or len(set(gold)) < 2:
     raise EvalDataError(f"{path}: {len(pairs)} pair(s) with {len(set(gold))} distinct score(s); a correlation "
                         "needs at least two pairs with different gold scores.")
@@ -74,16 +92,29 @@ def read_sts(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
 def read_rerank(path: str) -> list[tuple[str, list[tuple[str, int]]]]:
   """[(question, [(candidate, label 0/1), ...]), ...] in file order, from a `qtext,label,atext` CSV."""
   groups: dict[str, list[tuple[str, int]]] = {}
-  with open(path, encoding="utf-8-sig", newline="") as f:
-    reader = csv.DictReader(f)
-    missing = {"qtext", "label", "atext"} - set(reader.fieldnames or [])
+  # Strict CSV: a stray quote is an error naming its line, where the lenient default silently glues
+  # the following lines into one field.
+  reader = csv.reader(io.StringIO(_read_text(path, "reranking CSV"), newline=""), strict=True)
+  try:
+    header = next(reader, [])
+    missing = {"qtext", "label", "atext"} - set(header)
     if missing:
-      raise EvalDataError(f"{path}: header {reader.fieldnames}; expected the columns qtext, label, atext "
+      raise EvalDataError(f"{path}: header {header}; expected the columns qtext, label, atext "
                           f"(missing {sorted(missing)}).")
-    for row in reader:
+    for fields in reader:
+      if not fields:
+        continue
+      if len(fields) != len(header):
+        raise EvalDataError(f"{path}:{reader.line_num}: {len(fields)} fields, but the header has {len(header)}.")
+      row = dict(zip(header, fields))
       if row["label"] not in ("0", "1"):
         raise EvalDataError(f"{path}:{reader.line_num}: label {row['label']!r}; expected 0 or 1.")
+      if not row["qtext"].strip() or not row["atext"].strip():
+        raise EvalDataError(f"{path}:{reader.line_num}: an empty qtext or atext.")
       groups.setdefault(row["qtext"], []).append((row["atext"], int(row["label"])))
+  except csv.Error as e:
+    raise EvalDataError(f"{path}:{reader.line_num}: {e} (CSV quoting: a field with commas, quotes or line breaks "
+                        "is enclosed in double quotes, and quotes inside it are doubled).") from None
   if not groups:
     raise EvalDataError(f"{path}: no rows under the header.")
   return list(groups.items())
@@ -194,30 +225,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   from instructor_jax.hf_format import CheckpointError
   from instructor_jax.instructor import Instructor
   try:
-    # Read every file before loading the model, so a typo fails in seconds.
+    # Read every file before loading the model, so a typo fails in seconds; so is --json checked.
     sts = [(path, *read_sts(path)) for path in args.sts]
     rerank = [(path, read_rerank(path)) for path in args.rerank]
+    if args.json:
+      if os.path.isdir(args.json):
+        raise EvalDataError(f"--json {args.json} is a directory; expected a file name to write the results to.")
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     kwargs = {} if args.step is None else {"step": args.step}
     model = Instructor.from_pretrained(args.model, dtype=args.dtype, max_seq_length=args.max_seq_length, **kwargs)
     results = {"model": model.source, "dtype": model.config.encoder.dtype, "sts": {}, "rerank": {}}
     for path, pairs, gold in sts:
-      results["sts"][path] = evaluate_sts(model, pairs, gold, args.sts_instruction, args.batch_size)
+      results["sts"][path] = _naming(path, evaluate_sts, model, pairs, gold, args.sts_instruction, args.batch_size)
       r = results["sts"][path]
       print(f"sts     {path}: {r['pairs']} pairs, Spearman {r['spearman']:.2f}, Pearson {r['pearson']:.2f}")
     for path, groups in rerank:
-      results["rerank"][path] = evaluate_rerank(model, groups, args.query_instruction, args.doc_instruction,
-                                                args.batch_size)
+      results["rerank"][path] = _naming(path, evaluate_rerank, model, groups, args.query_instruction,
+                                        args.doc_instruction, args.batch_size)
       r = results["rerank"][path]
       print(f"rerank  {path}: {r['questions']} questions ({r['skipped_questions']} without both labels skipped), "
             f"MRR {r['mrr']:.2f}, MAP {r['map']:.2f}, nDCG@10 {r['ndcg@10']:.2f}")
-  except (EvalDataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+  except (EvalDataError, CheckpointError, OSError, ValueError) as e:  # OSError: FileNotFoundError, a bad --json
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
   return results
+
+
+def _naming(path: str, evaluate: Any, *args: Any) -> dict[str, Any]:
+  """`evaluate(*args)`, an EvalDataError raised there naming the file whose data it concerns."""
+  try:
+    return evaluate(*args)
+  except EvalDataError as e:
+    raise EvalDataError(f"{path}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -92,8 +92,14 @@ def test_cli_rerank_skips_one_sided_questions_and_writes_json(tmp_path, fixtures
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("bad.tsv", "4\tA dog runs.\tA dog is running.\nnot a score\tx\ty\n", r"bad.tsv:2: expected score<TAB>sentence1"),
-    ("short.tsv", "4\tonly one sentence\n", r"short.tsv:1: expected score<TAB>sentence1"),
+    ("bad.tsv", "4\tA dog runs.\tA dog is running.\nnot a score\tx\ty\n",
+     r"bad.tsv:2: gold score 'not a score'; expected a finite number \(score<TAB>sentence1"),
+    ("nan.tsv", "4\ta\tb\nnan\tc\td\n", r"nan.tsv:2: gold score 'nan'; expected a finite number"),
+    ("short.tsv", "4\tonly one sentence\n", r"short.tsv:1: 2 tab-separated fields; expected score<TAB>sentence1"),
+    # SICK without its header: its pair_ID column would be read as the gold score.
+    ("sick_rows.txt", "1\tA dog runs.\tA dog is running.\t4.5\tENTAILMENT\n",
+     r"sick_rows.txt:1: 5 tab-separated fields; expected .*\(a SICK file needs its header line\)"),
+    ("blank.tsv", "4\ta\tb\n3\t \tfoo bar\n", r"blank.tsv:2: an empty sentence"),
     ("empty.tsv", "", "empty file"),
     ("one.tsv", "4\tA dog runs.\tA dog is running.\n\n", "1 pair\\(s\\) with 1 distinct score"),
     ("flat.tsv", "3\ta\tb\n3\tc\td\n", "2 pair\\(s\\) with 1 distinct score"),
@@ -117,6 +123,21 @@ def test_bad_rerank_files_and_nothing_to_do(tmp_path, capsys):
     evaluate.read_rerank(_write(tmp_path / "a.csv", "qtext,atext\nq,a\n"))
   with pytest.raises(evaluate.EvalDataError, match=r"b.csv:3: label 'yes'; expected 0 or 1"):
     evaluate.read_rerank(_write(tmp_path / "b.csv", "qtext,label,atext\nq,1,a\nq,yes,b\n"))
+  for name, text, message in (
+      ("short.csv", "qtext,label,atext\nq,1,a\nq,1\n", r"short.csv:3: 2 fields, but the header has 3"),
+      ("extra.csv", "qtext,label,atext\nq,1,a,b\n", r"extra.csv:2: 4 fields, but the header has 3"),
+      # A stray quote: the lenient reader glued the following lines into one field.
+      ("stray.csv", 'qtext,label,atext\nq,1,"an open quote\nq,0,b\n', r"stray.csv:\d+: .*CSV quoting"),
+      ("empty_text.csv", "qtext,label,atext\nq,1,\n", r"empty_text.csv:2: an empty qtext or atext")):
+    with pytest.raises(evaluate.EvalDataError, match=message):
+      evaluate.read_rerank(_write(tmp_path / name, text))
+  (tmp_path / "latin1.csv").write_bytes("qtext,label,atext\nq,1,caf\xe9\n".encode("latin-1"))
+  with pytest.raises(evaluate.EvalDataError, match=r"latin1.csv: not UTF-8 \(byte \d+\); save the file as UTF-8"):
+    evaluate.read_rerank(str(tmp_path / "latin1.csv"))
+  with pytest.raises(FileNotFoundError, match=r"missing.csv: no such reranking CSV file"):
+    evaluate.read_rerank(str(tmp_path / "missing.csv"))
+  with pytest.raises(evaluate.EvalDataError, match=r"is a directory; expected a STS file"):
+    evaluate.read_sts(str(tmp_path))
   with pytest.raises(SystemExit) as e:  # a bad file fails before any model is loaded
     evaluate.main(["--model", "never/loaded", "--sts", str(tmp_path / "missing.tsv")])
   assert e.value.code == 2 and "missing.tsv" in capsys.readouterr().err
@@ -130,4 +151,13 @@ def test_an_instruction_covering_a_text_is_one_error_line(tmp_path, fixtures_dir
     evaluate.main(["--model", str(fixtures_dir / "tiny_instructor"), "--sts", sts, "--sts-instruction", "compreh"])
   assert e.value.code == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: text 'end': the instruction 'compreh' alone tokenises to 3 pieces") and "Traceback" not in err
+  assert err.startswith(f"error: {sts}: text 'end': the instruction 'compreh' alone tokenises to 3 pieces"), err
+  assert "Traceback" not in err
+
+
+def test_a_bad_json_destination_fails_before_the_model_loads(tmp_path, capsys):
+  sts = _write(tmp_path / "sts.tsv", "4\tA dog runs.\tA dog is running.\n1\tA cat.\tThe market crashed.\n")
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--model", "never/loaded", "--sts", sts, "--json", str(tmp_path)])
+  assert e.value.code == 2
+  assert f"--json {tmp_path} is a directory" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_a_bad_eval_file_fails_before_training(tmp_path):
   bad.write_text("not a score\tx\ty\n")
   cfg = TrainConfig(medi_path=str(REPO / "data" / "medi_sample.jsonl"), model="tiny", train_steps=1, batch_size=8,
                     eval_sts_path=str(bad))
-  with pytest.raises(evaluate.EvalDataError, match=r"bad.tsv:1: expected score<TAB>sentence1"):
+  with pytest.raises(evaluate.EvalDataError, match=r"bad.tsv:1: gold score .not a score.; expected a finite number"):
     train(cfg, OptimConfig(), MeshConfig(), str(tmp_path / "never"))
   assert not (tmp_path / "never").exists()
   with pytest.raises(FileNotFoundError, match="missing.tsv: no such STS file"):
