@@ -7,7 +7,8 @@
 #                                                    # cut short at 258 s with BUDGET=560, 2026-11-27)
 #   OUT=/some/dir bash benchmarks/gpu_all.sh train   # the train rows aimed at the MFU target (PyTorch baseline;
 #                                                    # attention-only remat scanned, at dropout 0.1, at dropout 0, and
-#                                                    # at dropout 0 on cuDNN's attention; full remat scanned at 512
+#                                                    # at dropout 0 on cuDNN's attention, and on it without
+#                                                    # attention dropout only; full remat scanned at 512
 #                                                    # triples and unrolled at 256), what a dropout mask costs by
 #                                                    # how its bits are drawn, then a profile of the scanned
 #                                                    # attention-only-remat step
@@ -43,7 +44,7 @@ END=$((SECONDS + ${BUDGET:-570}))
 if [[ -n "${QUICK:-}" ]]; then
   SHAPE=tiny; SIZES=(--quick --short 64 --docs 8); SIZES_FP16=("${SIZES[@]}"); TRAIN=(--train-batch 8 --train-length 32)
   VARIANTS="pytorch,pytorch-ckpt,jax,jax-full,jax-gc4"; PROF=(--batch 4 --length 32)
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan,jax-dotsnb-scan-nodrop,jax-dotsnb-scan-fused-nodrop,jax-full-scan,jax-full,jax-full-nolhs,jax-gc4"}
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan,jax-dotsnb-scan-nodrop,jax-dotsnb-scan-fused-nodrop,jax-dotsnb-scan-fused-noattndrop,jax-full-scan,jax-full,jax-full-nolhs,jax-gc4"}
 else
   SHAPE=${SHAPE:-gtr-large}; SIZES=(--short 10000 --docs 1000); SIZES_FP16=(--short 2000 --docs 200); TRAIN=(--train-batch 256 --train-length 256)
   # PyTorch first: JAX's allocator never hands memory back within the process, so a PyTorch row
@@ -58,14 +59,15 @@ else
   # (jax-dotsnb-scan) at 28.5%: the recomputed matmuls are not what holds the step back. So these
   # rows split the rest, all scanned (a gtr-large compile of ~20 s instead of 60-90 s unrolled):
   # the same step at dropout 0 with the einsum attention (what the dropout masks cost), and at
-  # dropout 0 on cuDNN's fused attention (what the einsums' [B, H, L, L] float32 tensors cost); then
-  # full remat scanned at 512 triples (does a larger batch raise MFU; the temp said >= 984 fit), and
+  # dropout 0 on cuDNN's fused attention (what the einsums' [B, H, L, L] float32 tensors cost), and
+  # on cuDNN's fused attention with every dropout but the attention weights' (attention_dropout_rate
+  # 0: the fast recipe a user can choose); then full remat scanned at 512 triples (does a larger batch raise MFU; the temp said >= 984 fit), and
   # last the unrolled full-remat row of earlier runs, for continuity (the row a cut-short run can
   # best lose). jax-dotsnb-scan keeps ~100 GiB of temp at 256 triples, so on a card under 100 GB
-  # these three start at 128.
+  # these four start at 128.
   GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
   if ((${GPU_MIB:-0} > 0 && ${GPU_MIB:-0} < 100000)); then AT="@128"; else AT="@256|128"; fi
-  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan$AT,jax-dotsnb-scan-nodrop$AT,jax-dotsnb-scan-fused-nodrop$AT,jax-full-scan@512|256,jax-full@256|128"}
+  TRAIN_VARIANTS=${TRAIN_VARIANTS:-"pytorch-ckpt,jax-dotsnb-scan$AT,jax-dotsnb-scan-nodrop$AT,jax-dotsnb-scan-fused-nodrop$AT,jax-dotsnb-scan-fused-noattndrop$AT,jax-full-scan@512|256,jax-full@256|128"}
 fi
 
 FAILED=0

@@ -89,10 +89,12 @@ def train_rows(r: dict) -> list[str]:
     ratio = f"{t['tok_s'] / base['tok_s']:.2f}× ({base['impl']})" if base and t["impl"].startswith("jax") else ""
     mfu, spec = t.get("mfu"), t.get("mfu_spec")
     notes = []
-    nodrop = t["impl"].endswith("-nodrop")
-    if nodrop:  # another recipe: no ratio to the PyTorch rows, and no MFU verdict (both use dropout 0.1)
+    # Other recipes: no ratio to the PyTorch rows, and no MFU verdict (both drop everything at 0.1).
+    nodrop = t["impl"].endswith(("-nodrop", "-noattndrop"))
+    if nodrop:
       ratio = ""
-      notes.append("dropout 0 (the other rows 0.1)")
+      notes.append("dropout 0 (the other rows 0.1)" if t["impl"].endswith("-nodrop") else
+                   "attention dropout 0, the other dropouts 0.1 (the other rows: all 0.1)")
     if (r["backend"] == "gpu" and t["impl"].startswith("jax") and not nodrop and t["batch"] >= MFU_MIN_BATCH
         and t["length"] >= MFU_MIN_LENGTH and mfu is not None):
       notes.append(f"MFU target {_verdict(mfu >= MFU_TARGET)} (≥ {MFU_TARGET:.0%})")

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
   parser.add_argument("--train-variants", default=None,
                       help="comma list of pytorch, pytorch-ckpt, jax, jax-save_dots, jax-full, jax-full-nolhs, "
                            "jax-full-fused-nodrop, jax-gc4, jax-full-scan, jax-dotsnb-scan, jax-dotsnb-scan-nodrop, "
-                           "jax-dotsnb-scan-fused-nodrop, each "
+                           "jax-dotsnb-scan-fused-nodrop, jax-dotsnb-scan-fused-noattndrop, each "
                            "optionally @BATCH, or @B1|B2 to try B2 if B1 runs out of memory (default: "
                            "pytorch,jax,jax-save_dots at --train-batch)")
   parser.add_argument("--short", type=int, default=None, help="short instructed sentences to embed")

@@ -67,26 +67,29 @@ def _torch_step(cfg: InstructorConfig, export_dir: str, batch: int, length: int,
 
 
 def _jax_step(cfg: InstructorConfig, params, batch: int, length: int, remat: str = "none", grad_cache_chunks: int = 1,
-              xla_options: dict | None = None, fused_attention_no_dropout: bool = False, scan_layers: bool = False,
-              no_dropout: bool = False):
+              xla_options: dict | None = None, fused_attention: bool = False, scan_layers: bool = False,
+              dropout: str = "all"):
   """Our jitted, donating train step on a data-parallel mesh over every local device (compiled ahead of time).
 
   `xla_options` are added to the trainer's own compiler options (TrainConfig.xla_options).
-  `fused_attention_no_dropout`: dropout 0, so attention runs on a fused kernel, forward and backward
-  (cuDNN's on a GPU, XLA's elsewhere); another recipe than the other rows' dropout 0.1. `no_dropout`:
-  dropout 0 with the same einsum attention as the dropout rows, so that the two differences (the
-  dropout masks; the einsums against a fused kernel) are measured apart."""
+  `dropout`: "all" (the model's rate everywhere, INSTRUCTOR's recipe), "none" (dropout 0), or
+  "hidden" (attention_dropout_rate 0: the other dropouts stay). `fused_attention` (with "none" or
+  "hidden", which drop no attention weights): attention on a fused kernel, forward and backward
+  (cuDNN's on a GPU, XLA's elsewhere), rather than the einsums. Apart, they measure what the dropout
+  masks cost and what the einsums' [B, H, L, L] tensors cost."""
   import jax
   from instructor_jax import sharding as shd
   from instructor_jax import train_step as ts
   from instructor_jax.optim import OptimConfig, make_optimizer
   from instructor_jax.xla_options import train_compiler_options
   cfg = cfg.with_encoder(remat_policy=remat, scan_layers=scan_layers)
-  if no_dropout:
+  if dropout == "none":
     cfg = cfg.with_encoder(dropout_rate=0.0)
-  if fused_attention_no_dropout:
-    cfg = cfg.with_encoder(dropout_rate=0.0, attention_impl="cudnn" if jax.default_backend() == "gpu"
-                           else "dot_product_attention")
+  elif dropout == "hidden":
+    cfg = cfg.with_encoder(attention_dropout_rate=0.0)
+  if fused_attention:
+    assert dropout != "all", "the fused kernels have no attention dropout"
+    cfg = cfg.with_encoder(attention_impl="cudnn" if jax.default_backend() == "gpu" else "dot_product_attention")
   mesh = shd.make_mesh(shd.MeshConfig(data=-1, fsdp=1, tensor=1))
   tx, schedule = make_optimizer(OptimConfig(learning_rate=2e-5, warmup_fraction=0.0), total_steps=1000)
   state = ts.init_state(cfg, tx, mesh, params=params)
@@ -157,7 +160,7 @@ VARIANTS = {
     "jax-full-nolhs": ("jax", {"remat": "full", "xla_options": {"xla_gpu_enable_latency_hiding_scheduler": False}}),
     # Full remat at dropout 0, attention on cuDNN's fused kernel (forward and backward; XLA's on a
     # CPU): what the einsums' [B, H, L, L] float32 tensors cost. A different recipe from the others.
-    "jax-full-fused-nodrop": ("jax", {"remat": "full", "fused_attention_no_dropout": True}),
+    "jax-full-fused-nodrop": ("jax", {"remat": "full", "dropout": "none", "fused_attention": True}),
     "jax-gc4": ("jax", {"remat": "save_dots", "grad_cache_chunks": 4}),
     # The layers as one scan (T5Config.scan_layers): remat recomputes one layer per backward
     # iteration, whatever the scheduler does; with save_dots_no_batch only attention is recomputed,
@@ -165,13 +168,17 @@ VARIANTS = {
     "jax-full-scan": ("jax", {"remat": "full", "scan_layers": True}),
     "jax-dotsnb-scan": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True}),
     # On one H200 (2026-11-28) recomputing only attention ran no faster than full remat (28.5% MFU
-    # against 28.2%), so the recomputed matmuls are not what holds the step back. These two split
-    # what else might: the same step at dropout 0 with the einsum attention (what the dropout masks
+    # against 28.2%), so the recomputed matmuls are not what holds the step back. These split what
+    # else might: the same step at dropout 0 with the einsum attention (what the dropout masks
     # cost), and at dropout 0 on cuDNN's fused attention (what the einsums' [B, H, L, L] float32
     # logits, softmax and weights cost on top).
-    "jax-dotsnb-scan-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True, "no_dropout": True}),
-    "jax-dotsnb-scan-fused-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True,
-                                             "fused_attention_no_dropout": True}),
+    "jax-dotsnb-scan-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True, "dropout": "none"}),
+    "jax-dotsnb-scan-fused-nodrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True, "dropout": "none",
+                                             "fused_attention": True}),
+    # The recipe a user can train fast with: every dropout but the attention weights'
+    # (attention_dropout_rate 0), attention on cuDNN's fused kernel.
+    "jax-dotsnb-scan-fused-noattndrop": ("jax", {"remat": "save_dots_no_batch", "scan_layers": True,
+                                                 "dropout": "hidden", "fused_attention": True}),
 }
 DEFAULT_VARIANTS = "pytorch,jax,jax-save_dots"
 

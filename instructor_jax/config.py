@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu")
@@ -45,22 +46,27 @@ class T5Config:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   dropout_rate: float = 0.1
+  # The rate for the attention weights; None: dropout_rate, as T5, GTR and INSTRUCTOR train (Hugging
+  # Face's T5 drops the softmax weights at the model's one rate). 0 with dropout_rate > 0 keeps the
+  # other dropouts and lets training run attention on a fused kernel (cuDNN's, XLA's, the TPU flash
+  # kernel), which have no attention dropout: another recipe than INSTRUCTOR's, chosen for speed.
+  attention_dropout_rate: Optional[float] = None
   # Compute dtype; parameters are always stored in float32.
   dtype: str = "float32"
   remat_policy: str = "none"
   # "auto" (default): at inference "cudnn" on a GPU of compute capability >= 8.0 in bfloat16/float16, falling back to
   # "dot_product_attention" where cuDNN refuses a call, and "dot_product_attention" elsewhere
-  # (t5.attention_kernel); in training without dropout "dot_product_attention".
+  # (t5.attention_kernel); in training without attention dropout "dot_product_attention".
   # "dot_product_attention": jax.nn.dot_product_attention, XLA's implementation, at inference and
-  # in training without dropout (on CPU XLA keeps its logits matmul a library call, 1.15x faster
-  # than the einsums at 512 tokens). "xla": explicit einsums everywhere. Training with dropout
-  # always uses the einsums (the fused kernels have no attention dropout). "cudnn": the same call
+  # in training without attention dropout (on CPU XLA keeps its logits matmul a library call, 1.15x faster
+  # than the einsums at 512 tokens). "xla": explicit einsums everywhere. Training with attention
+  # dropout always uses the einsums (the fused kernels have none; see attention_dropout_rate). "cudnn": the same call
   # with implementation="cudnn" (cuDNN flash attention, forward and backward; GPU, bf16/fp16 only;
   # JAX never picks it by itself; an error where cuDNN refuses). It takes the padding as per-row key
   # lengths, so masks must be trailing padding, as every batch built by this package is. "tpu_flash": the Pallas TPU
   # flash-attention kernel, bias and segment ids inside it, at inference and in training without
-  # dropout, where the length is a multiple of 128 (tpu_attention.py); other lengths, and training
-  # with dropout, use the paths above.
+  # attention dropout, where the length is a multiple of 128 (tpu_attention.py); other lengths, and
+  # training with attention dropout, use the paths above.
   attention_impl: str = "auto"
   # Run the layers as one lax.scan over their stacked parameters (t5.Encoder._scanned_layers):
   # remat then recomputes one layer at a time, and the program compiles once per layer, not per
@@ -74,6 +80,12 @@ class T5Config:
       raise ConfigError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      rate = getattr(self, name)
+      if not ((rate is None and name == "attention_dropout_rate") or
+              (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and 0 <= rate < 1)):
+        raise ConfigError(f"T5Config.{name}={rate!r}; expected a number with 0 <= rate < 1"
+                          + (", or None for dropout_rate." if name == "attention_dropout_rate" else "."))
     for name in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers"):
       if not getattr(self, name) >= 1:
         raise ConfigError(f"T5Config.{name}={getattr(self, name)!r}; expected an integer >= 1.")
@@ -86,6 +98,11 @@ class T5Config:
       raise ConfigError(f"T5Config.relative_attention_max_distance={self.relative_attention_max_distance}; expected "
                         f"> {self.relative_attention_num_buckets // 4} (num_buckets / 4) for "
                         f"{self.relative_attention_num_buckets} buckets. T5, GTR and INSTRUCTOR use 128.")
+
+  @property
+  def attention_dropout(self) -> float:
+    """The rate the attention weights are dropped at (attention_dropout_rate, else dropout_rate)."""
+    return self.dropout_rate if self.attention_dropout_rate is None else self.attention_dropout_rate
 
   @property
   def inner_dim(self) -> int:

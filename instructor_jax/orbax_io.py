@@ -42,9 +42,12 @@ def config_to_dict(cfg: InstructorConfig) -> dict[str, Any]:
   """JSON-able form of the model config (stored as the `model_config` item).
 
   `scan_layers` is left out: how a run executes the layers, not what the model is, and releases
-  from before it would warn about an unknown field."""
+  from before it would warn about an unknown field. So is `attention_dropout_rate` when None (the
+  dropout_rate, as those releases read it)."""
   d = dataclasses.asdict(cfg)
   del d["encoder"]["scan_layers"]
+  if d["encoder"]["attention_dropout_rate"] is None:
+    del d["encoder"]["attention_dropout_rate"]
   return d
 
 

@@ -296,9 +296,9 @@ class Attention(nn.Module):
     k = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="key")(x_BLD)
     v = Dense(cfg.inner_dim, (EMBED, JOINED_KV), dtype, name="value")(x_BLD)
     q_BLHK, k_BLHK, v_BLHK = (t.reshape(B, L, H, K) for t in (q, k, v))
-    # The fused kernels have no attention dropout: they serve inference, and training at dropout 0.
-    fused = (deterministic or cfg.dropout_rate == 0.0) and fused_attention_compiles(dtype, jax.default_backend())
-    if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.dropout_rate):
+    # The fused kernels have no attention dropout: they serve inference, and training without it.
+    fused = (deterministic or cfg.attention_dropout == 0.0) and fused_attention_compiles(dtype, jax.default_backend())
+    if cfg.attention_impl == "tpu_flash" and tpu_attention.applies(L, deterministic, cfg.attention_dropout):
       out_BLHK = tpu_attention.flash_attention_BLHK(q_BLHK, k_BLHK, v_BLHK, position_bias_HLL, segments_BL)
     elif cfg.attention_impl != "xla" and fused:
       # "auto" picks cuDNN at inference only: its fallback covers what cuDNN refuses while tracing the
@@ -313,7 +313,7 @@ class Attention(nn.Module):
       # (batch-filler) rows still give finite, uniform weights.
       mask_bias_B1QL = jnp.where(mask_B1QL, 0.0, jnp.finfo(jnp.float32).min)
       weights_BHLL = jax.nn.softmax(logits_BHLL + position_bias_HLL[None] + mask_bias_B1QL, axis=-1)
-      weights_BHLL = Dropout(cfg.dropout_rate)(weights_BHLL, deterministic=deterministic)
+      weights_BHLL = Dropout(cfg.attention_dropout)(weights_BHLL, deterministic=deterministic)
       out_BLHK = matmul("bhqm,bmhk->bqhk", weights_BHLL, v_BLHK, dtype)
     out_BLI = out_BLHK.reshape(B, L, H * K)
     return Dense(cfg.d_model, (JOINED_KV, EMBED), dtype, result_dtype=residual_dtype(dtype), name="out")(out_BLI)
@@ -432,7 +432,8 @@ class Encoder(nn.Module):
     params = nn.unbox(self.variables["params"])
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(cfg.num_layers)])
     layer = EncoderLayer(cfg, parent=None)  # a free module, applied to each layer's parameters
-    dropout_key = None if deterministic or cfg.dropout_rate == 0.0 else self.make_rng("dropout")
+    dropout_key = (None if deterministic or max(cfg.dropout_rate, cfg.attention_dropout) == 0.0
+                   else self.make_rng("dropout"))
 
     def body(x, xs):
       p, i = xs

@@ -23,9 +23,9 @@ BLOCK = 128  # the kernel's key blocks must be multiples of 128 tokens
 BATCH_MESH_AXES, HEADS_MESH_AXIS = ("data", "fsdp"), "tensor"
 
 
-def applies(length: int, deterministic: bool, dropout_rate: float) -> bool:
+def applies(length: int, deterministic: bool, attention_dropout: float) -> bool:
   """True where the kernel computes exactly what the model asks: no attention dropout, L % 128 == 0."""
-  return length % BLOCK == 0 and (deterministic or dropout_rate == 0.0)
+  return length % BLOCK == 0 and (deterministic or attention_dropout == 0.0)
 
 
 def _block_sizes(length: int):

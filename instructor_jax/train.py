@@ -48,6 +48,7 @@ class NonFiniteLossError(RuntimeError):
 
 def with_compute_options(model: InstructorConfig, cfg: TrainConfig) -> InstructorConfig:
   return model.with_encoder(dtype=cfg.dtype, remat_policy=cfg.remat_policy, dropout_rate=cfg.dropout_rate,
+                            attention_dropout_rate=cfg.attention_dropout_rate,
                             attention_impl=cfg.attention_impl, scan_layers=cfg.scan_layers)
 
 

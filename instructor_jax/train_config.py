@@ -44,6 +44,10 @@ class TrainConfig:
   # step compiles in a fraction of the time; the dropout masks are other draws than unrolled layers'.
   scan_layers: bool = False
   dropout_rate: float = 0.1
+  # None: the attention weights are dropped at dropout_rate too (INSTRUCTOR's recipe). 0: they are
+  # not, the other dropouts stay, and attention may run on a fused kernel in training
+  # (attention_impl "cudnn", "dot_product_attention" or "tpu_flash"; T5Config.attention_dropout_rate).
+  attention_dropout_rate: Optional[float] = None
   attention_impl: str = "xla"
   grad_cache_chunks: int = 1  # > 1: GradCache with this many chunks (same gradients, less memory)
   seed: int = 0  # parameter init and dropout
@@ -85,6 +89,10 @@ class TrainConfig:
       raise ConfigError(f"TrainConfig.temperature={self.temperature}; expected > 0 (INSTRUCTOR uses 0.01).")
     if not 0 <= self.dropout_rate < 1:
       raise ConfigError(f"TrainConfig.dropout_rate={self.dropout_rate}; expected 0 <= rate < 1 (GTR uses 0.1).")
+    rate = self.attention_dropout_rate
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1):
+      raise ConfigError(f"TrainConfig.attention_dropout_rate={rate!r}; expected None (dropout_rate) or a number "
+                        "with 0 <= rate < 1 (0 lets attention run on a fused kernel in training).")
     if self.loss not in LOSSES:
       raise ConfigError(f"TrainConfig.loss={self.loss!r}; expected one of {sorted(LOSSES)}.")
     if self.dtype not in TRAIN_DTYPES:
@@ -104,11 +112,12 @@ class TrainConfig:
                                                   if b < max(self.query_len, self.doc_len)):
       raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs length_buckets that are multiples of 128 (its "
                         f"key blocks); got {self.length_buckets}. Use e.g. (128, 256, 384), or ().")
-    if self.attention_impl == "tpu_flash" and (self.dropout_rate or self.query_len % 128 or self.doc_len % 128):
+    if self.attention_impl == "tpu_flash" and (self.attention_dropout or self.query_len % 128 or self.doc_len % 128):
       # Otherwise the step would silently never use the kernel.
-      raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0 (the kernel has no attention "
-                        f"dropout) and query_len/doc_len multiples of 128 (its key blocks); got dropout_rate "
-                        f"{self.dropout_rate}, query_len {self.query_len}, doc_len {self.doc_len}.")
+      raise ConfigError(f"TrainConfig.attention_impl='tpu_flash' needs no attention dropout (the kernel has none: "
+                        f"attention_dropout_rate = 0, or dropout_rate = 0) and query_len/doc_len multiples of 128 "
+                        f"(its key blocks); got attention dropout {self.attention_dropout}, query_len "
+                        f"{self.query_len}, doc_len {self.doc_len}.")
     if self.pack_length and self.pack_length < max(self.query_len, self.doc_len):
       raise ConfigError(f"TrainConfig.pack_length={self.pack_length} is shorter than query_len ({self.query_len}) or "
                         f"doc_len ({self.doc_len}): every text must fit a packed row. Use pack_length >= "
@@ -120,11 +129,17 @@ class TrainConfig:
       raise ConfigError("TrainConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused attention "
                         "has no float32 kernel); got dtype 'float32'. Use attention_impl='dot_product_attention' "
                         "for XLA's fused kernel, or 'xla'.")
-    if self.attention_impl == "cudnn" and self.dropout_rate:
+    if self.attention_impl == "cudnn" and self.attention_dropout:
       # Otherwise the step would silently never use the kernel (it has no attention dropout).
-      raise ConfigError(f"TrainConfig.attention_impl='cudnn' needs dropout_rate 0 (cuDNN's fused attention has no "
-                        f"attention dropout, so with dropout the step runs the einsums); got {self.dropout_rate}. "
-                        "Set dropout_rate = 0, or attention_impl = 'xla'.")
+      raise ConfigError(f"TrainConfig.attention_impl='cudnn' needs no attention dropout (cuDNN's fused attention has "
+                        f"none, so with it the step runs the einsums); got attention dropout {self.attention_dropout}. "
+                        "Set attention_dropout_rate = 0 (the other dropouts stay; not INSTRUCTOR's recipe), or "
+                        "dropout_rate = 0, or attention_impl = 'xla'.")
+
+  @property
+  def attention_dropout(self) -> float:
+    """The rate the attention weights are dropped at (attention_dropout_rate, else dropout_rate)."""
+    return self.dropout_rate if self.attention_dropout_rate is None else self.attention_dropout_rate
 
 
 def _is_integer(value) -> bool:

@@ -1,7 +1,8 @@
 """Training without dropout runs attention on the fused kernels; with dropout, on the einsums.
 
 The fused kernels (jax.nn.dot_product_attention: XLA's, or cuDNN's by name) have no attention
-dropout, so they serve inference and training at dropout_rate 0. Here the loss and gradients,
+dropout, so they serve inference and training without it (dropout_rate 0, or attention_dropout_rate
+0 with the other dropouts kept). Here the loss and gradients,
 the relative-position table's included, are checked against the einsum path; cuDNN itself needs a
 GPU, so its calls are routed to XLA's kernel with the arguments the cuDNN path builds.
 """
@@ -34,8 +35,9 @@ def params():
   return nn.unbox(InstructorModel(CFG).init(jax.random.key(0), ids, mask, n_instr)["params"])
 
 
-def _loss_and_grads(params, impl, dropout):
-  model = InstructorModel(CFG.with_encoder(attention_impl=impl, dropout_rate=dropout))
+def _loss_and_grads(params, impl, dropout, attention_dropout=None, scan_layers=False):
+  model = InstructorModel(CFG.with_encoder(attention_impl=impl, dropout_rate=dropout,
+                                           attention_dropout_rate=attention_dropout, scan_layers=scan_layers))
   ids, mask, n_instr = _batch()
   weights = jax.random.normal(jax.random.key(1), (ids.shape[0], CFG.embedding_dim))
 
@@ -60,7 +62,7 @@ def attention_calls(monkeypatch):
 
 
 def _assert_close(got, want):
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6), got[1], want[1])
 
 
@@ -90,6 +92,28 @@ def test_training_with_dropout_keeps_the_einsums(params, attention_calls, impl):
   got = _loss_and_grads(params, impl, 0.1)
   assert not attention_calls
   jax.tree.map(np.testing.assert_array_equal, got, _loss_and_grads(params, "xla", 0.1))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_attention_dropout_0_keeps_the_other_dropouts_and_runs_the_fused_kernel(params, attention_calls, scan_layers):
+  einsums = _loss_and_grads(params, "xla", 0.1, attention_dropout=0.0, scan_layers=scan_layers)
+  assert not attention_calls
+  for impl in ("dot_product_attention", "cudnn"):
+    attention_calls.clear()
+    fused = _loss_and_grads(params, impl, 0.1, attention_dropout=0.0, scan_layers=scan_layers)
+    assert attention_calls and {c[0] for c in attention_calls} == {None if impl != "cudnn" else "cudnn"}
+    _assert_close(fused, einsums)  # the same hidden-state masks: dropping attention draws no other
+  no_dropout = _loss_and_grads(params, "xla", 0.0, scan_layers=scan_layers)
+  all_dropout = _loss_and_grads(params, "xla", 0.1, scan_layers=scan_layers)
+  for other in (no_dropout, all_dropout):  # the other dropouts are on, the attention's off
+    assert abs(float(einsums[0]) - float(other[0])) > 1e-4
+
+
+def test_attention_dropout_alone_still_draws_its_masks(params):
+  """dropout_rate 0 with attention dropout: the scanned layers still get a dropout key."""
+  for scan_layers in (False, True):
+    dropped = _loss_and_grads(params, "xla", 0.0, attention_dropout=0.3, scan_layers=scan_layers)
+    assert abs(float(dropped[0]) - float(_loss_and_grads(params, "xla", 0.0, scan_layers=scan_layers)[0])) > 1e-4
 
 
 def test_a_train_step_never_resolves_auto_to_cudnn(monkeypatch, attention_calls):

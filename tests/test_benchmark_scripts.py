@@ -285,7 +285,8 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   assert all(r["best_ms"] > 0 for r in dropout["rows"])
   train = json.loads((out / "train.json").read_text())
   assert [r["impl"] for r in train["train"]] == ["pytorch-ckpt", "jax-dotsnb-scan", "jax-dotsnb-scan-nodrop",
-                                                 "jax-dotsnb-scan-fused-nodrop", "jax-full-scan", "jax-full",
+                                                 "jax-dotsnb-scan-fused-nodrop", "jax-dotsnb-scan-fused-noattndrop",
+                                                 "jax-full-scan", "jax-full",
                                                  "jax-full-nolhs", "jax-gc4"]
   assert all("error" not in r and r["tok_s"] > 0 for r in train["train"]), train["train"]
   report = (out / "report_train.md").read_text()
@@ -293,6 +294,8 @@ def test_gpu_script_train_phase_dry_run_on_cpu(tmp_path):
   for nodrop in ("jax-dotsnb-scan-nodrop", "jax-dotsnb-scan-fused-nodrop"):
     assert re.search(rf"\| {nodrop} \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
                      r"dropout 0 \(the other rows 0.1\) \|", report), report
+  assert re.search(r"\| jax-dotsnb-scan-fused-noattndrop \| 8 × 32 \| [\d,]+ \| [\d.]+% \|  \|  \|  \| XLA temp [\d.]+ GiB \| "
+                   r"attention dropout 0, the other dropouts 0.1 \(the other rows: all 0.1\) \|", report), report
   assert "remat=save_dots_no_batch scanned" in (out / "profile_train" / "summary.txt").read_text()
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -41,6 +42,18 @@ def test_config_round_trip():
     assert orbax_io.config_from_dict(orbax_io.config_to_dict(cfg)) == cfg
   with pytest.warns(UserWarning, match="future_field"):
     orbax_io.config_from_dict({**orbax_io.config_to_dict(preset("tiny")), "future_field": 1})
+
+
+def test_attention_dropout_rate_is_saved_only_when_set():
+  """None (dropout_rate) is left out, so releases without the field read the config without a warning."""
+  assert "attention_dropout_rate" not in orbax_io.config_to_dict(preset("tiny"))["encoder"]
+  cfg = preset("tiny").with_encoder(attention_dropout_rate=0.0)
+  assert orbax_io.config_to_dict(cfg)["encoder"]["attention_dropout_rate"] == 0.0
+  assert orbax_io.config_from_dict(orbax_io.config_to_dict(cfg)) == cfg
+  assert (cfg.encoder.attention_dropout, preset("tiny").encoder.attention_dropout) == (0.0, 0.1)
+  for field, value in (("attention_dropout_rate", 1.0), ("dropout_rate", -0.1), ("dropout_rate", None)):
+    with pytest.raises(ValueError, match=re.escape(f"T5Config.{field}={value!r}; expected a number with 0 <= rate < 1")):
+      preset("tiny").with_encoder(**{field: value})
 
 
 def test_export_restore_sharded_identical_embeddings(tmp_path):

@@ -48,9 +48,9 @@ def test_other_lengths_keep_the_xla_path(one_device_model):
   flash = _flash(one_device_model)
   short = dict(buckets=(64,), pack=False, max_seq_length=64)
   np.testing.assert_array_equal(flash.encode(ITEMS, **short), one_device_model.encode(ITEMS, **short))
-  assert tpu_attention.applies(256, deterministic=False, dropout_rate=0.0)
-  assert not tpu_attention.applies(256, deterministic=False, dropout_rate=0.1)
-  assert not tpu_attention.applies(96, deterministic=True, dropout_rate=0.0)
+  assert tpu_attention.applies(256, deterministic=False, attention_dropout=0.0)
+  assert not tpu_attention.applies(256, deterministic=False, attention_dropout=0.1)
+  assert not tpu_attention.applies(96, deterministic=True, attention_dropout=0.0)
 
 
 def test_training_gradients_match_the_einsums_without_dropout(one_device_model):

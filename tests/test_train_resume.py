@@ -187,18 +187,30 @@ def test_config_errors_name_the_field(field, value, message):
 
 def test_tpu_flash_needs_dropout_0_and_lengths_of_128s():
   flash = {**CONFIG.__dict__, "attention_impl": "tpu_flash", "length_buckets": (), "query_len": 128, "doc_len": 256}
-  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='tpu_flash' needs dropout_rate 0")):
+  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='tpu_flash' needs no attention dropout")):
     TrainConfig(**flash)
   assert TrainConfig(**{**flash, "dropout_rate": 0.0, "length_buckets": [256, 128, 128]}).length_buckets == (128, 256)
+  assert TrainConfig(**{**flash, "attention_dropout_rate": 0.0}).attention_dropout == 0.0
 
 
 def test_cudnn_needs_half_precision_and_dropout_0():
   cudnn = {**CONFIG.__dict__, "attention_impl": "cudnn"}  # CONFIG: float32, dropout 0.1
   with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='cudnn' needs dtype bfloat16 or float16")):
     TrainConfig(**cudnn)
-  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='cudnn' needs dropout_rate 0")):
+  with pytest.raises(ValueError, match=re.escape("TrainConfig.attention_impl='cudnn' needs no attention dropout")):
     TrainConfig(**{**cudnn, "dtype": "bfloat16"})
+  with pytest.raises(ValueError, match=re.escape("needs no attention dropout")):
+    TrainConfig(**{**cudnn, "dtype": "bfloat16", "dropout_rate": 0.0, "attention_dropout_rate": 0.1})
   assert TrainConfig(**{**cudnn, "dtype": "bfloat16", "dropout_rate": 0.0}).attention_impl == "cudnn"
+  # The other dropouts may stay: only the attention weights' is the kernel's concern.
+  assert TrainConfig(**{**cudnn, "dtype": "bfloat16", "attention_dropout_rate": 0}).attention_dropout == 0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0", True, float("nan")])
+def test_attention_dropout_rate_is_checked(value):
+  with pytest.raises(ValueError, match=re.escape(f"TrainConfig.attention_dropout_rate={value!r}; expected None")):
+    TrainConfig(**{**CONFIG.__dict__, "attention_dropout_rate": value})
+  assert TrainConfig(**CONFIG.__dict__).attention_dropout == CONFIG.dropout_rate
 
 
 def test_numpy_numbers_from_config_code_are_accepted():
