@@ -14,15 +14,20 @@ readonly ROOT
 # The tilde is kept literal on purpose: the workers' shells expand it, not this one.
 # shellcheck disable=SC2088
 readonly R_CODE='~/instructor_jax' R_TGZ='~/instructor_jax.tgz' R_LOG='~/instructor_jax_train.log' \
-  R_PID='~/instructor_jax_train.pid' R_RC='~/instructor_jax_train.rc'
+  R_PID='~/instructor_jax_train.pid' R_RC='~/instructor_jax_train.rc' R_VENV='~/instructor_jax_venv'
+# The TPU images run Ubuntu 22.04's Python 3.10, and JAX needs 3.11 or newer since 0.7: pip there
+# would quietly install a JAX years older than the ones this project is tested with. So the package
+# goes into a virtual environment of its own Python, which uv fetches.
+readonly R_PY="$R_VENV/bin/python"
 
 usage() {
   cat <<EOF
 Usage: bash $PROG --name NAME --zone ZONE --workdir gs://BUCKET/DIR --gin-file FILE [options] [-- TRAIN_ARGS...]
 
 Creates (or reuses) the TPU VM / pod slice NAME, copies this package to every worker, installs it
-with 'pip install -e ".[train]" "jax[tpu]"', starts the same training command on all workers
-(JAX joins the hosts by itself through jax.distributed.initialize()) and streams worker 0's log.
+with 'uv pip install -e ".[train]" "jax[tpu]"' into a virtual environment of Python 3.12 (~/instructor_jax_venv;
+the TPU images' own Python is too old for current JAX), starts the same training command on all
+workers (JAX joins the hosts by itself through jax.distributed.initialize()) and streams worker 0's log.
 
 Required:
   --name NAME               TPU name (lowercase letters, digits, hyphens; starts with a letter)
@@ -37,7 +42,8 @@ TPU:
                             v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
   --spot | --preemptible    cheaper capacity that can be taken away; training resumes from --workdir
   --queued                  create through a queued resource and wait until it is ACTIVE
-  --delete-after            delete the TPU once training has ended on every worker (success or not)
+  --delete-after            delete the TPU once training has ended on every worker (success or not),
+                            or when a TPU this launch created fails before training starts
 
 Training:
   --gin-binding BINDING     repeatable, e.g. --gin-binding "MEDI_PATH='gs://b/medi.json'"
@@ -48,6 +54,7 @@ Code:
   --repo-url URL            git clone URL on every worker instead
   --repo-ref REF            branch, tag or commit to check out after cloning
   --skip-install            reuse the copy already installed on a reused TPU (fast restart)
+  --python VERSION          the workers' Python for the virtual environment (default 3.12; >= 3.11)
 
 Other:
   --log-worker N|all        whose log to stream (default 0); 'all' prefixes each line with the host
@@ -55,7 +62,9 @@ Other:
   --dry-run                 print every command ('+ ' per line) and run nothing; needs no gcloud
   -h, --help                this help
 
-Ctrl-C while the log streams stops only the stream: training runs on under nohup.
+Ctrl-C while the log streams stops only the stream: training runs on under nohup. With
+--delete-after the launcher then waits for training to end before deleting the TPU; a second
+Ctrl-C leaves it running (the launcher says how to delete it).
 EOF
 }
 
@@ -104,7 +113,7 @@ parse_args() {
     case $1 in
       --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
       --name | --zone | --project | --accelerator-type | --runtime-version | --workdir | --gin-file | \
-        --gin-binding | --repo-url | --repo-ref | --log-worker)
+        --gin-binding | --repo-url | --repo-ref | --log-worker | --python)
         (($# >= 2)) || die "$1 expects a value; see --help"
         case $1 in
           --name) NAME=$2 ;;
@@ -118,6 +127,7 @@ parse_args() {
           --repo-url) REPO_URL=$2 ;;
           --repo-ref) REPO_REF=$2 ;;
           --log-worker) LOG_WORKER=$2 ;;
+          --python) PYTHON_VERSION=$2 ;;
         esac
         shift 2 ;;
       --spot) SPOT=1; shift ;;
@@ -175,6 +185,8 @@ validate() {
   [[ $WORKDIR == gs://?* ]] || die "--workdir '$WORKDIR': expected a gs:// path; each worker has its own disk, so a local path would split the checkpoint across hosts"
   [[ -z $ACCEL || $ACCEL =~ $accel_re ]] || die "--accelerator-type '$ACCEL': expected a type like v4-32 or v5litepod-256"
   [[ $LOG_WORKER =~ $worker_re ]] || die "--log-worker '$LOG_WORKER': expected a worker number or 'all'"
+  local py_re='^3\.(1[1-9]|[2-9][0-9])(\.[0-9]+)?$'
+  [[ $PYTHON_VERSION =~ $py_re ]] || die "--python '$PYTHON_VERSION': expected a Python version >= 3.11, e.g. 3.12 (JAX needs 3.11 or newer)"
   ((!(SPOT && PREEMPTIBLE))) || die "--spot and --preemptible are exclusive; pick one (--spot is the newer)"
   ((!(QUEUED && PREEMPTIBLE))) || die "queued resources take --spot, not --preemptible"
   ((!(DETACH && DELETE_AFTER))) || die "--delete-after needs the launcher to wait for the end; drop --detach"
@@ -206,6 +218,7 @@ create_tpu() {
     if ((DRY_RUN)); then remark "(that would fail here: creating needs --accelerator-type)"; return; fi
     die "there is no TPU named $NAME in $ZONE; pass --accelerator-type (e.g. v4-32) to create it"
   fi
+  MADE=1  # from here on this launch has a TPU (or a request for one) to clean up
   if ((!QUEUED)); then
     run gcloud compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCEL" \
       --version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
@@ -298,13 +311,16 @@ install_on_workers() {
     ship_local_tree
     fetch="rm -rf $R_CODE && mkdir -p $R_CODE && tar -xzf $R_TGZ -C $R_CODE"
   fi
-  # PIP_BREAK_SYSTEM_PACKAGES: newer TPU images mark the system Python externally managed, and a
-  # TPU VM is a single-purpose machine, so installing into it directly is the simple right thing.
-  on_workers all "$GUARD; $fetch && cd $R_CODE && export PIP_BREAK_SYSTEM_PACKAGES=1 && python3 -m pip install -q -U pip && python3 -m pip install -q -e '.[train]' 'jax[tpu]'"
+  # uv goes into the system Python's user site (PIP_BREAK_SYSTEM_PACKAGES: newer images mark that
+  # Python externally managed; `python3 -m uv` needs no PATH entry), then makes the environment with
+  # a Python of the version asked for, downloading it where the image has none. The versions are
+  # printed so a log says what ran.
+  local versions="import importlib.metadata as m, platform, socket; print(socket.gethostname() + ': Python ' + platform.python_version() + ', ' + ', '.join(p + ' ' + m.version(p) for p in ('jax', 'jaxlib', 'flax', 'orbax-checkpoint')))"
+  on_workers all "$GUARD; $fetch && cd $R_CODE && export PIP_BREAK_SYSTEM_PACKAGES=1 && python3 -m pip install -q --user -U uv && rm -rf $R_VENV && python3 -m uv venv -q --python $(shq "$PYTHON_VERSION") $R_VENV && python3 -m uv pip install -q --python $R_PY -e '.[train]' 'jax[tpu]' && $R_PY -c $(shq "$versions")"
 }
 
 start_training() {
-  local train=(python3 -m instructor_jax.train) g
+  local train=(-m instructor_jax.train) g
   for g in "${GIN_FILES[@]}"; do train+=(--gin_file="$g"); done
   for g in ${GIN_BINDINGS[@]+"${GIN_BINDINGS[@]}"}; do train+=(--gin_bindings="$g"); done
   train+=(--workdir="$WORKDIR")
@@ -316,7 +332,9 @@ start_training() {
   # saving its checkpoint) has exited, so the wrapper outlives the save and records python's own
   # status. (A background python would start with SIGINT ignored.)
   local wrapper="echo \$\$ > $R_PID; trap : TERM INT; \"\$@\"; echo \$? > $R_RC"
-  on_workers all "$GUARD; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
+  local venv="[ -x $R_PY ] || { echo \"\$(hostname): no $R_VENV: this TPU was set up by an older launch_tpu.sh, or not at all; rerun without --skip-install\" >&2; exit 1; }"
+  on_workers all "$GUARD; $venv; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $R_PY $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
+  STARTED=1
 }
 
 print_attach_help() {
@@ -332,11 +350,25 @@ stream_and_wait() {
   if [[ $LOG_WORKER == all ]]; then follow+=" 2>&1 | sed -u \"s/^/[\$(hostname)] /\""; fi
   note "streaming the log of worker $LOG_WORKER; Ctrl-C stops the stream, not the training."
   print_attach_help
-  on_workers "$LOG_WORKER" "$follow" || note "the log stream ended with an error; checking every worker's status"
-  on_workers all "while kill -0 \"\$(cat $R_PID)\" 2>/dev/null; do sleep 30; done; rc=\$(cat $R_RC 2>/dev/null || echo 'none (killed?)'); echo \"\$(hostname): training exited with status \$rc\"; if [ \"\$rc\" = 75 ]; then echo \"\$(hostname): (75: stopped early with a checkpoint, on a signal or a preemption notice; rerun the same command to resume)\"; fi; [ \"\$rc\" = 0 ]"
+  # gcloud ends itself with SIGINT on Ctrl-C, which would end this script too (and skip
+  # --delete-after): with a trap, bash only notes it once gcloud has exited.
+  local interrupted=0
+  trap 'interrupted=1' INT
+  on_workers "$LOG_WORKER" "$follow" || ((interrupted)) || note "the log stream ended with an error; checking every worker's status"
+  trap - INT
+  if ((interrupted)); then
+    if ((!DELETE_AFTER)); then
+      note "log stream stopped; training goes on on $NAME (the commands above follow or stop it)"
+      STREAM_STOPPED=1
+      return 0
+    fi
+    note "log stream stopped; waiting for training to end on every worker, then deleting $NAME (--delete-after). Ctrl-C again leaves the TPU running."
+  fi
+  on_workers all "while kill -0 \"\$(cat $R_PID)\" 2>/dev/null; do sleep 5; done; rc=\$(cat $R_RC 2>/dev/null || echo 'none (killed?)'); echo \"\$(hostname): training exited with status \$rc\"; if [ \"\$rc\" = 75 ]; then echo \"\$(hostname): (75: stopped early with a checkpoint, on a signal or a preemption notice; rerun the same command to resume)\"; fi; [ \"\$rc\" = 0 ]"
 }
 
 delete_tpu() {
+  DELETED=1
   if ((QUEUED)); then
     run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
   else
@@ -344,9 +376,27 @@ delete_tpu() {
   fi
 }
 
+# Runs however the script ends. With --delete-after, a TPU this launch created is deleted when
+# training never started (a failed install, a refused start): nothing on it is worth keeping. One
+# whose training started is never deleted behind the user's back (a second Ctrl-C while waiting):
+# the command to do it is printed instead.
+on_exit() {
+  local status=$?
+  rm -rf "$TMP"
+  if ((DELETE_AFTER && !DELETED)); then
+    if ((MADE && !STARTED && status != 0)); then
+      note "training never started on $NAME, which this launch created; deleting it (--delete-after)"
+      delete_tpu || warn "deleting $NAME failed; it is still billed: gcloud compute tpus tpu-vm delete $(shjoin "$NAME" "${LOC[@]}")"
+    elif ((status != 0)); then
+      warn "TPU $NAME is left running (and billed); delete it when done: gcloud compute tpus tpu-vm delete $(shjoin "$NAME" "${LOC[@]}")"
+    fi
+  fi
+}
+
 main() {
   NAME='' ZONE='' PROJECT='' ACCEL='' RUNTIME='' WORKDIR='' REPO_URL='' REPO_REF='' LOG_WORKER=0
-  SPOT=0 PREEMPTIBLE=0 QUEUED=0 DELETE_AFTER=0 SKIP_INSTALL=0 DETACH=0 DRY_RUN=0 CREATED=1
+  SPOT=0 PREEMPTIBLE=0 QUEUED=0 DELETE_AFTER=0 SKIP_INSTALL=0 DETACH=0 DRY_RUN=0 CREATED=1 PYTHON_VERSION=3.12
+  STARTED=0 DELETED=0 STREAM_STOPPED=0 MADE=0
   GIN_FILES=() GIN_BINDINGS=() EXTRA_ARGS=() LOC=()
   parse_args "$@"
   validate
@@ -358,7 +408,7 @@ main() {
     remark "$PROG --dry-run: the commands a real run would execute, in order; nothing was run."
   else
     TMP=$(mktemp -d)
-    trap 'rm -rf "$TMP"' EXIT
+    trap on_exit EXIT
   fi
 
   ensure_tpu
@@ -375,7 +425,7 @@ main() {
   fi
   local status=0
   stream_and_wait || status=$?
-  if ((DRY_RUN)); then
+  if ((DRY_RUN || STREAM_STOPPED)); then
     :
   elif ((status == 0)); then
     note "training finished on every worker; results in $WORKDIR"

@@ -163,6 +163,14 @@ def _host_blocks(sharding: NamedSharding, global_shape: tuple[int, ...], local_r
   return {start: i * block for i, start in enumerate(starts)}
 
 
+def check_host_rows(mesh: Mesh, batch_size: int) -> None:
+  """Raises ValueError unless the batch axes give every process its own rows of a global batch
+  (what `global_batch` needs), so that a mesh that does not is refused before anything is built."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"the global batch ({batch_size}) does not divide among {jax.process_count()} processes.")
+  _host_blocks(batch_sharding(mesh, 1), (batch_size,), batch_size // jax.process_count())
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Global arrays (rows over data x fsdp) from this process's slice of every field."""
   out = {}

@@ -32,7 +32,7 @@ from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
 from instructor_jax.train_config import TrainConfig
 from instructor_jax.train_launch import (check_macros_used, gin_configs, maybe_initialize_distributed, parse_flags,
-                                         parse_gin, use_persistent_compilation_cache)
+                                         parse_gin, use_persistent_compilation_cache, warn_if_gpus_left_idle)
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
                                        sharding_warning, state_shardings)
 from instructor_jax.train_stop import (EXIT_STOPPED_EARLY, StopFlag, StoppedBeforeStart, WorkdirInUseError,
@@ -227,6 +227,10 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
     chunks = f" x grad_cache_chunks ({cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else ""
     raise ConfigError(f"BATCH_SIZE {cfg.batch_size} is not a multiple of data*fsdp ({shards}, mesh "
                       f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
+  try:
+    shd.check_host_rows(mesh, cfg.batch_size)
+  except ValueError as e:
+    raise ConfigError(f"BATCH_SIZE {cfg.batch_size} on mesh {dict(mesh.shape)}: {e}") from None
   _require_medi_path(cfg)
   try:
     if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
@@ -241,6 +245,8 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   _check_attention_backend(cfg.attention_impl, mesh)
   if workdir is not None and "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file; expected a directory (new, or a run's workdir to resume).")
+  if workdir is not None and jax.process_index() == 0:
+    train_outputs.check_remote_workdir(workdir)
   init = cfg.init_checkpoint
   resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read
   if (init and not resuming and "://" not in init and not looks_like_hub_id(init)
@@ -422,9 +428,10 @@ USER_ERRORS = (ConfigError, CheckpointError, orbax_io.OrbaxCheckpointError, Medi
 
 def main(argv: list[str] | None = None) -> int:
   flags = parse_flags(sys.argv[1:] if argv is None else argv, __doc__.split("\n")[0])
-  use_persistent_compilation_cache()
-  maybe_initialize_distributed(flags)
   try:
+    maybe_initialize_distributed(flags)
+    warn_if_gpus_left_idle()
+    use_persistent_compilation_cache(flags.workdir)
     parse_gin(flags.gin_file, flags.gin_bindings)
     cfg, optim, mesh_config = gin_configs()
     check_macros_used(flags.gin_bindings, gin.operative_config_str())

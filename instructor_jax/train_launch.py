@@ -111,7 +111,17 @@ def _in_multiprocess_launch() -> bool:
 
 def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
   """Joins the processes of a multi-host job (before any other JAX call)."""
-  if flags.coordinator_address or flags.num_processes:
+  given = {f"--{k}": getattr(flags, k) for k in ("coordinator_address", "num_processes", "process_id")}
+  if any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise ConfigError(f"{', '.join(k for k, v in given.items() if v is not None)} given without "
+                        f"{', '.join(missing)}: a job joined by hand needs all three (the same coordinator "
+                        "host:port and process count on every process, and each its own --process_id from 0), "
+                        "or none of them where JAX detects the cluster (TPU VMs, SLURM, Open MPI).")
+    if not 0 <= flags.process_id < flags.num_processes:
+      raise ConfigError(f"--process_id {flags.process_id} with --num_processes {flags.num_processes}; expected "
+                        f"0 <= process_id < num_processes.")
     _use_gloo_on_cpu()
     jax.distributed.initialize(coordinator_address=flags.coordinator_address,
                                num_processes=flags.num_processes, process_id=flags.process_id)
@@ -123,9 +133,25 @@ def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
     try:
       jax.distributed.initialize()
     except (ValueError, RuntimeError) as e:
-      raise SystemExit(f"error: joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
-                       "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
-                       "--process_id.") from e
+      raise ConfigError(f"joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
+                        "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
+                        "--process_id.") from e
+
+
+def warn_if_gpus_left_idle() -> None:
+  """JAX's cluster detection (SLURM, Open MPI) gives each process one GPU, assuming a process per GPU:
+  one task per node would train on one GPU of each node without a word."""
+  if jax.process_count() == 1 or jax.local_devices()[0].platform != "gpu":
+    return
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  on_host = (len([d for d in visible.split(",") if d.strip()]) if visible is not None
+             else len(glob.glob("/dev/nvidia[0-9]*")))
+  if on_host > jax.local_device_count():
+    logging.warning("process %d uses %d of the %d GPUs on this host: run one process per GPU (srun "
+                    "--ntasks-per-node=%d, mpirun -npernode %d), which JAX's cluster detection assumes, or "
+                    "join the processes by hand (--coordinator_address, --num_processes, --process_id) so that "
+                    "each process uses every GPU it sees.", jax.process_index(), jax.local_device_count(),
+                    on_host, on_host, on_host)
 
 
 def _use_gloo_on_cpu() -> None:
@@ -139,11 +165,20 @@ def _use_gloo_on_cpu() -> None:
 COMPILATION_CACHE_BYTES = 8 << 30  # least recently used entries go first
 
 
-def use_persistent_compilation_cache() -> None:
+def use_persistent_compilation_cache(workdir: str) -> None:
   """Keeps compiled steps on disk, so that a restart (a preemption) does not compile them again: with
   length buckets a run compiles one step per (query, document) length pair it meets. A cache the
-  user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is."""
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax_compilation_cache"))
-    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default, no limit: sweeps would fill the disk
-      jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+  user chose (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is.
+
+  JAX writes cache entries from process 0 only, so a multi-host job with a gs:// workdir keeps them
+  there (`{workdir}/jax_compilation_cache`), where every host reads them and a TPU created again after
+  a preemption finds them; a single host keeps them under `cache_root()`. Call after joining the
+  processes."""
+  if jax.config.jax_compilation_cache_dir:
+    return
+  shared = jax.process_count() > 1 and "://" in workdir
+  cache = f"{workdir.rstrip('/')}/jax_compilation_cache" if shared else os.path.join(cache_root(), "jax_compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  if jax.config.jax_compilation_cache_max_size == -1 and not shared:
+    # JAX's default, no limit: sweeps would fill the disk. (Its eviction works on local disks only.)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 from typing import Any, Mapping
 
-from instructor_jax.config import InstructorConfig
+from instructor_jax.config import ConfigError, InstructorConfig
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (device_kind prefix -> FLOP/s).
 PEAK_FLOPS = {
@@ -93,6 +94,28 @@ class _JsonlSink:
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a parent package ("google") is missing
+    return False
+
+
+def check_remote_workdir(workdir: str) -> None:
+  """A gs:// workdir takes metrics.jsonl through etils.epath (TensorFlow's gfile, or gcsfs) and the
+  TensorBoard events through tensorboardX (google-cloud-storage): refuse it before anything is built
+  where those are missing, rather than fail once the model is loaded (on a pod: on process 0 only,
+  leaving the other hosts waiting)."""
+  if not workdir.startswith("gs://"):
+    return
+  missing = [pkg for pkg, ok in (("google-cloud-storage", _importable("google.cloud.storage")),
+                                 ("tensorflow or gcsfs", _importable("tensorflow") or _importable("gcsfs"))) if not ok]
+  if missing:
+    raise ConfigError(f"--workdir {workdir}: writing the metrics and TensorBoard events to gs:// needs "
+                      f"{' and '.join(missing)}, not installed here; pip install -e '.[train]' (which has them), or "
+                      "pip install google-cloud-storage gcsfs.")
 
 
 class MetricsWriter:

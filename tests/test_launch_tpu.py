@@ -19,8 +19,9 @@ NASTY = """MEDI_PATH='gs://b/medi data.json' # it's "quoted\""""
 BASE = ["--name", "my-pod", "--zone", "us-central2-b", "--workdir", "gs://b/run 1",
         "--repo-url", "https://example.com/instructor_jax.git"]
 GINS = ["gin_configs/runs/instructor_medi.gin", "gin_configs/models/gtr_base.gin"]
+VENV_PY = "~/instructor_jax_venv/bin/python"
 EXPECTED_TRAIN = [
-  "python3", "-m", "instructor_jax.train", f"--gin_file={GINS[0]}", f"--gin_file={GINS[1]}",
+  VENV_PY, "-m", "instructor_jax.train", f"--gin_file={GINS[0]}", f"--gin_file={GINS[1]}",
   f"--gin_bindings={NASTY}", "--gin_bindings=TRAIN_STEPS = 10", "--workdir=gs://b/run 1", "--extra=1"]
 TRAIN_FLAGS = ["--gin-file", GINS[0], "--gin-file", GINS[1], "--gin-binding", NASTY,
                "--gin-binding=TRAIN_STEPS = 10", "--", "--extra=1"]
@@ -45,11 +46,16 @@ def remote(cmd: list[str]) -> str:
 def train_argv(remote_cmd: str) -> list[str]:
   """The python argv inside the remote start command, as the worker's shell will split it."""
   words = shlex.split(remote_cmd)
-  start = words.index("python3")
+  start = words.index("instructor_jax_train") + 1  # the wrapper's $0; python follows
   return words[start:words.index(">", start)]
 
 
 pytestmark = pytest.mark.skipif(BASH is None, reason="bash is not installed")
+
+
+def test_another_python_for_the_environment():
+  res = launch("--dry-run", *BASE, "--gin-file", GINS[0], "--python", "3.13")
+  assert res.returncode == 0 and "python3 -m uv venv -q --python 3.13 ~/instructor_jax_venv" in res.stdout
 
 
 def test_dry_run_prints_every_step_and_round_trips_the_train_command():
@@ -69,7 +75,9 @@ def test_dry_run_prints_every_step_and_round_trips_the_train_command():
   assert "--worker=all" in install and "--worker=all" in start and "--worker=all" in wait
   assert "--worker=0" in follow
   assert "git clone -q https://example.com/instructor_jax.git ~/instructor_jax" in remote(install)
-  assert "pip install -q -e '.[train]' 'jax[tpu]'" in remote(install)
+  # The TPU images' Python 3.10 is too old for current JAX: a uv-made environment of 3.12 instead.
+  assert ("python3 -m uv venv -q --python 3.12 ~/instructor_jax_venv && python3 -m uv pip install -q --python "
+          f"{VENV_PY} -e '.[train]' 'jax[tpu]' && {VENV_PY} -c ") in remote(install)
   assert train_argv(remote(start)) == EXPECTED_TRAIN
   assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-pod"]
 
@@ -120,6 +128,7 @@ def test_missing_required_flag_is_a_clear_error(drop, message):
   (["--gin-file", "a.gin", "--spot", "--preemptible"], "exclusive"),
   (["--gin-file", "a.gin", "--bogus"], "unknown argument '--bogus'"),
   (["--gin-file"], "--gin-file expects a value"),
+  (["--gin-file", GINS[0], "--python", "3.10"], "--python '3.10': expected a Python version >= 3.11"),
 ])
 def test_bad_arguments_are_clear_errors(args, message):
   res = launch("--dry-run", *BASE, *args)
@@ -153,12 +162,17 @@ esac
 """
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Stands in for python3 on the worker: pip is a no-op, training records its argv.
+# Stands in for python3 on the worker, and for the environment's python (`uv venv` links it there):
+# pip is a no-op, `uv pip` fails with FAKE_INSTALL_RC, training records its argv and takes FAKE_SLEEP s.
 [ "$1 $2" = "-m pip" ] && exit 0
+if [ "$1 $2 $3" = "-m uv venv" ]; then for a; do dir=$a; done; mkdir -p "$dir/bin"; ln -s "$0" "$dir/bin/python"; exit; fi
+[ "$1 $2 $3" = "-m uv pip" ] && exit "${FAKE_INSTALL_RC:-0}"
+[ "$1" = -c ] && { echo "worker: Python 3.12.9, jax 0.10.2"; exit 0; }
 [ "$2" = instructor_jax.train ] || exit 99
 shift 2
 printf '%s\0' "$@" > "$HOME/argv"
 echo "step 1 loss 0.5 from $(pwd)"
+sleep "${FAKE_SLEEP:-0}"
 exit "${FAKE_RC:-0}"
 """
 
@@ -189,8 +203,10 @@ def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_pat
   home, bin_dir = tmp_path / "home", tmp_path / "bin"
   (home / "instructor_jax").mkdir(parents=True)
   bin_dir.mkdir()
-  (bin_dir / "python3").write_text(SAVING_PYTHON)
-  (bin_dir / "python3").chmod(0o755)
+  venv_python = home / "instructor_jax_venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  venv_python.write_text(SAVING_PYTHON)
+  venv_python.chmod(0o755)
   res = launch("--dry-run", *BASE, "--gin-file", GINS[0])
   (start,) = [remote(c) for c in commands(res.stdout) if "setsid" in " ".join(c)]
   env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "SAVE_S": str(save_s)}
@@ -218,10 +234,8 @@ def test_documented_stop_waits_for_the_checkpoint_and_records_its_status(tmp_pat
       pass
 
 
-@NEEDS_TOOLS
-@pytest.mark.parametrize("fake_rc,fake_state", [(0, None), (3, None), (0, "PREEMPTED")])
-def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fake_rc, fake_state):
-  """A new TPU, a failing run, and a relaunch after preemption (the dead TPU is replaced)."""
+def _fake_pod(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
+  """A git tree holding the launcher, a home for the workers, and fake gcloud / python3 on PATH."""
   tree, home, bin_dir = tmp_path / "tree", tmp_path / "home", tmp_path / "bin"
   for d in (tree / "gin_configs", home, bin_dir):
     d.mkdir(parents=True)
@@ -238,11 +252,24 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   subprocess.run([*git, "init", "-q"], check=True)
   subprocess.run([*git, "add", "gone.txt"], check=True)
   (tree / "gone.txt").unlink()  # tracked but deleted: must not break the tarball
+  return tree, home, {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp_path)}
 
-  env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_RC": str(fake_rc),
-         "TMPDIR": str(tmp_path), **({"FAKE_STATE": fake_state} if fake_state else {})}
-  res = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
-               "--gin-file", "gin_configs/run.gin", "--gin-binding", NASTY, "--delete-after",
+
+POD = ["--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w", "--gin-file",
+       "gin_configs/run.gin"]
+
+
+def _gcloud_verbs(home: pathlib.Path) -> list[str]:
+  return [line.split()[3] for line in (home / "gcloud.log").read_text().splitlines()]
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("fake_rc,fake_state", [(0, None), (3, None), (0, "PREEMPTED")])
+def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fake_rc, fake_state):
+  """A new TPU, a failing run, and a relaunch after preemption (the dead TPU is replaced)."""
+  tree, home, env = _fake_pod(tmp_path)
+  env = {**env, "FAKE_RC": str(fake_rc), **({"FAKE_STATE": fake_state} if fake_state else {})}
+  res = launch(*POD, "--gin-binding", NASTY, "--delete-after",
                # A relaunch after preemption, as a fast restart: the new TPU still needs the install.
                *(["--skip-install"] if fake_state else []), script=tree / "launch_tpu.sh", env=env)
 
@@ -253,18 +280,16 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   assert (home / "instructor_jax" / "gin_configs" / "run.gin").is_file()
   assert not (home / "instructor_jax" / "ignored").exists()
   assert f"training exited with status {fake_rc}" in res.stdout
-  verbs = [line.split()[3] for line in (home / "gcloud.log").read_text().splitlines()]
   replaced = ["delete"] if fake_state else []
-  assert verbs == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert _gcloud_verbs(home) == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert "worker: Python 3.12.9, jax 0.10.2" in res.stdout  # what the install put in the environment
   assert ("was preempted; deleting it and creating it again as on-demand" in res.stderr) == bool(fake_state)
   assert ("installing anyway" in res.stderr) == bool(fake_state)
   # A second start while a run is alive is refused rather than fighting it for the TPU chips.
   live = subprocess.Popen(["sleep", "30"])
   try:
     (home / "instructor_jax_train.pid").write_text(f"{live.pid}\n")
-    again = launch("--name", "p", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "gs://b/w",
-                   "--gin-file", "gin_configs/run.gin", script=tree / "launch_tpu.sh",
-                   env={**env, "FAKE_STATE": "READY"})
+    again = launch(*POD, script=tree / "launch_tpu.sh", env={**env, "FAKE_STATE": "READY"})
     assert again.returncode != 0 and "is still running" in again.stderr
   finally:
     live.kill()
@@ -277,3 +302,47 @@ def test_a_local_medi_path_is_warned_about(binding, warned):
   res = launch("--dry-run", *BASE, "--gin-file", GINS[0], "--gin-binding", binding)
   assert res.returncode == 0, res.stderr
   assert ("warning: MEDI_PATH" in res.stderr) == warned, res.stderr
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("state", [None, "READY"])
+def test_a_failed_install_with_delete_after_deletes_only_a_tpu_this_launch_created(tmp_path, state):
+  tree, home, env = _fake_pod(tmp_path)
+  env = {**env, "FAKE_INSTALL_RC": "1", **({"FAKE_STATE": state} if state else {})}
+  res = launch(*POD, "--delete-after", script=tree / "launch_tpu.sh", env=env)
+  assert res.returncode != 0 and not (home / "argv").exists()
+  if state is None:  # created by this launch, nothing started on it: deleted
+    assert _gcloud_verbs(home) == ["describe", "create", "scp", "ssh", "delete"]
+    assert "training never started on p, which this launch created; deleting it" in res.stderr
+  else:  # someone's existing TPU: left, and said so
+    assert _gcloud_verbs(home) == ["describe", "scp", "ssh"]
+    assert "warning: TPU p is left running (and billed); delete it when done: gcloud compute tpus" in res.stderr
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("delete_after", [False, True])
+def test_ctrl_c_stops_only_the_log_stream(tmp_path, delete_after):
+  """Ctrl-C reaches gcloud, which ends itself by SIGINT; the launcher must go on: return at once, or,
+  with --delete-after, wait for training to end everywhere and then delete the TPU."""
+  tree, home, env = _fake_pod(tmp_path)
+  err_path = tmp_path / "launcher.err"
+  with open(err_path, "w") as err:
+    proc = subprocess.Popen([BASH, str(tree / "launch_tpu.sh"), *POD, *(["--delete-after"] if delete_after else [])],
+                            env={**env, "FAKE_SLEEP": "4"}, stdout=subprocess.PIPE, stderr=err, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 30
+    while "streaming the log" not in err_path.read_text() or not (home / "argv").exists():
+      assert time.time() < deadline and proc.poll() is None, err_path.read_text()
+      time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the launcher's process group
+    out, _ = proc.communicate(timeout=30)
+  text = err_path.read_text()
+  assert proc.returncode == 0, text
+  if delete_after:
+    assert "log stream stopped; waiting for training to end on every worker, then deleting p" in text
+    assert "training exited with status 0" in out and _gcloud_verbs(home)[-1] == "delete"
+  else:
+    assert "log stream stopped; training goes on on p" in text
+    assert _gcloud_verbs(home) == ["describe", "create", "scp", "ssh", "ssh", "ssh"]  # no wait, no delete
+    assert "training finished" not in text and "failed" not in text

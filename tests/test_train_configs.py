@@ -134,3 +134,41 @@ def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
   gin.clear_config()
   assert train.main([f"--gin_file={QUICKSTART}", f"--workdir={tmp_path / 'afile'}"]) == 2
   assert "--workdir " + str(tmp_path / "afile") + " is a file; expected a directory" in capsys.readouterr().err
+
+
+def test_a_gs_workdir_without_its_writers_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+  from instructor_jax import train_outputs
+  importable = {"google.cloud.storage": False, "tensorflow": True, "gcsfs": False}
+  monkeypatch.setattr(train_outputs, "_importable", lambda module: importable[module])
+  gin.clear_config()
+  assert train.main([f"--gin_file={QUICKSTART}", "--workdir=gs://my-bucket/run"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: --workdir gs://my-bucket/run: writing the metrics and "
+                                                 "TensorBoard events to gs:// needs google-cloud-storage, not"), err
+  importable.update({"google.cloud.storage": True, "tensorflow": False})
+  with pytest.raises(train.ConfigError, match="needs tensorflow or gcsfs, not installed"):
+    train_outputs.check_remote_workdir("gs://my-bucket/run")
+  importable["gcsfs"] = True
+  train_outputs.check_remote_workdir("gs://my-bucket/run")
+  importable.update({k: False for k in importable})
+  train_outputs.check_remote_workdir(str(tmp_path))  # local workdirs need neither
+
+
+def test_a_mesh_that_gives_a_process_no_rows_of_its_own_is_refused_before_building(monkeypatch, capsys, tmp_path):
+  """Two processes whose devices all sit on the tensor axis would hold the same rows: refused at start-up
+  (it used to be a traceback at step 1, after the model was loaded and MEDI read)."""
+  import jax
+  from instructor_jax import sharding as shd
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=-1))
+  shd.check_host_rows(mesh, 16)  # one process: its devices hold every row
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"process 0 has 8 rows of the global batch but its devices hold 16"):
+    shd.check_host_rows(mesh, 16)
+  with pytest.raises(ValueError, match=r"the global batch \(15\) does not divide among 2 processes"):
+    shd.check_host_rows(mesh, 15)
+  gin.clear_config()
+  args = [f"--gin_file={QUICKSTART}", f"--workdir={tmp_path / 'w'}", "--gin_bindings=MeshConfig.data = 1",
+          "--gin_bindings=MeshConfig.tensor = -1"]
+  assert train.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: BATCH_SIZE 16 on mesh {'data': 1, 'fsdp': 1, 'tensor': 8}: process 0 has 8 rows"), err

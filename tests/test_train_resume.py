@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -400,15 +401,52 @@ def test_a_workdir_given_with_tilde_is_the_home_one(tmp_path, monkeypatch):
 
 
 def test_the_trainer_keeps_compiled_steps_on_disk_unless_told_where(tmp_path):
-  probe = ("import jax; from instructor_jax import train_launch; train_launch.use_persistent_compilation_cache(); "
+  """One host: under the cache root. Several with a gs:// workdir: in the workdir, since JAX writes
+  entries from process 0 only (and a TPU created again after a preemption starts with empty disks)."""
+  probe = ("import sys, jax; from instructor_jax import train_launch; jax.process_count = lambda: int(sys.argv[2]); "
+           "train_launch.use_persistent_compilation_cache(sys.argv[1]); "
            "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
   base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  for extra, want in (({}, f"{tmp_path / 'jax_compilation_cache'} {8 << 30}"),
-                      ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, "/elsewhere -1")):  # the user's, as they set it
+  local = f"{tmp_path / 'jax_compilation_cache'} {8 << 30}"
+  for extra, args, want in (({}, ("/w", "1"), local), ({}, ("gs://b/w", "1"), local), ({}, ("/w", "2"), local),
+                            ({}, ("gs://b/w/", "2"), "gs://b/w/jax_compilation_cache -1"),
+                            # the user's, as they set it
+                            ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, ("gs://b/w", "2"), "/elsewhere -1")):
     env = dict(base, INSTRUCTOR_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", **extra)
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == want
+    assert done.stdout.strip() == want, args
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address=10.0.0.1:1234"], "--coordinator_address given without --num_processes, --process_id"),
+    (["--num_processes=2", "--process_id=0"], "--num_processes, --process_id given without --coordinator_address"),
+    (["--process_id=1"], "--process_id given without --coordinator_address, --num_processes"),
+    (["--coordinator_address=h:1", "--num_processes=2", "--process_id=2"], "--process_id 2 with --num_processes 2"),
+])
+def test_partial_distributed_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+  from instructor_jax.train import main
+  assert main([f"--workdir={tmp_path / 'w'}", "--gin_file=gin_configs/runs/quickstart_cpu.gin", *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_process_with_fewer_gpus_than_its_host_has_is_warned(monkeypatch, caplog):
+  import types
+
+  from instructor_jax import train_launch
+  gpu = types.SimpleNamespace(platform="gpu")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_devices", lambda: [gpu])
+  monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  train_launch.warn_if_gpus_left_idle()
+  assert "uses 1 of the 4 GPUs on this host" in caplog.text and "--ntasks-per-node=4" in caplog.text
+  caplog.clear()
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # one GPU per process, as JAX's detection assumes
+  train_launch.warn_if_gpus_left_idle()
+  assert not caplog.text
 
 
 def test_compiling_a_new_shape_is_left_out_of_the_step_time(monkeypatch):
