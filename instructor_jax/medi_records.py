@@ -5,9 +5,10 @@ A MEDI record is `{"query": [instr, text], "pos": [instr, text], "neg": [instr, 
 hard-negative release has the same schema; a `neg` holding a list of pairs is accepted and its
 first pair used (counted in the report, never silent).
 
-Bad records are skipped and counted per reason, with the first few offending indices printed; a
-file that is not MEDI at all (not a JSON list / JSONL of objects, or no record with MEDI keys)
-raises `MediFormatError`. The file is streamed, so the 2.6 GB release never sits in memory as
+Bad records (and JSONL lines that are not JSON) are skipped and counted per reason, with the first
+few offending indices printed; a file that is not MEDI at all (not a JSON list / JSONL of objects,
+or no record with MEDI keys), and a .json list that is not valid JSON (anything after its closing
+']' included), raise `MediFormatError`, the latter naming the byte and line. The file is streamed, so the 2.6 GB release never sits in memory as
 one JSON document. No TensorFlow here: the trainer reads MEDI files on machines without it.
 """
 
@@ -29,6 +30,8 @@ _PROBE = 1000  # records without any MEDI key, at the start, before we call the 
 # Lone surrogates: JSON's \ud83d escapes, or bytes that are not UTF-8 (read as surrogateescape).
 # Neither can be encoded for the tokenizer or TFDS, so such records are skipped where they are read.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own
+_COMMA = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 _SURROGATE_DETAIL = "holds a lone surrogate (a bad \\u escape, or bytes that are not UTF-8); MEDI files must be UTF-8"
 
 Pair = tuple[str, str]
@@ -233,44 +236,102 @@ def _first_char(path: str) -> str:
         return ""
 
 
+def _location(path: str, offset: int) -> str:
+  """"byte B (line L)" of the character at `offset` of `path` as `_iter_json_array` decodes it.
+
+  Found by decoding the file again up to there: only an error pays for it, never the parse."""
+  with open(path, "rb") as f:
+    where = 3 if f.read(3) == b"\xef\xbb\xbf" else 0  # the BOM that utf-8-sig drops
+  line = 1
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    while offset > 0:
+      text = f.read(min(offset, _CHUNK))
+      if not text:
+        break
+      where += len(text.encode("utf-8", "surrogateescape"))
+      line, offset = line + text.count("\n"), offset - len(text)
+  return f"byte {where} (line {line})"
+
+
 def _iter_json_array(path: str) -> Iterator[tuple[int, int | None, Any]]:
-  """(index, None, object) for each element of a top-level JSON list, reading the file in chunks."""
+  """(index, None, object) for each element of a top-level JSON list, reading the file in chunks.
+
+  As strict as `json.load`: one comma between elements, none before the first or after the last,
+  and nothing but whitespace after the closing ']' (a second list, from `cat a.json b.json`, is an
+  error, not records dropped unseen). Errors name their byte offset and line (`_location`).
+  """
   decoder = json.JSONDecoder()
-  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
-    buf, eof, index = f.read(_CHUNK), False, 0
-    while buf and not buf.lstrip(" \t\r\n"):  # whitespace-only chunks before the '['
-      buf = f.read(_CHUNK)
-    pos = buf.index("[") + 1
-    while True:
-      while True:  # skip whitespace and the separator, refilling at the chunk edge
-        while pos < len(buf) and buf[pos] in " \t\r\n":
-          pos += 1
-        if pos < len(buf) or eof:
-          break
-        more = f.read(_CHUNK)
-        buf, pos, eof = buf[pos:] + more, 0, not more
-      if pos >= len(buf):
-        raise MediFormatError(f"{path}: the JSON list is truncated after record {index - 1}; "
-                              "expected ']'. Re-download the file.")
-      if buf[pos] == "]":
-        return
-      if index and buf[pos] == ",":
-        pos += 1
-        continue
+  # newline="": no newline translation, so that a character offset maps back to a byte offset (CR and
+  # LF are whitespace to JSON, and neither may appear raw inside a string).
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    buf, pos, dropped, eof = "", 0, 0, False  # dropped: characters of the file before buf[0]
+
+    def refill() -> bool:
+      """Appends a chunk to what is left of `buf` from `pos` on; False (nothing changed) at the end."""
+      nonlocal buf, pos, dropped, eof
+      more = f.read(_CHUNK)
+      if not more:
+        eof = True
+        return False
+      dropped, buf, pos = dropped + pos, buf[pos:] + more, 0
+      return True
+
+    def next_char() -> str:
+      """The next character that is not whitespace, at `pos`; "" at the end of the file."""
+      nonlocal pos
+      while True:
+        pos = _WHITESPACE.match(buf, pos).end()
+        if pos < len(buf):
+          return buf[pos]
+        if eof or not refill():
+          return ""
+
+    def fail(what: str, at: int, hint: str = "a MEDI .json file is one JSON list of objects ('[{...}, {...}]'); "
+             "fix the file there, or re-download it if it was cut short.") -> MediFormatError:
+      return MediFormatError(f"{path}: {what} at {_location(path, at)}; {hint}")
+
+    next_char()
+    pos += 1  # the '[' (_first_char checked it)
+    index, char = 0, next_char()
+    while char != "]" or index:  # at index 0, "]" closes an empty list
+      if char in ("", ",", "]"):  # where a record must start
+        after = f"after record {index - 1}" if index else "after '['"
+        what = {"": f"the JSON list is truncated {after}", ",": f"an extra ',' {after}",
+                "]": f"a trailing ',' before ']' {after}"}[char]
+        raise fail(what, dropped + pos)
       try:
         obj, end = decoder.raw_decode(buf, pos)
       except json.JSONDecodeError as e:
+        at = dropped + e.pos
         # No MEDI record is near _MAX_RECORD long: failing with that much text ahead is real.
-        more = "" if eof or len(buf) - pos > _MAX_RECORD else f.read(_CHUNK)
-        if not more:
-          raise MediFormatError(f"{path}: invalid JSON in record {index} ({e.msg}); a MEDI .json file "
-                                "is one JSON list of objects. Check the file is complete.") from None
-        buf, pos, eof = buf[pos:] + more, 0, False
+        if len(buf) - pos > _MAX_RECORD or not refill():
+          raise fail(f"invalid JSON in record {index} ({e.msg})", at) from None
+        continue
+      # A number cut at the chunk's edge ("12|3", "1.5e|+3", "1.|5") decodes as a shorter one: read on.
+      if len(buf) - end < 3 and refill():
         continue
       yield index, None, obj
       index, pos = index + 1, end
       if pos > _CHUNK:
-        buf, pos = buf[pos:], 0
+        dropped, buf, pos = dropped + pos, buf[pos:], 0
+      comma = _COMMA.match(buf, pos)  # the common case, in one match: ", " and the next record's first character
+      if comma is not None and comma.end() < len(buf):
+        pos = comma.end()
+        char = buf[pos]
+        continue
+      char = next_char()
+      if char == "]":
+        break
+      if char != ",":
+        raise fail(f"the JSON list is truncated after record {index - 1}" if not char else
+                   f"expected ',' or ']' after record {index - 1}, found {char!r} (a missing comma?)", dropped + pos)
+      pos += 1
+      char = next_char()
+    pos += 1
+    if next_char():
+      raise fail(f"unexpected {buf[pos:pos + 20]!r} after the closing ']' of the JSON list of {index} records",
+                 dropped + pos, "a MEDI .json file is one JSON list and nothing after it; merge two lists joined by "
+                 "`cat a.json b.json` into one, or write JSONL (one record per line), which can be joined.")
 
 
 def _iter_jsonl(path: str, report: ValidationReport,

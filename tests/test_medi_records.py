@@ -140,6 +140,52 @@ def test_streaming_parse_equals_json_load(tmp_path, monkeypatch):
   assert got == json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("chunk", [5, 7, 11, 16, 1 << 24])
+def test_values_cut_at_a_chunk_edge_decode_whole(tmp_path, monkeypatch, chunk):
+  """A number (or literal) that ends at a chunk's edge decodes there, shorter: it must be read again, longer."""
+  monkeypatch.setattr(medi_records, "_CHUNK", chunk)
+  values = [12345678, 1.5e300, True, None, "x", [], {}, -7, 90000, 12]
+  path = tmp_path / "m.json"
+  path.write_text(json.dumps(values).replace(" ", ""))
+  assert [obj for _, _, obj in medi_records._iter_json_array(str(path))] == values  # pylint: disable=protected-access
+
+
+A, B = json.dumps(_good(0), ensure_ascii=False), json.dumps(dict(_good(1), pos=["", "東京 ünï"]), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 24])
+@pytest.mark.parametrize("good, bad, message", [  # the error is at the first character of `bad`
+    (f"[{A},\r\n {B}]\r\n", f"[{A}]\r\n", "unexpected '\\[{\"query.* after the closing ']' of the JSON list of 2 records"),
+    (f"[{B}] ", "oops", "unexpected 'oops' after the closing"),
+    (f"[{B}\n", f"{A}]", "expected ',' or ']' after record 0, found '{' \\(a missing comma"),
+    (f"[{B},\n", f",{A}]", "an extra ',' after record 0"),
+    (f"[{B},{A}, ", "]", "a trailing ',' before ']' after record 1"),
+    ("[ ", f",{A}]", "an extra ',' after '\\['"),
+    (f"[{B},{A},", "", "the JSON list is truncated after record 1"),
+    (f"[{B}, {A}", "", "the JSON list is truncated after record 1"),
+    (f"[{B},\n{A[:-1]}", "]", "invalid JSON in record 1 \\(Expecting ',' delimiter"),
+])
+def test_json_syntax_errors_name_their_byte_and_line(tmp_path, monkeypatch, chunk, good, bad, message):
+  """Whatever json.load refuses is refused, at the byte and line where it goes wrong (past a BOM, CRLFs and
+  non-ASCII text), and before any summary counts a file read in part."""
+  monkeypatch.setattr(medi_records, "_CHUNK", chunk)
+  with pytest.raises(json.JSONDecodeError):
+    json.loads(good + bad)
+  path = tmp_path / "m.json"
+  path.write_bytes(b"\xef\xbb\xbf" + (good + bad).encode("utf-8"))
+  at, line = 3 + len(good.encode("utf-8")), good.count("\n") + 1
+  with pytest.raises(medi_records.MediFormatError, match=message) as e:
+    medi_records.read_medi(str(path), log=lambda _: None)
+  assert str(e.value).startswith(f"{path}: ") and f"at byte {at} (line {line});" in str(e.value)
+
+
+def test_whitespace_after_the_list_is_fine(tmp_path, monkeypatch):
+  monkeypatch.setattr(medi_records, "_CHUNK", 16)
+  path = tmp_path / "m.json"
+  path.write_text(f"\n[ {A} ,\n\t{B}\r\n]\n" + " \n" * 50)
+  assert medi_records.read_medi(str(path), log=lambda _: None)[1].valid == 2
+
+
 def test_real_sample_is_all_valid():
   tasks, report = medi_records.read_medi(str(SAMPLE), log=lambda _: None)
   assert report.skipped == {} and report.valid == 1905
