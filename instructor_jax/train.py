@@ -229,9 +229,8 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
                       f"{dict(mesh.shape)}){chunks}; change BATCH_SIZE, MeshConfig or TrainConfig.grad_cache_chunks.")
   _require_medi_path(cfg)
   try:
-    if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
-      from instructor_jax.medi_records import resolve_medi_file
-      resolve_medi_file(cfg.medi_path)
+    from instructor_jax.medi_records import locate_medi_file
+    locate_medi_file(cfg.medi_path)  # a remote one is only looked up here, and fetched once per host later
     if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
       from instructor_jax.evaluate import read_sts
       read_sts(cfg.eval_sts_path)

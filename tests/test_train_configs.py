@@ -134,3 +134,15 @@ def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
   gin.clear_config()
   assert train.main([f"--gin_file={QUICKSTART}", f"--workdir={tmp_path / 'afile'}"]) == 2
   assert "--workdir " + str(tmp_path / "afile") + " is a file; expected a directory" in capsys.readouterr().err
+
+
+def test_a_missing_remote_medi_file_is_a_one_line_error_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+  from etils import epath
+  from instructor_jax import medi_records
+  monkeypatch.setattr(medi_records, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(tmp_path))))
+  monkeypatch.setattr(train, "build_state", lambda *a: pytest.fail("the model was built"))
+  gin.clear_config()
+  assert train.main([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = 'gs://bucket/medi-data.json'",
+                     f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: gs://bucket/medi-data.json: no such MEDI file") and "Traceback" not in err, err
