@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+import secrets
 from typing import Any, Callable, Iterator, NamedTuple
 
 from instructor_jax.config import ConfigError, MissingPathError
@@ -162,19 +162,18 @@ def _localize_remote(path: str) -> str:
         print(f"{path}: using the local copy {cache} (same size and modification time; delete it to fetch again)")
         return cache
   print(f"{path}: copying {os.fspath(remote)} to {cache}" + (" (the remote file changed)" if os.path.isfile(cache) else ""))
+  # Not the pid alone: hosts in containers that share the cache over NFS can have the same pid.
+  tmp = f"{cache}.tmp{os.getpid()}.{secrets.token_hex(4)}"
   try:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    # Unique names (not the pid alone: hosts in containers sharing the cache over NFS can have the same pid).
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=os.path.basename(cache) + ".tmp")
+    open(tmp, "xb").close()  # fails here, as an OSError, where the backend's copy would raise its own error
   except OSError as e:
     raise ConfigError(f"{path}: cannot copy the remote MEDI file into {os.path.dirname(cache)} ({e.strerror or e}); "
                       "set INSTRUCTOR_JAX_CACHE to a writable local folder with room for it.") from None
-  os.close(fd)
   try:
     remote.copy(tmp, overwrite=True)
     os.replace(tmp, cache)  # atomic: a killed download never looks complete
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=os.path.basename(stamp) + ".tmp")
-    with os.fdopen(fd, "w") as f:
+    with open(tmp, "x") as f:
       json.dump(source, f)
     os.replace(tmp, stamp)
   finally:
