@@ -454,6 +454,33 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
   return out + "."
 
 
+def corpus_fingerprint(tasks: Mapping[str, TaskArrays]) -> np.ndarray:
+  """int32 [task count, example count, 4 words of a SHA-1 of every task's name, size and texts' token
+  counts]: what the hosts of a run compare (`check_same_corpus`)."""
+  digest = hashlib.sha1()
+  for name in sorted(tasks):
+    digest.update(json.dumps([name, len(tasks[name])]).encode())
+    for field in FIELDS:  # token counts, not the tokens (far fewer bytes): enough to tell another tokenizer
+      digest.update(np.ascontiguousarray(tasks[name].fields[field].offsets, np.int64).tobytes())
+  examples = min(sum(len(t) for t in tasks.values()), np.iinfo(np.int32).max)
+  return np.concatenate([[len(tasks), examples], np.frombuffer(digest.digest()[:16], np.int32)]).astype(np.int32)
+
+
+def check_same_corpus(tasks: Mapping[str, TaskArrays], allgather: Callable[[np.ndarray], np.ndarray]) -> None:
+  """ConfigError unless every process of a run read the same corpus. Each host draws the batches alone
+  from its own copy, so hosts that read different files (or tokenised them differently) would train
+  on mismatched slices unnoticed. `allgather`: this process's fingerprint -> every process's, one row
+  each (jax.experimental.multihost_utils.process_allgather)."""
+  rows = np.asarray(allgather(corpus_fingerprint(tasks))).reshape(-1, 6)
+  differ = [p for p in range(1, len(rows)) if not np.array_equal(rows[p], rows[0])]
+  if differ:
+    says = lambda p: f"process {p} has {rows[p][0]} tasks, {rows[p][1]} examples"  # noqa: E731
+    raise ConfigError(f"MEDI differs between the processes of this run: {says(0)}, " + ", ".join(map(says, differ[:5]))
+                      + " (equal counts: other task names, or other token counts). Every host must read the same "
+                      f"MEDI file: check MEDI_PATH on process(es) {differ[:20]}, and delete their tokenised cache "
+                      "($INSTRUCTOR_JAX_CACHE/medi_tokens, ~/.cache/instructor_jax by default).")
+
+
 def global_batches(path_or_builder: Any, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, seed: int = 0, start_step: int = 0, query_len: int = 512,
                    doc_len: int = 512, temperature: float = 1.0, rate_cap: int | None = None,

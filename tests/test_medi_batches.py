@@ -249,8 +249,8 @@ def test_an_unwritable_cache_warns_once_and_the_run_goes_on(tmp_path):
   warnings = [line for line in logs if line.startswith("warning:")]
   assert len(warnings) == 1 and cache_dir in warnings[0] and "INSTRUCTOR_JAX_CACHE" in warnings[0], logs
   want = medi_batches.load_tasks(medi, log_fn=lambda _: None)
-  assert list(got) == list(want) and all(
-      got[t].fields[f].tokens.tobytes() == want[t].fields[f].tokens.tobytes() for t in want for f in medi_batches.FIELDS)
+  assert list(got) == list(want) and all(got[t].fields[f].tokens.tobytes() == want[t].fields[f].tokens.tobytes()
+                                         for t in want for f in medi_batches.FIELDS)
 
 
 def test_a_save_by_another_host_with_the_same_pid_is_left_alone(tmp_path):
@@ -277,6 +277,25 @@ def test_the_cache_key_covers_the_code_that_decides_which_records_are_kept(tmp_p
   edited.write_text(pathlib.Path(medi_records.__file__).read_text() + "\n# a changed rule\n")
   monkeypatch.setattr(medi_records, "__file__", str(edited))
   assert medi_batches._cache_key(medi) != key  # pylint: disable=protected-access
+
+
+def test_hosts_that_read_another_corpus_are_named(tasks):
+  """A pod's hosts each draw the batches alone: the check sees other sizes, other names, other token counts."""
+  fingerprint = medi_batches.corpus_fingerprint
+  fewer = dict(tasks, trecqa_answers=medi_batches.TaskArrays("trecqa_answers", {
+      f: medi_batches.FieldArrays(a.tokens, a.offsets[:-1], a.n_instr[:-1])
+      for f, a in tasks["trecqa_answers"].fields.items()}))
+  renamed = {("sick_relatedness2" if n == "sick_relatedness" else n): t for n, t in tasks.items()}
+  query = tasks["msrp_paraphrase"].fields["query"]
+  longer = query.offsets + (np.arange(len(query.offsets)) >= 7)  # one text one token longer
+  retokenised = dict(tasks, msrp_paraphrase=medi_batches.TaskArrays("msrp_paraphrase", dict(
+      tasks["msrp_paraphrase"].fields, query=medi_batches.FieldArrays(query.tokens, longer, query.n_instr))))
+  medi_batches.check_same_corpus(tasks, lambda x: np.stack([x, fingerprint(dict(tasks)), x]))
+  for other, shown in ((fewer, "process 2 has 4 tasks, 1904 examples"), (renamed, "process 2 has 4 tasks, 1905"),
+                       (retokenised, "process 2 has 4 tasks, 1905")):
+    with pytest.raises(ConfigError, match=f"process 0 has 4 tasks, 1905 examples, {shown}.*process\\(es\\) \\[2\\]"
+                                          ".*INSTRUCTOR_JAX_CACHE"):
+      medi_batches.check_same_corpus(tasks, lambda x, other=other: np.stack([x, x, fingerprint(other)]))
 
 
 def test_truncation_report_counts_what_padding_does(tasks):
