@@ -41,11 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import logging
 import os
 import re
+import secrets
+import shutil
 import zlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -330,23 +333,27 @@ VALIDATION_FILE = "validation.txt"  # the MEDI file's validation summary, shown 
 
 def save_tasks(tasks: Mapping[str, TaskArrays], directory: str, validation: str | None = None) -> None:
   """Writes tokenised tasks as .npy files; the directory appears atomically (hosts may race)."""
-  tmp = f"{directory}.tmp{os.getpid()}"
-  os.makedirs(tmp, exist_ok=True)
-  if validation is not None:
-    with open(os.path.join(tmp, VALIDATION_FILE), "w", encoding="utf-8") as f:
-      f.write(validation)
-  for i, task in enumerate(tasks.values()):
-    for field in FIELDS:
-      for part in _PARTS:
-        np.save(os.path.join(tmp, f"{i:05d}.{field}.{part}.npy"), getattr(task.fields[field], part))
-  with open(os.path.join(tmp, "tasks.json"), "w", encoding="utf-8") as f:
-    json.dump(list(tasks), f)
+  # Not the pid alone: hosts in containers that share the cache over NFS can have the same pid.
+  tmp = f"{directory}.tmp{os.getpid()}.{secrets.token_hex(4)}"
+  os.makedirs(tmp)
   try:
-    os.rename(tmp, directory)
-  except OSError:  # another host got there first; its copy is identical
-    for name in os.listdir(tmp):
-      os.remove(os.path.join(tmp, name))
-    os.rmdir(tmp)
+    if validation is not None:
+      with open(os.path.join(tmp, VALIDATION_FILE), "w", encoding="utf-8") as f:
+        f.write(validation)
+    for i, task in enumerate(tasks.values()):
+      for field in FIELDS:
+        for part in _PARTS:
+          np.save(os.path.join(tmp, f"{i:05d}.{field}.{part}.npy"), getattr(task.fields[field], part))
+    with open(os.path.join(tmp, "tasks.json"), "w", encoding="utf-8") as f:
+      json.dump(list(tasks), f)
+    try:
+      os.rename(tmp, directory)
+    except OSError:
+      if not os.path.isfile(os.path.join(directory, "tasks.json")):
+        raise
+      # else another host got there first; its copy is identical
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written copy otherwise
 
 
 def load_saved_tasks(directory: str) -> dict[str, TaskArrays]:
@@ -359,17 +366,23 @@ def load_saved_tasks(directory: str) -> dict[str, TaskArrays]:
 
 
 def _cache_key(path: str) -> str:
-  """Identifies a MEDI file's tokenisation: the file (path, size, mtime), the vocabulary and the rule."""
+  """Identifies a MEDI file's tokenisation: the file (path, size, mtime), the vocabulary files, and what
+  decides the arrays from them: the code (which records are kept: medi_records.py; the rule:
+  tokenization.py; the special-token handling and the layout: this file) and the tokenizer libraries."""
+  from instructor_jax import medi_records
   st = os.stat(path)
-  with open(os.path.join(tokenization.VOCAB_DIR, "spiece.model"), "rb") as f:
-    vocab = hashlib.sha1(f.read()).hexdigest()
-  # The rule lives in tokenization.py; the special-token handling of the fast path in this file.
-  rule = hashlib.sha1()
-  for source in (tokenization.__file__, __file__):
+  digest = hashlib.sha1()
+  sources = [os.path.join(tokenization.VOCAB_DIR, n) for n in sorted(os.listdir(tokenization.VOCAB_DIR))]
+  for source in sources + [medi_records.__file__, tokenization.__file__, __file__]:
     with open(source, "rb") as f:
-      rule.update(f.read())
-  rule = rule.hexdigest()
-  return hashlib.sha1(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{vocab}:{rule}".encode()).hexdigest()[:16]
+      digest.update(f.read())
+  for library in ("sentencepiece", "tokenizers"):  # SentencePiece; HF's, for texts with special-token strings
+    try:
+      digest.update(f"{library} {importlib.metadata.version(library)}".encode())
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
+  return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = None,
@@ -398,7 +411,12 @@ def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = N
   tasks = {name: tokenize_task(name, [(r.query, r.pos, r.neg) for r in recs], encode_fn, cache)
            for name, recs in grouped.items()}
   if cached:
-    save_tasks(tasks, cached, report.summary())
+    try:
+      save_tasks(tasks, cached, report.summary())
+    except OSError as e:  # a cache is an optimisation: a read-only or full disk must not end the run
+      log_fn(f"warning: cannot write the tokenised MEDI cache in {cache_dir} ({e.strerror or e}); going on without "
+             "it, so a restart tokenises MEDI again. The trainer keeps it under $INSTRUCTOR_JAX_CACHE "
+             "(~/.cache/instructor_jax by default): point that at a writable folder.")
   return tasks
 
 
@@ -434,6 +452,33 @@ def truncation_report(tasks: Mapping[str, TaskArrays], query_len: int, doc_len: 
       out += (f"; {covered} of them pool nothing, not even EOS, their instruction's last word merging with "
               "the text (inference refuses such a text)")
   return out + "."
+
+
+def corpus_fingerprint(tasks: Mapping[str, TaskArrays]) -> np.ndarray:
+  """int32 [task count, example count, 4 words of a SHA-1 of every task's name, size and texts' token
+  counts]: what the hosts of a run compare (`check_same_corpus`)."""
+  digest = hashlib.sha1()
+  for name in sorted(tasks):
+    digest.update(json.dumps([name, len(tasks[name])]).encode())
+    for field in FIELDS:  # token counts, not the tokens (far fewer bytes): enough to tell another tokenizer
+      digest.update(np.ascontiguousarray(tasks[name].fields[field].offsets, np.int64).tobytes())
+  examples = min(sum(len(t) for t in tasks.values()), np.iinfo(np.int32).max)
+  return np.concatenate([[len(tasks), examples], np.frombuffer(digest.digest()[:16], np.int32)]).astype(np.int32)
+
+
+def check_same_corpus(tasks: Mapping[str, TaskArrays], allgather: Callable[[np.ndarray], np.ndarray]) -> None:
+  """ConfigError unless every process of a run read the same corpus. Each host draws the batches alone
+  from its own copy, so hosts that read different files (or tokenised them differently) would train
+  on mismatched slices unnoticed. `allgather`: this process's fingerprint -> every process's, one row
+  each (jax.experimental.multihost_utils.process_allgather)."""
+  rows = np.asarray(allgather(corpus_fingerprint(tasks))).reshape(-1, 6)
+  differ = [p for p in range(1, len(rows)) if not np.array_equal(rows[p], rows[0])]
+  if differ:
+    says = lambda p: f"process {p} has {rows[p][0]} tasks, {rows[p][1]} examples"  # noqa: E731
+    raise ConfigError(f"MEDI differs between the processes of this run: {says(0)}, " + ", ".join(map(says, differ[:5]))
+                      + " (equal counts: other task names, or other token counts). Every host must read the same "
+                      f"MEDI file: check MEDI_PATH on process(es) {differ[:20]}, and delete their tokenised cache "
+                      "($INSTRUCTOR_JAX_CACHE/medi_tokens, ~/.cache/instructor_jax by default).")
 
 
 def global_batches(path_or_builder: Any, *, global_batch_size: int, process_index: int = 0,

@@ -5,10 +5,12 @@ A MEDI record is `{"query": [instr, text], "pos": [instr, text], "neg": [instr, 
 hard-negative release has the same schema; a `neg` holding a list of pairs is accepted and its
 first pair used (counted in the report, never silent).
 
-Bad records are skipped and counted per reason, with the first few offending indices printed; a
-file that is not MEDI at all (not a JSON list / JSONL of objects, or no record with MEDI keys)
-raises `MediFormatError`. The file is streamed, so the 2.6 GB release never sits in memory as
-one JSON document. No TensorFlow here: the trainer reads MEDI files on machines without it.
+Bad records (and JSONL lines that are not JSON) are skipped and counted per reason, with the first
+few offending indices printed; a file that is not MEDI at all (not a JSON list / JSONL of objects,
+or no record with MEDI keys), and a .json list that is not valid JSON (anything after its closing
+']' included), raise `MediFormatError`, the latter naming the byte and line. The file is streamed,
+so the 2.6 GB release never sits in memory as one JSON document. No TensorFlow here: the trainer
+reads MEDI files on machines without it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 from typing import Any, Callable, Iterator, NamedTuple
+
+from instructor_jax.config import ConfigError, MissingPathError
 
 FIELDS = ("query", "pos", "neg")
 MEDI_FILENAMES = ("medi-data.json", "medi-data.jsonl")
@@ -29,6 +34,8 @@ _PROBE = 1000  # records without any MEDI key, at the start, before we call the 
 # Lone surrogates: JSON's \ud83d escapes, or bytes that are not UTF-8 (read as surrogateescape).
 # Neither can be encoded for the tokenizer or TFDS, so such records are skipped where they are read.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own
+_COMMA = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 _SURROGATE_DETAIL = "holds a lone surrogate (a bad \\u escape, or bytes that are not UTF-8); MEDI files must be UTF-8"
 
 Pair = tuple[str, str]
@@ -87,6 +94,53 @@ def cache_root() -> str:
   """Per-host cache of this package (MEDI copies, token caches, compiled steps): $INSTRUCTOR_JAX_CACHE."""
   return os.environ.get("INSTRUCTOR_JAX_CACHE", os.path.expanduser("~/.cache/instructor_jax"))
 
+def _remote(path: str) -> Any:
+  """An etils.epath.Path for a remote (gs://, s3://) path: the one place remote storage is reached, so
+  that a test can stand a local folder in for a bucket whichever backend (tf.io.gfile, gcsfs) is installed."""
+  from etils import epath  # resolves gs:// through tf.io.gfile or gcsfs, whichever is installed
+  return epath.Path(path)
+
+
+def _medi_in_folder(folder: str, names: list[str]) -> str:
+  """The name of the MEDI file among the file `names` of `folder` (local or remote), else MissingPathError."""
+  for name in MEDI_FILENAMES:
+    if name in names:
+      return name
+  if "dataset_info.json" in names:  # a file that _iter_jsonl would otherwise read as a (non-)MEDI file
+    raise MissingPathError(
+        f"{folder}: a prepared TFDS dataset (dataset_info.json, features.json), not the folder holding MEDI's JSON. "
+        "Pass medi-data.json, or the manual directory holding it (the manual_dir it was prepared from, by default "
+        "<data_dir>/downloads/manual); Python code reads the prepared dataset with "
+        "medi_batches.global_batches(medi_tfds.Medi(data_dir=<data_dir>), ...).")
+  found = sorted(n for n in names if n.endswith((".json", ".jsonl")))
+  if len(found) == 1:
+    return found[0]
+  raise MissingPathError(f"{folder}: expected one of {MEDI_FILENAMES} (or a single .json/.jsonl file) in this "
+                         f"directory, found {found[:10] or 'none'}. Place medi-data.json there.")
+
+
+def locate_medi_file(path: str) -> str:
+  """The MEDI file behind `path` (the file, or a folder holding one; local or remote), not copied: for
+  checks before anything is built. A missing path raises MissingPathError (a FileNotFoundError)."""
+  if "://" in str(path):
+    remote = _remote(str(path))
+    if remote.is_dir():
+      return os.fspath(remote / _medi_in_folder(str(path), [p.name for p in remote.iterdir()]))
+    if not remote.exists():  # checked, not left to copy(): tf.io.gfile raises its own NotFoundError, no OSError
+      raise MissingPathError(f"{path}: no such MEDI file or directory. Pass the path of medi-data.json (INSTRUCTOR's "
+                             "MEDI release) or of its directory, readable from every host.")
+    return str(path)
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isfile(path):
+    return path
+  if os.path.isdir(path):
+    return os.path.join(path, _medi_in_folder(path, [n for n in os.listdir(path)
+                                                      if os.path.isfile(os.path.join(path, n))]))
+  relative = "" if os.path.isabs(path) else f" (a relative path, read from the current directory {os.getcwd()})"
+  raise MissingPathError(f"{path}: no such MEDI file or directory{relative}. Pass the path of medi-data.json "
+                         "(INSTRUCTOR's MEDI release) or of its directory.")
+
+
 def _localize_remote(path: str) -> str:
   """A local copy of a remote (gs://, s3://) MEDI file or folder, made once per host.
 
@@ -94,14 +148,7 @@ def _localize_remote(path: str) -> str:
   sequential download beats many small remote reads. The copy is reused across restarts while the
   remote file keeps its size and modification time (recorded beside the copy), else fetched again.
   """
-  from etils import epath  # resolves gs:// through tf.io.gfile or gcsfs, whichever is installed
-  remote = epath.Path(path)
-  if remote.is_dir():
-    names = [n for n in MEDI_FILENAMES if (remote / n).exists()]
-    names = names or sorted(p.name for p in remote.iterdir() if p.name.endswith((".json", ".jsonl")))
-    if not names:
-      raise FileNotFoundError(f"{path}: no MEDI file ({MEDI_FILENAMES} or a .json/.jsonl) in this folder.")
-    remote = remote / names[0]
+  remote = _remote(locate_medi_file(path))
   cache = os.path.join(cache_root(), "medi", path.split("://", 1)[1].replace("/", "_"))
   try:
     st = remote.stat()
@@ -115,13 +162,23 @@ def _localize_remote(path: str) -> str:
         print(f"{path}: using the local copy {cache} (same size and modification time; delete it to fetch again)")
         return cache
   print(f"{path}: copying {os.fspath(remote)} to {cache}" + (" (the remote file changed)" if os.path.isfile(cache) else ""))
-  os.makedirs(os.path.dirname(cache), exist_ok=True)
-  tmp = f"{cache}.tmp{os.getpid()}"
-  remote.copy(epath.Path(tmp), overwrite=True)
-  os.replace(tmp, cache)  # atomic: a killed download never looks complete
-  with open(stamp + f".tmp{os.getpid()}", "w") as f:
-    json.dump(source, f)
-  os.replace(stamp + f".tmp{os.getpid()}", stamp)
+  # Not the pid alone: hosts in containers that share the cache over NFS can have the same pid.
+  tmp = f"{cache}.tmp{os.getpid()}.{secrets.token_hex(4)}"
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    open(tmp, "xb").close()  # fails here, as an OSError, where the backend's copy would raise its own error
+  except OSError as e:
+    raise ConfigError(f"{path}: cannot copy the remote MEDI file into {os.path.dirname(cache)} ({e.strerror or e}); "
+                      "set INSTRUCTOR_JAX_CACHE to a writable local folder with room for it.") from None
+  try:
+    remote.copy(tmp, overwrite=True)
+    os.replace(tmp, cache)  # atomic: a killed download never looks complete
+    with open(tmp, "x") as f:
+      json.dump(source, f)
+    os.replace(tmp, stamp)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return cache
 
 
@@ -131,8 +188,7 @@ def medi_size(path: str) -> int | None:
   which the path alone cannot show. One stat; a remote file is not copied here."""
   try:
     if "://" in str(path):
-      from etils import epath
-      remote = epath.Path(path)
+      remote = _remote(path)
       return None if remote.is_dir() else int(remote.stat().length)
     return os.path.getsize(resolve_medi_file(path))
   except Exception:  # noqa: BLE001 - it only feeds a resume warning, which must never fail a run
@@ -140,24 +196,11 @@ def medi_size(path: str) -> int | None:
 
 
 def resolve_medi_file(path: str) -> str:
-  """The MEDI file itself, given the file or a (TFDS manual) directory holding one (or gs://...)."""
+  """The MEDI file itself, given the file or a (TFDS manual) directory holding one; a remote (gs://)
+  one is copied to this host's cache first. A missing path raises MissingPathError."""
   if "://" in str(path):
     return _localize_remote(str(path))
-  path = os.path.expanduser(os.fspath(path))
-  if os.path.isfile(path):
-    return path
-  if os.path.isdir(path):
-    for name in MEDI_FILENAMES:
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-    found = sorted(f for f in os.listdir(path) if f.endswith((".json", ".jsonl")))
-    if len(found) == 1:
-      return os.path.join(path, found[0])
-    raise FileNotFoundError(f"{path}: expected one of {MEDI_FILENAMES} (or a single .json/.jsonl file) "
-                            f"in this directory, found {found or 'none'}. Place medi-data.json there.")
-  relative = "" if os.path.isabs(path) else f" (a relative path, read from the current directory {os.getcwd()})"
-  raise FileNotFoundError(f"{path}: no such MEDI file or directory{relative}. Pass the path of medi-data.json "
-                          "(INSTRUCTOR's MEDI release) or of its directory.")
+  return locate_medi_file(path)
 
 
 def _pair(value: Any) -> Pair | None:
@@ -233,44 +276,102 @@ def _first_char(path: str) -> str:
         return ""
 
 
+def _location(path: str, offset: int) -> str:
+  """"byte B (line L)" of the character at `offset` of `path` as `_iter_json_array` decodes it.
+
+  Found by decoding the file again up to there: only an error pays for it, never the parse."""
+  with open(path, "rb") as f:
+    where = 3 if f.read(3) == b"\xef\xbb\xbf" else 0  # the BOM that utf-8-sig drops
+  line = 1
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    while offset > 0:
+      text = f.read(min(offset, _CHUNK))
+      if not text:
+        break
+      where += len(text.encode("utf-8", "surrogateescape"))
+      line, offset = line + text.count("\n"), offset - len(text)
+  return f"byte {where} (line {line})"
+
+
 def _iter_json_array(path: str) -> Iterator[tuple[int, int | None, Any]]:
-  """(index, None, object) for each element of a top-level JSON list, reading the file in chunks."""
+  """(index, None, object) for each element of a top-level JSON list, reading the file in chunks.
+
+  As strict as `json.load`: one comma between elements, none before the first or after the last,
+  and nothing but whitespace after the closing ']' (a second list, from `cat a.json b.json`, is an
+  error, not records dropped unseen). Errors name their byte offset and line (`_location`).
+  """
   decoder = json.JSONDecoder()
-  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
-    buf, eof, index = f.read(_CHUNK), False, 0
-    while buf and not buf.lstrip(" \t\r\n"):  # whitespace-only chunks before the '['
-      buf = f.read(_CHUNK)
-    pos = buf.index("[") + 1
-    while True:
-      while True:  # skip whitespace and the separator, refilling at the chunk edge
-        while pos < len(buf) and buf[pos] in " \t\r\n":
-          pos += 1
-        if pos < len(buf) or eof:
-          break
-        more = f.read(_CHUNK)
-        buf, pos, eof = buf[pos:] + more, 0, not more
-      if pos >= len(buf):
-        raise MediFormatError(f"{path}: the JSON list is truncated after record {index - 1}; "
-                              "expected ']'. Re-download the file.")
-      if buf[pos] == "]":
-        return
-      if index and buf[pos] == ",":
-        pos += 1
-        continue
+  # newline="": no newline translation, so that a character offset maps back to a byte offset (CR and
+  # LF are whitespace to JSON, and neither may appear raw inside a string).
+  with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    buf, pos, dropped, eof = "", 0, 0, False  # dropped: characters of the file before buf[0]
+
+    def refill() -> bool:
+      """Appends a chunk to what is left of `buf` from `pos` on; False (nothing changed) at the end."""
+      nonlocal buf, pos, dropped, eof
+      more = f.read(_CHUNK)
+      if not more:
+        eof = True
+        return False
+      dropped, buf, pos = dropped + pos, buf[pos:] + more, 0
+      return True
+
+    def next_char() -> str:
+      """The next character that is not whitespace, at `pos`; "" at the end of the file."""
+      nonlocal pos
+      while True:
+        pos = _WHITESPACE.match(buf, pos).end()
+        if pos < len(buf):
+          return buf[pos]
+        if eof or not refill():
+          return ""
+
+    def fail(what: str, at: int, hint: str = "a MEDI .json file is one JSON list of objects ('[{...}, {...}]'); "
+             "fix the file there, or re-download it if it was cut short.") -> MediFormatError:
+      return MediFormatError(f"{path}: {what} at {_location(path, at)}; {hint}")
+
+    next_char()
+    pos += 1  # the '[' (_first_char checked it)
+    index, char = 0, next_char()
+    while char != "]" or index:  # at index 0, "]" closes an empty list
+      if char in ("", ",", "]"):  # where a record must start
+        after = f"after record {index - 1}" if index else "after '['"
+        what = {"": f"the JSON list is truncated {after}", ",": f"an extra ',' {after}",
+                "]": f"a trailing ',' before ']' {after}"}[char]
+        raise fail(what, dropped + pos)
       try:
         obj, end = decoder.raw_decode(buf, pos)
       except json.JSONDecodeError as e:
+        at = dropped + e.pos
         # No MEDI record is near _MAX_RECORD long: failing with that much text ahead is real.
-        more = "" if eof or len(buf) - pos > _MAX_RECORD else f.read(_CHUNK)
-        if not more:
-          raise MediFormatError(f"{path}: invalid JSON in record {index} ({e.msg}); a MEDI .json file "
-                                "is one JSON list of objects. Check the file is complete.") from None
-        buf, pos, eof = buf[pos:] + more, 0, False
+        if len(buf) - pos > _MAX_RECORD or not refill():
+          raise fail(f"invalid JSON in record {index} ({e.msg})", at) from None
+        continue
+      # A number cut at the chunk's edge ("12|3", "1.5e|+3", "1.|5") decodes as a shorter one: read on.
+      if len(buf) - end < 3 and refill():
         continue
       yield index, None, obj
       index, pos = index + 1, end
       if pos > _CHUNK:
-        buf, pos = buf[pos:], 0
+        dropped, buf, pos = dropped + pos, buf[pos:], 0
+      comma = _COMMA.match(buf, pos)  # the common case, in one match: ", " and the next record's first character
+      if comma is not None and comma.end() < len(buf):
+        pos = comma.end()
+        char = buf[pos]
+        continue
+      char = next_char()
+      if char == "]":
+        break
+      if char != ",":
+        raise fail(f"the JSON list is truncated after record {index - 1}" if not char else
+                   f"expected ',' or ']' after record {index - 1}, found {char!r} (a missing comma?)", dropped + pos)
+      pos += 1
+      char = next_char()
+    pos += 1
+    if next_char():
+      raise fail(f"unexpected {buf[pos:pos + 20]!r} after the closing ']' of the JSON list of {index} records",
+                 dropped + pos, "a MEDI .json file is one JSON list and nothing after it; merge two lists joined by "
+                 "`cat a.json b.json` into one, or write JSONL (one record per line), which can be joined.")
 
 
 def _iter_jsonl(path: str, report: ValidationReport,

@@ -126,14 +126,17 @@ def batches(cfg: TrainConfig, start_step: int, num_steps: int,
   """This host's slices of the MEDI global batches, from `start_step` (identical to an unbroken run);
   packed per block of each of the `shards` batch shards with TrainConfig.pack_length."""
   _require_medi_path(cfg)
-  from instructor_jax.medi_batches import global_batches
+  from instructor_jax.medi_batches import check_same_corpus, global_batches, load_tasks
   # The tokenised corpus is kept per host, so a restart (preemption) memory-maps it instead of
   # re-reading and re-tokenising all of MEDI (~1.4M triples, minutes per host).
-  cache_dir = os.path.join(cache_root(), "medi_tokens")
-  return global_batches(cfg.medi_path, global_batch_size=cfg.batch_size, process_index=jax.process_index(),
-                        process_count=jax.process_count(), seed=cfg.data_seed, start_step=start_step,
-                        query_len=cfg.query_len, doc_len=cfg.doc_len, temperature=cfg.mixing_temperature,
-                        rate_cap=cfg.rate_cap, num_steps=num_steps, cache_dir=cache_dir,
+  tasks = load_tasks(cfg.medi_path, cache_dir=os.path.join(cache_root(), "medi_tokens"))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    check_same_corpus(tasks, multihost_utils.process_allgather)
+  return global_batches(cfg.medi_path, tasks=tasks, global_batch_size=cfg.batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.data_seed,
+                        start_step=start_step, query_len=cfg.query_len, doc_len=cfg.doc_len,
+                        temperature=cfg.mixing_temperature, rate_cap=cfg.rate_cap, num_steps=num_steps,
                         length_buckets=cfg.length_buckets, pack_length=cfg.pack_length, shards=shards,
                         chunks=cfg.grad_cache_chunks)
 
@@ -233,9 +236,8 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
     raise ConfigError(f"BATCH_SIZE {cfg.batch_size} on mesh {dict(mesh.shape)}: {e}") from None
   _require_medi_path(cfg)
   try:
-    if "://" not in cfg.medi_path:  # remote paths are fetched once per host, later
-      from instructor_jax.medi_records import resolve_medi_file
-      resolve_medi_file(cfg.medi_path)
+    from instructor_jax.medi_records import locate_medi_file
+    locate_medi_file(cfg.medi_path)  # a remote one is only looked up here, and fetched once per host later
     if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
       from instructor_jax.evaluate import read_sts
       read_sts(cfg.eval_sts_path)

@@ -1,6 +1,7 @@
 """Task-homogeneous global batches: inference-equal tokens, single-task, disjoint host slices, exact resume."""
 
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -231,6 +232,70 @@ def test_tokenised_cache_round_trip_gives_identical_batches(tmp_path):
   list(medi_batches.global_batches(str(tmp_path), log_fn=logs[2].append, **kw))
   assert not any("tokenised cache" in line for line in logs[2])
   assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def _small_medi(tmp_path, lines=200):
+  medi = tmp_path / "medi-data.jsonl"
+  medi.write_text("\n".join(pathlib.Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:lines]) + "\n")
+  return str(medi)
+
+
+def test_an_unwritable_cache_warns_once_and_the_run_goes_on(tmp_path):
+  medi = _small_medi(tmp_path)
+  (tmp_path / "afile").write_text("")
+  cache_dir = str(tmp_path / "afile" / "medi_tokens")  # not writable, even by root
+  logs = []
+  got = medi_batches.load_tasks(medi, log_fn=logs.append, cache_dir=cache_dir)
+  warnings = [line for line in logs if line.startswith("warning:")]
+  assert len(warnings) == 1 and cache_dir in warnings[0] and "INSTRUCTOR_JAX_CACHE" in warnings[0], logs
+  want = medi_batches.load_tasks(medi, log_fn=lambda _: None)
+  assert list(got) == list(want) and all(got[t].fields[f].tokens.tobytes() == want[t].fields[f].tokens.tobytes()
+                                         for t in want for f in medi_batches.FIELDS)
+
+
+def test_a_save_by_another_host_with_the_same_pid_is_left_alone(tmp_path):
+  """Hosts in containers sharing the cache (NFS) can have the same pid: temp names must not be the pid alone."""
+  tasks = medi_batches.load_tasks(_small_medi(tmp_path), log_fn=lambda _: None)
+  directory = tmp_path / "cache" / "medi_tokens_x"
+  other = pathlib.Path(f"{directory}.tmp{os.getpid()}")
+  other.mkdir(parents=True)
+  (other / "00000.query.tokens.npy").write_text("another host's half-written file")
+  medi_batches.save_tasks(tasks, str(directory))
+  medi_batches.save_tasks(tasks, str(directory))  # a second host finishing later: no error, its copy dropped
+  assert (other / "00000.query.tokens.npy").read_text() == "another host's half-written file"
+  assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name, other.name]
+  loaded = medi_batches.load_saved_tasks(str(directory))
+  assert all(loaded[t].fields[f].tokens.tobytes() == tasks[t].fields[f].tokens.tobytes()
+             for t in tasks for f in medi_batches.FIELDS)
+
+
+def test_the_cache_key_covers_the_code_that_decides_which_records_are_kept(tmp_path, monkeypatch):
+  """medi_records.py decides which records are skipped: a change there must not reuse old token arrays."""
+  medi = _small_medi(tmp_path, 10)
+  key = medi_batches._cache_key(medi)  # pylint: disable=protected-access
+  edited = tmp_path / "medi_records.py"
+  edited.write_text(pathlib.Path(medi_records.__file__).read_text() + "\n# a changed rule\n")
+  monkeypatch.setattr(medi_records, "__file__", str(edited))
+  assert medi_batches._cache_key(medi) != key  # pylint: disable=protected-access
+
+
+def test_hosts_that_read_another_corpus_are_named(tasks):
+  """A pod's hosts each draw the batches alone: the check sees other sizes, other names, other token counts."""
+  fingerprint = medi_batches.corpus_fingerprint
+  fewer = dict(tasks, trecqa_answers=medi_batches.TaskArrays("trecqa_answers", {
+      f: medi_batches.FieldArrays(a.tokens, a.offsets[:-1], a.n_instr[:-1])
+      for f, a in tasks["trecqa_answers"].fields.items()}))
+  renamed = {("sick_relatedness2" if n == "sick_relatedness" else n): t for n, t in tasks.items()}
+  query = tasks["msrp_paraphrase"].fields["query"]
+  longer = query.offsets + (np.arange(len(query.offsets)) >= 7)  # one text one token longer
+  retokenised = dict(tasks, msrp_paraphrase=medi_batches.TaskArrays("msrp_paraphrase", dict(
+      tasks["msrp_paraphrase"].fields, query=medi_batches.FieldArrays(query.tokens, longer, query.n_instr))))
+  medi_batches.check_same_corpus(tasks, lambda x: np.stack([x, fingerprint(dict(tasks)), x]))
+  for other, shown in ((fewer, "process 2 has 4 tasks, 1904 examples"), (renamed, "process 2 has 4 tasks, 1905"),
+                       (retokenised, "process 2 has 4 tasks, 1905")):
+    with pytest.raises(ConfigError, match=f"process 0 has 4 tasks, 1905 examples, {shown}.*process\\(es\\) \\[2\\]"
+                                          ".*INSTRUCTOR_JAX_CACHE"):
+      medi_batches.check_same_corpus(tasks, lambda x, other=other: np.stack([x, x, fingerprint(other)]))
 
 
 def test_truncation_report_counts_what_padding_does(tasks):

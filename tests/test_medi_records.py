@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from instructor_jax import medi_records
+from instructor_jax.config import ConfigError, MissingPathError
 
 SAMPLE = pathlib.Path(__file__).parent.parent / "data" / "medi_sample.jsonl"
 
@@ -140,6 +141,54 @@ def test_streaming_parse_equals_json_load(tmp_path, monkeypatch):
   assert got == json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("chunk", [5, 7, 11, 16, 1 << 24])
+def test_values_cut_at_a_chunk_edge_decode_whole(tmp_path, monkeypatch, chunk):
+  """A number (or literal) that ends at a chunk's edge decodes there, shorter: it must be read again, longer."""
+  monkeypatch.setattr(medi_records, "_CHUNK", chunk)
+  values = [12345678, 1.5e300, True, None, "x", [], {}, -7, 90000, 12]
+  path = tmp_path / "m.json"
+  path.write_text(json.dumps(values).replace(" ", ""))
+  assert [obj for _, _, obj in medi_records._iter_json_array(str(path))] == values  # pylint: disable=protected-access
+
+
+A = json.dumps(_good(0), ensure_ascii=False)
+B = json.dumps(dict(_good(1), pos=["", "東京 ünï"]), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 24])
+@pytest.mark.parametrize("good, bad, message", [  # the error is at the first character of `bad`
+    (f"[{A},\r\n {B}]\r\n", f"[{A}]\r\n",
+     "unexpected '\\[{\"query.* after the closing ']' of the JSON list of 2 records"),
+    (f"[{B}] ", "oops", "unexpected 'oops' after the closing"),
+    (f"[{B}\n", f"{A}]", "expected ',' or ']' after record 0, found '{' \\(a missing comma"),
+    (f"[{B},\n", f",{A}]", "an extra ',' after record 0"),
+    (f"[{B},{A}, ", "]", "a trailing ',' before ']' after record 1"),
+    ("[ ", f",{A}]", "an extra ',' after '\\['"),
+    (f"[{B},{A},", "", "the JSON list is truncated after record 1"),
+    (f"[{B}, {A}", "", "the JSON list is truncated after record 1"),
+    (f"[{B},\n{A[:-1]}", "]", "invalid JSON in record 1 \\(Expecting ',' delimiter"),
+])
+def test_json_syntax_errors_name_their_byte_and_line(tmp_path, monkeypatch, chunk, good, bad, message):
+  """Whatever json.load refuses is refused, at the byte and line where it goes wrong (past a BOM, CRLFs and
+  non-ASCII text), and before any summary counts a file read in part."""
+  monkeypatch.setattr(medi_records, "_CHUNK", chunk)
+  with pytest.raises(json.JSONDecodeError):
+    json.loads(good + bad)
+  path = tmp_path / "m.json"
+  path.write_bytes(b"\xef\xbb\xbf" + (good + bad).encode("utf-8"))
+  at, line = 3 + len(good.encode("utf-8")), good.count("\n") + 1
+  with pytest.raises(medi_records.MediFormatError, match=message) as e:
+    medi_records.read_medi(str(path), log=lambda _: None)
+  assert str(e.value).startswith(f"{path}: ") and f"at byte {at} (line {line});" in str(e.value)
+
+
+def test_whitespace_after_the_list_is_fine(tmp_path, monkeypatch):
+  monkeypatch.setattr(medi_records, "_CHUNK", 16)
+  path = tmp_path / "m.json"
+  path.write_text(f"\n[ {A} ,\n\t{B}\r\n]\n" + " \n" * 50)
+  assert medi_records.read_medi(str(path), log=lambda _: None)[1].valid == 2
+
+
 def test_real_sample_is_all_valid():
   tasks, report = medi_records.read_medi(str(SAMPLE), log=lambda _: None)
   assert report.skipped == {} and report.valid == 1905
@@ -175,33 +224,86 @@ def test_directory_holding_medi_data_json(tmp_path):
     medi_records.resolve_medi_file(str(tmp_path / "missing"))
 
 
-def test_remote_medi_path_is_downloaded_once(tmp_path, monkeypatch):
-  """gs:// paths (pods) are copied to a local cache atomically; folders resolve to their MEDI file."""
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """A local folder standing in for gs://bucket, through the one function that reaches remote storage."""
   from etils import epath
-  bucket = tmp_path / "bucket"
-  (bucket / "medi").mkdir(parents=True)
-  src = bucket / "medi" / "medi-data.json"
-  src.write_text('[{"query": ["Represent: ", "q"], "pos": ["Represent: ", "p"], "neg": ["Represent: ", "n"], "task_name": "t"}]')
-  real_path = epath.Path
-  copies = []
-
-  def fake_path(p):
-    path = real_path(str(p).replace("gs://bucket", str(bucket)))
-    return path
-
-  monkeypatch.setattr(epath, "Path", fake_path)
+  root = tmp_path / "bucket"
+  root.mkdir()
+  monkeypatch.setattr(medi_records, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(root))))
   monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path / "cache"))
+  return root
+
+
+def test_remote_medi_path_is_downloaded_once(bucket, tmp_path):
+  """gs:// paths (pods) are copied to a local cache atomically; folders resolve to their MEDI file."""
+  (bucket / "medi").mkdir()
+  src = bucket / "medi" / "medi-data.json"
+  src.write_text(json.dumps([{"query": ["Represent: ", "q"], "pos": ["Represent: ", "p"], "neg": ["Represent: ", "n"],
+                              "task_name": "t"}]))
   local = medi_records.resolve_medi_file("gs://bucket/medi")
   assert local.startswith(str(tmp_path / "cache")) and open(local).read() == src.read_text()
-  copies.append(os.path.getmtime(local))
-  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == copies[0]
+  mtime = os.path.getmtime(local)
+  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == mtime
   # A changed remote file (another size or modification time) is fetched again.
   src.write_text(src.read_text().replace('"q"', '"a longer query"'))
   assert medi_records.resolve_medi_file("gs://bucket/medi") == local and open(local).read() == src.read_text()
   assert medi_records.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")
+  assert sorted(os.listdir(os.path.dirname(local))) == sorted(  # no temp file left behind
+      [os.path.basename(p) + s for p in (local, local.replace("bucket_medi", "bucket_medi_medi-data.json"))
+       for s in ("", ".source.json")])
   # The size a resume compares: one stat of the remote file, none for a remote folder.
   assert medi_records.medi_size("gs://bucket/medi/medi-data.json") == src.stat().st_size
   assert medi_records.medi_size("gs://bucket/medi") is None
+
+
+def test_a_missing_remote_file_is_the_missing_path_error_of_a_local_one(bucket, tmp_path):
+  """Not a backend's exception (tf.io.gfile's NotFoundError is no OSError) after the model is built."""
+  for path in ("gs://bucket/medi-data.json", "gs://bucket/no/such/folder"):
+    for find in (medi_records.locate_medi_file, medi_records.resolve_medi_file):
+      with pytest.raises(MissingPathError, match=f"^{path}: no such MEDI file or directory. Pass the path"):
+        find(path)
+  assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a.json", "b.jsonl", "notes.txt"], "expected one of .* found \\['a.json', 'b.jsonl'\\]. Place medi-data.json"),
+    ([], "found none"),
+    (["dataset_info.json", "features.json", "medi-train.tfrecord-00000-of-00001"],
+     "a prepared TFDS dataset .*not the folder holding MEDI's JSON. Pass medi-data.json, or the manual directory"),
+    (["dataset_info.json"], "a prepared TFDS dataset"),
+])
+def test_a_folder_without_one_medi_file_fails_alike_local_and_remote(bucket, tmp_path, names, message):
+  """A remote folder used to copy its first JSON file; a prepared TFDS folder is named as one."""
+  for folder in (bucket, tmp_path / "local"):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+      (folder / name).write_text("{}")
+  errors = []
+  for path in ("gs://bucket", str(tmp_path / "local")):
+    with pytest.raises(MissingPathError, match=message) as e:
+      medi_records.resolve_medi_file(path)
+    errors.append(str(e.value).removeprefix(path))
+  assert errors[0] == errors[1] and not (tmp_path / "cache").exists()
+
+
+def test_an_unwritable_cache_for_a_remote_copy_says_which_setting(bucket, tmp_path, monkeypatch):
+  (bucket / "medi-data.json").write_text(json.dumps([_good(0)]))
+  (tmp_path / "afile").write_text("")
+  monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path / "afile" / "cache"))  # unwritable, even by root
+  with pytest.raises(ConfigError, match="cannot copy the remote MEDI file into .*afile/cache/medi .*INSTRUCTOR_JAX_C"):
+    medi_records.resolve_medi_file("gs://bucket")
+
+
+def test_a_copy_by_another_host_with_the_same_pid_is_left_alone(bucket, tmp_path):
+  """Hosts in containers sharing the cache (NFS) can have the same pid: temp names must not be the pid alone."""
+  (bucket / "medi-data.json").write_text(json.dumps([_good(0)]))
+  cache = tmp_path / "cache" / "medi" / "bucket_medi-data.json"
+  cache.parent.mkdir(parents=True)
+  other = pathlib.Path(f"{cache}.tmp{os.getpid()}")
+  other.write_text("another host's half-written copy")
+  assert open(medi_records.resolve_medi_file("gs://bucket/medi-data.json")).read() == json.dumps([_good(0)])
+  assert other.read_text() == "another host's half-written copy"
 
 
 def test_medi_size_of_a_file_a_folder_and_a_missing_path(tmp_path):

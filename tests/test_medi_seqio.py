@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -81,11 +82,56 @@ def test_builder_makes_a_split_per_task_and_reports_bad_records(data_dir):
   assert meta["first_skipped"] == {"missing key": [3], "empty text": [4], "not an [instruction, text] pair": [5]}
   ex = next(iter(tfds.as_numpy(builder.as_dataset(split="trecqa_answers").take(1))))
   assert ex["task_name"] == b"trecqa_answers" and ex["query_instruction"].startswith(b"Represent the question")
+  assert not (pathlib.Path(data_dir) / "downloads" / "medi_by_task").exists()  # the staging copy, as large as MEDI
 
 
 def test_split_names_are_tfds_safe_and_unique():
   assert medi_tfds.split_names(["a b", "a/b", "all", "ok-1", "x.y"]) == {
       "a b": "a_b", "a/b": "a_b_2", "all": "all_task", "ok-1": "ok-1", "x.y": "x_y"}
+  # A valid name keeps itself; the renamed ones take the suffixes.
+  assert medi_tfds.split_names(["a/b", "a b", "a_b"]) == {"a b": "a_b_2", "a/b": "a_b_3", "a_b": "a_b"}
+  assert medi_tfds.split_names(["A", "a"]) == {"A": "A", "a": "a_2"}  # split files must differ on any filesystem
+
+
+def test_a_task_name_without_an_ascii_letter_or_digit_gets_a_stable_split_name():
+  """TFDS refuses a split with no alphanumeric character ("__" from "日本" was refused deep inside prepare)."""
+  names = medi_tfds.split_names(["日本", "-", "!!!", "ok"])
+  assert names["ok"] == "ok" and all(re.fullmatch(r"task_[0-9a-f]{8}", names[t]) for t in ("日本", "-", "!!!"))
+  assert len(set(names.values())) == 4 and medi_tfds.split_names(["日本", "x"])["日本"] == names["日本"]
+
+
+def test_prepare_and_read_back_tasks_with_awkward_names(tmp_path):
+  """Every task comes back under its own name, whatever its split is called; the staging copy is gone."""
+  tasks = ["日本", "-", "!!!", "a/b", "a_b", "all"]
+  records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:2 * len(tasks)]]
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "medi-data.json").write_text(json.dumps([dict(r, task_name=tasks[i % len(tasks)])
+                                                     for i, r in enumerate(records)], ensure_ascii=False))
+  data = tmp_path / "data"
+  builder = medi_tfds.Medi(data_dir=str(data))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  splits = medi_tfds.task_splits(medi_tfds.Medi(data_dir=str(data)))
+  assert sorted(splits) == sorted(tasks) and splits["a_b"] == "a_b" and splits["a/b"] == "a_b_2"
+  for task, split in splits.items():
+    got = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    assert sorted(int(ex["index"]) for ex in got) == [i for i in range(len(records)) if tasks[i % len(tasks)] == task]
+    assert {ex["task_name"].decode("utf-8") for ex in got} == {task}
+  assert {name: len(t) for name, t in medi_seqio.load_tasks_from_builder(builder).items()} == dict.fromkeys(tasks, 2)
+  assert not (data / "downloads" / "medi_by_task").exists()  # as large as MEDI
+
+
+def test_an_unprepared_data_dir_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="MEDI is not prepared in data_dir .*download_and_prepare.*"
+                                               "downloads/manual"):
+    medi_seqio.register_medi_tasks(str(tmp_path / "nothing_here"))
+  version = tmp_path / "data" / "medi" / "1.0.0"  # the prepared dataset's own folder, given as data_dir
+  version.mkdir(parents=True)
+  (version / "dataset_info.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match=f"is itself a prepared dataset's folder: pass the data_dir above it, "
+                                              f"{tmp_path / 'data'}"):
+    medi_seqio.register_medi_tasks(str(version))
+  assert "<data_dir>/downloads/manual" in medi_tfds.Medi.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 def test_seqio_task_names_have_no_dash_and_stay_unique():

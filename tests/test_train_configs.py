@@ -172,3 +172,15 @@ def test_a_mesh_that_gives_a_process_no_rows_of_its_own_is_refused_before_buildi
   assert train.main(args) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: BATCH_SIZE 16 on mesh {'data': 1, 'fsdp': 1, 'tensor': 8}: process 0 has 8 rows"), err
+
+
+def test_a_missing_remote_medi_file_is_a_one_line_error_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+  from etils import epath
+  from instructor_jax import medi_records
+  monkeypatch.setattr(medi_records, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(tmp_path))))
+  monkeypatch.setattr(train, "build_state", lambda *a: pytest.fail("the model was built"))
+  gin.clear_config()
+  assert train.main([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = 'gs://bucket/medi-data.json'",
+                     f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: gs://bucket/medi-data.json: no such MEDI file") and "Traceback" not in err, err

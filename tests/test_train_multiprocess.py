@@ -71,6 +71,42 @@ def test_hosts_feed_non_contiguous_row_blocks():
     np.testing.assert_allclose(float(r[3]), float(r[4]), rtol=1e-5)
 
 
+CORPUS_WORKER = r"""
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from instructor_jax import medi_batches
+from instructor_jax.config import ConfigError
+
+def task(name, n):
+  ids = medi_batches.FieldArrays.from_lists([[5, 1]] * n, [0] * n)
+  return medi_batches.TaskArrays(name, {f: ids for f in medi_batches.FIELDS})
+
+p = jax.process_index()
+medi_batches.check_same_corpus({"a": task("a", 4), "b": task("b", 3)}, multihost_utils.process_allgather)
+print("SAME", p, flush=True)
+try:
+  medi_batches.check_same_corpus({"a": task("a", 4), "b": task("b", 3 + p)}, multihost_utils.process_allgather)
+except ConfigError as e:
+  print("DIFFER", p, e, flush=True)
+"""
+
+
+def test_hosts_that_read_another_corpus_all_stop_with_its_name():
+  """The trainer's start-up check over real processes: every one of them raises, naming the one that differs."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, "-c", CORPUS_WORKER, f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"SAME {i}" in out, out
+    assert f"DIFFER {i} MEDI differs between the processes of this run: process 0 has 2 tasks, 7 examples, " \
+           "process 1 has 2 tasks, 8 examples" in out, out
+
+
 def test_two_processes_match_one(tmp_path):
   workdir = tmp_path / "two"
   sts = tmp_path / "sts.tsv"  # scored at the last checkpoint by both hosts together (train_eval.py)
