@@ -294,10 +294,18 @@ ship_local_tree() {
   if [[ -e $ROOT/.git ]]; then
     show "$(shjoin git -C "$ROOT" ls-files -z --cached --others --exclude-standard) > $(shq "$TMP/files")"
     if ((!DRY_RUN)); then list_tree >"$TMP/files"; fi
-    run tar -czf "$tgz" -C "$ROOT" --null -T "$TMP/files"
+    # COPYFILE_DISABLE: macOS's tar would add ._* files and extended-attribute headers.
+    COPYFILE_DISABLE=1 run tar -czf "$tgz" -C "$ROOT" --null -T "$TMP/files"
   else
-    run tar -czf "$tgz" -C "$ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ \
+    COPYFILE_DISABLE=1 run tar -czf "$tgz" -C "$ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ \
       --exclude='*.egg-info' .
+  fi
+  if ((!DRY_RUN)); then
+    # Untracked files that git does not ignore (a local MEDI copy, say) travel to every worker too.
+    local mib=$(($(wc -c <"$tgz") >> 20))
+    if ((mib >= 100)); then
+      warn "the copy of $ROOT for the workers is $mib MiB compressed (untracked files that are not git-ignored are included); add large files to .gitignore, or put data on GCS"
+    fi
   fi
   run gcloud compute tpus tpu-vm scp "$tgz" "$NAME:instructor_jax.tgz" "${LOC[@]}" --worker=all
 }
@@ -414,6 +422,9 @@ main() {
   ensure_tpu
   if ((SKIP_INSTALL)); then
     ((DRY_RUN || !CREATED)) || die "--skip-install on a TPU just created: nothing is installed there yet; drop --skip-install"
+    # Checked on every worker before any starts: one refusing while the others start would leave
+    # those waiting for it in jax.distributed.initialize() (the install step checks the same).
+    on_workers all "$GUARD"
   else
     install_on_workers
   fi

@@ -346,3 +346,19 @@ def test_ctrl_c_stops_only_the_log_stream(tmp_path, delete_after):
     assert "log stream stopped; training goes on on p" in text
     assert _gcloud_verbs(home) == ["describe", "create", "scp", "ssh", "ssh", "ssh"]  # no wait, no delete
     assert "training finished" not in text and "failed" not in text
+
+
+@NEEDS_TOOLS
+def test_a_fast_restart_beside_a_live_run_starts_nothing(tmp_path):
+  """--skip-install checks every worker before starting any: a worker still training must not leave
+  the others started, waiting for it in jax.distributed.initialize()."""
+  tree, home, env = _fake_pod(tmp_path)
+  live = subprocess.Popen(["sleep", "30"])
+  try:
+    (home / "instructor_jax_train.pid").write_text(f"{live.pid}\n")
+    res = launch(*POD, "--skip-install", script=tree / "launch_tpu.sh", env={**env, "FAKE_STATE": "READY"})
+  finally:
+    live.kill()
+    live.wait()
+  assert res.returncode != 0 and "is still running" in res.stderr
+  assert _gcloud_verbs(home) == ["describe", "ssh"] and not (home / "argv").exists()
