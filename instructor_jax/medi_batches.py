@@ -395,8 +395,8 @@ def load_tasks(path_or_builder: Any, encode_fn: tokenization.EncodeFn | None = N
   if not isinstance(path_or_builder, str):
     from instructor_jax import medi_seqio  # TensorFlow only on this path.
     return medi_seqio.load_tasks_from_builder(path_or_builder)
-  from instructor_jax import medi_records
-  path = medi_records.resolve_medi_file(path_or_builder)
+  from instructor_jax import medi_paths, medi_records
+  path = medi_paths.resolve_medi_file(path_or_builder)
   cached = os.path.join(cache_dir, f"medi_tokens_{_cache_key(path)}") if cache_dir and encode_fn is None else None
   if cached and os.path.isfile(os.path.join(cached, "tasks.json")):
     log_fn(f"{path}: using the tokenised cache {cached}")

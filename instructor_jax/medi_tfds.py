@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from instructor_jax import medi_records
+from instructor_jax import medi_paths, medi_records
 from instructor_jax.config import MissingPathError
 
 _SPLIT_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -84,7 +84,7 @@ class Medi(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-    path = medi_records.resolve_medi_file(os.fspath(dl_manager.manual_dir))
+    path = medi_paths.resolve_medi_file(os.fspath(dl_manager.manual_dir))
     shard_dir = os.path.join(os.fspath(dl_manager.download_dir), "medi_by_task")
     report = medi_records.ValidationReport(path)
     shards = write_task_shards(path, shard_dir, report)

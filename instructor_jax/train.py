@@ -26,7 +26,8 @@ from instructor_jax.config import ConfigError, InstructorConfig, MissingPathErro
 from instructor_jax.medi_batches import pad_batch_to
 from instructor_jax.evaluate import EvalDataError
 from instructor_jax.hf_format import CheckpointError
-from instructor_jax.medi_records import MediFormatError, cache_root, medi_size
+from instructor_jax.medi_paths import cache_root, medi_size
+from instructor_jax.medi_records import MediFormatError
 from instructor_jax.optim import OptimConfig, make_optimizer
 from instructor_jax.sources import looks_like_hub_id
 from instructor_jax.train_checkpoint import TrainCheckpointer, read_model_config
@@ -236,7 +237,7 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
     raise ConfigError(f"BATCH_SIZE {cfg.batch_size} on mesh {dict(mesh.shape)}: {e}") from None
   _require_medi_path(cfg)
   try:
-    from instructor_jax.medi_records import locate_medi_file
+    from instructor_jax.medi_paths import locate_medi_file
     locate_medi_file(cfg.medi_path)  # a remote one is only looked up here, and fetched once per host later
     if cfg.eval_sts_path:  # a bad file fails now, not at the first checkpoint
       from instructor_jax.evaluate import read_sts

@@ -16,7 +16,7 @@ import jax
 
 from instructor_jax import sharding as shd
 from instructor_jax.config import ConfigError, MissingPathError
-from instructor_jax.medi_records import cache_root
+from instructor_jax.medi_paths import cache_root
 from instructor_jax.optim import OptimConfig
 from instructor_jax.train_config import TrainConfig
 

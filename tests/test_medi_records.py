@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from instructor_jax import medi_records
+from instructor_jax import medi_paths, medi_records
 from instructor_jax.config import ConfigError, MissingPathError
 
 SAMPLE = pathlib.Path(__file__).parent.parent / "data" / "medi_sample.jsonl"
@@ -120,7 +120,7 @@ def test_pretty_printed_jsonl_gets_a_hint(tmp_path):
 def test_home_directory_is_expanded(tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path))
   _write(tmp_path / "medi-data.json", [_good(0)], False)
-  assert medi_records.resolve_medi_file("~/medi-data.json") == str(tmp_path / "medi-data.json")
+  assert medi_paths.resolve_medi_file("~/medi-data.json") == str(tmp_path / "medi-data.json")
 
 
 def test_only_the_first_few_offenders_are_printed_but_all_counted(tmp_path):
@@ -219,9 +219,9 @@ def test_a_large_non_medi_list_fails_early(tmp_path, monkeypatch):
 def test_directory_holding_medi_data_json(tmp_path):
   _write(tmp_path / "medi-data.json", [_good(0)], False)
   (tmp_path / "notes.json").write_text("{}")
-  assert medi_records.resolve_medi_file(str(tmp_path)).endswith("medi-data.json")
+  assert medi_paths.resolve_medi_file(str(tmp_path)).endswith("medi-data.json")
   with pytest.raises(FileNotFoundError, match="medi-data.json"):
-    medi_records.resolve_medi_file(str(tmp_path / "missing"))
+    medi_paths.resolve_medi_file(str(tmp_path / "missing"))
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def bucket(tmp_path, monkeypatch):
   from etils import epath
   root = tmp_path / "bucket"
   root.mkdir()
-  monkeypatch.setattr(medi_records, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(root))))
+  monkeypatch.setattr(medi_paths, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(root))))
   monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path / "cache"))
   return root
 
@@ -241,26 +241,26 @@ def test_remote_medi_path_is_downloaded_once(bucket, tmp_path):
   src = bucket / "medi" / "medi-data.json"
   src.write_text(json.dumps([{"query": ["Represent: ", "q"], "pos": ["Represent: ", "p"], "neg": ["Represent: ", "n"],
                               "task_name": "t"}]))
-  local = medi_records.resolve_medi_file("gs://bucket/medi")
+  local = medi_paths.resolve_medi_file("gs://bucket/medi")
   assert local.startswith(str(tmp_path / "cache")) and open(local).read() == src.read_text()
   mtime = os.path.getmtime(local)
-  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == mtime
+  assert medi_paths.resolve_medi_file("gs://bucket/medi") == local and os.path.getmtime(local) == mtime
   # A changed remote file (another size or modification time) is fetched again.
   src.write_text(src.read_text().replace('"q"', '"a longer query"'))
-  assert medi_records.resolve_medi_file("gs://bucket/medi") == local and open(local).read() == src.read_text()
-  assert medi_records.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")
+  assert medi_paths.resolve_medi_file("gs://bucket/medi") == local and open(local).read() == src.read_text()
+  assert medi_paths.resolve_medi_file("gs://bucket/medi/medi-data.json").endswith("medi-data.json")
   assert sorted(os.listdir(os.path.dirname(local))) == sorted(  # no temp file left behind
       [os.path.basename(p) + s for p in (local, local.replace("bucket_medi", "bucket_medi_medi-data.json"))
        for s in ("", ".source.json")])
   # The size a resume compares: one stat of the remote file, none for a remote folder.
-  assert medi_records.medi_size("gs://bucket/medi/medi-data.json") == src.stat().st_size
-  assert medi_records.medi_size("gs://bucket/medi") is None
+  assert medi_paths.medi_size("gs://bucket/medi/medi-data.json") == src.stat().st_size
+  assert medi_paths.medi_size("gs://bucket/medi") is None
 
 
 def test_a_missing_remote_file_is_the_missing_path_error_of_a_local_one(bucket, tmp_path):
   """Not a backend's exception (tf.io.gfile's NotFoundError is no OSError) after the model is built."""
   for path in ("gs://bucket/medi-data.json", "gs://bucket/no/such/folder"):
-    for find in (medi_records.locate_medi_file, medi_records.resolve_medi_file):
+    for find in (medi_paths.locate_medi_file, medi_paths.resolve_medi_file):
       with pytest.raises(MissingPathError, match=f"^{path}: no such MEDI file or directory. Pass the path"):
         find(path)
   assert not (tmp_path / "cache").exists()
@@ -282,7 +282,7 @@ def test_a_folder_without_one_medi_file_fails_alike_local_and_remote(bucket, tmp
   errors = []
   for path in ("gs://bucket", str(tmp_path / "local")):
     with pytest.raises(MissingPathError, match=message) as e:
-      medi_records.resolve_medi_file(path)
+      medi_paths.resolve_medi_file(path)
     errors.append(str(e.value).removeprefix(path))
   assert errors[0] == errors[1] and not (tmp_path / "cache").exists()
 
@@ -292,7 +292,7 @@ def test_an_unwritable_cache_for_a_remote_copy_says_which_setting(bucket, tmp_pa
   (tmp_path / "afile").write_text("")
   monkeypatch.setenv("INSTRUCTOR_JAX_CACHE", str(tmp_path / "afile" / "cache"))  # unwritable, even by root
   with pytest.raises(ConfigError, match="cannot copy the remote MEDI file into .*afile/cache/medi .*INSTRUCTOR_JAX_C"):
-    medi_records.resolve_medi_file("gs://bucket")
+    medi_paths.resolve_medi_file("gs://bucket")
 
 
 def test_a_copy_by_another_host_with_the_same_pid_is_left_alone(bucket, tmp_path):
@@ -302,11 +302,11 @@ def test_a_copy_by_another_host_with_the_same_pid_is_left_alone(bucket, tmp_path
   cache.parent.mkdir(parents=True)
   other = pathlib.Path(f"{cache}.tmp{os.getpid()}")
   other.write_text("another host's half-written copy")
-  assert open(medi_records.resolve_medi_file("gs://bucket/medi-data.json")).read() == json.dumps([_good(0)])
+  assert open(medi_paths.resolve_medi_file("gs://bucket/medi-data.json")).read() == json.dumps([_good(0)])
   assert other.read_text() == "another host's half-written copy"
 
 
 def test_medi_size_of_a_file_a_folder_and_a_missing_path(tmp_path):
   path = _write(tmp_path / "medi-data.json", [_good(0)], False)
-  assert medi_records.medi_size(path) == medi_records.medi_size(str(tmp_path)) == os.path.getsize(path)
-  assert medi_records.medi_size(str(tmp_path / "missing.json")) is None
+  assert medi_paths.medi_size(path) == medi_paths.medi_size(str(tmp_path)) == os.path.getsize(path)
+  assert medi_paths.medi_size(str(tmp_path / "missing.json")) is None

@@ -176,8 +176,8 @@ def test_a_mesh_that_gives_a_process_no_rows_of_its_own_is_refused_before_buildi
 
 def test_a_missing_remote_medi_file_is_a_one_line_error_before_the_model_is_built(tmp_path, capsys, monkeypatch):
   from etils import epath
-  from instructor_jax import medi_records
-  monkeypatch.setattr(medi_records, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(tmp_path))))
+  from instructor_jax import medi_paths
+  monkeypatch.setattr(medi_paths, "_remote", lambda p: epath.Path(str(p).replace("gs://bucket", str(tmp_path))))
   monkeypatch.setattr(train, "build_state", lambda *a: pytest.fail("the model was built"))
   gin.clear_config()
   assert train.main([f"--gin_file={QUICKSTART}", "--gin_bindings=MEDI_PATH = 'gs://bucket/medi-data.json'",
