@@ -55,13 +55,18 @@ print("RESULT", p, owners, float(loss), float(instructor_loss(full["q"], full["p
 """
 
 
+def _run_pair(script: str, devices: int) -> tuple[list[subprocess.Popen], list[str]]:
+  """Runs `script` as processes 0 and 1 of one jax.distributed job (argv: coordinator, process id)."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  procs = [subprocess.Popen([sys.executable, "-c", script, f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return procs, [p.communicate(timeout=120)[0] for p in procs]
+
+
 def test_hosts_feed_non_contiguous_row_blocks():
   """Whatever rows the mesh gives a host's devices, the global batch is the same set of triples."""
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  procs, outs = _run_pair(WORKER, devices=2)
   results = []
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
@@ -96,11 +101,7 @@ except ConfigError as e:
 
 def test_hosts_that_read_another_corpus_all_stop_with_its_name():
   """The trainer's start-up check over real processes: every one of them raises, naming the one that differs."""
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen([sys.executable, "-c", CORPUS_WORKER, f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  procs, outs = _run_pair(CORPUS_WORKER, devices=1)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0 and f"SAME {i}" in out, out
     assert f"DIFFER {i} MEDI differs between the processes of this run: process 0 has 2 tasks, 7 examples, " \
