@@ -54,7 +54,8 @@ def default_batch_tokens() -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
   p.add_argument("--model", help="required: Hub id, sentence-transformers/HF dir, t5x dir or training workdir")
-  p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
+  p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order; a path "
+                 "that exists is that file, glob characters in its name included. Each file may be named once")
   p.add_argument("--output", required=True, help="output directory")
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS,
                  help="default: from the extension. csv/tsv follow CSV quoting; tsv-unquoted is one row per "

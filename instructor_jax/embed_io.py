@@ -85,17 +85,35 @@ class BadRow:
 # ---- planning ------------------------------------------------------------------------------------
 
 def expand_inputs(patterns: list[str]) -> list[tuple[str, str | None]]:
-  """(path, problem or None) per input; globs expand sorted, a pattern matching nothing is a problem."""
-  out = []
+  """(path, problem or None) per input; globs expand sorted, a pattern matching nothing is a problem.
+
+  A path that exists is that file, even if its name holds glob characters (`data[1].jsonl`): read as
+  a pattern it would match another file (`data1.jsonl`), or none. A file named twice (a glob and the
+  file itself, or a link to it) is refused: its rows would be embedded twice."""
+  out: list[tuple[str, str | None]] = []
+  named: dict[tuple[int, int], tuple[str, str]] = {}  # (device, inode) -> (path, the argument naming it)
   for pattern in patterns:
-    if glob.has_magic(pattern):
-      matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
-      out += [(p, None) for p in matches] or [(pattern, "the pattern matches no file")]
-    elif os.path.isdir(pattern):
-      out.append((pattern, "is a directory; pass the files (or a glob such as DIR/*.jsonl)"))
+    if os.path.isdir(pattern):
+      found = [(pattern, "is a directory; pass the files (or a glob such as DIR/*.jsonl)")]
+    elif os.path.exists(pattern) or not glob.has_magic(pattern):
+      found = [(pattern, None)]
     else:
-      out.append((pattern, None))
+      matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
+      found = [(p, None) for p in matches] or [(pattern, "the pattern matches no file")]
+    for path, problem in found:
+      if problem is None and os.path.exists(path):
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in named:
+          raise InputError(f"--input names the file {named[key][0]} twice, as {_named_as(*named[key])} and as "
+                           f"{_named_as(path, pattern)}: its rows would be embedded twice. Name each file once.")
+        named[key] = (path, pattern)
+    out += found
   return out
+
+
+def _named_as(path: str, argument: str) -> str:
+  return repr(argument) if argument == path else f"{argument!r} (matching {path})"
 
 
 def detect_format(path: str, forced: str | None) -> str:

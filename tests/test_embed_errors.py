@@ -399,3 +399,32 @@ def test_rows_whose_instruction_fills_the_max_length_are_counted_and_warned(tmp_
   np.testing.assert_allclose(emb, np.broadcast_to(emb[0], emb.shape), atol=1e-6)
   # Short instruction, room for the text: nothing to warn about.
   assert embed.main(base_args([path], str(tmp_path / "o2"), "--instruction", "Q: "), model=model)["text_cut_away"] == 0
+
+
+def test_an_existing_path_with_glob_characters_is_that_file(tmp_path, model):
+  """`data[1].jsonl` exists: it is the input, not a pattern matching `data1.jsonl` (or nothing)."""
+  literal = write_jsonl(str(tmp_path / "data[1].jsonl"), [{"text": t} for t in sentences(3)])
+  out = str(tmp_path / "o1")
+  assert embed.main(base_args([literal], out), model=model)["rows"] == 3
+  write_jsonl(str(tmp_path / "data1.jsonl"), [{"text": t} for t in sentences(5, seed=1)])
+  out2 = str(tmp_path / "o2")
+  assert embed.main(base_args([literal], out2), model=model)["rows"] == 3
+  np.testing.assert_allclose(read_output(out2)[1], model.encode(sentences(3)), atol=1e-6)
+  # A pattern that is no file's name still globs.
+  assert embed.main(base_args([str(tmp_path / "data?.jsonl")], str(tmp_path / "o3")), model=model)["rows"] == 5
+
+
+@pytest.mark.parametrize("how", ["twice", "glob", "link"])
+def test_a_file_named_twice_is_refused(tmp_path, model, how):
+  """Its rows would be embedded twice (with --id-field, every one a duplicate id)."""
+  path = write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in sentences(3)])
+  write_jsonl(str(tmp_path / "b.jsonl"), [{"text": t} for t in sentences(2)])
+  if how == "link":
+    os.symlink(path, tmp_path / "c.jsonl")
+  second = {"twice": path, "glob": str(tmp_path / "*.jsonl"), "link": str(tmp_path / "c.jsonl")}[how]
+  shown = {"twice": repr(path), "glob": f"'{tmp_path}/*.jsonl' (matching {path})", "link": repr(second)}[how]
+  with pytest.raises(InputError) as e:
+    embed.main(base_args([path, second], str(tmp_path / "out")), model=model)
+  assert str(e.value) == (f"--input names the file {path} twice, as {path!r} and as {shown}: its rows would be "
+                          "embedded twice. Name each file once.")
+  assert not (tmp_path / "out").exists()
