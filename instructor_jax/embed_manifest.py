@@ -119,6 +119,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, f"{prefix}{key}.")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) != len(b) and None not in (_paths(a), _paths(b)):
+      out += _diff_paths(a, b, f"{prefix}{key}")
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
       # Per entry: with many input files, the one that changed must show (an edited file's size).
       for i, (x, y) in enumerate(zip(a, b)):
@@ -130,6 +132,28 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
       out.append(f"{prefix}{key}: existing {json.dumps(a, sort_keys=True)[:120]} vs now "
                  f"{json.dumps(b, sort_keys=True)[:120]}")
   return out
+
+
+def _paths(entries: list[Any]) -> list[str] | None:
+  """The paths of a list of inputs (dicts with a path) or of paths, else None."""
+  paths = [e.get("path") if isinstance(e, dict) else e for e in entries]
+  return paths if all(isinstance(p, str) for p in paths) else None
+
+
+def _diff_paths(a: list[Any], b: list[Any], name: str, shown: int = 10) -> list[str]:
+  """Inputs added or removed (a glob that matched a new file): the count, the paths that differ in full
+  (a cut JSON list would hide them), and the changes of the inputs in both."""
+  was, now = _paths(a), _paths(b)
+  line = f"{name}: existing {len(a)} vs now {len(b)}"
+  was_set, now_set = set(was), set(now)
+  for label, paths in (("added", [p for p in now if p not in was_set]),
+                       ("removed", [p for p in was if p not in now_set])):
+    if paths:
+      more = f", ... ({len(paths) - shown} more)" if len(paths) > shown else ""
+      line += f"; {label}: " + ", ".join(paths[:shown]) + more
+  before = {x["path"]: x for x in a if isinstance(x, dict)}
+  return [line] + [d for y in b if isinstance(y, dict) and y["path"] in before
+                   for d in _diff(before[y["path"]], y, f"{name}[{y['path']}].")]
 
 
 def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unreadable: list[BadRow], max_len: int,
@@ -189,8 +213,12 @@ def has_results(out_dir: str) -> bool:
 def _adopt_renamed_inputs(old: dict[str, Any], spec: dict[str, Any]) -> None:
   """An input named by another path (relative against absolute, another working directory, a moved
   file) with the same format, size, rows and CRC-32 is the same input: `spec` takes the recorded path,
-  so that the job and its parts' hash stay those of the existing job."""
-  for i, (was, now) in enumerate(zip(old.get("inputs") or [], spec["inputs"])):
+  so that the job and its parts' hash stay those of the existing job. Inputs are matched by position,
+  so only when there are as many as before: with one added or removed (a glob that matched a new
+  file), position i is another file, and `_diff` names what changed instead."""
+  if len(old.get("inputs") or []) != len(spec["inputs"]):
+    return
+  for i, (was, now) in enumerate(zip(old["inputs"], spec["inputs"])):
     same = all(was.get(k) == now[k] for k in ("format", "size", "rows", "checksum"))
     if same and was.get("path") != now["path"]:
       print(f"note: input {i} {now['path']} is {was['path']} of the existing job (same size, rows and CRC-32); "

@@ -310,3 +310,29 @@ def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model
     assert embed_manifest.model_fingerprint(m) != changed and len(calls) == 3
   finally:
     embed_manifest.params_fingerprint = real
+
+
+def test_a_glob_that_matches_a_new_file_is_refused_naming_it(tmp_path, model, capsys):
+  """Inputs added or removed: no input is matched by position ("resuming it" of another file), and the
+  refusal names the paths in full rather than two JSON lists cut at 120 characters."""
+  shards = tmp_path / "a-long-directory-name-so-that-the-input-list-runs-past-any-cut"
+  shards.mkdir()
+  rows = [{"text": t} for t in sentences(5, seed=3)]
+  for name in ("a", "b", "c"):  # identical contents: position i of the new list matches old input i
+    write_jsonl(str(shards / f"shard-{name}.jsonl"), rows)
+  out = str(tmp_path / "out")
+  embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+  write_jsonl(str(shards / "shard-aa.jsonl"), rows)
+  with open(shards / "shard-c.jsonl", "a") as f:
+    f.write(json.dumps({"text": "one more"}) + "\n")
+  capsys.readouterr()
+  with pytest.raises(OutputMismatchError) as e:
+    embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+  assert "resuming it" not in capsys.readouterr().err
+  msg = str(e.value)
+  assert f"inputs: existing 3 vs now 4; added: {shards}/shard-aa.jsonl\n" in msg
+  assert f"inputs[{shards}/shard-c.jsonl].rows: existing 5 vs now 6" in msg
+  os.remove(shards / "shard-aa.jsonl")
+  os.remove(shards / "shard-b.jsonl")
+  with pytest.raises(OutputMismatchError, match=f"inputs: existing 3 vs now 2; removed: {shards}/shard-b.jsonl\n"):
+    embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
