@@ -403,12 +403,16 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
     _put(writes_q, None, stop, writer)
     writer.join()
     writer.check()
-  except InputError:
+  except InputError as e:
+    stop.set()
+    writer.join()  # its commit in progress done: what the directory holds is final
     # A bad row under --on-error fail, before any part was committed: the directory holds no results,
     # so forget the job, and the corrected command (what the message asks for) is not refused as a
     # different job. One process only: with several, others may be running this job.
     if count == 1 and not embed_manifest.has_results(out_dir):
       embed_manifest.forget_job(out_dir)
+    elif isinstance(e, embed_batches.BadRowError) and embed_manifest.has_results(out_dir):
+      raise embed_batches.BadRowError(e.problem, out_dir) from e
     raise
   finally:
     stop.set()

@@ -46,6 +46,21 @@ PlannedBatch = tuple[list[list[int]], Batch | PackedBatch]
 COVERED_REASON = "instruction_covers_text"
 ON_ERROR_ADVICE = ("Fix the input, or pass --on-error skip to skip such rows (they are counted by reason in the "
                    "summary and the manifest).")
+# Once parts are committed the fixed input (another checksum) is another job, which a rerun refuses.
+COMMITTED_ADVICE = ("{out_dir} already holds committed parts of this job, which a fixed input (another checksum) "
+                    "would not match: fix the input and rerun with --overwrite to start over, or rerun this command "
+                    "with --on-error skip to keep the committed parts and skip such rows (counted by reason in the "
+                    "summary and the manifest).")
+
+
+class BadRowError(InputError):
+  """A bad row under --on-error fail: `problem` names it; the advice depends on whether `out_dir` (given
+  when it holds committed parts) must be started over for a fixed input."""
+
+  def __init__(self, problem: str, out_dir: str | None = None):
+    self.problem = problem
+    advice = ON_ERROR_ADVICE if out_dir is None else COMMITTED_ADVICE.format(out_dir=out_dir)
+    super().__init__(f"{problem}. {advice}")
 
 
 def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
@@ -107,7 +122,7 @@ class PartBuilder:
   """Prepares one part: `add` takes its valid rows in input order and returns a piece whenever a chunk
   has been tokenised; `finish` batches what is left and returns the part's last piece.
 
-  A row that tokenising shows to be bad (COVERED_REASON) raises InputError naming it (`where(slot)`),
+  A row that tokenising shows to be bad (COVERED_REASON) raises BadRowError naming it (`where(slot)`),
   or with `skip_bad` is dropped and counted with the part's skipped rows."""
 
   def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan,
@@ -153,8 +168,7 @@ class PartBuilder:
     if covered:
       if not self.skip_bad:
         error = covered[0]
-        raise InputError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]. "
-                         + ON_ERROR_ADVICE)
+        raise BadRowError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]")
       # The row keeps its claim on its id (read_parts' `seen`): other processes, which do not tokenise
       # this part, must agree on which occurrence of an id is kept.
       self.skipped[COVERED_REASON] += len(covered)
@@ -277,6 +291,6 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         emit(piece)
       continue
     if on_error == "fail" and row.reason != "blank_line":
-      raise InputError(f"{row.message()}. " + ON_ERROR_ADVICE)
+      raise BadRowError(row.message())
     skipped[row.reason] += 1
   finish()

@@ -8,6 +8,7 @@ import pytest
 
 from embed_support import INSTRUCTION, base_args, read_output, sentences, tiny_model, write_jsonl
 from instructor_jax import embed
+from instructor_jax.embed_io import InputError
 from instructor_jax.embed_manifest import OutputMismatchError
 
 
@@ -336,3 +337,28 @@ def test_a_glob_that_matches_a_new_file_is_refused_naming_it(tmp_path, model, ca
   os.remove(shards / "shard-b.jsonl")
   with pytest.raises(OutputMismatchError, match=f"inputs: existing 3 vs now 2; removed: {shards}/shard-b.jsonl\n"):
     embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+
+
+def test_a_bad_row_after_committed_parts_advises_overwrite_or_skip(tmp_path, model):
+  """"Fix the input" alone would lead to a refusal: the fixed input has another checksum, and parts of
+  the job are committed. The message says so, and both ways it gives work."""
+  rows = [{"text": t} for t in sentences(70, seed=11)]
+  path = tmp_path / "in.jsonl"
+  lines = [json.dumps(r) for r in rows]
+  path.write_text("\n".join(lines[:50] + ["{not json"] + lines[50:]) + "\n")  # line 51: part 3
+  out = str(tmp_path / "out")
+  with pytest.raises(Killed):  # parts 0 and 1 committed, as a long job would have when it met the row
+    embed.main(base_args([str(path)], out, "--on-error", "skip"), model=model, fault=_kill_at("renamed", 2))
+  with pytest.raises(InputError) as e:
+    embed.main(base_args([str(path)], out), model=model)
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:51: malformed JSON") and "[malformed_json]. " in msg
+  assert (f"{out} already holds committed parts of this job" in msg and "rerun with --overwrite" in msg
+          and "rerun this command with --on-error skip to keep the committed parts" in msg)
+  summary = embed.main(base_args([str(path)], out, "--on-error", "skip"), model=model)
+  assert summary["parts_already_complete"] == 2 and summary["skipped"] == {"malformed_json": 1}
+  assert read_output(out)[0] == [i for i in range(71) if i != 50]
+  path.write_text("\n".join(lines) + "\n")  # fixed: another job, refused unless started over
+  with pytest.raises(OutputMismatchError, match="checksum"):
+    embed.main(base_args([str(path)], out), model=model)
+  assert embed.main(base_args([str(path)], out, "--overwrite"), model=model)["rows"] == 70
