@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
@@ -122,13 +121,11 @@ class PartBuilder:
   """Prepares one part: `add` takes its valid rows in input order and returns a piece whenever a chunk
   has been tokenised; `finish` batches what is left and returns the part's last piece.
 
-  A row that tokenising shows to be bad (COVERED_REASON) raises BadRowError naming it (`where(slot)`),
+  A row that tokenising shows to be bad (COVERED_REASON) raises BadRowError naming it (`Row.where`),
   or with `skip_bad` is dropped and counted with the part's skipped rows."""
 
-  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan,
-               where: Callable[[int], str] | None = None, skip_bad: bool = False):
+  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan, skip_bad: bool = False):
     self.index, self.first_slot, self.slots, self.plan = index, first_slot, slots, plan
-    self.where = where or (lambda slot: f"input row {slot + 1}")
     self.skip_bad = skip_bad
     self.skipped: collections.Counter = collections.Counter()  # rows dropped after tokenising
     self.rows: list[Row] = []  # read, not yet tokenised
@@ -168,7 +165,8 @@ class PartBuilder:
     if covered:
       if not self.skip_bad:
         error = covered[0]
-        raise BadRowError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]")
+        row = rows[error.index]
+        raise BadRowError(f"{row.where or f'input row {row.slot + 1}'}: {error.detail()} [{COVERED_REASON}]")
       # The row keeps its claim on its id (read_parts' `seen`): other processes, which do not tokenise
       # this part, must agree on which occurrence of an id is kept.
       self.skipped[COVERED_REASON] += len(covered)
@@ -234,11 +232,14 @@ def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped
 
 
 def locate(files: list[InputFile], slot: int) -> str:
-  """`file:line` (JSONL, text), `file: data row N` (CSV/TSV, header not counted) or `file: row N` (Parquet)."""
+  """`file:line` (JSONL, text), `file:line (data row N)` (tsv-unquoted: a row per line after the header),
+  `file: data row N` (CSV/TSV, whose quoted fields may span lines) or `file: row N` (Parquet)."""
   f = next(f for f in reversed(files) if slot >= f.first_slot)
   n = slot - f.first_slot + 1
   if f.format in ("jsonl", "text"):
     return f"{f.path}:{n}"
+  if f.format == "tsv-unquoted":
+    return f"{f.path}:{n + 1} (data row {n})"
   return f"{f.path}: {'data ' if f.format in ('csv', 'tsv') else ''}row {n}"
 
 
@@ -273,8 +274,7 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         return
       if part in pending:
         first = part * rows_per_part
-        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan,
-                              where=functools.partial(locate, files), skip_bad=on_error == "skip")
+        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan, on_error == "skip")
     mine = part in pending
     if not mine and fields.id is None:
       continue

@@ -69,6 +69,7 @@ class Row:
   id: Any
   instruction: str | None
   text: str
+  where: str = ""  # as BadRow's: errors found only when the row is tokenised name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +330,9 @@ def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow
       return _bad(slot, where, "blank_line", "blank line")
     if len(row) != len(header):
       return _bad(slot, where, "malformed_row", f"{len(row)} fields, but the header has {len(header)}")
-    return dict(zip(header, row))
+    # A CSV/TSV cell cannot be null: a blank one is the null of JSONL and Parquet (missing_text,
+    # missing_instruction or the --instruction default, missing_id), not an empty string or id "".
+    return {name: cell if cell != "" else None for name, cell in zip(header, row)}
   return raw
 
 
@@ -337,9 +340,12 @@ def _field(rec: dict, name: str) -> tuple[bool, Any]:
   return (name in rec and rec[name] is not None), rec.get(name)
 
 
-def _absent(rec: dict, what: str, name: str) -> str:
-  """Why a field is not there: null (a JSON null, an empty Parquet cell) or missing from the record."""
-  return f"{what} field {name!r} is null" if name in rec else f"no {what} field {name!r}"
+def _absent(fmt: str, rec: dict, what: str, name: str) -> str:
+  """Why a field is not there: null (a JSON null, an empty Parquet cell, a blank CSV/TSV cell) or missing
+  from the record."""
+  if name not in rec:
+    return f"no {what} field {name!r}"
+  return f"{what} field {name!r} is {'a blank cell' if fmt in DELIMITED else 'null'}"
 
 
 def _known_fields(rec: dict) -> list[str]:
@@ -363,12 +369,12 @@ def _check_utf8(value: str) -> bool:
 _ASCII_INT = re.compile(r"[+-]?[0-9]+")
 
 
-def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
+def _parse_id(fmt: str, rec: dict, fields: Fields, slot: int, where: str) -> Any:
   present, value = _field(rec, fields.id)
   if not present and fields.id not in rec:
     return _bad(slot, where, "missing_id", f"no id field {fields.id!r} (fields: {_known_fields(rec)}); set --id-field")
   if not present:
-    return _bad(slot, where, "missing_id", _absent(rec, "id", fields.id))
+    return _bad(slot, where, "missing_id", _absent(fmt, rec, "id", fields.id))
   if fields.id_type == "int":
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
@@ -393,10 +399,10 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   if isinstance(rec, str):  # text format
     if not rec.strip():  # as in JSONL and CSV: skipped and counted, the other lines keep their ids
       return _bad(slot, where, "blank_line", "blank line")
-    return Row(slot, slot, fields.fixed_instruction, rec)
+    return Row(slot, slot, fields.fixed_instruction, rec, where)
   present, text = _field(rec, fields.text)
   if not present and fields.text in rec:
-    return _bad(slot, where, "missing_text", _absent(rec, "text", fields.text))
+    return _bad(slot, where, "missing_text", _absent(fmt, rec, "text", fields.text))
   if not present:
     header = ("; a CSV/TSV file's first line is its header: add one naming the columns if the file has none"
               if fmt in DELIMITED else "")
@@ -412,21 +418,19 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   instruction = fields.fixed_instruction
   if fields.instruction:
     present, value = _field(rec, fields.instruction)
-    if fmt in DELIMITED and value == "" and instruction is not None:
-      present = False  # a CSV/TSV cell cannot be null: a blank one takes the --instruction default
     if present and not isinstance(value, str):
       return _bad(slot, where, "non_string_instruction",
                   f"instruction field {fields.instruction!r} is {_a_type(value)}, expected a string")
     if present and not _check_utf8(value):
       return _bad(slot, where, "invalid_utf8", f"instruction field {fields.instruction!r} is not valid UTF-8")
     if not present and instruction is None:
-      return _bad(slot, where, "missing_instruction", f"{_absent(rec, 'instruction', fields.instruction)} "
+      return _bad(slot, where, "missing_instruction", f"{_absent(fmt, rec, 'instruction', fields.instruction)} "
                   "(pass --instruction as the default for such rows)")
     instruction = value if present else instruction
-  row_id = slot if fields.id is None else _parse_id(rec, fields, slot, where)
+  row_id = slot if fields.id is None else _parse_id(fmt, rec, fields, slot, where)
   if isinstance(row_id, BadRow):
     return row_id
-  return Row(slot, row_id, instruction, text)
+  return Row(slot, row_id, instruction, text, where)
 
 
 def needed_columns(fields: Fields) -> list[str]:

@@ -380,10 +380,41 @@ def test_a_blank_csv_instruction_cell_takes_the_instruction_default(tmp_path, mo
                        "--instruction", "Default: "), model=model)
   expected = model.encode([["Represent the query: ", "alpha beta"], ["Default: ", "gamma delta"]])
   np.testing.assert_allclose(read_output(str(tmp_path / "o"))[1], expected, atol=2e-6)
-  # Without a default a blank cell is still an empty instruction, as before.
-  embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
-             model=model)
-  np.testing.assert_allclose(read_output(str(tmp_path / "o2"))[1][1], model.encode(["gamma delta"])[0], atol=2e-6)
+  # Without a default it is a row without an instruction, as a JSONL null is (it was an empty instruction).
+  with pytest.raises(InputError, match=r"inst.csv:3 \(data row 2\): instruction field 'inst' is a blank cell \(pass "
+                                       r"--instruction as the default for such rows\) \[missing_instruction\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
+               model=model)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv-unquoted"])
+def test_blank_csv_id_and_text_cells_are_nulls(tmp_path, model, fmt):
+  """A blank id cell was the id "" (and a second one a duplicate id ''); a blank text cell is as a null text."""
+  sep = "," if fmt == "csv" else "\t"
+  path = tmp_path / "in.txt"
+  path.write_text("".join(sep.join(r) + "\n" for r in [("id", "text"), ("a", "one"), ("", "two"), ("", "three"),
+                                                         ("d", "")]), encoding="utf-8")
+  args = base_args([str(path)], str(tmp_path / "o"), "--id-field", "id", "--input-format", fmt)
+  with pytest.raises(InputError, match=r"in.txt:3 \(data row 2\): id field 'id' is a blank cell \[missing_id\]"):
+    embed.main(args, model=model)
+  summary = embed.main(args + ["--on-error", "skip"], model=model)
+  assert summary["skipped"] == {"missing_id": 2, "missing_text": 1} and read_output(str(tmp_path / "o"))[0] == ["a"]
+  with pytest.raises(InputError, match=r"in.txt:5 \(data row 4\): text field 'text' is a blank cell \[missing_text\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o2"), "--input-format", fmt), model=model)
+
+
+def test_csv_rows_found_bad_when_tokenised_and_tsv_unquoted_rows_are_named_by_line(tmp_path, model):
+  """instruction_covers_text in a CSV gave only `data row N`; tsv-unquoted's first use of an id `row N`."""
+  path = tmp_path / "in.csv"
+  path.write_text('id,inst,text\n1,Q: ,"a text\nover two lines"\n2,compreh,end\n', encoding="utf-8")
+  with pytest.raises(InputError, match=r"in.csv:4 \(data row 2\): .*\[instruction_covers_text\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o1"), "--instruction-field", "inst"), model=model)
+  dup = tmp_path / "dup.tsv"
+  dup.write_text("id\ttext\nx1\thello\nx2\tworld\nx1\tagain\n", encoding="utf-8")
+  with pytest.raises(InputError, match=r"dup.tsv:4 \(data row 3\): duplicate id 'x1' \(first used at .*dup.tsv:2 "
+                                       r"\(data row 1\)\)"):
+    embed.main(base_args([str(dup)], str(tmp_path / "o2"), "--id-field", "id", "--input-format", "tsv-unquoted"),
+               model=model)
 
 
 def test_rows_whose_instruction_fills_the_max_length_are_counted_and_warned(tmp_path, model, capsys):
