@@ -169,7 +169,11 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
     raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"
                      f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory, or one an embed "
                      "job wrote.")
-  os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
+  try:
+    os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
+  except OSError as e:  # a path under a regular file, no permission
+    raise InputError(f"--output {out_dir}: cannot create the directory ({e.strerror}: {e.filename}); pass a "
+                     "directory that can be created or written.") from e
   if not overwrite:
     return
   for k in owned:
@@ -474,6 +478,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing)")
   if args.id_type == "str" and args.id_field is None:
     parser.error("--id-type str needs --id-field (positional ids are integers)")
+  if args.process_count is not None and args.process_count < 1:
+    parser.error(f"--process-count {args.process_count}: expected a process count >= 1")
   if args.process_index is not None:
     import jax  # main has initialised jax.distributed by now, if asked to
     count = jax.process_count() if args.process_count is None else args.process_count
@@ -491,6 +497,11 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--int8-ranges applies to --precision int8 or uint8, not {args.precision}")
   if args.int8_ranges and not os.path.isfile(args.int8_ranges):
     parser.error(f"--int8-ranges {args.int8_ranges}: no such file (expected a .npy of shape [2, E])")
+  if args.int8_ranges:
+    try:
+      embed_output.load_ranges(args.int8_ranges, "pass a .npy file written by numpy.save")
+    except InputError as e:
+      parser.error(f"--int8-ranges {e}")
   if args.calibration_rows < 2:
     parser.error(f"--calibration-rows {args.calibration_rows}: expected >= 2 (int8/uint8 ranges need a spread)")
 

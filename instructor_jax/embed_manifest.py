@@ -36,7 +36,7 @@ MAX_LISTED_INSTRUCTIONS = 1000
 
 
 class OutputMismatchError(RuntimeError):
-  """The output directory holds results of a different job."""
+  """The output directory holds results of a different job, or a job record that cannot be read."""
 
 
 FINGERPRINT_SCHEMES = ("sha256-leaves", "sha256")  # the first for new jobs
@@ -100,13 +100,28 @@ def model_fingerprint(model: Any, scheme: str = "sha256-leaves") -> str:
 def recorded_fingerprint_scheme(out_dir: str) -> str | None:
   """The fingerprint scheme of the job recorded in `out_dir` (None if none or unknown), so a resume
   compares like with like."""
+  job = read_job(out_dir)
+  recorded = (job or {}).get("model", {}).get("fingerprint")
+  scheme = recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
+  return scheme if scheme in FINGERPRINT_SCHEMES else None
+
+
+def read_job(out_dir: str) -> dict[str, Any] | None:
+  """The recorded job (`_job.json`), None if there is none; a damaged one is refused by name."""
   path = os.path.join(out_dir, JOB_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    recorded = json.load(f).get("model", {}).get("fingerprint")
-  scheme = recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
-  return scheme if scheme in FINGERPRINT_SCHEMES else None
+  try:
+    with open(path, encoding="utf-8") as f:
+      job = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    job = e
+  if not isinstance(job, dict):
+    problem = f"{type(job).__name__}: {job}" if isinstance(job, ValueError) else f"a JSON {type(job).__name__}"
+    raise OutputMismatchError(f"{path} is damaged ({problem}); it records which job the results in {out_dir} belong "
+                              "to, so they cannot be checked or resumed. Rerun with --overwrite to start over, or "
+                              "use another --output directory.")
+  return job
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -230,9 +245,8 @@ def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> N
   """Writes `_job.json`, or refuses if the directory holds another job's results (`spec` may take
   the existing job's input paths: `_adopt_renamed_inputs`)."""
   path = os.path.join(out_dir, JOB_FILE)
-  if os.path.exists(path) and not overwrite:
-    with open(path) as f:
-      old = json.load(f)
+  old = None if overwrite else read_job(out_dir)
+  if old is not None:
     _adopt_renamed_inputs(old, spec)
     diffs = _diff(old, spec)
     if diffs:
@@ -253,9 +267,12 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
   Kept out of `_job.json` so that the job file reads the same whatever ran it.
   """
   path = os.path.join(out_dir, RUNTIME_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
+  try:
+    with open(path, encoding="utf-8") as f:
       old = json.load(f)
+  except (OSError, ValueError):  # none yet, or damaged: a record of where runs computed, overwritten below
+    old = None
+  if isinstance(old, dict):
     if "attention" not in old and runtime.get("attention") != "dot_product_attention":
       # Releases before 2026-11-27 recorded no kernel; their inference default was XLA's fused one.
       old["attention"] = "not recorded (an earlier release: dot_product_attention unless set otherwise)"

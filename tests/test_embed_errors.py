@@ -129,6 +129,8 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
     (["--id-type", "str"], "--id-type str needs --id-field"),
     (["--process-index", "1"], "--process-index 1 is not in [0, --process-count 1)"),
     (["--process-index", "2", "--process-count", "2"], "--process-index 2 is not in [0, --process-count 2)"),
+    (["--process-count", "0"], "--process-count 0: expected a process count >= 1"),
+    (["--process-count", "-2", "--process-index", "0"], "--process-count -2: expected a process count >= 1"),
 ])
 def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):
   out = tmp_path / "out"
@@ -263,11 +265,34 @@ def test_integer_ids_are_ascii_digits(tmp_path, model):
   assert summary["skipped"] == {"bad_id": 2} and read_output(str(tmp_path / "o"))[0] == [10, 3]
 
 
+@pytest.mark.parametrize("kind", ["text", "pickle", "npz", "vector"])
+def test_int8_ranges_that_are_no_npy_array_stop_before_loading(tmp_path, capsys, kind):
+  ranges = tmp_path / "r.npy"
+  if kind == "text":
+    ranges.write_text("min,max\n")
+  elif kind == "pickle":
+    np.save(ranges, np.array([{"min": 0}], dtype=object), allow_pickle=True)
+  elif kind == "npz":
+    np.savez(ranges, np.zeros((2, 4)))
+    os.replace(str(ranges) + ".npz", ranges)
+  else:
+    np.save(ranges, np.zeros(8))
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "never/loaded", *base_args([_input(tmp_path, [])], str(out)), "--precision", "int8",
+                "--int8-ranges", str(ranges)])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and f"error: --int8-ranges {ranges}: expected a NumPy .npy array of shape [2, E]" in err
+  assert "Traceback" not in err and not out.exists()
+
+
 def test_output_that_is_a_file_and_compressed_or_array_inputs_are_explained(tmp_path, model):
   src = _input(tmp_path, [])
   (tmp_path / "afile").write_text("x")
   with pytest.raises(InputError, match=r"--output .*afile is a file; pass a directory"):
     embed.main(base_args([src], str(tmp_path / "afile")), model=model)
+  with pytest.raises(InputError, match=r"--output .*afile/out: cannot create the directory \(Not a directory: "):
+    embed.main(base_args([src], str(tmp_path / "afile" / "out")), model=model)
   (tmp_path / "in.jsonl.gz").write_bytes(b"\x1f\x8b")
   with pytest.raises(InputError, match=r"in.jsonl.gz: compressed inputs are not read"):
     embed.main(base_args([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "o1")), model=model)

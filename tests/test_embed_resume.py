@@ -362,3 +362,27 @@ def test_a_bad_row_after_committed_parts_advises_overwrite_or_skip(tmp_path, mod
   with pytest.raises(OutputMismatchError, match="checksum"):
     embed.main(base_args([str(path)], out), model=model)
   assert embed.main(base_args([str(path)], out, "--overwrite"), model=model)["rows"] == 70
+
+
+def test_a_damaged_job_record_is_refused_by_name(tmp_path, model, job, capsys, monkeypatch):
+  """A truncated `_job.json` (a full disk, a copy cut short) was a JSONDecodeError traceback; a damaged
+  `_runtime.json`, a record of where runs computed, is rewritten."""
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, *JOB)
+  embed.main(args, model=model)
+  with open(os.path.join(out, "_runtime.json"), "w") as f:
+    f.write('{"devices": ')
+  assert embed.main(args, model=model)["parts_already_complete"] == 5
+  with open(os.path.join(out, "_job.json"), "r+") as f:
+    f.truncate(100)
+  with pytest.raises(OutputMismatchError, match=r"_job.json is damaged \(JSONDecodeError: .*Rerun with --overwrite"):
+    embed.main(args, model=model)
+  monkeypatch.setattr(embed, "_load_model", lambda args: model)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "m"] + args)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith(f"error: {out}/_job.json is damaged") and "Traceback" not in err
+  assert embed.main(args + ["--overwrite"], model=model)["parts_written"] == 5
+  np.testing.assert_array_equal(read_output(out)[1], ref_emb)
