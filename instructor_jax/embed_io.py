@@ -23,7 +23,8 @@ DELIMITED = ("csv", "tsv", "tsv-unquoted")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "text", ".text": "text"}
 # Reasons a row is skipped. `blank_line` (an empty line in a JSONL/CSV file) is always skipped and
-# counted, never an error: editors and `cat` leave them behind.
+# counted, never an error: editors and `cat` leave them behind. `unreadable_file` is a whole file's,
+# counted apart from rows (the manifest's `unreadable_files`).
 REASONS = ("unreadable_file", "blank_line", "malformed_json", "malformed_row", "invalid_utf8", "missing_text",
            "non_string_text", "empty_text", "missing_instruction", "non_string_instruction", "missing_id",
            "bad_id", "duplicate_id")

@@ -30,7 +30,9 @@ JOB_FILE = "_job.json"
 RUNTIME_FILE = "_runtime.json"  # where the last run computed: informative, not part of the job's identity
 LEGACY_MANIFEST_FILE = "manifest.json"
 MANIFEST_FILE = "_manifest.json"  # leading "_": Parquet readers skip it, so the directory reads as one dataset
-MANIFEST_VERSION = 1
+# 2: rows.skipped counts rows only; unreadable files, skipped whole, are counted apart (version 1 had
+# them there as "unreadable_file", a number of files among numbers of rows).
+MANIFEST_VERSION = 2
 # A per-row instruction field can carry millions of distinct strings; keep the manifest readable.
 MAX_LISTED_INSTRUCTIONS = 1000
 
@@ -310,8 +312,6 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
     return None
   instructions = merge_counts(parts, "instructions")
   skipped = merge_counts(parts, "skipped")
-  if unreadable:
-    skipped["unreadable_file"] = len(unreadable)
   return {
       "manifest_version": MANIFEST_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -330,7 +330,7 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
           # Rows whose text was truncated away entirely (the instruction filled max_seq_length).
           "text_cut_away": sum(p.get("text_cut_away", 0) for p in parts),
       },
-      "unreadable_files": unreadable,
+      "unreadable_files": unreadable,  # {path, error} of each input skipped whole (--on-error skip)
       "parts": [{k: p[k] for k in ("part", "rows", "slots", "first_slot", "files", "skipped", "truncated")}
                 for p in parts],
   }

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from embed_support import base_args, read_output, sentences, tiny_model, write_jsonl
-from instructor_jax import embed, embed_manifest
+from instructor_jax import embed, embed_manifest, embed_report
 from instructor_jax.embed_io import InputError
 
 GOOD = [json.dumps({"id": f"r{i}", "text": f"a good sentence number {i}"}) for i in range(6)]
@@ -71,7 +71,7 @@ def test_blank_lines_are_counted_not_fatal(tmp_path, model):
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_unreadable_file(tmp_path, model, policy):
+def test_unreadable_file(tmp_path, model, policy, capsys):
   good = _input(tmp_path, [])
   missing = str(tmp_path / "missing.jsonl")
   nomatch = str(tmp_path / "nothing-*.jsonl")
@@ -81,9 +81,13 @@ def test_unreadable_file(tmp_path, model, policy):
       embed.main(args, model=model)
     return
   summary = embed.main(args, model=model)
-  assert summary["skipped"] == {"unreadable_file": 2} and summary["rows"] == 6
+  # Files, not rows: counted apart from the skipped rows.
+  assert summary["skipped"] == {} and summary["unreadable_files"] == 2 and summary["rows"] == 6
+  embed_report.print_summary(summary)
+  assert "skipped rows: none; truncated rows: 0; unreadable files skipped: 2\n" in capsys.readouterr().err
   manifest = json.load(open(os.path.join(str(tmp_path / "out"), "_manifest.json")))
   assert [u["path"] for u in manifest["unreadable_files"]] == [missing, nomatch]
+  assert manifest["rows"]["skipped"] == {} and manifest["manifest_version"] == 2
 
 
 def test_text_and_csv_errors_name_lines(tmp_path, model):
