@@ -336,6 +336,7 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
     header = (" (CSV/TSV inputs need a header row, then one row per text)"
               if any(f.format in embed_io.DELIMITED for f in files) else "")
     raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed{header}.")
+  embed_output.check_part_count(total, per_part)
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
   _prepare_output(out_dir, owned, index, args.format, args.overwrite)

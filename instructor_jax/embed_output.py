@@ -63,8 +63,23 @@ def file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
+# Part names have five digits: readers of the directory (`pq.read_table("out/")`) take its files in name
+# order, in which part-100000 would come before part-10001. Wider names for larger jobs would rename
+# the parts of existing ones, so a job needing more parts is refused (`check_part_count`).
+MAX_PARTS = 100_000
+
+
 def part_name(index: int) -> str:
   return f"part-{index:05d}"
+
+
+def check_part_count(rows: int, rows_per_part: int) -> None:
+  parts = -(-rows // rows_per_part)
+  if parts > MAX_PARTS:
+    raise embed_io.InputError(
+        f"{rows:,} input rows at --rows-per-part {rows_per_part:,} make {parts:,} parts, more than the {MAX_PARTS:,} "
+        f"whose file names (part-{0:05d} to {part_name(MAX_PARTS - 1)}) sort in part order; pass --rows-per-part "
+        f"{-(-rows // MAX_PARTS)} or more.")
 
 
 def data_files(index: int, fmt: str) -> list[str]:

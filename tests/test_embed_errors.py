@@ -488,3 +488,17 @@ def test_a_file_named_twice_is_refused(tmp_path, model, how):
   assert str(e.value) == (f"--input names the file {path} twice, as {path!r} and as {shown}: its rows would be "
                           "embedded twice. Name each file once.")
   assert not (tmp_path / "out").exists()
+
+
+def test_a_job_of_more_parts_than_five_digits_name_is_refused(tmp_path, model, monkeypatch):
+  """Readers of the directory take part files in name order: part-100000 would come before part-10001."""
+  from instructor_jax import embed_output
+  monkeypatch.setattr(embed_output, "MAX_PARTS", 3)  # 70 rows at 16 a part make 5
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(70)])
+  out = tmp_path / "out"
+  with pytest.raises(InputError, match=r"70 input rows at --rows-per-part 16 make 5 parts, more than the 3 whose "
+                                       r"file names \(part-00000 to part-00002\) sort in part order; pass "
+                                       r"--rows-per-part 24 or more\."):
+    embed.main(base_args([path], str(out)), model=model)
+  assert not out.exists()
+  assert embed.main(base_args([path], str(out), "--rows-per-part", "24"), model=model)["parts_total"] == 3
