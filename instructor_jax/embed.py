@@ -438,8 +438,9 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
   embed_manifest.forget_job(args.output)
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
   names = ", ".join(i["path"] for i in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
-  if all(i["format"] == "text" for i in inputs):  # plain text has no fields to have mistyped
-    hint = "the plain-text inputs hold no non-blank line"
+  plain = all(i["format"] == "text" for i in inputs)
+  if set(skipped) == {"blank_line"} or plain:  # no field was read, or plain text has none to have mistyped
+    hint = f"the {'plain-text ' if plain else ''}inputs hold no non-blank line"
   else:
     hint = (f"check --text-field {args.text_field or DEFAULT_TEXT_FIELD!r} and the other field options against "
             "the input")
@@ -464,6 +465,14 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
       raise
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
+  except KeyboardInterrupt:
+    if model is not None:
+      raise
+    # Not the traceback of whichever thread was interrupted: committed parts are complete, and the
+    # rest is redone by the same command.
+    print(f"interrupted: {args.output} keeps the parts committed so far; rerun the same command to resume the "
+          "job.", file=sys.stderr)
+    raise SystemExit(130) from None
   embed_report.print_summary(summary)
   return summary
 

@@ -164,6 +164,12 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
   with pytest.raises(InputError, match=r"blanks.txt: no row was embedded: every row was skipped \(blank_line 2\); "
                                        r"the plain-text inputs hold no non-blank line"):
     embed.main(base_args([str(blanks)], str(tmp_path / "o2"), "--on-error", "skip"), model=model)
+  # Nor is a JSONL file of blank lines told to check --text-field: no field was read.
+  blanks = tmp_path / "blanks.jsonl"
+  blanks.write_text("\n \n")
+  with pytest.raises(InputError, match=r"blanks.jsonl: no row was embedded: every row was skipped \(blank_line 2\); "
+                                       r"the inputs hold no non-blank line\."):
+    embed.main(base_args([str(blanks)], str(tmp_path / "o3")), model=model)
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
@@ -502,3 +508,21 @@ def test_a_job_of_more_parts_than_five_digits_name_is_refused(tmp_path, model, m
     embed.main(base_args([path], str(out)), model=model)
   assert not out.exists()
   assert embed.main(base_args([path], str(out), "--rows-per-part", "24"), model=model)["parts_total"] == 3
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, model, capsys, monkeypatch):
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(40)])
+  out = str(tmp_path / "out")
+  monkeypatch.setattr(embed, "_load_model", lambda args: model)
+
+  def interrupt(stage, k):
+    if (stage, k) == ("written", 1):
+      raise KeyboardInterrupt
+
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "m"] + base_args([path], out), fault=interrupt)
+  assert e.value.code == 130
+  assert capsys.readouterr().err == (f"interrupted: {out} keeps the parts committed so far; rerun the same command "
+                                     "to resume the job.\n")
+  assert embed.main(base_args([path], out), model=model)["parts_already_complete"] == 1
