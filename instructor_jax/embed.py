@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import queue
@@ -34,6 +35,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
 from instructor_jax.instructor import scatter_embeddings
 from instructor_jax.tokenization import DEFAULT_BUCKETS, PackedBatch
+from instructor_jax.train_stop import WorkdirInUseError, lock_workdir
 
 FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
@@ -156,8 +158,9 @@ class _Stopped(Exception):
 
 # ---- the job -------------------------------------------------------------------------------------
 
-def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
-  """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
+def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool,
+                    held: contextlib.ExitStack) -> None:
+  """Creates and locks the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InputError(f"--output {out_dir} is a file; pass a directory (new, or one this job wrote).")
   # Parquet readers take every file not starting with "_" or "." as data: anything else there would
@@ -174,6 +177,11 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
   except OSError as e:  # a path under a regular file, no permission
     raise InputError(f"--output {out_dir}: cannot create the directory ({e.strerror}: {e.filename}); pass a "
                      "directory that can be created or written.") from e
+  # Per process index: independent launches share the directory, each with its own parts; the same
+  # command started twice would compute every part twice, and race --overwrite's removals.
+  lock = lock_workdir(out_dir, f".embed-{process_index}.lock", f"embed job as process {process_index}", "--output")
+  if lock is not None:
+    held.enter_context(lock)
   if not overwrite:
     return
   for k in owned:
@@ -318,8 +326,9 @@ class _Plan:
 
 
 def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, count: int, max_len: int,
-          buckets: list[int], pack_length: int, runtime: dict[str, Any]) -> _Plan:
-  """Counts the inputs, checks the output directory against this job, finds the pending parts."""
+          buckets: list[int], pack_length: int, runtime: dict[str, Any], held: contextlib.ExitStack) -> _Plan:
+  """Counts the inputs, checks the output directory against this job (locking it into `held`), finds
+  the pending parts."""
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
   text_files = [f.path for f in files if f.format == "text"]
@@ -339,7 +348,7 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
   embed_output.check_part_count(total, per_part)
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
-  _prepare_output(out_dir, owned, index, args.format, args.overwrite)
+  _prepare_output(out_dir, owned, index, args.format, args.overwrite, held)
   if count == 1 and not embed_manifest.has_results(out_dir):
     # A run stopped before its first part left only the job's identity (and int8 ranges): nothing
     # to resume, so a corrected command starts afresh rather than being refused as another job.
@@ -380,51 +389,53 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens,
              "attention": model.attention_kernel,
              "chunk_chars": f"{embed_batches.FIRST_CHUNK} doubling to {embed_batches.LARGEST_CHUNK}"}
-  plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
-  job_hash = embed_manifest.spec_hash(plan.spec)
+  # The output directory's lock (`_prepare_output`), released however the job ends.
+  with contextlib.ExitStack() as held:
+    plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime, held)
+    job_hash = embed_manifest.spec_hash(plan.spec)
 
-  stop = threading.Event()
-  # Pieces the reader may run ahead of the devices: 4 chunks' batches (~2M characters each, a part's
-  # last piece also with its leftovers), besides the chunk it is building.
-  parts_q: queue.Queue = queue.Queue(maxsize=4)
-  writes_q: queue.Queue = queue.Queue(maxsize=2)
-  done: list[dict[str, Any]] = []
+    stop = threading.Event()
+    # Pieces the reader may run ahead of the devices: 4 chunks' batches (~2M characters each, a part's
+    # last piece also with its leftovers), besides the chunk it is building.
+    parts_q: queue.Queue = queue.Queue(maxsize=4)
+    writes_q: queue.Queue = queue.Queue(maxsize=2)
+    done: list[dict[str, Any]] = []
 
-  batching = BatchPlan(model.tokenizer, max_len, buckets, batch_tokens, ndev, pack_length)
+    batching = BatchPlan(model.tokenizer, max_len, buckets, batch_tokens, ndev, pack_length)
 
-  def read():
-    read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), batching,
-               lambda piece: _put(parts_q, piece, stop))
-    _put(parts_q, None, stop)
+    def read():
+      read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), batching,
+                 lambda piece: _put(parts_q, piece, stop))
+      _put(parts_q, None, stop)
 
-  reader = _Stage(read, "embed-reader")
-  writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
-                                       job_hash, fault, done, stop), "embed-writer")
-  progress = embed_report.Progress(plan.pending_slots, not args.no_progress)
-  reader.start()
-  writer.start()
-  try:
-    shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
-    _put(writes_q, None, stop, writer)
-    writer.join()
-    writer.check()
-  except InputError as e:
-    stop.set()
-    writer.join()  # its commit in progress done: what the directory holds is final
-    # A bad row under --on-error fail, before any part was committed: the directory holds no results,
-    # so forget the job, and the corrected command (what the message asks for) is not refused as a
-    # different job. One process only: with several, others may be running this job.
-    if count == 1 and not embed_manifest.has_results(out_dir):
-      embed_manifest.forget_job(out_dir)
-    elif isinstance(e, embed_batches.BadRowError) and embed_manifest.has_results(out_dir):
-      raise embed_batches.BadRowError(e.problem, out_dir) from e
-    raise
-  finally:
-    stop.set()
-    progress.bar.close()
-  manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers,
-                       args)
-  return embed_report.summary(done, plan, progress, shapes, manifest, t0)
+    reader = _Stage(read, "embed-reader")
+    writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
+                                         job_hash, fault, done, stop), "embed-writer")
+    progress = embed_report.Progress(plan.pending_slots, not args.no_progress)
+    reader.start()
+    writer.start()
+    try:
+      shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
+      _put(writes_q, None, stop, writer)
+      writer.join()
+      writer.check()
+    except InputError as e:
+      stop.set()
+      writer.join()  # its commit in progress done: what the directory holds is final
+      # A bad row under --on-error fail, before any part was committed: the directory holds no results,
+      # so forget the job, and the corrected command (what the message asks for) is not refused as a
+      # different job. One process only: with several, others may be running this job.
+      if count == 1 and not embed_manifest.has_results(out_dir):
+        embed_manifest.forget_job(out_dir)
+      elif isinstance(e, embed_batches.BadRowError) and embed_manifest.has_results(out_dir):
+        raise embed_batches.BadRowError(e.problem, out_dir) from e
+      raise
+    finally:
+      stop.set()
+      progress.bar.close()
+    manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers,
+                         args)
+    return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 
 def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_parts: int,
@@ -460,7 +471,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   _check_options(parser, args, model)
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
-  except (InputError, embed_manifest.OutputMismatchError, CheckpointError) as e:
+  except (InputError, embed_manifest.OutputMismatchError, CheckpointError, WorkdirInUseError) as e:
     if model is not None:  # in-process callers get the exception
       raise
     print(f"error: {e}", file=sys.stderr)

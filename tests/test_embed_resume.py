@@ -386,3 +386,28 @@ def test_a_damaged_job_record_is_refused_by_name(tmp_path, model, job, capsys, m
   assert e.value.code == 2 and err.startswith(f"error: {out}/_job.json is damaged") and "Traceback" not in err
   assert embed.main(args + ["--overwrite"], model=model)["parts_written"] == 5
   np.testing.assert_array_equal(read_output(out)[1], ref_emb)
+
+
+def test_the_same_job_twice_at_once_is_refused(tmp_path, model, job):
+  """Each process index locks the output directory for its run: the same command started twice would
+  compute every part twice (and race --overwrite's removals); other process indices share it."""
+  from instructor_jax import train_stop
+  path, (ref_ids, ref_emb) = job
+  out = tmp_path / "out"
+  out.mkdir()
+  held = train_stop.lock_workdir(str(out), ".embed-0.lock")  # as a running job holds it
+  try:
+    with pytest.raises(train_stop.WorkdirInUseError, match=r"out is in use by another embed job as process 0 "
+                                                            r"\(pid \d+ on .*\); wait for it to end, stop it, or use "
+                                                            r"another --output\."):
+      embed.main(base_args([path], str(out), *JOB), model=model)
+    assert not os.path.exists(out / "_job.json")
+    other = embed.main(base_args([path], str(out), *JOB, "--process-index", "1", "--process-count", "2"),
+                       model=model)
+    assert other["parts_written"] == 2
+  finally:
+    held.close()
+  assert embed.main(base_args([path], str(out), *JOB, "--process-index", "0", "--process-count", "2"),
+                    model=model)["parts_written"] == 3
+  np.testing.assert_array_equal(read_output(str(out))[1], ref_emb)
+  assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".embed-0.lock", ".embed-1.lock"]
