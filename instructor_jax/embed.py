@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import queue
@@ -34,6 +35,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
 from instructor_jax.instructor import scatter_embeddings
 from instructor_jax.tokenization import DEFAULT_BUCKETS, PackedBatch
+from instructor_jax.train_stop import WorkdirInUseError, lock_workdir
 
 FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
@@ -54,7 +56,8 @@ def default_batch_tokens() -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m instructor_jax.embed", description=__doc__.split("\n")[0])
   p.add_argument("--model", help="required: Hub id, sentence-transformers/HF dir, t5x dir or training workdir")
-  p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order")
+  p.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs), in order; a path "
+                 "that exists is that file, glob characters in its name included. Each file may be named once")
   p.add_argument("--output", required=True, help="output directory")
   p.add_argument("--input-format", default="auto", choices=("auto",) + embed_io.FORMATS,
                  help="default: from the extension. csv/tsv follow CSV quoting; tsv-unquoted is one row per "
@@ -155,8 +158,9 @@ class _Stopped(Exception):
 
 # ---- the job -------------------------------------------------------------------------------------
 
-def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool) -> None:
-  """Creates the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
+def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str, overwrite: bool,
+                    held: contextlib.ExitStack) -> None:
+  """Creates and locks the directory; with --overwrite removes this process's parts (and process 0 the manifest)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InputError(f"--output {out_dir} is a file; pass a directory (new, or one this job wrote).")
   # Parquet readers take every file not starting with "_" or "." as data: anything else there would
@@ -168,7 +172,16 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
     raise InputError(f"--output {out_dir} holds files an embed job did not write ({', '.join(foreign[:3])}"
                      f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory, or one an embed "
                      "job wrote.")
-  os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
+  try:
+    os.makedirs(os.path.join(out_dir, embed_output.PARTS_DIR), exist_ok=True)
+  except OSError as e:  # a path under a regular file, no permission
+    raise InputError(f"--output {out_dir}: cannot create the directory ({e.strerror}: {e.filename}); pass a "
+                     "directory that can be created or written.") from e
+  # Per process index: independent launches share the directory, each with its own parts; the same
+  # command started twice would compute every part twice, and race --overwrite's removals.
+  lock = lock_workdir(out_dir, f".embed-{process_index}.lock", f"embed job as process {process_index}", "--output")
+  if lock is not None:
+    held.enter_context(lock)
   if not overwrite:
     return
   for k in owned:
@@ -313,8 +326,9 @@ class _Plan:
 
 
 def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, count: int, max_len: int,
-          buckets: list[int], pack_length: int, runtime: dict[str, Any]) -> _Plan:
-  """Counts the inputs, checks the output directory against this job, finds the pending parts."""
+          buckets: list[int], pack_length: int, runtime: dict[str, Any], held: contextlib.ExitStack) -> _Plan:
+  """Counts the inputs, checks the output directory against this job (locking it into `held`), finds
+  the pending parts."""
   out_dir, per_part = args.output, args.rows_per_part
   files, unreadable = embed_io.plan_inputs(args.input, args.input_format, args.on_error)
   text_files = [f.path for f in files if f.format == "text"]
@@ -331,9 +345,10 @@ def _plan(args: argparse.Namespace, model: Any, fields: Fields, index: int, coun
     header = (" (CSV/TSV inputs need a header row, then one row per text)"
               if any(f.format in embed_io.DELIMITED for f in files) else "")
     raise InputError(f"{', '.join(f.path for f in files[:3])}: no data rows to embed{header}.")
+  embed_output.check_part_count(total, per_part)
   num_parts = -(-total // per_part)
   owned = [k for k in range(max(num_parts, _existing_parts(out_dir))) if k % count == index]
-  _prepare_output(out_dir, owned, index, args.format, args.overwrite)
+  _prepare_output(out_dir, owned, index, args.format, args.overwrite, held)
   if count == 1 and not embed_manifest.has_results(out_dir):
     # A run stopped before its first part left only the job's identity (and int8 ranges): nothing
     # to resume, so a corrected command starts afresh rather than being refused as another job.
@@ -374,47 +389,53 @@ def run_job(args: argparse.Namespace, model: Any, fault: Fault | None = None) ->
   runtime = {"devices": f"{ndev} x {model.mesh.devices.flat[0].device_kind}", "batch_tokens": batch_tokens,
              "attention": model.attention_kernel,
              "chunk_chars": f"{embed_batches.FIRST_CHUNK} doubling to {embed_batches.LARGEST_CHUNK}"}
-  plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime)
-  job_hash = embed_manifest.spec_hash(plan.spec)
+  # The output directory's lock (`_prepare_output`), released however the job ends.
+  with contextlib.ExitStack() as held:
+    plan = _plan(args, model, fields, index, count, max_len, buckets, pack_length, runtime, held)
+    job_hash = embed_manifest.spec_hash(plan.spec)
 
-  stop = threading.Event()
-  # Pieces the reader may run ahead of the devices: 4 chunks' batches (~2M characters each, a part's
-  # last piece also with its leftovers), besides the chunk it is building.
-  parts_q: queue.Queue = queue.Queue(maxsize=4)
-  writes_q: queue.Queue = queue.Queue(maxsize=2)
-  done: list[dict[str, Any]] = []
+    stop = threading.Event()
+    # Pieces the reader may run ahead of the devices: 4 chunks' batches (~2M characters each, a part's
+    # last piece also with its leftovers), besides the chunk it is building.
+    parts_q: queue.Queue = queue.Queue(maxsize=4)
+    writes_q: queue.Queue = queue.Queue(maxsize=2)
+    done: list[dict[str, Any]] = []
 
-  batching = BatchPlan(model.tokenizer, max_len, buckets, batch_tokens, ndev, pack_length)
+    batching = BatchPlan(model.tokenizer, max_len, buckets, batch_tokens, ndev, pack_length)
 
-  def read():
-    read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), batching,
-               lambda piece: _put(parts_q, piece, stop))
-    _put(parts_q, None, stop)
+    def read():
+      read_parts(plan.files, fields, args.on_error, args.rows_per_part, set(plan.pending), batching,
+                 lambda piece: _put(parts_q, piece, stop))
+      _put(parts_q, None, stop)
 
-  reader = _Stage(read, "embed-reader")
-  writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
-                                       job_hash, fault, done, stop), "embed-writer")
-  progress = embed_report.Progress(plan.pending_slots, not args.no_progress)
-  reader.start()
-  writer.start()
-  try:
-    shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
-    _put(writes_q, None, stop, writer)
-    writer.join()
-    writer.check()
-  except InputError:
-    # A bad row under --on-error fail, before any part was committed: the directory holds no results,
-    # so forget the job, and the corrected command (what the message asks for) is not refused as a
-    # different job. One process only: with several, others may be running this job.
-    if count == 1 and not embed_manifest.has_results(out_dir):
-      embed_manifest.forget_job(out_dir)
-    raise
-  finally:
-    stop.set()
-    progress.bar.close()
-  manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers,
-                       args)
-  return embed_report.summary(done, plan, progress, shapes, manifest, t0)
+    reader = _Stage(read, "embed-reader")
+    writer = _Stage(lambda: _write_parts(writes_q, out_dir, args.format, args.precision, plan.ranges, fields.id_type,
+                                         job_hash, fault, done, stop), "embed-writer")
+    progress = embed_report.Progress(plan.pending_slots, not args.no_progress)
+    reader.start()
+    writer.start()
+    try:
+      shapes = _device_loop(model, parts_q, reader, writes_q, writer, progress, stop)
+      _put(writes_q, None, stop, writer)
+      writer.join()
+      writer.check()
+    except InputError as e:
+      stop.set()
+      writer.join()  # its commit in progress done: what the directory holds is final
+      # A bad row under --on-error fail, before any part was committed: the directory holds no results,
+      # so forget the job, and the corrected command (what the message asks for) is not refused as a
+      # different job. One process only: with several, others may be running this job.
+      if count == 1 and not embed_manifest.has_results(out_dir):
+        embed_manifest.forget_job(out_dir)
+      elif isinstance(e, embed_batches.BadRowError) and embed_manifest.has_results(out_dir):
+        raise embed_batches.BadRowError(e.problem, out_dir) from e
+      raise
+    finally:
+      stop.set()
+      progress.bar.close()
+    manifest = _finalize(out_dir, plan.spec, plan.unreadable, model.source, index, distributed, args.wait_for_peers,
+                         args)
+    return embed_report.summary(done, plan, progress, shapes, manifest, t0)
 
 
 def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_parts: int,
@@ -428,8 +449,9 @@ def _refuse_all_skipped(args: argparse.Namespace, skipped: dict[str, int], num_p
   embed_manifest.forget_job(args.output)
   reasons = ", ".join(f"{k} {v}" for k, v in skipped.items())
   names = ", ".join(i["path"] for i in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
-  if all(i["format"] == "text" for i in inputs):  # plain text has no fields to have mistyped
-    hint = "the plain-text inputs hold no non-blank line"
+  plain = all(i["format"] == "text" for i in inputs)
+  if set(skipped) == {"blank_line"} or plain:  # no field was read, or plain text has none to have mistyped
+    hint = f"the {'plain-text ' if plain else ''}inputs hold no non-blank line"
   else:
     hint = (f"check --text-field {args.text_field or DEFAULT_TEXT_FIELD!r} and the other field options against "
             "the input")
@@ -449,11 +471,19 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   _check_options(parser, args, model)
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
-  except (InputError, embed_manifest.OutputMismatchError, CheckpointError) as e:
+  except (InputError, embed_manifest.OutputMismatchError, CheckpointError, WorkdirInUseError) as e:
     if model is not None:  # in-process callers get the exception
       raise
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
+  except KeyboardInterrupt:
+    if model is not None:
+      raise
+    # Not the traceback of whichever thread was interrupted: committed parts are complete, and the
+    # rest is redone by the same command.
+    print(f"interrupted: {args.output} keeps the parts committed so far; rerun the same command to resume the "
+          "job.", file=sys.stderr)
+    raise SystemExit(130) from None
   embed_report.print_summary(summary)
   return summary
 
@@ -469,6 +499,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--pack-length {args.pack_length}: expected a token count >= 0 (0 disables packing)")
   if args.id_type == "str" and args.id_field is None:
     parser.error("--id-type str needs --id-field (positional ids are integers)")
+  if args.process_count is not None and args.process_count < 1:
+    parser.error(f"--process-count {args.process_count}: expected a process count >= 1")
   if args.process_index is not None:
     import jax  # main has initialised jax.distributed by now, if asked to
     count = jax.process_count() if args.process_count is None else args.process_count
@@ -486,6 +518,11 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
     parser.error(f"--int8-ranges applies to --precision int8 or uint8, not {args.precision}")
   if args.int8_ranges and not os.path.isfile(args.int8_ranges):
     parser.error(f"--int8-ranges {args.int8_ranges}: no such file (expected a .npy of shape [2, E])")
+  if args.int8_ranges:
+    try:
+      embed_output.load_ranges(args.int8_ranges, "pass a .npy file written by numpy.save")
+    except InputError as e:
+      parser.error(f"--int8-ranges {e}")
   if args.calibration_rows < 2:
     parser.error(f"--calibration-rows {args.calibration_rows}: expected >= 2 (int8/uint8 ranges need a spread)")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 from instructor_jax.embed_io import (BadRow, Fields, InputError, InputFile, Row, iter_raw, needed_columns,
@@ -46,6 +45,21 @@ PlannedBatch = tuple[list[list[int]], Batch | PackedBatch]
 COVERED_REASON = "instruction_covers_text"
 ON_ERROR_ADVICE = ("Fix the input, or pass --on-error skip to skip such rows (they are counted by reason in the "
                    "summary and the manifest).")
+# Once parts are committed the fixed input (another checksum) is another job, which a rerun refuses.
+COMMITTED_ADVICE = ("{out_dir} already holds committed parts of this job, which a fixed input (another checksum) "
+                    "would not match: fix the input and rerun with --overwrite to start over, or rerun this command "
+                    "with --on-error skip to keep the committed parts and skip such rows (counted by reason in the "
+                    "summary and the manifest).")
+
+
+class BadRowError(InputError):
+  """A bad row under --on-error fail: `problem` names it; the advice depends on whether `out_dir` (given
+  when it holds committed parts) must be started over for a fixed input."""
+
+  def __init__(self, problem: str, out_dir: str | None = None):
+    self.problem = problem
+    advice = ON_ERROR_ADVICE if out_dir is None else COMMITTED_ADVICE.format(out_dir=out_dir)
+    super().__init__(f"{problem}. {advice}")
 
 
 def row_choices(length: int, batch_tokens: int, num_devices: int) -> list[int]:
@@ -107,13 +121,11 @@ class PartBuilder:
   """Prepares one part: `add` takes its valid rows in input order and returns a piece whenever a chunk
   has been tokenised; `finish` batches what is left and returns the part's last piece.
 
-  A row that tokenising shows to be bad (COVERED_REASON) raises InputError naming it (`where(slot)`),
+  A row that tokenising shows to be bad (COVERED_REASON) raises BadRowError naming it (`Row.where`),
   or with `skip_bad` is dropped and counted with the part's skipped rows."""
 
-  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan,
-               where: Callable[[int], str] | None = None, skip_bad: bool = False):
+  def __init__(self, index: int, first_slot: int, slots: int, plan: BatchPlan, skip_bad: bool = False):
     self.index, self.first_slot, self.slots, self.plan = index, first_slot, slots, plan
-    self.where = where or (lambda slot: f"input row {slot + 1}")
     self.skip_bad = skip_bad
     self.skipped: collections.Counter = collections.Counter()  # rows dropped after tokenising
     self.rows: list[Row] = []  # read, not yet tokenised
@@ -153,8 +165,8 @@ class PartBuilder:
     if covered:
       if not self.skip_bad:
         error = covered[0]
-        raise InputError(f"{self.where(rows[error.index].slot)}: {error.detail()} [{COVERED_REASON}]. "
-                         + ON_ERROR_ADVICE)
+        row = rows[error.index]
+        raise BadRowError(f"{row.where or f'input row {row.slot + 1}'}: {error.detail()} [{COVERED_REASON}]")
       # The row keeps its claim on its id (read_parts' `seen`): other processes, which do not tokenise
       # this part, must agree on which occurrence of an id is kept.
       self.skipped[COVERED_REASON] += len(covered)
@@ -220,11 +232,14 @@ def build_part(index: int, first_slot: int, slots: int, rows: list[Row], skipped
 
 
 def locate(files: list[InputFile], slot: int) -> str:
-  """`file:line` (JSONL, text), `file: data row N` (CSV/TSV, header not counted) or `file: row N` (Parquet)."""
+  """`file:line` (JSONL, text), `file:line (data row N)` (tsv-unquoted: a row per line after the header),
+  `file: data row N` (CSV/TSV, whose quoted fields may span lines) or `file: row N` (Parquet)."""
   f = next(f for f in reversed(files) if slot >= f.first_slot)
   n = slot - f.first_slot + 1
   if f.format in ("jsonl", "text"):
     return f"{f.path}:{n}"
+  if f.format == "tsv-unquoted":
+    return f"{f.path}:{n + 1} (data row {n})"
   return f"{f.path}: {'data ' if f.format in ('csv', 'tsv') else ''}row {n}"
 
 
@@ -259,8 +274,7 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         return
       if part in pending:
         first = part * rows_per_part
-        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan,
-                              where=functools.partial(locate, files), skip_bad=on_error == "skip")
+        builder = PartBuilder(part, first, min(rows_per_part, total_slots - first), plan, on_error == "skip")
     mine = part in pending
     if not mine and fields.id is None:
       continue
@@ -277,6 +291,6 @@ def read_parts(files: list[InputFile], fields: Fields, on_error: str, rows_per_p
         emit(piece)
       continue
     if on_error == "fail" and row.reason != "blank_line":
-      raise InputError(f"{row.message()}. " + ON_ERROR_ADVICE)
+      raise BadRowError(row.message())
     skipped[row.reason] += 1
   finish()

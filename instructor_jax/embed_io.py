@@ -23,7 +23,8 @@ DELIMITED = ("csv", "tsv", "tsv-unquoted")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "text", ".text": "text"}
 # Reasons a row is skipped. `blank_line` (an empty line in a JSONL/CSV file) is always skipped and
-# counted, never an error: editors and `cat` leave them behind.
+# counted, never an error: editors and `cat` leave them behind. `unreadable_file` is a whole file's,
+# counted apart from rows (the manifest's `unreadable_files`).
 REASONS = ("unreadable_file", "blank_line", "malformed_json", "malformed_row", "invalid_utf8", "missing_text",
            "non_string_text", "empty_text", "missing_instruction", "non_string_instruction", "missing_id",
            "bad_id", "duplicate_id")
@@ -69,6 +70,7 @@ class Row:
   id: Any
   instruction: str | None
   text: str
+  where: str = ""  # as BadRow's: errors found only when the row is tokenised name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +87,35 @@ class BadRow:
 # ---- planning ------------------------------------------------------------------------------------
 
 def expand_inputs(patterns: list[str]) -> list[tuple[str, str | None]]:
-  """(path, problem or None) per input; globs expand sorted, a pattern matching nothing is a problem."""
-  out = []
+  """(path, problem or None) per input; globs expand sorted, a pattern matching nothing is a problem.
+
+  A path that exists is that file, even if its name holds glob characters (`data[1].jsonl`): read as
+  a pattern it would match another file (`data1.jsonl`), or none. A file named twice (a glob and the
+  file itself, or a link to it) is refused: its rows would be embedded twice."""
+  out: list[tuple[str, str | None]] = []
+  named: dict[tuple[int, int], tuple[str, str]] = {}  # (device, inode) -> (path, the argument naming it)
   for pattern in patterns:
-    if glob.has_magic(pattern):
-      matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
-      out += [(p, None) for p in matches] or [(pattern, "the pattern matches no file")]
-    elif os.path.isdir(pattern):
-      out.append((pattern, "is a directory; pass the files (or a glob such as DIR/*.jsonl)"))
+    if os.path.isdir(pattern):
+      found = [(pattern, "is a directory; pass the files (or a glob such as DIR/*.jsonl)")]
+    elif os.path.exists(pattern) or not glob.has_magic(pattern):
+      found = [(pattern, None)]
     else:
-      out.append((pattern, None))
+      matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
+      found = [(p, None) for p in matches] or [(pattern, "the pattern matches no file")]
+    for path, problem in found:
+      if problem is None and os.path.exists(path):
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in named:
+          raise InputError(f"--input names the file {named[key][0]} twice, as {_named_as(*named[key])} and as "
+                           f"{_named_as(path, pattern)}: its rows would be embedded twice. Name each file once.")
+        named[key] = (path, pattern)
+    out += found
   return out
+
+
+def _named_as(path: str, argument: str) -> str:
+  return repr(argument) if argument == path else f"{argument!r} (matching {path})"
 
 
 def detect_format(path: str, forced: str | None) -> str:
@@ -311,7 +331,9 @@ def _record_from_raw(fmt: str, slot: int, where: str, raw: Any) -> dict | BadRow
       return _bad(slot, where, "blank_line", "blank line")
     if len(row) != len(header):
       return _bad(slot, where, "malformed_row", f"{len(row)} fields, but the header has {len(header)}")
-    return dict(zip(header, row))
+    # A CSV/TSV cell cannot be null: a blank one is the null of JSONL and Parquet (missing_text,
+    # missing_instruction or the --instruction default, missing_id), not an empty string or id "".
+    return {name: cell if cell != "" else None for name, cell in zip(header, row)}
   return raw
 
 
@@ -319,9 +341,12 @@ def _field(rec: dict, name: str) -> tuple[bool, Any]:
   return (name in rec and rec[name] is not None), rec.get(name)
 
 
-def _absent(rec: dict, what: str, name: str) -> str:
-  """Why a field is not there: null (a JSON null, an empty Parquet cell) or missing from the record."""
-  return f"{what} field {name!r} is null" if name in rec else f"no {what} field {name!r}"
+def _absent(fmt: str, rec: dict, what: str, name: str) -> str:
+  """Why a field is not there: null (a JSON null, an empty Parquet cell, a blank CSV/TSV cell) or missing
+  from the record."""
+  if name not in rec:
+    return f"no {what} field {name!r}"
+  return f"{what} field {name!r} is {'a blank cell' if fmt in DELIMITED else 'null'}"
 
 
 def _known_fields(rec: dict) -> list[str]:
@@ -345,12 +370,12 @@ def _check_utf8(value: str) -> bool:
 _ASCII_INT = re.compile(r"[+-]?[0-9]+")
 
 
-def _parse_id(rec: dict, fields: Fields, slot: int, where: str) -> Any:
+def _parse_id(fmt: str, rec: dict, fields: Fields, slot: int, where: str) -> Any:
   present, value = _field(rec, fields.id)
   if not present and fields.id not in rec:
     return _bad(slot, where, "missing_id", f"no id field {fields.id!r} (fields: {_known_fields(rec)}); set --id-field")
   if not present:
-    return _bad(slot, where, "missing_id", _absent(rec, "id", fields.id))
+    return _bad(slot, where, "missing_id", _absent(fmt, rec, "id", fields.id))
   if fields.id_type == "int":
     if isinstance(value, bool) or not isinstance(value, (int, str)):
       return _bad(slot, where, "bad_id", f"id {value!r:.60} is not an integer (--id-type int)")
@@ -375,10 +400,10 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   if isinstance(rec, str):  # text format
     if not rec.strip():  # as in JSONL and CSV: skipped and counted, the other lines keep their ids
       return _bad(slot, where, "blank_line", "blank line")
-    return Row(slot, slot, fields.fixed_instruction, rec)
+    return Row(slot, slot, fields.fixed_instruction, rec, where)
   present, text = _field(rec, fields.text)
   if not present and fields.text in rec:
-    return _bad(slot, where, "missing_text", _absent(rec, "text", fields.text))
+    return _bad(slot, where, "missing_text", _absent(fmt, rec, "text", fields.text))
   if not present:
     header = ("; a CSV/TSV file's first line is its header: add one naming the columns if the file has none"
               if fmt in DELIMITED else "")
@@ -394,21 +419,19 @@ def parse_row(fmt: str, fields: Fields, slot: int, where: str, raw: Any) -> Row 
   instruction = fields.fixed_instruction
   if fields.instruction:
     present, value = _field(rec, fields.instruction)
-    if fmt in DELIMITED and value == "" and instruction is not None:
-      present = False  # a CSV/TSV cell cannot be null: a blank one takes the --instruction default
     if present and not isinstance(value, str):
       return _bad(slot, where, "non_string_instruction",
                   f"instruction field {fields.instruction!r} is {_a_type(value)}, expected a string")
     if present and not _check_utf8(value):
       return _bad(slot, where, "invalid_utf8", f"instruction field {fields.instruction!r} is not valid UTF-8")
     if not present and instruction is None:
-      return _bad(slot, where, "missing_instruction", f"{_absent(rec, 'instruction', fields.instruction)} "
+      return _bad(slot, where, "missing_instruction", f"{_absent(fmt, rec, 'instruction', fields.instruction)} "
                   "(pass --instruction as the default for such rows)")
     instruction = value if present else instruction
-  row_id = slot if fields.id is None else _parse_id(rec, fields, slot, where)
+  row_id = slot if fields.id is None else _parse_id(fmt, rec, fields, slot, where)
   if isinstance(row_id, BadRow):
     return row_id
-  return Row(slot, row_id, instruction, text)
+  return Row(slot, row_id, instruction, text, where)
 
 
 def needed_columns(fields: Fields) -> list[str]:

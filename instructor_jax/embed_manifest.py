@@ -30,13 +30,15 @@ JOB_FILE = "_job.json"
 RUNTIME_FILE = "_runtime.json"  # where the last run computed: informative, not part of the job's identity
 LEGACY_MANIFEST_FILE = "manifest.json"
 MANIFEST_FILE = "_manifest.json"  # leading "_": Parquet readers skip it, so the directory reads as one dataset
-MANIFEST_VERSION = 1
+# 2: rows.skipped counts rows only; unreadable files, skipped whole, are counted apart (version 1 had
+# them there as "unreadable_file", a number of files among numbers of rows).
+MANIFEST_VERSION = 2
 # A per-row instruction field can carry millions of distinct strings; keep the manifest readable.
 MAX_LISTED_INSTRUCTIONS = 1000
 
 
 class OutputMismatchError(RuntimeError):
-  """The output directory holds results of a different job."""
+  """The output directory holds results of a different job, or a job record that cannot be read."""
 
 
 FINGERPRINT_SCHEMES = ("sha256-leaves", "sha256")  # the first for new jobs
@@ -100,13 +102,28 @@ def model_fingerprint(model: Any, scheme: str = "sha256-leaves") -> str:
 def recorded_fingerprint_scheme(out_dir: str) -> str | None:
   """The fingerprint scheme of the job recorded in `out_dir` (None if none or unknown), so a resume
   compares like with like."""
+  job = read_job(out_dir)
+  recorded = (job or {}).get("model", {}).get("fingerprint")
+  scheme = recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
+  return scheme if scheme in FINGERPRINT_SCHEMES else None
+
+
+def read_job(out_dir: str) -> dict[str, Any] | None:
+  """The recorded job (`_job.json`), None if there is none; a damaged one is refused by name."""
   path = os.path.join(out_dir, JOB_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    recorded = json.load(f).get("model", {}).get("fingerprint")
-  scheme = recorded.split(":")[0] if isinstance(recorded, str) and ":" in recorded else None
-  return scheme if scheme in FINGERPRINT_SCHEMES else None
+  try:
+    with open(path, encoding="utf-8") as f:
+      job = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    job = e
+  if not isinstance(job, dict):
+    problem = f"{type(job).__name__}: {job}" if isinstance(job, ValueError) else f"a JSON {type(job).__name__}"
+    raise OutputMismatchError(f"{path} is damaged ({problem}); it records which job the results in {out_dir} belong "
+                              "to, so they cannot be checked or resumed. Rerun with --overwrite to start over, or "
+                              "use another --output directory.")
+  return job
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -119,6 +136,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     a, b = old.get(key), new.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, f"{prefix}{key}.")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) != len(b) and None not in (_paths(a), _paths(b)):
+      out += _diff_paths(a, b, f"{prefix}{key}")
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
       # Per entry: with many input files, the one that changed must show (an edited file's size).
       for i, (x, y) in enumerate(zip(a, b)):
@@ -130,6 +149,28 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
       out.append(f"{prefix}{key}: existing {json.dumps(a, sort_keys=True)[:120]} vs now "
                  f"{json.dumps(b, sort_keys=True)[:120]}")
   return out
+
+
+def _paths(entries: list[Any]) -> list[str] | None:
+  """The paths of a list of inputs (dicts with a path) or of paths, else None."""
+  paths = [e.get("path") if isinstance(e, dict) else e for e in entries]
+  return paths if all(isinstance(p, str) for p in paths) else None
+
+
+def _diff_paths(a: list[Any], b: list[Any], name: str, shown: int = 10) -> list[str]:
+  """Inputs added or removed (a glob that matched a new file): the count, the paths that differ in full
+  (a cut JSON list would hide them), and the changes of the inputs in both."""
+  was, now = _paths(a), _paths(b)
+  line = f"{name}: existing {len(a)} vs now {len(b)}"
+  was_set, now_set = set(was), set(now)
+  for label, paths in (("added", [p for p in now if p not in was_set]),
+                       ("removed", [p for p in was if p not in now_set])):
+    if paths:
+      more = f", ... ({len(paths) - shown} more)" if len(paths) > shown else ""
+      line += f"; {label}: " + ", ".join(paths[:shown]) + more
+  before = {x["path"]: x for x in a if isinstance(x, dict)}
+  return [line] + [d for y in b if isinstance(y, dict) and y["path"] in before
+                   for d in _diff(before[y["path"]], y, f"{name}[{y['path']}].")]
 
 
 def job_spec(args: Any, model: Any, fields: Fields, files: list[InputFile], unreadable: list[BadRow], max_len: int,
@@ -189,8 +230,12 @@ def has_results(out_dir: str) -> bool:
 def _adopt_renamed_inputs(old: dict[str, Any], spec: dict[str, Any]) -> None:
   """An input named by another path (relative against absolute, another working directory, a moved
   file) with the same format, size, rows and CRC-32 is the same input: `spec` takes the recorded path,
-  so that the job and its parts' hash stay those of the existing job."""
-  for i, (was, now) in enumerate(zip(old.get("inputs") or [], spec["inputs"])):
+  so that the job and its parts' hash stay those of the existing job. Inputs are matched by position,
+  so only when there are as many as before: with one added or removed (a glob that matched a new
+  file), position i is another file, and `_diff` names what changed instead."""
+  if len(old.get("inputs") or []) != len(spec["inputs"]):
+    return
+  for i, (was, now) in enumerate(zip(old["inputs"], spec["inputs"])):
     same = all(was.get(k) == now[k] for k in ("format", "size", "rows", "checksum"))
     if same and was.get("path") != now["path"]:
       print(f"note: input {i} {now['path']} is {was['path']} of the existing job (same size, rows and CRC-32); "
@@ -202,9 +247,8 @@ def check_or_write_job(out_dir: str, spec: dict[str, Any], overwrite: bool) -> N
   """Writes `_job.json`, or refuses if the directory holds another job's results (`spec` may take
   the existing job's input paths: `_adopt_renamed_inputs`)."""
   path = os.path.join(out_dir, JOB_FILE)
-  if os.path.exists(path) and not overwrite:
-    with open(path) as f:
-      old = json.load(f)
+  old = None if overwrite else read_job(out_dir)
+  if old is not None:
     _adopt_renamed_inputs(old, spec)
     diffs = _diff(old, spec)
     if diffs:
@@ -225,9 +269,12 @@ def note_runtime(out_dir: str, runtime: dict[str, Any], compute_dtype: str) -> N
   Kept out of `_job.json` so that the job file reads the same whatever ran it.
   """
   path = os.path.join(out_dir, RUNTIME_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
+  try:
+    with open(path, encoding="utf-8") as f:
       old = json.load(f)
+  except (OSError, ValueError):  # none yet, or damaged: a record of where runs computed, overwritten below
+    old = None
+  if isinstance(old, dict):
     if "attention" not in old and runtime.get("attention") != "dot_product_attention":
       # Releases before 2026-11-27 recorded no kernel; their inference default was XLA's fused one.
       old["attention"] = "not recorded (an earlier release: dot_product_attention unless set otherwise)"
@@ -265,8 +312,6 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
     return None
   instructions = merge_counts(parts, "instructions")
   skipped = merge_counts(parts, "skipped")
-  if unreadable:
-    skipped["unreadable_file"] = len(unreadable)
   return {
       "manifest_version": MANIFEST_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -285,7 +330,7 @@ def build_manifest(out_dir: str, spec: dict[str, Any], num_parts: int,
           # Rows whose text was truncated away entirely (the instruction filled max_seq_length).
           "text_cut_away": sum(p.get("text_cut_away", 0) for p in parts),
       },
-      "unreadable_files": unreadable,
+      "unreadable_files": unreadable,  # {path, error} of each input skipped whole (--on-error skip)
       "parts": [{k: p[k] for k in ("part", "rows", "slots", "first_slot", "files", "skipped", "truncated")}
                 for p in parts],
   }

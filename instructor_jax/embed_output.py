@@ -63,8 +63,23 @@ def file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
+# Part names have five digits: readers of the directory (`pq.read_table("out/")`) take its files in name
+# order, in which part-100000 would come before part-10001. Wider names for larger jobs would rename
+# the parts of existing ones, so a job needing more parts is refused (`check_part_count`).
+MAX_PARTS = 100_000
+
+
 def part_name(index: int) -> str:
   return f"part-{index:05d}"
+
+
+def check_part_count(rows: int, rows_per_part: int) -> None:
+  parts = -(-rows // rows_per_part)
+  if parts > MAX_PARTS:
+    raise embed_io.InputError(
+        f"{rows:,} input rows at --rows-per-part {rows_per_part:,} make {parts:,} parts, more than the {MAX_PARTS:,} "
+        f"whose file names (part-{0:05d} to {part_name(MAX_PARTS - 1)}) sort in part order; pass --rows-per-part "
+        f"{-(-rows // MAX_PARTS)} or more.")
 
 
 def data_files(index: int, fmt: str) -> list[str]:
@@ -234,7 +249,8 @@ def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: 
   saved = os.path.join(out_dir, RANGES_FILE)
   source = args.int8_ranges or (saved if os.path.exists(saved) and not args.overwrite else None)
   if source:
-    ranges = np.load(source, allow_pickle=False).astype(np.float32)
+    ranges = load_ranges(source, "pass a .npy file written by numpy.save" if args.int8_ranges else
+                         "the job wrote it, and it is damaged: rerun with --overwrite to start over")
     if ranges.shape != (2, model.config.embedding_dim):
       raise embed_io.InputError(
           f"{source}: ranges have shape {ranges.shape}; expected (2, {model.config.embedding_dim}) "
@@ -242,6 +258,18 @@ def int8_ranges(args: Any, model: Any, files: list[embed_io.InputFile], fields: 
   else:
     ranges = calibration_ranges(model, files, fields, max_len, args.calibration_rows)
   return ranges
+
+
+def load_ranges(path: str, advice: str) -> np.ndarray:
+  """float32 [2, E] ranges from a .npy file; anything else (a pickle, text, .npz) is an InputError naming it."""
+  try:
+    ranges = np.load(path, allow_pickle=False)
+    if not isinstance(ranges, np.ndarray) or ranges.ndim != 2 or ranges.shape[0] != 2:
+      raise ValueError(f"got {type(ranges).__name__} of shape {getattr(ranges, 'shape', '?')}")
+    return ranges.astype(np.float32)
+  except (OSError, ValueError, TypeError) as e:
+    raise embed_io.InputError(f"{path}: expected a NumPy .npy array of shape [2, E], the per-dimension min and max "
+                              f"({type(e).__name__}: {e}); {advice}.") from e
 
 
 def save_ranges(out_dir: str, ranges: np.ndarray) -> None:

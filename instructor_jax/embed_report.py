@@ -32,11 +32,11 @@ def summary(done: list[dict[str, Any]], plan: Any, progress: Progress, shapes: s
   """What main() returns: rows, skips, tokens, padding efficiency, parts, throughput (`plan`: embed._Plan)."""
   seconds = time.perf_counter() - t0
   skipped = embed_manifest.merge_counts(done, "skipped")
-  if plan.unreadable:
-    skipped["unreadable_file"] = len(plan.unreadable)
   compute_s = max(time.perf_counter() - progress.start, 1e-9)
   return {
-      "rows": progress.rows, "skipped": skipped, "truncated": sum(d["truncated"] for d in done),
+      # Rows skipped by reason; input files skipped whole are counted apart.
+      "rows": progress.rows, "skipped": skipped, "unreadable_files": len(plan.unreadable),
+      "truncated": sum(d["truncated"] for d in done),
       "text_cut_away": sum(d.get("text_cut_away", 0) for d in done),
       "tokens": progress.tokens, "padding_efficiency": progress.tokens / max(progress.padded, 1),
       "parts_written": len(done), "parts_already_complete": len(plan.complete), "parts_total": plan.num_parts,
@@ -55,7 +55,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"{s['compute_seconds']:.1f} s of them embedding: "
         f"{s['rows_per_s']:,.1f} rows/s, {s['tokens_per_s']:,.0f} tokens/s, padding efficiency "
         f"{s['padding_efficiency']:.0%}, {len(s['batch_shapes'])} batch shapes", file=sys.stderr)
-  print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}", file=sys.stderr)
+  unreadable = f"; unreadable files skipped: {s['unreadable_files']}" if s["unreadable_files"] else ""
+  print(f"skipped rows: {skipped}; truncated rows: {s['truncated']:,}{unreadable}", file=sys.stderr)
   if s.get("text_cut_away"):
     print(f"warning: {s['text_cut_away']:,} rows kept no token of their text within the max sequence length "
           "(their instruction filled it): each embeds its instruction alone, so such rows all look alike; "

@@ -1,4 +1,5 @@
-"""How a training run stops and whose workdir it is: stop signals and the workdir lock.
+"""How a training run stops and whose workdir it is: stop signals and the workdir lock (which embed
+takes on its --output too).
 
 SIGTERM/SIGINT end a single-process run at the next step boundary with a checkpoint (the loop polls
 `StopFlag.signal`), or at once while the model is still being built (`StoppedBeforeStart`); either way
@@ -92,9 +93,11 @@ def _in_gc_callback(frame) -> bool:
   return False
 
 
-def lock_workdir(workdir: str):
-  """An exclusive lock on a local workdir, held for the run: a second trainer started on it would
-  interleave metrics.jsonl and race for checkpoint steps. (gs:// has no locks; not checked there.)"""
+def lock_workdir(workdir: str, lock_file: str = ".train.lock", user: str = "training process",
+                 option: str = "--workdir"):
+  """An exclusive lock on a local directory, held for the run: a second trainer started on its workdir
+  would interleave metrics.jsonl and race for checkpoint steps (embed locks its --output the same way).
+  (gs:// has no locks; not checked there.)"""
   if "://" in workdir:
     return None
   try:
@@ -102,19 +105,19 @@ def lock_workdir(workdir: str):
   except ImportError:  # not POSIX
     return None
   os.makedirs(workdir, exist_ok=True)
-  f = open(os.path.join(workdir, ".train.lock"), "a+")
+  f = open(os.path.join(workdir, lock_file), "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
     if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
-      print(f"warning: cannot lock {workdir} ({e}); make sure no other trainer uses it.", file=sys.stderr)
+      print(f"warning: cannot lock {workdir} ({e}); make sure no other {user} uses it.", file=sys.stderr)
       f.close()
       return None
     f.seek(0)
     holder = f.read().strip() or "?"
     f.close()
-    raise WorkdirInUseError(f"{workdir} is in use by another training process ({holder}); wait for it to end, "
-                            "stop it, or use another --workdir.") from None
+    raise WorkdirInUseError(f"{workdir} is in use by another {user} ({holder}); wait for it to end, "
+                            f"stop it, or use another {option}.") from None
   f.seek(0)
   f.truncate()
   f.write(f"pid {os.getpid()} on {os.uname().nodename}")

@@ -82,8 +82,8 @@ def test_npy_output_per_row_instructions_and_id_field(tmp_path, model):
   np.testing.assert_allclose(emb, expected, atol=1e-6)
   manifest = json.load(open(os.path.join(out, "_manifest.json")))
   assert manifest["instructions"]["counts"] == {INSTRUCTION: 7, instr[0]: 7, instr[1]: 7}
-  assert sorted(os.listdir(out)) == ["_job.json", "_manifest.json", "_parts", "_runtime.json", "part-00000.ids.npy", "part-00000.npy",
-                                     "part-00001.ids.npy", "part-00001.npy"]
+  assert sorted(os.listdir(out)) == [".embed-0.lock", "_job.json", "_manifest.json", "_parts", "_runtime.json",
+                                     "part-00000.ids.npy", "part-00000.npy", "part-00001.ids.npy", "part-00001.npy"]
 
 
 def test_quantize_matches_sentence_transformers():

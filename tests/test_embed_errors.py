@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from embed_support import base_args, read_output, sentences, tiny_model, write_jsonl
-from instructor_jax import embed, embed_manifest
+from instructor_jax import embed, embed_manifest, embed_report
 from instructor_jax.embed_io import InputError
 
 GOOD = [json.dumps({"id": f"r{i}", "text": f"a good sentence number {i}"}) for i in range(6)]
@@ -71,7 +71,7 @@ def test_blank_lines_are_counted_not_fatal(tmp_path, model):
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_unreadable_file(tmp_path, model, policy):
+def test_unreadable_file(tmp_path, model, policy, capsys):
   good = _input(tmp_path, [])
   missing = str(tmp_path / "missing.jsonl")
   nomatch = str(tmp_path / "nothing-*.jsonl")
@@ -81,9 +81,13 @@ def test_unreadable_file(tmp_path, model, policy):
       embed.main(args, model=model)
     return
   summary = embed.main(args, model=model)
-  assert summary["skipped"] == {"unreadable_file": 2} and summary["rows"] == 6
+  # Files, not rows: counted apart from the skipped rows.
+  assert summary["skipped"] == {} and summary["unreadable_files"] == 2 and summary["rows"] == 6
+  embed_report.print_summary(summary)
+  assert "skipped rows: none; truncated rows: 0; unreadable files skipped: 2\n" in capsys.readouterr().err
   manifest = json.load(open(os.path.join(str(tmp_path / "out"), "_manifest.json")))
   assert [u["path"] for u in manifest["unreadable_files"]] == [missing, nomatch]
+  assert manifest["rows"]["skipped"] == {} and manifest["manifest_version"] == 2
 
 
 def test_text_and_csv_errors_name_lines(tmp_path, model):
@@ -129,6 +133,8 @@ def test_parquet_missing_column_and_nulls(tmp_path, model):
     (["--id-type", "str"], "--id-type str needs --id-field"),
     (["--process-index", "1"], "--process-index 1 is not in [0, --process-count 1)"),
     (["--process-index", "2", "--process-count", "2"], "--process-index 2 is not in [0, --process-count 2)"),
+    (["--process-count", "0"], "--process-count 0: expected a process count >= 1"),
+    (["--process-count", "-2", "--process-index", "0"], "--process-count -2: expected a process count >= 1"),
 ])
 def test_bad_options_stop_before_loading_or_writing(tmp_path, capsys, args, message):
   out = tmp_path / "out"
@@ -158,6 +164,12 @@ def test_a_job_that_skips_every_row_fails(tmp_path, model):
   with pytest.raises(InputError, match=r"blanks.txt: no row was embedded: every row was skipped \(blank_line 2\); "
                                        r"the plain-text inputs hold no non-blank line"):
     embed.main(base_args([str(blanks)], str(tmp_path / "o2"), "--on-error", "skip"), model=model)
+  # Nor is a JSONL file of blank lines told to check --text-field: no field was read.
+  blanks = tmp_path / "blanks.jsonl"
+  blanks.write_text("\n \n")
+  with pytest.raises(InputError, match=r"blanks.jsonl: no row was embedded: every row was skipped \(blank_line 2\); "
+                                       r"the inputs hold no non-blank line\."):
+    embed.main(base_args([str(blanks)], str(tmp_path / "o3")), model=model)
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
@@ -263,11 +275,34 @@ def test_integer_ids_are_ascii_digits(tmp_path, model):
   assert summary["skipped"] == {"bad_id": 2} and read_output(str(tmp_path / "o"))[0] == [10, 3]
 
 
+@pytest.mark.parametrize("kind", ["text", "pickle", "npz", "vector"])
+def test_int8_ranges_that_are_no_npy_array_stop_before_loading(tmp_path, capsys, kind):
+  ranges = tmp_path / "r.npy"
+  if kind == "text":
+    ranges.write_text("min,max\n")
+  elif kind == "pickle":
+    np.save(ranges, np.array([{"min": 0}], dtype=object), allow_pickle=True)
+  elif kind == "npz":
+    np.savez(ranges, np.zeros((2, 4)))
+    os.replace(str(ranges) + ".npz", ranges)
+  else:
+    np.save(ranges, np.zeros(8))
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "never/loaded", *base_args([_input(tmp_path, [])], str(out)), "--precision", "int8",
+                "--int8-ranges", str(ranges)])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and f"error: --int8-ranges {ranges}: expected a NumPy .npy array of shape [2, E]" in err
+  assert "Traceback" not in err and not out.exists()
+
+
 def test_output_that_is_a_file_and_compressed_or_array_inputs_are_explained(tmp_path, model):
   src = _input(tmp_path, [])
   (tmp_path / "afile").write_text("x")
   with pytest.raises(InputError, match=r"--output .*afile is a file; pass a directory"):
     embed.main(base_args([src], str(tmp_path / "afile")), model=model)
+  with pytest.raises(InputError, match=r"--output .*afile/out: cannot create the directory \(Not a directory: "):
+    embed.main(base_args([src], str(tmp_path / "afile" / "out")), model=model)
   (tmp_path / "in.jsonl.gz").write_bytes(b"\x1f\x8b")
   with pytest.raises(InputError, match=r"in.jsonl.gz: compressed inputs are not read"):
     embed.main(base_args([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "o1")), model=model)
@@ -380,10 +415,41 @@ def test_a_blank_csv_instruction_cell_takes_the_instruction_default(tmp_path, mo
                        "--instruction", "Default: "), model=model)
   expected = model.encode([["Represent the query: ", "alpha beta"], ["Default: ", "gamma delta"]])
   np.testing.assert_allclose(read_output(str(tmp_path / "o"))[1], expected, atol=2e-6)
-  # Without a default a blank cell is still an empty instruction, as before.
-  embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
-             model=model)
-  np.testing.assert_allclose(read_output(str(tmp_path / "o2"))[1][1], model.encode(["gamma delta"])[0], atol=2e-6)
+  # Without a default it is a row without an instruction, as a JSONL null is (it was an empty instruction).
+  with pytest.raises(InputError, match=r"inst.csv:3 \(data row 2\): instruction field 'inst' is a blank cell \(pass "
+                                       r"--instruction as the default for such rows\) \[missing_instruction\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o2"), "--id-field", "id", "--instruction-field", "inst"),
+               model=model)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv-unquoted"])
+def test_blank_csv_id_and_text_cells_are_nulls(tmp_path, model, fmt):
+  """A blank id cell was the id "" (and a second one a duplicate id ''); a blank text cell is as a null text."""
+  sep = "," if fmt == "csv" else "\t"
+  path = tmp_path / "in.txt"
+  path.write_text("".join(sep.join(r) + "\n" for r in [("id", "text"), ("a", "one"), ("", "two"), ("", "three"),
+                                                         ("d", "")]), encoding="utf-8")
+  args = base_args([str(path)], str(tmp_path / "o"), "--id-field", "id", "--input-format", fmt)
+  with pytest.raises(InputError, match=r"in.txt:3 \(data row 2\): id field 'id' is a blank cell \[missing_id\]"):
+    embed.main(args, model=model)
+  summary = embed.main(args + ["--on-error", "skip"], model=model)
+  assert summary["skipped"] == {"missing_id": 2, "missing_text": 1} and read_output(str(tmp_path / "o"))[0] == ["a"]
+  with pytest.raises(InputError, match=r"in.txt:5 \(data row 4\): text field 'text' is a blank cell \[missing_text\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o2"), "--input-format", fmt), model=model)
+
+
+def test_csv_rows_found_bad_when_tokenised_and_tsv_unquoted_rows_are_named_by_line(tmp_path, model):
+  """instruction_covers_text in a CSV gave only `data row N`; tsv-unquoted's first use of an id `row N`."""
+  path = tmp_path / "in.csv"
+  path.write_text('id,inst,text\n1,Q: ,"a text\nover two lines"\n2,compreh,end\n', encoding="utf-8")
+  with pytest.raises(InputError, match=r"in.csv:4 \(data row 2\): .*\[instruction_covers_text\]"):
+    embed.main(base_args([str(path)], str(tmp_path / "o1"), "--instruction-field", "inst"), model=model)
+  dup = tmp_path / "dup.tsv"
+  dup.write_text("id\ttext\nx1\thello\nx2\tworld\nx1\tagain\n", encoding="utf-8")
+  with pytest.raises(InputError, match=r"dup.tsv:4 \(data row 3\): duplicate id 'x1' \(first used at .*dup.tsv:2 "
+                                       r"\(data row 1\)\)"):
+    embed.main(base_args([str(dup)], str(tmp_path / "o2"), "--id-field", "id", "--input-format", "tsv-unquoted"),
+               model=model)
 
 
 def test_rows_whose_instruction_fills_the_max_length_are_counted_and_warned(tmp_path, model, capsys):
@@ -399,3 +465,64 @@ def test_rows_whose_instruction_fills_the_max_length_are_counted_and_warned(tmp_
   np.testing.assert_allclose(emb, np.broadcast_to(emb[0], emb.shape), atol=1e-6)
   # Short instruction, room for the text: nothing to warn about.
   assert embed.main(base_args([path], str(tmp_path / "o2"), "--instruction", "Q: "), model=model)["text_cut_away"] == 0
+
+
+def test_an_existing_path_with_glob_characters_is_that_file(tmp_path, model):
+  """`data[1].jsonl` exists: it is the input, not a pattern matching `data1.jsonl` (or nothing)."""
+  literal = write_jsonl(str(tmp_path / "data[1].jsonl"), [{"text": t} for t in sentences(3)])
+  out = str(tmp_path / "o1")
+  assert embed.main(base_args([literal], out), model=model)["rows"] == 3
+  write_jsonl(str(tmp_path / "data1.jsonl"), [{"text": t} for t in sentences(5, seed=1)])
+  out2 = str(tmp_path / "o2")
+  assert embed.main(base_args([literal], out2), model=model)["rows"] == 3
+  np.testing.assert_allclose(read_output(out2)[1], model.encode(sentences(3)), atol=1e-6)
+  # A pattern that is no file's name still globs.
+  assert embed.main(base_args([str(tmp_path / "data?.jsonl")], str(tmp_path / "o3")), model=model)["rows"] == 5
+
+
+@pytest.mark.parametrize("how", ["twice", "glob", "link"])
+def test_a_file_named_twice_is_refused(tmp_path, model, how):
+  """Its rows would be embedded twice (with --id-field, every one a duplicate id)."""
+  path = write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in sentences(3)])
+  write_jsonl(str(tmp_path / "b.jsonl"), [{"text": t} for t in sentences(2)])
+  if how == "link":
+    os.symlink(path, tmp_path / "c.jsonl")
+  second = {"twice": path, "glob": str(tmp_path / "*.jsonl"), "link": str(tmp_path / "c.jsonl")}[how]
+  shown = {"twice": repr(path), "glob": f"'{tmp_path}/*.jsonl' (matching {path})", "link": repr(second)}[how]
+  with pytest.raises(InputError) as e:
+    embed.main(base_args([path, second], str(tmp_path / "out")), model=model)
+  assert str(e.value) == (f"--input names the file {path} twice, as {path!r} and as {shown}: its rows would be "
+                          "embedded twice. Name each file once.")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_job_of_more_parts_than_five_digits_name_is_refused(tmp_path, model, monkeypatch):
+  """Readers of the directory take part files in name order: part-100000 would come before part-10001."""
+  from instructor_jax import embed_output
+  monkeypatch.setattr(embed_output, "MAX_PARTS", 3)  # 70 rows at 16 a part make 5
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(70)])
+  out = tmp_path / "out"
+  with pytest.raises(InputError, match=r"70 input rows at --rows-per-part 16 make 5 parts, more than the 3 whose "
+                                       r"file names \(part-00000 to part-00002\) sort in part order; pass "
+                                       r"--rows-per-part 24 or more\."):
+    embed.main(base_args([path], str(out)), model=model)
+  assert not out.exists()
+  assert embed.main(base_args([path], str(out), "--rows-per-part", "24"), model=model)["parts_total"] == 3
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, model, capsys, monkeypatch):
+  path = write_jsonl(str(tmp_path / "in.jsonl"), [{"text": t} for t in sentences(40)])
+  out = str(tmp_path / "out")
+  monkeypatch.setattr(embed, "_load_model", lambda args: model)
+
+  def interrupt(stage, k):
+    if (stage, k) == ("written", 1):
+      raise KeyboardInterrupt
+
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "m"] + base_args([path], out), fault=interrupt)
+  assert e.value.code == 130
+  assert capsys.readouterr().err == (f"interrupted: {out} keeps the parts committed so far; rerun the same command "
+                                     "to resume the job.\n")
+  assert embed.main(base_args([path], out), model=model)["parts_already_complete"] == 1

@@ -8,6 +8,7 @@ import pytest
 
 from embed_support import INSTRUCTION, base_args, read_output, sentences, tiny_model, write_jsonl
 from instructor_jax import embed
+from instructor_jax.embed_io import InputError
 from instructor_jax.embed_manifest import OutputMismatchError
 
 
@@ -310,3 +311,103 @@ def test_model_fingerprint_is_cached_per_set_of_arrays_and_follows_changes(model
     assert embed_manifest.model_fingerprint(m) != changed and len(calls) == 3
   finally:
     embed_manifest.params_fingerprint = real
+
+
+def test_a_glob_that_matches_a_new_file_is_refused_naming_it(tmp_path, model, capsys):
+  """Inputs added or removed: no input is matched by position ("resuming it" of another file), and the
+  refusal names the paths in full rather than two JSON lists cut at 120 characters."""
+  shards = tmp_path / "a-long-directory-name-so-that-the-input-list-runs-past-any-cut"
+  shards.mkdir()
+  rows = [{"text": t} for t in sentences(5, seed=3)]
+  for name in ("a", "b", "c"):  # identical contents: position i of the new list matches old input i
+    write_jsonl(str(shards / f"shard-{name}.jsonl"), rows)
+  out = str(tmp_path / "out")
+  embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+  write_jsonl(str(shards / "shard-aa.jsonl"), rows)
+  with open(shards / "shard-c.jsonl", "a") as f:
+    f.write(json.dumps({"text": "one more"}) + "\n")
+  capsys.readouterr()
+  with pytest.raises(OutputMismatchError) as e:
+    embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+  assert "resuming it" not in capsys.readouterr().err
+  msg = str(e.value)
+  assert f"inputs: existing 3 vs now 4; added: {shards}/shard-aa.jsonl\n" in msg
+  assert f"inputs[{shards}/shard-c.jsonl].rows: existing 5 vs now 6" in msg
+  os.remove(shards / "shard-aa.jsonl")
+  os.remove(shards / "shard-b.jsonl")
+  with pytest.raises(OutputMismatchError, match=f"inputs: existing 3 vs now 2; removed: {shards}/shard-b.jsonl\n"):
+    embed.main(base_args([str(shards / "shard-*.jsonl")], out), model=model)
+
+
+def test_a_bad_row_after_committed_parts_advises_overwrite_or_skip(tmp_path, model):
+  """"Fix the input" alone would lead to a refusal: the fixed input has another checksum, and parts of
+  the job are committed. The message says so, and both ways it gives work."""
+  rows = [{"text": t} for t in sentences(70, seed=11)]
+  path = tmp_path / "in.jsonl"
+  lines = [json.dumps(r) for r in rows]
+  path.write_text("\n".join(lines[:50] + ["{not json"] + lines[50:]) + "\n")  # line 51: part 3
+  out = str(tmp_path / "out")
+  with pytest.raises(Killed):  # parts 0 and 1 committed, as a long job would have when it met the row
+    embed.main(base_args([str(path)], out, "--on-error", "skip"), model=model, fault=_kill_at("renamed", 2))
+  with pytest.raises(InputError) as e:
+    embed.main(base_args([str(path)], out), model=model)
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:51: malformed JSON") and "[malformed_json]. " in msg
+  assert (f"{out} already holds committed parts of this job" in msg and "rerun with --overwrite" in msg
+          and "rerun this command with --on-error skip to keep the committed parts" in msg)
+  summary = embed.main(base_args([str(path)], out, "--on-error", "skip"), model=model)
+  assert summary["parts_already_complete"] == 2 and summary["skipped"] == {"malformed_json": 1}
+  assert read_output(out)[0] == [i for i in range(71) if i != 50]
+  path.write_text("\n".join(lines) + "\n")  # fixed: another job, refused unless started over
+  with pytest.raises(OutputMismatchError, match="checksum"):
+    embed.main(base_args([str(path)], out), model=model)
+  assert embed.main(base_args([str(path)], out, "--overwrite"), model=model)["rows"] == 70
+
+
+def test_a_damaged_job_record_is_refused_by_name(tmp_path, model, job, capsys, monkeypatch):
+  """A truncated `_job.json` (a full disk, a copy cut short) was a JSONDecodeError traceback; a damaged
+  `_runtime.json`, a record of where runs computed, is rewritten."""
+  path, (ref_ids, ref_emb) = job
+  out = str(tmp_path / "out")
+  args = base_args([path], out, *JOB)
+  embed.main(args, model=model)
+  with open(os.path.join(out, "_runtime.json"), "w") as f:
+    f.write('{"devices": ')
+  assert embed.main(args, model=model)["parts_already_complete"] == 5
+  with open(os.path.join(out, "_job.json"), "r+") as f:
+    f.truncate(100)
+  with pytest.raises(OutputMismatchError, match=r"_job.json is damaged \(JSONDecodeError: .*Rerun with --overwrite"):
+    embed.main(args, model=model)
+  monkeypatch.setattr(embed, "_load_model", lambda args: model)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    embed.main(["--model", "m"] + args)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith(f"error: {out}/_job.json is damaged") and "Traceback" not in err
+  assert embed.main(args + ["--overwrite"], model=model)["parts_written"] == 5
+  np.testing.assert_array_equal(read_output(out)[1], ref_emb)
+
+
+def test_the_same_job_twice_at_once_is_refused(tmp_path, model, job):
+  """Each process index locks the output directory for its run: the same command started twice would
+  compute every part twice (and race --overwrite's removals); other process indices share it."""
+  from instructor_jax import train_stop
+  path, (ref_ids, ref_emb) = job
+  out = tmp_path / "out"
+  out.mkdir()
+  held = train_stop.lock_workdir(str(out), ".embed-0.lock")  # as a running job holds it
+  try:
+    with pytest.raises(train_stop.WorkdirInUseError, match=r"out is in use by another embed job as process 0 "
+                                                            r"\(pid \d+ on .*\); wait for it to end, stop it, or use "
+                                                            r"another --output\."):
+      embed.main(base_args([path], str(out), *JOB), model=model)
+    assert not os.path.exists(out / "_job.json")
+    other = embed.main(base_args([path], str(out), *JOB, "--process-index", "1", "--process-count", "2"),
+                       model=model)
+    assert other["parts_written"] == 2
+  finally:
+    held.close()
+  assert embed.main(base_args([path], str(out), *JOB, "--process-index", "0", "--process-count", "2"),
+                    model=model)["parts_written"] == 3
+  np.testing.assert_array_equal(read_output(str(out))[1], ref_emb)
+  assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".embed-0.lock", ".embed-1.lock"]
