@@ -35,7 +35,7 @@ from instructor_jax.embed_io import BadRow, Fields, InputError
 from instructor_jax.hf_format import CheckpointError
 from instructor_jax.instructor import scatter_embeddings
 from instructor_jax.tokenization import DEFAULT_BUCKETS, PackedBatch
-from instructor_jax.train_stop import WorkdirInUseError, lock_workdir
+from instructor_jax.dir_lock import DirectoryInUseError, lock_directory
 
 FETCH_LAG = 2  # batches in flight before the oldest result is fetched
 Fault = Callable[[str, int], None]
@@ -179,7 +179,7 @@ def _prepare_output(out_dir: str, owned: list[int], process_index: int, fmt: str
                      "directory that can be created or written.") from e
   # Per process index: independent launches share the directory, each with its own parts; the same
   # command started twice would compute every part twice, and race --overwrite's removals.
-  lock = lock_workdir(out_dir, f".embed-{process_index}.lock", f"embed job as process {process_index}", "--output")
+  lock = lock_directory(out_dir, f".embed-{process_index}.lock", f"embed job as process {process_index}", "--output")
   if lock is not None:
     held.enter_context(lock)
   if not overwrite:
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None, model: Any = None, fault: Fault | No
   _check_options(parser, args, model)
   try:
     summary = run_job(args, model if model is not None else _load_model(args), fault)
-  except (InputError, embed_manifest.OutputMismatchError, CheckpointError, WorkdirInUseError) as e:
+  except (InputError, embed_manifest.OutputMismatchError, CheckpointError, DirectoryInUseError) as e:
     if model is not None:  # in-process callers get the exception
       raise
     print(f"error: {e}", file=sys.stderr)

@@ -36,8 +36,8 @@ from instructor_jax.train_launch import (check_macros_used, gin_configs, maybe_i
                                          parse_gin, use_persistent_compilation_cache, warn_if_gpus_left_idle)
 from instructor_jax.train_step import (TrainState, abstract_state, init_state, make_train_step, num_params,
                                        sharding_warning, state_shardings)
-from instructor_jax.train_stop import (EXIT_STOPPED_EARLY, StopFlag, StoppedBeforeStart, WorkdirInUseError,
-                                       lock_workdir)
+from instructor_jax.dir_lock import DirectoryInUseError, lock_directory
+from instructor_jax.train_stop import EXIT_STOPPED_EARLY, StopFlag, StoppedBeforeStart
 from instructor_jax.xla_options import train_compiler_options
 
 
@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, mesh_config: shd.MeshConfig, wor
   lock = None
   try:
     # Before restoring anything: a refused second trainer loads nothing.
-    lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+    lock = lock_directory(workdir) if jax.process_index() == 0 else None
     return _train(cfg, tx, schedule, mesh, workdir, gin_text, stop)
   except StoppedBeforeStart as e:
     print(f"stopping on {e.args[0]} before the first step; nothing new to save. Run the same command to "
@@ -426,7 +426,7 @@ class _Logger:
 # expected and what to do, so the command line prints them in one line (status 2), as embed, convert and
 # evaluate do; any other exception keeps its traceback.
 USER_ERRORS = (ConfigError, CheckpointError, orbax_io.OrbaxCheckpointError, MediFormatError, EvalDataError,
-               WorkdirInUseError)
+               DirectoryInUseError)
 
 
 def main(argv: list[str] | None = None) -> int:

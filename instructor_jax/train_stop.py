@@ -1,18 +1,14 @@
-"""How a training run stops and whose workdir it is: stop signals and the workdir lock (which embed
-takes on its --output too).
-
-SIGTERM/SIGINT end a single-process run at the next step boundary with a checkpoint (the loop polls
-`StopFlag.signal`), or at once while the model is still being built (`StoppedBeforeStart`); either way
-the command exits with EXIT_STOPPED_EARLY. A local workdir is locked for the run.
+"""How a training run stops: SIGTERM/SIGINT end a single-process run at the next step boundary with a
+checkpoint (the loop polls `StopFlag.signal`), or at once while the model is still being built
+(`StoppedBeforeStart`); either way the command exits with EXIT_STOPPED_EARLY. (The workdir's lock is
+dir_lock.py's.)
 """
 
 from __future__ import annotations
 
-import errno
 import gc
 import os
 import signal
-import sys
 import threading
 
 import jax
@@ -21,10 +17,6 @@ import jax
 # Exit status of a run that stopped early with a checkpoint (signal or preemption notice), so that
 # a scheduler or launch_tpu.sh can tell it from a finished run: EX_TEMPFAIL, "try again".
 EXIT_STOPPED_EARLY = 75
-
-
-class WorkdirInUseError(RuntimeError):
-  """Another trainer holds the workdir's lock."""
 
 
 class StoppedBeforeStart(BaseException):
@@ -91,35 +83,3 @@ def _in_gc_callback(frame) -> bool:
       return True
     frame = frame.f_back
   return False
-
-
-def lock_workdir(workdir: str, lock_file: str = ".train.lock", user: str = "training process",
-                 option: str = "--workdir"):
-  """An exclusive lock on a local directory, held for the run: a second trainer started on its workdir
-  would interleave metrics.jsonl and race for checkpoint steps (embed locks its --output the same way).
-  (gs:// has no locks; not checked there.)"""
-  if "://" in workdir:
-    return None
-  try:
-    import fcntl
-  except ImportError:  # not POSIX
-    return None
-  os.makedirs(workdir, exist_ok=True)
-  f = open(os.path.join(workdir, lock_file), "a+")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without locks
-      print(f"warning: cannot lock {workdir} ({e}); make sure no other {user} uses it.", file=sys.stderr)
-      f.close()
-      return None
-    f.seek(0)
-    holder = f.read().strip() or "?"
-    f.close()
-    raise WorkdirInUseError(f"{workdir} is in use by another {user} ({holder}); wait for it to end, "
-                            f"stop it, or use another {option}.") from None
-  f.seek(0)
-  f.truncate()
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-  f.flush()
-  return f

@@ -391,13 +391,13 @@ def test_a_damaged_job_record_is_refused_by_name(tmp_path, model, job, capsys, m
 def test_the_same_job_twice_at_once_is_refused(tmp_path, model, job):
   """Each process index locks the output directory for its run: the same command started twice would
   compute every part twice (and race --overwrite's removals); other process indices share it."""
-  from instructor_jax import train_stop
+  from instructor_jax import dir_lock
   path, (ref_ids, ref_emb) = job
   out = tmp_path / "out"
   out.mkdir()
-  held = train_stop.lock_workdir(str(out), ".embed-0.lock")  # as a running job holds it
+  held = dir_lock.lock_directory(str(out), ".embed-0.lock")  # as a running job holds it
   try:
-    with pytest.raises(train_stop.WorkdirInUseError, match=r"out is in use by another embed job as process 0 "
+    with pytest.raises(dir_lock.DirectoryInUseError, match=r"out is in use by another embed job as process 0 "
                                                             r"\(pid \d+ on .*\); wait for it to end, stop it, or use "
                                                             r"another --output\."):
       embed.main(base_args([path], str(out), *JOB), model=model)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax import orbax_io, train_stop
+from instructor_jax import dir_lock, orbax_io, train_stop
 from instructor_jax.config import ConfigError
 from instructor_jax.optim import OptimConfig
 from instructor_jax.sharding import MeshConfig
@@ -370,7 +370,7 @@ def test_resuming_on_a_medi_file_replaced_at_the_same_path_warns(tmp_path, capsy
 def test_a_second_trainer_on_a_busy_workdir_is_refused(tmp_path):
   workdir = tmp_path / "w"
   workdir.mkdir()
-  held = train_stop.lock_workdir(str(workdir))  # as a running trainer holds it
+  held = dir_lock.lock_directory(str(workdir))  # as a running trainer holds it
   try:
     with pytest.raises(RuntimeError, match=r"is in use by another training process \(pid \d+ on "):
       train(CONFIG, OPTIM, MESH, str(workdir))
@@ -388,7 +388,7 @@ def test_a_filesystem_without_locks_warns_and_trains(tmp_path, monkeypatch, caps
     raise OSError(errno.ENOSYS, "Function not implemented")
 
   monkeypatch.setattr(fcntl, "flock", no_locks)
-  assert train_stop.lock_workdir(str(tmp_path)) is None
+  assert dir_lock.lock_directory(str(tmp_path)) is None
   assert "warning: cannot lock" in capsys.readouterr().err
 
 
