@@ -218,7 +218,7 @@ create_tpu() {
     if ((DRY_RUN)); then remark "(that would fail here: creating needs --accelerator-type)"; return; fi
     die "there is no TPU named $NAME in $ZONE; pass --accelerator-type (e.g. v4-32) to create it"
   fi
-  MADE=1  # from here on this launch has a TPU (or a request for one) to clean up
+  MADE=1 DELETED=0  # from here on this launch has a TPU (or a request for one) to clean up
   if ((!QUEUED)); then
     run gcloud compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCEL" \
       --version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
@@ -340,8 +340,7 @@ start_training() {
   # saving its checkpoint) has exited, so the wrapper outlives the save and records python's own
   # status. (A background python would start with SIGINT ignored.)
   local wrapper="echo \$\$ > $R_PID; trap : TERM INT; \"\$@\"; echo \$? > $R_RC"
-  local venv="[ -x $R_PY ] || { echo \"\$(hostname): no $R_VENV: this TPU was set up by an older launch_tpu.sh, or not at all; rerun without --skip-install\" >&2; exit 1; }"
-  on_workers all "$GUARD; $venv; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $R_PY $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
+  on_workers all "$GUARD; $VENV_CHECK; cd $R_CODE || exit 1; rm -f $R_PID $R_RC; setsid nohup bash -c $(shq "$wrapper") instructor_jax_train $R_PY $(shjoin "${train[@]}") > $R_LOG 2>&1 < /dev/null &"
   STARTED=1
 }
 
@@ -363,7 +362,7 @@ stream_and_wait() {
   local interrupted=0
   trap 'interrupted=1' INT
   on_workers "$LOG_WORKER" "$follow" || ((interrupted)) || note "the log stream ended with an error; checking every worker's status"
-  trap - INT
+  default_int_trap
   if ((interrupted)); then
     if ((!DELETE_AFTER)); then
       note "log stream stopped; training goes on on $NAME (the commands above follow or stop it)"
@@ -384,6 +383,12 @@ delete_tpu() {
   fi
 }
 
+# Bash killed by SIGINT runs the EXIT trap with $? = 0: a real run exits with 130 instead, so that
+# on_exit knows the launch was interrupted (Ctrl-C during an install, or while waiting to delete).
+default_int_trap() {
+  if ((DRY_RUN)); then trap - INT; else trap 'exit 130' INT; fi
+}
+
 # Runs however the script ends. With --delete-after, a TPU this launch created is deleted when
 # training never started (a failed install, a refused start): nothing on it is worth keeping. One
 # whose training started is never deleted behind the user's back (a second Ctrl-C while waiting):
@@ -392,11 +397,14 @@ on_exit() {
   local status=$?
   rm -rf "$TMP"
   if ((DELETE_AFTER && !DELETED)); then
+    local delete
+    delete="gcloud compute tpus tpu-vm delete $(shjoin "$NAME" "${LOC[@]}")"
+    if ((QUEUED)); then delete="gcloud compute tpus queued-resources delete $(shjoin "$NAME" "${LOC[@]}") --force"; fi
     if ((MADE && !STARTED && status != 0)); then
       note "training never started on $NAME, which this launch created; deleting it (--delete-after)"
-      delete_tpu || warn "deleting $NAME failed; it is still billed: gcloud compute tpus tpu-vm delete $(shjoin "$NAME" "${LOC[@]}")"
+      delete_tpu || warn "deleting $NAME failed; it is still billed: $delete"
     elif ((status != 0)); then
-      warn "TPU $NAME is left running (and billed); delete it when done: gcloud compute tpus tpu-vm delete $(shjoin "$NAME" "${LOC[@]}")"
+      warn "TPU $NAME is left running (and billed); delete it when done: $delete"
     fi
   fi
 }
@@ -410,6 +418,7 @@ main() {
   validate
   # Refuse to reinstall under, or start a second run beside, a live one: two processes cannot share
   # the TPU chips, and deleting the code under a running job breaks its imports.
+  VENV_CHECK="[ -x $R_PY ] || { echo \"\$(hostname): no $R_VENV: this TPU was set up by an older launch_tpu.sh, or not at all; rerun without --skip-install\" >&2; exit 1; }"
   GUARD="if [ -s $R_PID ] && kill -0 \"\$(cat $R_PID)\" 2>/dev/null; then echo \"\$(hostname): training (pid \$(cat $R_PID)) is still running; stop it first: kill -TERM -- -\$(cat $R_PID)\" >&2; exit 1; fi"
   if ((DRY_RUN)); then
     TMP="${TMPDIR:-/tmp}/launch_tpu.XXXXXX"
@@ -417,6 +426,7 @@ main() {
   else
     TMP=$(mktemp -d)
     trap on_exit EXIT
+    default_int_trap
   fi
 
   ensure_tpu
@@ -424,7 +434,7 @@ main() {
     ((DRY_RUN || !CREATED)) || die "--skip-install on a TPU just created: nothing is installed there yet; drop --skip-install"
     # Checked on every worker before any starts: one refusing while the others start would leave
     # those waiting for it in jax.distributed.initialize() (the install step checks the same).
-    on_workers all "$GUARD"
+    on_workers all "$GUARD; $VENV_CHECK"
   else
     install_on_workers
   fi

@@ -5,7 +5,7 @@
 Top to bottom: mesh -> state (resume order: latest checkpoint in the workdir -> INIT_CHECKPOINT ->
 random init) -> data (resumed at the restored step) -> compiled step -> loop (metrics, async
 checkpoints, preemption, non-finite loss). The command's set-up (flags, gin, joining the other
-processes) is in train_launch.py, stop signals and the workdir lock in train_stop.py.
+processes) is in train_launch.py, stop signals in train_stop.py, the workdir lock in dir_lock.py.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def check_before_building(cfg: TrainConfig, mesh: Mesh, workdir: str | None = No
   _check_attention_backend(cfg.attention_impl, mesh)
   if workdir is not None and "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file; expected a directory (new, or a run's workdir to resume).")
-  if workdir is not None and jax.process_index() == 0:
+  if workdir is not None:  # every host: all reach the workdir (the compilation cache; process 0 the metrics)
     train_outputs.check_remote_workdir(workdir)
   init = cfg.init_checkpoint
   resuming = workdir is not None and orbax_io.is_orbax_checkpoint(workdir)  # then INIT_CHECKPOINT is not read

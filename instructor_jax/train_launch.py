@@ -122,36 +122,48 @@ def maybe_initialize_distributed(flags: argparse.Namespace) -> None:
     if not 0 <= flags.process_id < flags.num_processes:
       raise ConfigError(f"--process_id {flags.process_id} with --num_processes {flags.num_processes}; expected "
                         f"0 <= process_id < num_processes.")
-    _use_gloo_on_cpu()
-    jax.distributed.initialize(coordinator_address=flags.coordinator_address,
-                               num_processes=flags.num_processes, process_id=flags.process_id)
+    _join(coordinator_address=flags.coordinator_address, num_processes=flags.num_processes,
+          process_id=flags.process_id)
     return
   on_tpu_vm = os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
   if flags.distributed == "on" or (flags.distributed == "auto" and (on_tpu_vm or _in_multiprocess_launch())):
-    # Cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument.
-    _use_gloo_on_cpu()
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      raise ConfigError(f"joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
-                        "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
-                        "--process_id.") from e
+    _join()  # cluster detection (TPU metadata, SLURM, Open MPI, ...) fills in every argument
+
+
+def _join(**arguments) -> None:
+  _use_gloo_on_cpu()
+  try:
+    jax.distributed.initialize(**arguments)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"joining the other processes failed ({type(e).__name__}: {e}). For a single-process "
+                      "run pass --distributed=off; for several, --coordinator_address, --num_processes and "
+                      "--process_id, the same coordinator and count on every process.") from e
+
+
+# How many processes a launcher started on this host: Open MPI's count, SLURM's ("8", or "8(x2)" for
+# two nodes of 8).
+_LOCAL_PROCESS_ENV = ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
 
 
 def warn_if_gpus_left_idle() -> None:
   """JAX's cluster detection (SLURM, Open MPI) gives each process one GPU, assuming a process per GPU:
-  one task per node would train on one GPU of each node without a word."""
+  one task per node would train on one GPU of each node without a word. Warns where this host's
+  processes (as the launcher counts them) use fewer GPUs between them than the host has."""
   if jax.process_count() == 1 or jax.local_devices()[0].platform != "gpu":
+    return
+  counts = [re.match(r"\d+", os.environ.get(name, "")) for name in _LOCAL_PROCESS_ENV]
+  local_processes = next((int(m.group()) for m in counts if m), None)
+  if local_processes is None:  # joined by hand: each process uses every GPU it sees
     return
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   on_host = (len([d for d in visible.split(",") if d.strip()]) if visible is not None
              else len(glob.glob("/dev/nvidia[0-9]*")))
-  if on_host > jax.local_device_count():
-    logging.warning("process %d uses %d of the %d GPUs on this host: run one process per GPU (srun "
+  if local_processes * jax.local_device_count() < on_host:
+    logging.warning("the %d process(es) on this host use %d of its %d GPUs: run one process per GPU (srun "
                     "--ntasks-per-node=%d, mpirun -npernode %d), which JAX's cluster detection assumes, or "
                     "join the processes by hand (--coordinator_address, --num_processes, --process_id) so that "
-                    "each process uses every GPU it sees.", jax.process_index(), jax.local_device_count(),
-                    on_host, on_host, on_host)
+                    "each process uses every GPU it sees.", local_processes,
+                    local_processes * jax.local_device_count(), on_host, on_host, on_host)
 
 
 def _use_gloo_on_cpu() -> None:
@@ -179,6 +191,10 @@ def use_persistent_compilation_cache(workdir: str) -> None:
   shared = jax.process_count() > 1 and "://" in workdir
   cache = f"{workdir.rstrip('/')}/jax_compilation_cache" if shared else os.path.join(cache_root(), "jax_compilation_cache")
   jax.config.update("jax_compilation_cache_dir", cache)
+  if shared and jax.config.jax_persistent_cache_enable_xla_caches == "xla_gpu_per_fusion_autotune_cache_dir":
+    # JAX hands XLA:GPU an autotune cache folder inside this one by default, and XLA's own file layer
+    # cannot write gs:// (the first compile fails): JAX's entries only, there.
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   if jax.config.jax_compilation_cache_max_size == -1 and not shared:
     # JAX's default, no limit: sweeps would fill the disk. (Its eviction works on local disks only.)
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)

@@ -166,7 +166,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 # pip is a no-op, `uv pip` fails with FAKE_INSTALL_RC, training records its argv and takes FAKE_SLEEP s.
 [ "$1 $2" = "-m pip" ] && exit 0
 if [ "$1 $2 $3" = "-m uv venv" ]; then for a; do dir=$a; done; mkdir -p "$dir/bin"; ln -s "$0" "$dir/bin/python"; exit; fi
-[ "$1 $2 $3" = "-m uv pip" ] && exit "${FAKE_INSTALL_RC:-0}"
+[ "$1 $2 $3" = "-m uv pip" ] && { sleep "${FAKE_INSTALL_SLEEP:-0}"; exit "${FAKE_INSTALL_RC:-0}"; }
 [ "$1" = -c ] && { echo "worker: Python 3.12.9, jax 0.10.2"; exit 0; }
 [ "$2" = instructor_jax.train ] || exit 99
 shift 2
@@ -305,18 +305,64 @@ def test_a_local_medi_path_is_warned_about(binding, warned):
 
 
 @NEEDS_TOOLS
-@pytest.mark.parametrize("state", [None, "READY"])
+@pytest.mark.parametrize("state", [None, "PREEMPTED", "READY"])
 def test_a_failed_install_with_delete_after_deletes_only_a_tpu_this_launch_created(tmp_path, state):
   tree, home, env = _fake_pod(tmp_path)
   env = {**env, "FAKE_INSTALL_RC": "1", **({"FAKE_STATE": state} if state else {})}
   res = launch(*POD, "--delete-after", script=tree / "launch_tpu.sh", env=env)
   assert res.returncode != 0 and not (home / "argv").exists()
-  if state is None:  # created by this launch, nothing started on it: deleted
-    assert _gcloud_verbs(home) == ["describe", "create", "scp", "ssh", "delete"]
+  if state != "READY":  # created by this launch (replacing a preempted one), nothing started on it: deleted
+    replaced = ["delete"] if state else []
+    assert _gcloud_verbs(home) == ["describe", *replaced, "create", "scp", "ssh", "delete"]
     assert "training never started on p, which this launch created; deleting it" in res.stderr
   else:  # someone's existing TPU: left, and said so
     assert _gcloud_verbs(home) == ["describe", "scp", "ssh"]
     assert "warning: TPU p is left running (and billed); delete it when done: gcloud compute tpus" in res.stderr
+
+
+def _interrupt(proc: subprocess.Popen, err_path: pathlib.Path, after: str, ready=lambda: True) -> None:
+  """Ctrl-C, as a terminal sends it to the launcher's process group, once `after` is in its stderr."""
+  deadline = time.time() + 30
+  while after not in err_path.read_text() or not ready():
+    assert time.time() < deadline and proc.poll() is None, err_path.read_text()
+    time.sleep(0.1)
+  time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGINT)
+
+
+def _start_launcher(tree: pathlib.Path, env: dict, err_path: pathlib.Path, *args: str) -> subprocess.Popen:
+  with open(err_path, "w") as err:  # the child keeps its own copy of the file
+    return subprocess.Popen([BASH, str(tree / "launch_tpu.sh"), *POD, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=err, text=True, start_new_session=True)
+
+
+@NEEDS_TOOLS
+def test_ctrl_c_during_the_install_deletes_the_tpu_the_launch_created(tmp_path):
+  tree, home, env = _fake_pod(tmp_path)
+  err_path = tmp_path / "launcher.err"
+  proc = _start_launcher(tree, {**env, "FAKE_INSTALL_SLEEP": "20"}, err_path, "--delete-after")
+  _interrupt(proc, err_path, "uv pip install")
+  proc.communicate(timeout=30)
+  assert proc.returncode == 130, err_path.read_text()
+  assert _gcloud_verbs(home) == ["describe", "create", "scp", "ssh", "delete"]
+
+
+@NEEDS_TOOLS
+def test_a_second_ctrl_c_while_waiting_to_delete_leaves_the_tpu_and_says_so(tmp_path):
+  tree, home, env = _fake_pod(tmp_path)
+  err_path = tmp_path / "launcher.err"
+  proc = _start_launcher(tree, {**env, "FAKE_SLEEP": "30"}, err_path, "--delete-after")
+  try:
+    _interrupt(proc, err_path, "streaming the log", ready=(home / "argv").exists)
+    _interrupt(proc, err_path, "waiting for training to end on every worker")
+    proc.communicate(timeout=30)
+  finally:  # the fake training runs on in its own session, as a real one would
+    pid = (home / "instructor_jax_train.pid").read_text().strip()
+    subprocess.run(["pkill", "-KILL", "-s", pid], check=False)
+  text = err_path.read_text()
+  assert proc.returncode == 130, text
+  assert "warning: TPU p is left running (and billed); delete it when done: gcloud compute tpus tpu-vm delete p" in text
+  assert "delete" not in _gcloud_verbs(home)
 
 
 @NEEDS_TOOLS
@@ -326,17 +372,9 @@ def test_ctrl_c_stops_only_the_log_stream(tmp_path, delete_after):
   with --delete-after, wait for training to end everywhere and then delete the TPU."""
   tree, home, env = _fake_pod(tmp_path)
   err_path = tmp_path / "launcher.err"
-  with open(err_path, "w") as err:
-    proc = subprocess.Popen([BASH, str(tree / "launch_tpu.sh"), *POD, *(["--delete-after"] if delete_after else [])],
-                            env={**env, "FAKE_SLEEP": "4"}, stdout=subprocess.PIPE, stderr=err, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 30
-    while "streaming the log" not in err_path.read_text() or not (home / "argv").exists():
-      assert time.time() < deadline and proc.poll() is None, err_path.read_text()
-      time.sleep(0.1)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the launcher's process group
-    out, _ = proc.communicate(timeout=30)
+  proc = _start_launcher(tree, {**env, "FAKE_SLEEP": "4"}, err_path, *(["--delete-after"] if delete_after else []))
+  _interrupt(proc, err_path, "streaming the log", ready=(home / "argv").exists)
+  out, _ = proc.communicate(timeout=30)
   text = err_path.read_text()
   assert proc.returncode == 0, text
   if delete_after:

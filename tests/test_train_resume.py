@@ -405,13 +405,16 @@ def test_the_trainer_keeps_compiled_steps_on_disk_unless_told_where(tmp_path):
   entries from process 0 only (and a TPU created again after a preemption starts with empty disks)."""
   probe = ("import sys, jax; from instructor_jax import train_launch; jax.process_count = lambda: int(sys.argv[2]); "
            "train_launch.use_persistent_compilation_cache(sys.argv[1]); "
-           "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
+           "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size, "
+           "jax.config.jax_persistent_cache_enable_xla_caches)")
   base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  local = f"{tmp_path / 'jax_compilation_cache'} {8 << 30}"
+  xla = "xla_gpu_per_fusion_autotune_cache_dir"  # JAX's default: XLA:GPU's autotune cache beside its entries
+  local = f"{tmp_path / 'jax_compilation_cache'} {8 << 30} {xla}"
   for extra, args, want in (({}, ("/w", "1"), local), ({}, ("gs://b/w", "1"), local), ({}, ("/w", "2"), local),
-                            ({}, ("gs://b/w/", "2"), "gs://b/w/jax_compilation_cache -1"),
+                            # XLA's own file layer cannot write gs://: JAX's entries only there
+                            ({}, ("gs://b/w/", "2"), "gs://b/w/jax_compilation_cache -1 none"),
                             # the user's, as they set it
-                            ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, ("gs://b/w", "2"), "/elsewhere -1")):
+                            ({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}, ("gs://b/w", "2"), f"/elsewhere -1 {xla}")):
     env = dict(base, INSTRUCTOR_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu", **extra)
     done = subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -432,6 +435,19 @@ def test_partial_distributed_flags_are_one_line_errors(tmp_path, capsys, flags, 
   assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_failed_join_by_hand_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+  def refuse(**kwargs):
+    raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out")
+
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  from instructor_jax.train import main
+  assert main([f"--workdir={tmp_path / 'w'}", "--gin_file=gin_configs/runs/quickstart_cpu.gin",
+               "--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: joining the other processes failed (RuntimeError: DEADLINE_EXCEEDED") and \
+      err.count("\n") == 1, err
+
+
 def test_a_process_with_fewer_gpus_than_its_host_has_is_warned(monkeypatch, caplog):
   import types
 
@@ -440,11 +456,18 @@ def test_a_process_with_fewer_gpus_than_its_host_has_is_warned(monkeypatch, capl
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "local_devices", lambda: [gpu])
   monkeypatch.setattr(jax, "local_device_count", lambda: 1)
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # what the launcher gives every task (--gres=gpu:4)
+  for name in train_launch._LOCAL_PROCESS_ENV:
+    monkeypatch.delenv(name, raising=False)
+  train_launch.warn_if_gpus_left_idle()  # joined by hand: nothing to say
+  assert not caplog.text
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1(x2)")  # one task per node, JAX gave it one GPU
   train_launch.warn_if_gpus_left_idle()
-  assert "uses 1 of the 4 GPUs on this host" in caplog.text and "--ntasks-per-node=4" in caplog.text
+  assert "the 1 process(es) on this host use 1 of its 4 GPUs" in caplog.text and "--ntasks-per-node=4" in caplog.text
   caplog.clear()
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # one GPU per process, as JAX's detection assumes
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")  # one task per GPU, as JAX's detection assumes
+  train_launch.warn_if_gpus_left_idle()
+  monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
   train_launch.warn_if_gpus_left_idle()
   assert not caplog.text
 
