@@ -44,6 +44,8 @@ TPU:
   --queued                  create through a queued resource and wait until it is ACTIVE
   --delete-after            delete the TPU once training has ended on every worker (success or not),
                             or when a TPU this launch created fails before training starts
+  --relaunch N              when training ends with the TPU preempted, create it again, install and
+                            resume from --workdir, up to N times (default 0: say so and stop)
 
 Training:
   --gin-binding BINDING     repeatable, e.g. --gin-binding "MEDI_PATH='gs://b/medi.json'"
@@ -113,7 +115,7 @@ parse_args() {
     case $1 in
       --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
       --name | --zone | --project | --accelerator-type | --runtime-version | --workdir | --gin-file | \
-        --gin-binding | --repo-url | --repo-ref | --log-worker | --python)
+        --gin-binding | --repo-url | --repo-ref | --log-worker | --python | --relaunch)
         (($# >= 2)) || die "$1 expects a value; see --help"
         case $1 in
           --name) NAME=$2 ;;
@@ -128,6 +130,7 @@ parse_args() {
           --repo-ref) REPO_REF=$2 ;;
           --log-worker) LOG_WORKER=$2 ;;
           --python) PYTHON_VERSION=$2 ;;
+          --relaunch) RELAUNCH=$2 ;;
         esac
         shift 2 ;;
       --spot) SPOT=1; shift ;;
@@ -185,6 +188,8 @@ validate() {
   [[ $WORKDIR == gs://?* ]] || die "--workdir '$WORKDIR': expected a gs:// path; each worker has its own disk, so a local path would split the checkpoint across hosts"
   [[ -z $ACCEL || $ACCEL =~ $accel_re ]] || die "--accelerator-type '$ACCEL': expected a type like v4-32 or v5litepod-256"
   [[ $LOG_WORKER =~ $worker_re ]] || die "--log-worker '$LOG_WORKER': expected a worker number or 'all'"
+  [[ $RELAUNCH =~ ^[0-9]+$ ]] || die "--relaunch '$RELAUNCH': expected a number of relaunches (0 or more)"
+  ((!(DETACH && RELAUNCH))) || die "--relaunch needs the launcher to wait for the end; drop --detach"
   local py_re='^3\.(1[1-9]|[2-9][0-9])(\.[0-9]+)?$'
   [[ $PYTHON_VERSION =~ $py_re ]] || die "--python '$PYTHON_VERSION': expected a Python version >= 3.11, e.g. 3.12 (JAX needs 3.11 or newer)"
   ((!(SPOT && PREEMPTIBLE))) || die "--spot and --preemptible are exclusive; pick one (--spot is the newer)"
@@ -271,6 +276,7 @@ ensure_tpu() {
     [[ $state == READY ]] || die "TPU $NAME exists but is $state, not READY; wait for it, or delete it (gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE) and rerun"
     [[ -z $ACCEL || $accel == "$ACCEL" ]] || die "TPU $NAME is a $accel, not the requested $ACCEL; pick another --name or delete it first"
     note "reusing READY TPU $NAME ($accel)"
+    ACCEL=${ACCEL:-$accel}  # what a relaunch after a preemption creates
     CREATED=0
     return
   fi
@@ -383,6 +389,18 @@ delete_tpu() {
   fi
 }
 
+# Whether the TPU was taken away: a preempted TPU VM never comes back; a queued resource whose node
+# is gone was preempted too (its request stays, SUSPENDED, until deleted).
+preempted() {
+  local out state
+  if ! out=$(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state)' 2>"$TMP/describe.err"); then
+    ((QUEUED)) && grep -qi 'not.found' "$TMP/describe.err"
+    return
+  fi
+  read -r state _ <<<"$out"
+  [[ $state == PREEMPTED ]]
+}
+
 # Bash killed by SIGINT runs the EXIT trap with $? = 0: a real run exits with 130 instead, so that
 # on_exit knows the launch was interrupted (Ctrl-C during an install, or while waiting to delete).
 default_int_trap() {
@@ -412,6 +430,7 @@ on_exit() {
 main() {
   NAME='' ZONE='' PROJECT='' ACCEL='' RUNTIME='' WORKDIR='' REPO_URL='' REPO_REF='' LOG_WORKER=0
   SPOT=0 PREEMPTIBLE=0 QUEUED=0 DELETE_AFTER=0 SKIP_INSTALL=0 DETACH=0 DRY_RUN=0 CREATED=1 PYTHON_VERSION=3.12
+  RELAUNCH=0
   STARTED=0 DELETED=0 STREAM_STOPPED=0 MADE=0
   GIN_FILES=() GIN_BINDINGS=() EXTRA_ARGS=() LOC=()
   parse_args "$@"
@@ -444,8 +463,23 @@ main() {
     print_attach_help
     return 0
   fi
-  local status=0
+  local status=0 relaunched=0
   stream_and_wait || status=$?
+  while ((status != 0 && !STREAM_STOPPED && !DRY_RUN)) && preempted; do
+    if ((relaunched == RELAUNCH)); then
+      note "TPU $NAME was preempted; rerun the same command to resume from $WORKDIR (or pass --relaunch N to do it unattended)"
+      break
+    fi
+    relaunched=$((relaunched + 1))
+    note "TPU $NAME was preempted; relaunch $relaunched of $RELAUNCH: creating it again, installing, resuming from $WORKDIR"
+    STARTED=0  # a new TPU: the clean-up deletes it if training does not start there
+    delete_tpu
+    create_tpu
+    install_on_workers
+    start_training
+    status=0
+    stream_and_wait || status=$?
+  done
   if ((DRY_RUN || STREAM_STOPPED)); then
     :
   elif ((status == 0)); then

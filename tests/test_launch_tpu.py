@@ -129,6 +129,8 @@ def test_missing_required_flag_is_a_clear_error(drop, message):
   (["--gin-file", "a.gin", "--bogus"], "unknown argument '--bogus'"),
   (["--gin-file"], "--gin-file expects a value"),
   (["--gin-file", GINS[0], "--python", "3.10"], "--python '3.10': expected a Python version >= 3.11"),
+  (["--gin-file", GINS[0], "--relaunch", "x"], "--relaunch 'x': expected a number of relaunches"),
+  (["--gin-file", GINS[0], "--relaunch", "2", "--detach"], "--relaunch needs the launcher to wait for the end"),
 ])
 def test_bad_arguments_are_clear_errors(args, message):
   res = launch("--dry-run", *BASE, *args)
@@ -149,12 +151,15 @@ def test_passes_shellcheck():
 
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
-# Stands in for gcloud: logs argv, answers describe with NOT_FOUND, and runs ssh --command in a
-# local shell whose HOME plays every worker's home.
+# Stands in for gcloud: logs argv, answers describe with FAKE_STATE (or the next line of
+# $HOME/states), else NOT_FOUND, and runs ssh --command in a local shell whose HOME plays every
+# worker's home.
 printf '%s\n' "$*" >> "$HOME/gcloud.log"
 case $4 in
   describe)
-    if [ -n "${FAKE_STATE:-}" ]; then printf '%s\tv4-32\n' "$FAKE_STATE"; exit 0; fi
+    state=${FAKE_STATE:-NOT_FOUND}
+    if [ -s "$HOME/states" ]; then state=$(head -n 1 "$HOME/states"); sed -i 1d "$HOME/states"; fi
+    if [ "$state" != NOT_FOUND ]; then printf '%s\tv4-32\n' "$state"; exit 0; fi
     echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found" >&2; exit 1 ;;
   scp) cp "$5" "$HOME/instructor_jax.tgz" ;;
   ssh) for a; do case $a in --command=*) exec bash -c "${a#--command=}" ;; esac; done; exit 3 ;;
@@ -163,7 +168,8 @@ esac
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for python3 on the worker, and for the environment's python (`uv venv` links it there):
-# pip is a no-op, `uv pip` fails with FAKE_INSTALL_RC, training records its argv and takes FAKE_SLEEP s.
+# pip is a no-op, `uv pip` fails with FAKE_INSTALL_RC, training records its argv, takes FAKE_SLEEP s and
+# exits with the next line of $HOME/rcs, else FAKE_RC.
 [ "$1 $2" = "-m pip" ] && exit 0
 if [ "$1 $2 $3" = "-m uv venv" ]; then for a; do dir=$a; done; mkdir -p "$dir/bin"; ln -s "$0" "$dir/bin/python"; exit; fi
 [ "$1 $2 $3" = "-m uv pip" ] && { sleep "${FAKE_INSTALL_SLEEP:-0}"; exit "${FAKE_INSTALL_RC:-0}"; }
@@ -173,7 +179,9 @@ shift 2
 printf '%s\0' "$@" > "$HOME/argv"
 echo "step 1 loss 0.5 from $(pwd)"
 sleep "${FAKE_SLEEP:-0}"
-exit "${FAKE_RC:-0}"
+rc=${FAKE_RC:-0}
+if [ -s "$HOME/rcs" ]; then rc=$(head -n 1 "$HOME/rcs"); sed -i 1d "$HOME/rcs"; fi
+exit "$rc"
 """
 
 
@@ -281,7 +289,8 @@ def test_real_run_against_fake_gcloud_executes_the_remote_commands(tmp_path, fak
   assert not (home / "instructor_jax" / "ignored").exists()
   assert f"training exited with status {fake_rc}" in res.stdout
   replaced = ["delete"] if fake_state else []
-  assert _gcloud_verbs(home) == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  looked = ["describe"] if fake_rc else []  # a failed run: was the TPU preempted?
+  assert _gcloud_verbs(home) == ["describe", *replaced, "create", "scp", "ssh", "ssh", "ssh", "ssh", *looked, "delete"]
   assert "worker: Python 3.12.9, jax 0.10.2" in res.stdout  # what the install put in the environment
   assert ("was preempted; deleting it and creating it again as on-demand" in res.stderr) == bool(fake_state)
   assert ("installing anyway" in res.stderr) == bool(fake_state)
@@ -400,3 +409,24 @@ def test_a_fast_restart_beside_a_live_run_starts_nothing(tmp_path):
     live.wait()
   assert res.returncode != 0 and "is still running" in res.stderr
   assert _gcloud_verbs(home) == ["describe", "ssh"] and not (home / "argv").exists()
+
+
+@NEEDS_TOOLS
+@pytest.mark.parametrize("relaunch", [0, 1])
+def test_a_preempted_run_is_relaunched_when_asked(tmp_path, relaunch):
+  """Training ends with the TPU preempted (status 75: the preemption notice's checkpoint): with
+  --relaunch the TPU is created again, installed and resumed; without, the launcher says to rerun."""
+  tree, home, env = _fake_pod(tmp_path)
+  (home / "states").write_text("NOT_FOUND\nPREEMPTED\n")  # the first look creates it; it is preempted later
+  (home / "rcs").write_text("75\n0\n")
+  res = launch(*POD, "--delete-after", "--relaunch", str(relaunch), script=tree / "launch_tpu.sh", env=env)
+  once = ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh"]
+  if relaunch:
+    assert res.returncode == 0, res.stderr
+    assert "TPU p was preempted; relaunch 1 of 1: creating it again, installing, resuming from gs://b/w" in res.stderr
+    assert _gcloud_verbs(home) == [*once, "describe", "delete", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+    assert "training exited with status 75" in res.stdout and "training exited with status 0" in res.stdout
+  else:
+    assert res.returncode != 0
+    assert "TPU p was preempted; rerun the same command to resume from gs://b/w" in res.stderr
+    assert _gcloud_verbs(home) == [*once, "describe", "delete"]
