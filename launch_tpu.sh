@@ -247,18 +247,31 @@ create_tpu() {
 }
 
 # Reuse only a READY TPU of the requested type: anything else would fail later, on ssh, less clearly.
+# TPU_STATE and TPU_ACCEL of TPU $NAME; fails (gcloud's message in $TMP/describe.err) where gcloud
+# cannot describe it, e.g. none of that name exists (`describe_said_not_found`).
+describe_tpu() {
+  local out
+  out=$(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state,acceleratorType)' \
+    2>"$TMP/describe.err") || return
+  read -r TPU_STATE TPU_ACCEL <<<"$out"
+  TPU_ACCEL=${TPU_ACCEL##*/}
+}
+
+describe_said_not_found() {
+  local err
+  err=$(cat "$TMP/describe.err")
+  [[ $err == *NOT_FOUND* || $err == *"not found"* ]]
+}
+
 ensure_tpu() {
-  local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state,acceleratorType)')
-  show "$(shjoin "${describe[@]}")"
+  show "$(shjoin gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state,acceleratorType)')"
   if ((DRY_RUN)); then
     remark "only if no TPU named $NAME exists yet (an existing one is reused when READY; a PREEMPTED one is deleted first):"
     create_tpu
     return
   fi
-  local out err state accel
-  if out=$("${describe[@]}" 2>"$TMP/describe.err"); then
-    read -r state accel <<<"$out"
-    accel=${accel##*/}
+  if describe_tpu; then
+    local state=$TPU_STATE accel=$TPU_ACCEL
     if [[ $state == PREEMPTED ]]; then
       # A preempted spot/preemptible TPU VM never becomes READY again: the only way on is a new one.
       local kind=on-demand
@@ -280,8 +293,7 @@ ensure_tpu() {
     CREATED=0
     return
   fi
-  err=$(cat "$TMP/describe.err")
-  [[ $err == *NOT_FOUND* || $err == *"not found"* ]] || die "could not describe TPU $NAME (not a 'not found' answer, so not creating one): $err"
+  describe_said_not_found || die "could not describe TPU $NAME (not a 'not found' answer, so not creating one): $(cat "$TMP/describe.err")"
   create_tpu
 }
 
@@ -392,13 +404,11 @@ delete_tpu() {
 # Whether the TPU was taken away: a preempted TPU VM never comes back; a queued resource whose node
 # is gone was preempted too (its request stays, SUSPENDED, until deleted).
 preempted() {
-  local out state
-  if ! out=$(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" '--format=value(state)' 2>"$TMP/describe.err"); then
-    ((QUEUED)) && grep -qi 'not.found' "$TMP/describe.err"
-    return
+  if describe_tpu; then
+    [[ $TPU_STATE == PREEMPTED ]]
+  else
+    ((QUEUED)) && describe_said_not_found
   fi
-  read -r state _ <<<"$out"
-  [[ $state == PREEMPTED ]]
 }
 
 # Bash killed by SIGINT runs the EXIT trap with $? = 0: a real run exits with 130 instead, so that
